@@ -1,0 +1,432 @@
+//! The admin HTTP API (contract §7) and the original firmware's boot-time endpoints.
+//!
+//! Bodies are parsed by hand from at most [`MAX_BODY`] bytes so that every refusal is a JSON
+//! `{"error": …}` with a fitting status, a `warn` line and a counter. Writes require the bearer
+//! token when `[api] token_file` is set.
+
+// Helpers return a ready error `Response` as their `Err`, which is axum's idiom.
+#![allow(clippy::result_large_err)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use tracing::warn;
+
+use crate::auth;
+use crate::config::ApiConfig;
+use crate::hub::Hub;
+use crate::meter::{kes_to_cents, wh_to_units, MeterId};
+use crate::metrics::Metrics;
+use crate::store::{self, now_ms, Reader};
+use crate::writer::{Credit, LedgerError, Op, Outcome, Writer};
+
+const MAX_BODY: usize = 64 * 1024;
+
+pub struct ApiState {
+    pub config: ApiConfig,
+    pub gateway_id: String,
+    pub token: Option<String>,
+    pub writer: Writer,
+    pub reader: Reader,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    /// Set once the broker listens; `/ready` reports it.
+    pub broker_ready: Arc<AtomicBool>,
+}
+
+type St = State<Arc<ApiState>>;
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    let mut app = Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/api/meters", get(list_meters).post(add_meter))
+        .route("/api/meters/{id}", get(show_meter))
+        .route("/api/meters/{id}/payments", get(meter_payments))
+        .route("/api/outbox", get(outbox));
+    if state.config.allow_simulate {
+        app = app.route("/daraja/simulate", post(simulate));
+    }
+    if state.config.legacy_meter_http {
+        app = app
+            .route("/users/{meter}/balance", get(legacy_balance))
+            .route("/users/by-meter/{meter}", get(legacy_user));
+    }
+    app.fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({"error": msg.into()}))).into_response()
+}
+
+/// Counts every response and enforces the bearer token on writes.
+async fn guard(State(st): St, req: Request, next: Next) -> Response {
+    let is_write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if is_write {
+        if let Some(token) = &st.token {
+            if !bearer_matches(req.headers(), token) {
+                st.metrics
+                    .inc("umeme_http_rejected_total", &[("reason", "unauthorized")]);
+                warn!(path = %req.uri().path(), "API write without a valid bearer token refused");
+                let mut r = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    "Bearer".parse().expect("static header"),
+                );
+                return r;
+            }
+        }
+    }
+    let resp = next.run(req).await;
+    let class = match resp.status().as_u16() {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    };
+    st.metrics
+        .inc("umeme_http_requests_total", &[("status", class)]);
+    resp
+}
+
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| bool::from(given.trim().as_bytes().ct_eq(token.as_bytes())))
+}
+
+fn bad_request(st: &ApiState, reason: &'static str, msg: impl Into<String>) -> Response {
+    let msg = msg.into();
+    st.metrics
+        .inc("umeme_http_rejected_total", &[("reason", reason)]);
+    warn!(reason, error = %msg, "API request refused");
+    error(StatusCode::BAD_REQUEST, msg)
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(st: &ApiState, body: &Bytes) -> Result<T, Response> {
+    serde_json::from_slice(body)
+        .map_err(|e| bad_request(st, "bad_json", format!("invalid JSON body: {e}")))
+}
+
+fn parse_meter(st: &ApiState, id: &str) -> Result<MeterId, Response> {
+    MeterId::parse(id).map_err(|e| bad_request(st, "bad_meter_id", e.to_string()))
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    warn!(error = %e, "API request failed");
+    error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+async fn ready(State(st): St) -> Response {
+    let store_ok = st.reader.run(store::last_event_seq).await.is_ok();
+    let broker_ok = st.broker_ready.load(Ordering::Acquire);
+    let body = json!({"ready": store_ok && broker_ok, "store": store_ok, "broker": broker_ok, "plugins": true});
+    let status = if store_ok && broker_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(st): St) -> Response {
+    st.metrics
+        .set("umeme_mqtt_sessions", &[], st.hub.connected() as f64);
+    if let Ok(seq) = st.reader.run(store::last_event_seq).await {
+        st.metrics.set("umeme_events_last_seq", &[], seq as f64);
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn list_meters(State(st): St) -> Response {
+    match st.reader.run(store::meters).await {
+        Ok(rows) => {
+            let rows: Vec<Value> = rows.into_iter().map(|m| meter_json(&st, m)).collect();
+            Json(json!({ "meters": rows })).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+fn meter_json(st: &ApiState, m: store::MeterRow) -> Value {
+    let connected = st.hub.is_connected(&m.id);
+    let mut v = serde_json::to_value(m).unwrap_or_default();
+    v["connected"] = json!(connected);
+    v
+}
+
+async fn show_meter(State(st): St, Path(id): Path<String>) -> Response {
+    let id = match parse_meter(&st, &id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let lookup = id.clone();
+    match st.reader.run(move |c| store::meter(c, &lookup)).await {
+        Ok(Some(m)) => Json(meter_json(&st, m)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("unknown meter {id}")),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewMeterBody {
+    id: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    phone: Option<String>,
+    #[serde(default)]
+    secret: Option<String>,
+}
+
+async fn add_meter(State(st): St, body: Bytes) -> Response {
+    let b: NewMeterBody = match parse_body(&st, &body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let id = match parse_meter(&st, &b.id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let generated = b.secret.is_none();
+    let secret = b.secret.unwrap_or_else(auth::generate_secret);
+    if let Err(e) = auth::check_secret(&secret) {
+        return bad_request(&st, "weak_secret", e.to_string());
+    }
+    for (field, v) in [("name", &b.name), ("phone", &b.phone)] {
+        if v.as_ref()
+            .is_some_and(|v| v.chars().count() > 100 || v.chars().any(char::is_control))
+        {
+            return bad_request(
+                &st,
+                "bad_field",
+                format!("{field} must be at most 100 printable characters"),
+            );
+        }
+    }
+    let hash = tokio::task::spawn_blocking({
+        let s = secret.clone();
+        move || auth::hash_secret(&s)
+    })
+    .await
+    .unwrap_or_default();
+    let op = Op::AddMeter {
+        meter: id.clone(),
+        name: b.name,
+        phone: b.phone,
+        secret_hash: hash,
+        at: now_ms(),
+    };
+    match st.writer.submit(op).await {
+        Ok(_) => {
+            let mut body = json!({"id": id});
+            if generated {
+                body["secret"] = json!(secret);
+            }
+            (StatusCode::CREATED, Json(body)).into_response()
+        }
+        Err(LedgerError::MeterExists(_)) => {
+            error(StatusCode::CONFLICT, format!("meter {id} already exists"))
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn meter_payments(State(st): St, Path(id): Path<String>) -> Response {
+    let id = match parse_meter(&st, &id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let lookup = id.clone();
+    let r = st
+        .reader
+        .run(move |c| Ok((store::meter(c, &lookup)?, store::payments_of(c, &lookup)?)))
+        .await;
+    match r {
+        Ok((Some(_), payments)) => Json(json!({"meter": id, "payments": payments})).into_response(),
+        Ok((None, _)) => error(StatusCode::NOT_FOUND, format!("unknown meter {id}")),
+        Err(e) => internal(e),
+    }
+}
+
+async fn outbox(State(st): St) -> Response {
+    match st
+        .reader
+        .run(|c| Ok((store::event_count(c)?, store::last_event_seq(c)?)))
+        .await
+    {
+        Ok((count, last)) => Json(json!({
+            "events": {"stored": count, "last_seq": last},
+            "sinks": [],
+        }))
+        .into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// The original backend's `POST /daraja/simulate {"meter_no","amount"}`.
+async fn simulate(State(st): St, body: Bytes) -> Response {
+    #[derive(Deserialize)]
+    struct Body {
+        meter_no: String,
+        amount: Value,
+        #[serde(default)]
+        reference: Option<String>,
+    }
+    let b: Body = match parse_body(&st, &body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let meter = match parse_meter(&st, &b.meter_no) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let amount = match &b.amount {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    let Some(cents) = amount.and_then(kes_to_cents) else {
+        return bad_request(
+            &st,
+            "bad_amount",
+            "amount must be a positive KES amount with at most two decimals, at most 1000000",
+        );
+    };
+    let reference = match b.reference {
+        Some(r) => format!("SIM-{r}"),
+        None => format!("SIM-{}-{}", now_ms(), &auth::generate_secret()[..8]),
+    };
+    let credit = Credit {
+        meter: meter.clone(),
+        source: "simulate".into(),
+        reference,
+        amount_cents: cents,
+        at: now_ms(),
+    };
+    match st.writer.submit(Op::Credit(credit)).await {
+        Ok(Outcome::Credited { payment, duplicate }) => {
+            st.metrics.inc(
+                "umeme_payments_total",
+                &[
+                    ("source", "simulate"),
+                    ("outcome", if duplicate { "duplicate" } else { "credited" }),
+                ],
+            );
+            Json(json!({
+                "meter_no": meter,
+                "amount": payment.amount_cents as f64 / 100.0,
+                "reference": payment.reference,
+                "units_added": wh_to_units(payment.credit_wh),
+                "balance": wh_to_units(payment.balance_after_wh),
+                "balance_wh": payment.balance_after_wh,
+                "duplicate": duplicate,
+            }))
+            .into_response()
+        }
+        Ok(_) => internal("unexpected ledger outcome"),
+        Err(LedgerError::UnknownMeter(m)) => {
+            st.metrics.inc(
+                "umeme_payments_total",
+                &[("source", "simulate"), ("outcome", "unknown_meter")],
+            );
+            error(StatusCode::NOT_FOUND, format!("unknown meter {m}"))
+        }
+        Err(e @ LedgerError::BadReference) => bad_request(&st, "bad_reference", e.to_string()),
+        Err(e) => internal(e),
+    }
+}
+
+async fn legacy_balance(State(st): St, Path(id): Path<String>) -> Response {
+    legacy(st, id, |m| {
+        json!({
+            "meter_no": m.id,
+            "availableUnits": (m.balance_units * 100.0).round() / 100.0,
+            "timestamp": iso8601(now_ms()),
+        })
+    })
+    .await
+}
+
+async fn legacy_user(State(st): St, Path(id): Path<String>) -> Response {
+    legacy(
+        st,
+        id,
+        |m| json!({"meter_no": m.id, "name": m.name, "phone_number": m.phone}),
+    )
+    .await
+}
+
+async fn legacy(
+    st: Arc<ApiState>,
+    id: String,
+    f: impl FnOnce(store::MeterRow) -> Value,
+) -> Response {
+    let Ok(id) = MeterId::parse(&id) else {
+        return error(StatusCode::NOT_FOUND, "meter not found");
+    };
+    match st.reader.run(move |c| store::meter(c, &id)).await {
+        Ok(Some(m)) => Json(f(m)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "meter not found"),
+        Err(e) => internal(e),
+    }
+}
+
+/// `2026-11-27T11:21:18.123Z` from Unix milliseconds (UTC, proleptic Gregorian).
+pub fn iso8601(ms: i64) -> String {
+    let (secs, milli) = (ms.div_euclid(1000), ms.rem_euclid(1000));
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn iso8601_formats_utc() {
+        assert_eq!(super::iso8601(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            super::iso8601(1_764_230_400_123),
+            "2025-11-27T08:00:00.123Z"
+        );
+        assert_eq!(super::iso8601(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,736 @@
+//! The meter-facing MQTT 3.1.1 listener: the gateway's front door.
+//!
+//! Each connection is one task. It reads CONNECT, authenticates the meter (client id =
+//! username = meter number, secret checked by [`crate::auth`]), then checks every PUBLISH and
+//! SUBSCRIBE against that identity before anything else sees it:
+//! - a meter may publish only `{prefix}/{meter}/consumption|balance|status`; a publish under
+//!   another meter's tree is a spoofing attempt and closes the connection;
+//! - a meter may subscribe only inside `{prefix}/{meter}/command/…`; other filters get a
+//!   SUBACK failure (0x80).
+//!
+//! Accepted publishes become ledger [`Op`]s, handed to the writer in arrival order; a QoS 1
+//! PUBACK is written only when the writer has committed the op, and PUBACKs leave in the order
+//! the publishes came. The wire format is rumqtt's MQTT 3.1.1 codec (`rumqttc::mqttbytes`).
+//!
+//! Architecture invariant: nothing a meter sends reaches the ledger before it passed the
+//! identity checks here, and the ledger never learns a meter number from a payload alone.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use rumqttc::mqttbytes::{self, matches, valid_filter};
+use rumqttc::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Semaphore};
+use tokio::time::{timeout, Instant};
+use tracing::{debug, info, warn};
+
+use crate::auth::Verifier;
+use crate::config::BrokerConfig;
+use crate::hub::{Hub, Outgoing};
+use crate::meter::MeterId;
+use crate::metrics::Metrics;
+use crate::payload::{self, Report, StatusReport};
+use crate::store::{self, now_ms, Reader};
+use crate::writer::{self, LedgerError, Op, Outcome, Writer};
+
+/// Publishes from one meter that may wait for their commit at once; past this the connection
+/// stops reading until commits catch up.
+const MAX_PENDING: usize = 64;
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a connection task needs.
+pub struct Broker {
+    pub config: BrokerConfig,
+    pub hub: Arc<Hub>,
+    pub writer: Writer,
+    pub verifier: Arc<Verifier>,
+    pub reader: Reader,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Broker {
+    fn reject(&self, reason: &'static str) {
+        self.metrics
+            .inc("umeme_mqtt_rejected_total", &[("reason", reason)]);
+    }
+
+    fn refuse_connect(&self, reason: &'static str) {
+        self.metrics
+            .inc("umeme_mqtt_connect_refused_total", &[("reason", reason)]);
+    }
+}
+
+/// Accepts meter connections until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(broker.config.max_connections));
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(x) => { backoff = Duration::from_millis(10); x }
+                Err(e) => {
+                    // EMFILE and friends: wait, then try again rather than spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        broker.metrics.inc("umeme_mqtt_connections_total", &[]);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            broker.refuse_connect("max_connections");
+            warn!(%peer, max = broker.config.max_connections, "connection refused: broker.max_connections reached");
+            drop(stream);
+            continue;
+        };
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let mut conn = Connection::new(stream, peer, &broker);
+            conn.run().await;
+            drop(permit);
+        });
+    }
+}
+
+#[derive(Debug)]
+enum Close {
+    /// The meter sent DISCONNECT: no Last Will.
+    Clean,
+    /// Another connection took over this meter's session: no Will, no presence change.
+    TakenOver,
+    /// Anything else: the Will (if any) is published.
+    Abnormal(&'static str),
+}
+
+struct Session {
+    meter: MeterId,
+    conn: u64,
+    clean_session: bool,
+    keep_alive: u16,
+    will: Option<rumqttc::LastWill>,
+    subscriptions: Vec<(String, QoS)>,
+    next_pkid: u16,
+}
+
+struct Connection<'a> {
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: &'a Broker,
+    buf: BytesMut,
+    out: BytesMut,
+}
+
+impl<'a> Connection<'a> {
+    fn new(stream: TcpStream, peer: SocketAddr, broker: &'a Broker) -> Self {
+        Connection {
+            stream,
+            peer,
+            broker,
+            buf: BytesMut::with_capacity(512),
+            out: BytesMut::with_capacity(512),
+        }
+    }
+
+    fn prefix(&self) -> &str {
+        self.broker.config.topic_prefix.as_str()
+    }
+
+    async fn run(&mut self) {
+        let limit = Duration::from_millis(self.broker.config.connect_timeout_ms);
+        let connect = match timeout(limit, self.read_packet()).await {
+            Ok(Ok(Some(Packet::Connect(c)))) => c,
+            Ok(Ok(Some(other))) => {
+                self.broker.refuse_connect("not_connect");
+                warn!(peer = %self.peer, packet = ?packet_name(&other), "first packet is not CONNECT; closing");
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Err(reason)) => {
+                self.broker.refuse_connect(reason);
+                warn!(peer = %self.peer, reason, "unreadable CONNECT; closing");
+                return;
+            }
+            Err(_) => {
+                self.broker.refuse_connect("connect_timeout");
+                debug!(peer = %self.peer, "no CONNECT in time; closing");
+                return;
+            }
+        };
+        let Some(mut session) = self.authenticate(connect).await else {
+            return;
+        };
+        let registration = self
+            .broker
+            .hub
+            .register(&session.meter, session.clean_session);
+        session.conn = registration.conn;
+        let session_present = registration.restored.is_some();
+        if let Some(subs) = registration.restored {
+            session.subscriptions = subs;
+        }
+        if self
+            .write(Packet::ConnAck(ConnAck::new(
+                ConnectReturnCode::Success,
+                session_present,
+            )))
+            .await
+            .is_err()
+        {
+            self.broker
+                .hub
+                .unregister(&session.meter, session.conn, session.clean_session);
+            return;
+        }
+        info!(meter = %session.meter, peer = %self.peer, session_present, "meter connected");
+        self.presence(&session.meter, true).await;
+        if session_present {
+            self.send_current_balance(&mut session).await;
+        }
+        let close = self.serve(&mut session, registration.rx).await;
+        self.finish(&session, close).await;
+    }
+
+    /// Checks CONNECT; answers refusals with the MQTT 3.1.1 return code and returns `None`.
+    async fn authenticate(&mut self, c: rumqttc::Connect) -> Option<Session> {
+        let refuse = |code, reason: &'static str| (code, reason);
+        let verdict = async {
+            if c.protocol != rumqttc::Protocol::V4 {
+                return Err(refuse(
+                    ConnectReturnCode::RefusedProtocolVersion,
+                    "protocol_version",
+                ));
+            }
+            let Some(login) = &c.login else {
+                return Err(refuse(
+                    ConnectReturnCode::BadUserNamePassword,
+                    "no_credentials",
+                ));
+            };
+            if login.username != c.client_id {
+                return Err(refuse(ConnectReturnCode::BadClientId, "client_id_mismatch"));
+            }
+            let Ok(meter) = MeterId::parse(&c.client_id) else {
+                return Err(refuse(ConnectReturnCode::BadClientId, "bad_client_id"));
+            };
+            match self.broker.verifier.verify(&meter, &login.password).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(refuse(
+                        ConnectReturnCode::BadUserNamePassword,
+                        "bad_credentials",
+                    ))
+                }
+                Err(e) => {
+                    warn!(error = %e, "credential lookup failed");
+                    return Err(refuse(ConnectReturnCode::ServiceUnavailable, "store"));
+                }
+            }
+            if let Some(w) = &c.last_will {
+                if w.topic != format!("{}/{}/status", self.prefix(), meter) {
+                    return Err(refuse(ConnectReturnCode::NotAuthorized, "acl_will"));
+                }
+            }
+            Ok(meter)
+        }
+        .await;
+        match verdict {
+            Ok(meter) => Some(Session {
+                meter,
+                conn: 0,
+                clean_session: c.clean_session,
+                keep_alive: c.keep_alive,
+                will: c.last_will,
+                subscriptions: Vec::new(),
+                next_pkid: 0,
+            }),
+            Err((code, reason)) => {
+                self.broker.refuse_connect(reason);
+                let user = c.login.as_ref().map(|l| l.username.as_str()).unwrap_or("");
+                warn!(peer = %self.peer, client_id = %truncate(&c.client_id), username = %truncate(user), reason, "meter CONNECT refused");
+                let _ = self.write(Packet::ConnAck(ConnAck::new(code, false))).await;
+                None
+            }
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        s: &mut Session,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
+    ) -> Close {
+        // MQTT: 1.5 × keep-alive without a packet ends the session; 0 means none was asked
+        // for, and a day of silence still frees the slot.
+        let idle_limit = match s.keep_alive {
+            0 => Duration::from_secs(86_400),
+            k => Duration::from_millis(u64::from(k) * 1500),
+        };
+        let mut deadline = Instant::now() + idle_limit;
+        let mut pending: FuturesOrdered<PendingFuture> = FuturesOrdered::new();
+        loop {
+            // Frame whatever complete packets are buffered before reading more.
+            loop {
+                if pending.len() >= MAX_PENDING {
+                    break;
+                }
+                match self.next_buffered_packet() {
+                    Ok(Some(packet)) => {
+                        deadline = Instant::now() + idle_limit;
+                        match self.handle(s, packet, &mut pending).await {
+                            Ok(()) => {}
+                            Err(close) => return self.drain(pending, close).await,
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(reason) => {
+                        self.broker.reject(reason);
+                        warn!(meter = %s.meter, reason, "malformed MQTT packet; closing");
+                        return self.drain(pending, Close::Abnormal(reason)).await;
+                    }
+                }
+            }
+            tokio::select! {
+                r = self.stream.read_buf(&mut self.buf), if pending.len() < MAX_PENDING => match r {
+                    Ok(0) | Err(_) => return self.drain(pending, Close::Abnormal("connection_lost")).await,
+                    Ok(_) => {}
+                },
+                Some(ack) = pending.next() => {
+                    match ack {
+                        Ok(Some(pkid)) => {
+                            if self.write(Packet::PubAck(PubAck::new(pkid))).await.is_err() {
+                                return self.drain(pending, Close::Abnormal("write_failed")).await;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(reason) => return self.drain(pending, Close::Abnormal(reason)).await,
+                    }
+                }
+                msg = rx.recv() => match msg {
+                    Some(Outgoing::Command { leaf, payload }) => {
+                        if self.publish_command(s, leaf, payload, false).await.is_err() {
+                            return self.drain(pending, Close::Abnormal("write_failed")).await;
+                        }
+                    }
+                    Some(Outgoing::TakenOver) | None => return self.drain(pending, Close::TakenOver).await,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.broker.reject("keep_alive_timeout");
+                    return self.drain(pending, Close::Abnormal("keep_alive_timeout")).await;
+                }
+            }
+        }
+    }
+
+    /// Waits for the commits of publishes already handed to the writer, acknowledging those
+    /// that succeed while the socket is still usable.
+    async fn drain(&mut self, mut pending: FuturesOrdered<PendingFuture>, close: Close) -> Close {
+        while let Some(ack) = pending.next().await {
+            if let Ok(Some(pkid)) = ack {
+                let _ = self.write(Packet::PubAck(PubAck::new(pkid))).await;
+            }
+        }
+        close
+    }
+
+    async fn handle(
+        &mut self,
+        s: &mut Session,
+        packet: Packet,
+        pending: &mut FuturesOrdered<PendingFuture>,
+    ) -> Result<(), Close> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(s, p, pending).await,
+            Packet::Subscribe(sub) => {
+                let mut codes = Vec::with_capacity(sub.filters.len());
+                let mut balance_granted = false;
+                for f in sub.filters {
+                    if self.may_subscribe(&s.meter, &f.path) {
+                        let qos = if f.qos == QoS::AtMostOnce {
+                            QoS::AtMostOnce
+                        } else {
+                            QoS::AtLeastOnce
+                        };
+                        s.subscriptions.retain(|(p, _)| *p != f.path);
+                        balance_granted |=
+                            matches(&self.command_topic(&s.meter, "balance"), &f.path);
+                        s.subscriptions.push((f.path, qos));
+                        codes.push(SubscribeReasonCode::Success(qos));
+                    } else {
+                        self.broker.reject("acl_subscribe");
+                        warn!(meter = %s.meter, filter = %truncate(&f.path), "subscription outside the meter's command tree refused");
+                        codes.push(SubscribeReasonCode::Failure);
+                    }
+                }
+                self.broker
+                    .hub
+                    .set_subscriptions(&s.meter, s.conn, &s.subscriptions);
+                self.write(Packet::SubAck(SubAck::new(sub.pkid, codes)))
+                    .await
+                    .map_err(|_| Close::Abnormal("write_failed"))?;
+                if balance_granted {
+                    self.send_current_balance(s).await;
+                }
+                Ok(())
+            }
+            Packet::Unsubscribe(u) => {
+                s.subscriptions.retain(|(p, _)| !u.topics.contains(p));
+                self.broker
+                    .hub
+                    .set_subscriptions(&s.meter, s.conn, &s.subscriptions);
+                self.write(Packet::UnsubAck(UnsubAck::new(u.pkid)))
+                    .await
+                    .map_err(|_| Close::Abnormal("write_failed"))
+            }
+            Packet::PingReq => self
+                .write(Packet::PingResp)
+                .await
+                .map_err(|_| Close::Abnormal("write_failed")),
+            // Acks of our QoS 1 commands: a lost one is covered by the balance sent at the
+            // next SUBSCRIBE or session resumption, so nothing is tracked.
+            Packet::PubAck(_) => Ok(()),
+            Packet::Disconnect => Err(Close::Clean),
+            other => {
+                let reason = match other {
+                    Packet::Connect(_) => "second_connect",
+                    Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => "qos2",
+                    _ => "unexpected_packet",
+                };
+                self.broker.reject(reason);
+                warn!(meter = %s.meter, packet = packet_name(&other), "protocol violation; closing");
+                Err(Close::Abnormal(reason))
+            }
+        }
+    }
+
+    async fn on_publish(
+        &mut self,
+        s: &mut Session,
+        p: Publish,
+        pending: &mut FuturesOrdered<PendingFuture>,
+    ) -> Result<(), Close> {
+        let pkid = match p.qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => Some(p.pkid),
+            QoS::ExactlyOnce => {
+                self.broker.reject("qos2");
+                warn!(meter = %s.meter, "QoS 2 publish refused (meters use QoS 0 or 1); closing");
+                return Err(Close::Abnormal("qos2"));
+            }
+        };
+        let own = format!("{}/{}/", self.prefix(), s.meter);
+        let Some(leaf) = p.topic.strip_prefix(&own) else {
+            self.broker.reject("acl_publish");
+            warn!(meter = %s.meter, topic = %truncate(&p.topic), "publish outside the meter's own topic tree refused; closing");
+            return Err(Close::Abnormal("acl_publish"));
+        };
+        let at = now_ms();
+        let meter = s.meter.clone();
+        let parsed: Result<(Op, &'static str), payload::PayloadError> = match leaf {
+            "consumption" => Report::parse(&p.payload, &meter).map(|report| {
+                let what = if matches!(report, Report::V2(_)) {
+                    "v2"
+                } else {
+                    "v1"
+                };
+                (
+                    Op::Report {
+                        meter: meter.clone(),
+                        report,
+                        at,
+                    },
+                    what,
+                )
+            }),
+            "status" => StatusReport::parse(&p.payload, &meter).map(|status| {
+                (
+                    Op::Status {
+                        meter: meter.clone(),
+                        status,
+                        at,
+                    },
+                    "status",
+                )
+            }),
+            "balance" => payload::parse_meter_balance(&p.payload, &meter).map(|data| {
+                (
+                    Op::MeterBalance {
+                        meter: meter.clone(),
+                        data,
+                        at,
+                    },
+                    "balance",
+                )
+            }),
+            _ => {
+                self.broker.reject("unknown_topic");
+                warn!(meter = %s.meter, topic = %truncate(&p.topic), "publish to an unknown topic dropped");
+                pending.push_back(Box::pin(ready(pkid)));
+                return Ok(());
+            }
+        };
+        match parsed {
+            Ok((op, what)) => {
+                let reply = self
+                    .broker
+                    .writer
+                    .enqueue(op)
+                    .await
+                    .map_err(|_| Close::Abnormal("ledger_stopped"))?;
+                let metrics = self.broker.metrics.clone();
+                let meter = s.meter.clone();
+                pending.push_back(Box::pin(committed(pkid, reply, what, meter, metrics)));
+            }
+            Err(e) => {
+                // Acknowledged and dropped: a meter must not retry a payload that can never
+                // be applied. The counter and the log line are how it is noticed.
+                self.broker.reject(e.reason());
+                warn!(meter = %s.meter, topic = leaf, error = %e, "meter payload refused");
+                pending.push_back(Box::pin(ready(pkid)));
+            }
+        }
+        Ok(())
+    }
+
+    fn command_topic(&self, meter: &MeterId, leaf: &str) -> String {
+        format!("{}/{}/command/{leaf}", self.prefix(), meter)
+    }
+
+    fn may_subscribe(&self, meter: &MeterId, filter: &str) -> bool {
+        let own = format!("{}/{}/command", self.prefix(), meter);
+        valid_filter(filter)
+            && (filter == own
+                || filter
+                    .strip_prefix(&own)
+                    .is_some_and(|rest| rest.starts_with('/')))
+    }
+
+    async fn send_current_balance(&mut self, s: &mut Session) {
+        let meter = s.meter.clone();
+        let account = self
+            .broker
+            .reader
+            .run(move |c| store::account(c, &meter))
+            .await;
+        match account {
+            Ok(Some(a)) => {
+                let cmd = writer::balance_command_for(&a, now_ms());
+                let payload = Bytes::from(serde_json::to_vec(&cmd).unwrap_or_default());
+                let _ = self.publish_command(s, "balance", payload, true).await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(meter = %s.meter, error = %e, "could not read balance for a new subscription")
+            }
+        }
+    }
+
+    /// Publishes on `…/command/{leaf}` at the granted QoS if a subscription matches.
+    async fn publish_command(
+        &mut self,
+        s: &mut Session,
+        leaf: &str,
+        payload: Bytes,
+        retain: bool,
+    ) -> std::io::Result<()> {
+        let topic = self.command_topic(&s.meter, leaf);
+        let Some(qos) = s
+            .subscriptions
+            .iter()
+            .filter(|(f, _)| matches(&topic, f))
+            .map(|(_, q)| *q)
+            .max_by_key(|q| *q as u8)
+        else {
+            return Ok(());
+        };
+        let mut p = Publish::from_bytes(topic, qos, payload);
+        p.retain = retain;
+        if qos != QoS::AtMostOnce {
+            s.next_pkid = s.next_pkid.checked_add(1).unwrap_or(1);
+            p.pkid = s.next_pkid;
+        }
+        self.broker.metrics.inc(
+            "umeme_mqtt_commands_sent_total",
+            &[(
+                "command",
+                if leaf == "balance" {
+                    "balance"
+                } else {
+                    "other"
+                },
+            )],
+        );
+        self.write(Packet::Publish(p)).await
+    }
+
+    async fn presence(&self, meter: &MeterId, online: bool) {
+        let op = Op::Presence {
+            meter: meter.clone(),
+            online,
+            at: now_ms(),
+        };
+        // Presence is informational; its commit is not waited for.
+        let _ = self.broker.writer.enqueue(op).await;
+    }
+
+    async fn finish(&mut self, s: &Session, close: Close) {
+        self.broker
+            .hub
+            .unregister(&s.meter, s.conn, s.clean_session);
+        match close {
+            Close::TakenOver => {
+                info!(meter = %s.meter, "meter session taken over by a new connection");
+                return;
+            }
+            Close::Clean => info!(meter = %s.meter, "meter disconnected"),
+            Close::Abnormal(reason) => info!(meter = %s.meter, reason, "meter connection ended"),
+        }
+        let will = match (&close, &s.will) {
+            (Close::Abnormal(_), Some(w)) => StatusReport::parse(&w.message, &s.meter).ok(),
+            _ => None,
+        };
+        match will {
+            Some(status) => {
+                let op = Op::Status {
+                    meter: s.meter.clone(),
+                    status,
+                    at: now_ms(),
+                };
+                let _ = self.broker.writer.enqueue(op).await;
+            }
+            None => self.presence(&s.meter, false).await,
+        }
+    }
+
+    /// Reads until one packet is framed. `Ok(None)` when the peer closed first.
+    async fn read_packet(&mut self) -> Result<Option<Packet>, &'static str> {
+        loop {
+            if let Some(p) = self.next_buffered_packet()? {
+                return Ok(Some(p));
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn next_buffered_packet(&mut self) -> Result<Option<Packet>, &'static str> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        match Packet::read(&mut self.buf, self.broker.config.max_packet_bytes) {
+            Ok(p) => Ok(Some(p)),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+            Err(mqttbytes::Error::PayloadSizeLimitExceeded(_)) => Err("oversize_packet"),
+            Err(_) => Err("malformed_packet"),
+        }
+    }
+
+    async fn write(&mut self, packet: Packet) -> std::io::Result<()> {
+        self.out.clear();
+        packet
+            .write(&mut self.out, usize::MAX)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        match timeout(WRITE_TIMEOUT, self.stream.write_all(&self.out)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+}
+
+type PendingFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<u16>, &'static str>> + Send>>;
+
+async fn ready(pkid: Option<u16>) -> Result<Option<u16>, &'static str> {
+    Ok(pkid)
+}
+
+/// Waits for a publish's commit; `Ok(pkid)` to acknowledge, `Err` to drop the connection
+/// unacknowledged so the meter sends it again later.
+async fn committed(
+    pkid: Option<u16>,
+    reply: oneshot::Receiver<Result<Outcome, LedgerError>>,
+    what: &'static str,
+    meter: MeterId,
+    metrics: Arc<Metrics>,
+) -> Result<Option<u16>, &'static str> {
+    match reply.await {
+        Ok(Ok(Outcome::Report(applied))) => {
+            metrics.inc(
+                "umeme_mqtt_reports_total",
+                &[("version", what), ("outcome", kind_label(applied.kind))],
+            );
+            for alert in &applied.alerts {
+                metrics.inc("umeme_ledger_alerts_total", &[("alert", alert.as_str())]);
+                info!(%meter, alert = alert.as_str(), "alert raised");
+            }
+            if let Some(drift) = applied.balance_drift_wh {
+                metrics.inc("umeme_ledger_v1_balance_drift_total", &[]);
+                warn!(%meter, drift_wh = drift, "v1 remainingBalance disagrees with the ledger");
+            }
+            debug!(%meter, debit_wh = applied.debit_wh, kind = ?applied.kind, "report applied");
+            Ok(pkid)
+        }
+        Ok(Ok(_)) => Ok(pkid),
+        Ok(Err(e @ (LedgerError::Refused(_) | LedgerError::UnknownMeter(_)))) => {
+            metrics.inc("umeme_mqtt_rejected_total", &[("reason", e.reason())]);
+            warn!(%meter, what, error = %e, "meter publish refused by the ledger");
+            Ok(pkid)
+        }
+        Ok(Err(e)) => {
+            warn!(%meter, what, error = %e, "ledger could not commit; the meter will resend");
+            Err("ledger_error")
+        }
+        Err(_) => Err("ledger_stopped"),
+    }
+}
+
+fn kind_label(k: crate::ledger::ReportKind) -> &'static str {
+    use crate::ledger::ReportKind::*;
+    match k {
+        Debited => "debited",
+        Baseline => "baseline",
+        Stale => "stale",
+        Repeat => "repeat",
+        Reboot => "reboot",
+        RegisterReset => "register_reset",
+    }
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect => "DISCONNECT",
+    }
+}
+
+/// Untrusted strings go into logs shortened.
+fn truncate(s: &str) -> String {
+    s.chars().take(80).collect()
+}

@@ -1,0 +1,362 @@
+//! The command line (contract §2). Exit codes: 0 ok, 1 runtime failure, 2 bad usage or config.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context};
+use clap::{Parser, Subcommand};
+
+use crate::auth;
+use crate::config::{Config, ConfigError, ConfigSource};
+use crate::ledger::Rules;
+use crate::meter::{kes_to_cents, wh_to_units, MeterId};
+use crate::store::{self, now_ms};
+use crate::writer::{self, Credit, LedgerError, LedgerSettings, Op, Outcome};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "umeme-gateway",
+    version,
+    about = "Site gateway for prepaid electricity meters"
+)]
+pub struct Cli {
+    /// Configuration file (default /etc/umeme-gateway/gateway.toml; built-in development
+    /// defaults when it does not exist). conf.d/*.toml beside it is merged in name order.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: meter broker, ledger and admin API.
+    Run,
+    /// Validate the configuration and the files it names, without touching state.
+    CheckConfig,
+    /// Provision and inspect meters.
+    #[command(subcommand)]
+    Meter(MeterCommand),
+    /// Manual or cash top-up; crediting the same --ref twice credits once.
+    Credit {
+        /// Meter number.
+        id: String,
+        /// Amount in KES (up to two decimals).
+        #[arg(long)]
+        kes: f64,
+        /// Receipt or reference; the idempotency key.
+        #[arg(long = "ref")]
+        reference: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MeterCommand {
+    /// Provision a meter; prints the generated secret once when --secret is not given.
+    Add {
+        id: String,
+        #[arg(long)]
+        secret: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        phone: Option<String>,
+    },
+    /// List meters with their balances.
+    List,
+    /// Show one meter.
+    Show { id: String },
+    /// Remove a meter (its payments and readings stay for audit); ends its session.
+    Remove { id: String },
+    /// Replace a meter's secret; prints the new one when --secret is not given.
+    SetSecret {
+        id: String,
+        #[arg(long)]
+        secret: Option<String>,
+    },
+}
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// A failure with its exit code.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Failure { code: 1, error }
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure {
+            code: 2,
+            error: anyhow!("invalid configuration: {e}"),
+        }
+    }
+}
+
+fn usage(msg: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        error: anyhow!(msg.into()),
+    }
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("umeme-gateway: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<(), Failure> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Run => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(crate::daemon::run(config))
+                .map_err(|e| match e {
+                    crate::daemon::StartError::Config(c) => Failure::from(c),
+                    other => Failure::from(anyhow::Error::new(other)),
+                })
+        }
+        Command::CheckConfig => {
+            config.check_files()?;
+            config.api_token()?;
+            match &config.source {
+                ConfigSource::BuiltInDefaults => {
+                    println!("ok: no configuration file; the built-in development defaults apply")
+                }
+                ConfigSource::Files(files) => {
+                    for f in files {
+                        println!("ok: {}", f.display());
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Meter(m) => meter(&config, m),
+        Command::Credit { id, kes, reference } => {
+            let meter = parse_meter(&id)?;
+            let cents = kes_to_cents(kes).ok_or_else(|| {
+                usage("--kes must be a positive amount with at most two decimals, at most 1000000")
+            })?;
+            let credit = Credit {
+                meter: meter.clone(),
+                source: "manual".into(),
+                reference: reference.clone(),
+                amount_cents: cents,
+                at: now_ms(),
+            };
+            match apply(&config, Op::Credit(credit))? {
+                Outcome::Credited { payment, duplicate } => {
+                    let what = if duplicate {
+                        "already credited"
+                    } else {
+                        "credited"
+                    };
+                    println!(
+                        "{what}: {} KES to {} = {:.3} units (ref {}); balance {:.3} units",
+                        format_cents(payment.amount_cents),
+                        payment.meter,
+                        wh_to_units(payment.credit_wh),
+                        payment.reference,
+                        wh_to_units(payment.balance_after_wh)
+                    );
+                    Ok(())
+                }
+                _ => Err(anyhow!("unexpected ledger outcome").into()),
+            }
+        }
+    }
+}
+
+fn parse_meter(id: &str) -> Result<MeterId, Failure> {
+    MeterId::parse(id).map_err(|e| usage(e.to_string()))
+}
+
+fn format_cents(c: i64) -> String {
+    format!("{}.{:02}", c / 100, c % 100)
+}
+
+fn settings(config: &Config) -> LedgerSettings {
+    LedgerSettings {
+        rules: Rules {
+            low_balance_wh: config.ledger.low_balance_wh,
+        },
+        tariff: config.ledger.tariff,
+    }
+}
+
+fn open(config: &Config) -> Result<rusqlite::Connection, Failure> {
+    store::open(&config.db_path(), config.gateway.id.as_str())
+        .with_context(|| format!("opening {}", config.db_path().display()))
+        .map_err(Failure::from)
+}
+
+fn apply(config: &Config, op: Op) -> Result<Outcome, Failure> {
+    let mut conn = open(config)?;
+    match writer::apply_now(&mut conn, &op, &settings(config)) {
+        Ok(a) => Ok(a.outcome),
+        Err(
+            e @ (LedgerError::UnknownMeter(_)
+            | LedgerError::MeterExists(_)
+            | LedgerError::BadReference),
+        ) => Err(Failure {
+            code: 1,
+            error: e.into(),
+        }),
+        Err(e) => Err(anyhow::Error::new(e).into()),
+    }
+}
+
+fn secret_or_generated(secret: Option<String>) -> Result<(String, bool), Failure> {
+    match secret {
+        Some(s) => {
+            auth::check_secret(&s).map_err(|e| usage(e.to_string()))?;
+            Ok((s, false))
+        }
+        None => Ok((auth::generate_secret(), true)),
+    }
+}
+
+fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
+    match cmd {
+        MeterCommand::Add {
+            id,
+            secret,
+            name,
+            phone,
+        } => {
+            let meter = parse_meter(&id)?;
+            let (secret, generated) = secret_or_generated(secret)?;
+            let op = Op::AddMeter {
+                meter: meter.clone(),
+                name,
+                phone,
+                secret_hash: auth::hash_secret(&secret),
+                at: now_ms(),
+            };
+            apply(config, op)?;
+            println!("added meter {meter}");
+            if generated {
+                println!("secret: {secret}");
+                println!("(shown once; configure it in the meter as its MQTT password)");
+            }
+            Ok(())
+        }
+        MeterCommand::List => {
+            let conn = open(config)?;
+            let rows = store::meters(&conn).context("reading meters")?;
+            println!(
+                "{:<20} {:>12} {:>5} {:<12} {:<24}",
+                "METER", "BALANCE", "RELAY", "STATUS", "LAST SEEN"
+            );
+            for m in rows {
+                println!(
+                    "{:<20} {:>12.3} {:>5} {:<12} {:<24}",
+                    m.id.as_str(),
+                    m.balance_units,
+                    if m.balance_wh > 0 { "on" } else { "off" },
+                    m.status.as_deref().unwrap_or("-"),
+                    m.last_seen
+                        .map(crate::api::iso8601)
+                        .unwrap_or_else(|| "never".into())
+                );
+            }
+            Ok(())
+        }
+        MeterCommand::Show { id } => {
+            let meter = parse_meter(&id)?;
+            let conn = open(config)?;
+            let m = store::meter(&conn, &meter)
+                .context("reading meter")?
+                .ok_or_else(|| Failure {
+                    code: 1,
+                    error: anyhow!("unknown meter {meter}"),
+                })?;
+            let payments = store::payments_of(&conn, &meter).context("reading payments")?;
+            println!("meter:          {}", m.id);
+            println!("name:           {}", m.name.as_deref().unwrap_or("-"));
+            println!("phone:          {}", m.phone.as_deref().unwrap_or("-"));
+            println!(
+                "balance:        {:.3} units ({} Wh)",
+                m.balance_units, m.balance_wh
+            );
+            println!(
+                "relay:          {}",
+                if m.balance_wh > 0 { "on" } else { "off" }
+            );
+            println!(
+                "consumed:       {:.3} units",
+                wh_to_units(m.total_consumed_wh)
+            );
+            println!("ledger seq:     {}", m.ledger_seq);
+            println!("status:         {}", m.status.as_deref().unwrap_or("-"));
+            println!(
+                "last seen:      {}",
+                m.last_seen
+                    .map(crate::api::iso8601)
+                    .unwrap_or_else(|| "never".into())
+            );
+            println!("payments:       {}", payments.len());
+            for p in payments.iter().rev().take(10) {
+                println!(
+                    "  {}  {:>10} KES  {:>9.3} units  {}:{}",
+                    crate::api::iso8601(p.at),
+                    format_cents(p.amount_cents),
+                    wh_to_units(p.credit_wh),
+                    p.source,
+                    p.reference
+                );
+            }
+            Ok(())
+        }
+        MeterCommand::Remove { id } => {
+            let meter = parse_meter(&id)?;
+            apply(
+                config,
+                Op::RemoveMeter {
+                    meter: meter.clone(),
+                    at: now_ms(),
+                },
+            )?;
+            println!("removed meter {meter}");
+            Ok(())
+        }
+        MeterCommand::SetSecret { id, secret } => {
+            let meter = parse_meter(&id)?;
+            let (secret, generated) = secret_or_generated(secret)?;
+            let op = Op::SetSecret {
+                meter: meter.clone(),
+                secret_hash: auth::hash_secret(&secret),
+                at: now_ms(),
+            };
+            apply(config, op)?;
+            println!("secret of {meter} replaced; its current session is closed");
+            if generated {
+                println!("secret: {secret}");
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,627 @@
+//! TOML configuration: `gateway.toml` plus `conf.d/*.toml` merged in name order.
+//!
+//! Every key has a default and unknown keys are errors. Values are validated while they are
+//! parsed (the newtypes below), so every error carries the file, line and column of the value
+//! that caused it. Checks that need the file system (secret files) run in [`Config::check_files`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::meter::MeterIdError;
+
+/// Where the packaged configuration lives.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/umeme-gateway/gateway.toml";
+
+/// A configuration problem, located in its file when it comes from one.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    /// 1-based line and column of the offending value, when known.
+    pub position: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.file, self.position) {
+            (Some(file), Some((line, col))) => {
+                write!(f, "{}:{line}:{col}: {}", file.display(), self.message)
+            }
+            (Some(file), None) => write!(f, "{}: {}", file.display(), self.message),
+            (None, _) => f.write_str(&self.message),
+        }
+    }
+}
+
+impl ConfigError {
+    fn in_file(file: &Path, text: &str, span: Option<std::ops::Range<usize>>, msg: String) -> Self {
+        ConfigError {
+            file: Some(file.to_path_buf()),
+            position: span.map(|s| line_col(text, s.start)),
+            message: msg,
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Where the running configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// No file was found: built-in development defaults.
+    BuiltInDefaults,
+    /// The main file, then the `conf.d` files in the order they were merged.
+    Files(Vec<PathBuf>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: ConfigSource,
+    pub gateway: GatewayConfig,
+    pub broker: BrokerConfig,
+    pub ledger: LedgerConfig,
+    pub api: ApiConfig,
+    /// Secret files named by `*_file` keys, with where they were named, for `check_files`.
+    secret_files: Vec<Located<PathBuf>>,
+}
+
+#[derive(Debug, Clone)]
+struct Located<T> {
+    value: T,
+    file: PathBuf,
+    position: (usize, usize),
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub id: GatewayId,
+    pub data_dir: PathBuf,
+    pub plugin_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub topic_prefix: TopicPrefix,
+    /// Largest MQTT packet a meter may send; larger ones close the connection.
+    pub max_packet_bytes: usize,
+    /// Time a new connection has to send CONNECT.
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    pub tariff: Tariff,
+    pub low_balance_wh: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    pub allow_simulate: bool,
+    pub legacy_meter_http: bool,
+    pub token_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// The configuration the daemon runs on when no file exists: everything on loopback,
+    /// data in `./umeme-data`, the simulate endpoint enabled for trying the gateway out.
+    pub fn development_defaults() -> Config {
+        let mut c = Config::from_partial(PartialConfig::default(), ConfigSource::BuiltInDefaults);
+        c.gateway.data_dir = PathBuf::from("umeme-data");
+        c.broker.listen = ([127, 0, 0, 1], 1883).into();
+        c.api.allow_simulate = true;
+        c
+    }
+
+    /// Loads `path` (or the packaged path), merging `conf.d/*.toml` beside it. With no `path`
+    /// and no packaged file, returns the development defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let main = match path {
+            Some(p) => p.to_path_buf(),
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG_PATH);
+                if !p.exists() {
+                    return Ok(Config::development_defaults());
+                }
+                p
+            }
+        };
+        let mut files = vec![main.clone()];
+        let conf_d = main.parent().unwrap_or(Path::new(".")).join("conf.d");
+        if conf_d.is_dir() {
+            let mut extra: Vec<PathBuf> = std::fs::read_dir(&conf_d)
+                .map_err(|e| io_error(&conf_d, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            extra.sort();
+            files.extend(extra);
+        }
+        let mut merged = PartialConfig::default();
+        let mut secret_files = Vec::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file).map_err(|e| io_error(file, e))?;
+            let part: PartialConfig = toml::from_str(&text).map_err(|e| {
+                ConfigError::in_file(file, &text, e.span(), e.message().trim().to_string())
+            })?;
+            if let Some(tf) = part.api.as_ref().and_then(|a| a.token_file.as_ref()) {
+                secret_files.push(Located {
+                    value: tf.get_ref().clone(),
+                    file: file.clone(),
+                    position: line_col(&text, tf.span().start),
+                });
+            }
+            merged.merge(part);
+        }
+        let mut config = Config::from_partial(merged, ConfigSource::Files(files));
+        config.secret_files = secret_files;
+        Ok(config)
+    }
+
+    fn from_partial(p: PartialConfig, source: ConfigSource) -> Config {
+        let g = p.gateway.unwrap_or_default();
+        let b = p.broker.unwrap_or_default();
+        let l = p.ledger.unwrap_or_default();
+        let a = p.api.unwrap_or_default();
+        Config {
+            source,
+            gateway: GatewayConfig {
+                id: g.id.unwrap_or_else(|| GatewayId("site-001".into())),
+                data_dir: g
+                    .data_dir
+                    .map_or_else(|| "/var/lib/umeme-gateway".into(), |p| p.0),
+                plugin_dir: g
+                    .plugin_dir
+                    .map_or_else(|| "/usr/lib/umeme-gateway/plugins".into(), |p| p.0),
+            },
+            broker: BrokerConfig {
+                listen: b.listen.unwrap_or_else(|| ([0, 0, 0, 0], 1883).into()),
+                max_connections: b.max_connections.map_or(2000, |n| n.0),
+                topic_prefix: b
+                    .topic_prefix
+                    .unwrap_or_else(|| TopicPrefix("smartmeter".into())),
+                max_packet_bytes: b.max_packet_bytes.map_or(4096, |n| n.0),
+                connect_timeout_ms: b.connect_timeout_ms.map_or(5_000, |n| n.0 as u64),
+            },
+            ledger: LedgerConfig {
+                tariff: l
+                    .units_per_kes
+                    .unwrap_or(Tariff::from_units_per_kes_unchecked(0.05)),
+                low_balance_wh: l.low_balance_units.map_or(3_000, |u| u.0),
+            },
+            api: ApiConfig {
+                listen: a.listen.unwrap_or_else(|| ([127, 0, 0, 1], 8080).into()),
+                allow_simulate: a.allow_simulate.unwrap_or(false),
+                legacy_meter_http: a.legacy_meter_http.unwrap_or(false),
+                token_file: a.token_file.map(Spanned::into_inner),
+            },
+            secret_files: Vec::new(),
+        }
+    }
+
+    /// Checks what the configuration names on disk without touching state: secret files exist,
+    /// are regular files, and are not readable or writable by other users.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
+        for s in &self.secret_files {
+            let err = |message: String| ConfigError {
+                file: Some(s.file.clone()),
+                position: Some(s.position),
+                message,
+            };
+            let meta = std::fs::metadata(&s.value)
+                .map_err(|e| err(format!("secret file {}: {e}", s.value.display())))?;
+            if !meta.is_file() {
+                return Err(err(format!("{} is not a regular file", s.value.display())));
+            }
+            if meta.permissions().mode() & 0o007 != 0 {
+                return Err(err(format!(
+                    "secret file {} is accessible to other users (mode {:o}); chmod o-rwx it",
+                    s.value.display(),
+                    meta.permissions().mode() & 0o777
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the API bearer token, when one is configured.
+    pub fn api_token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.api.token_file else {
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
+        let token = token.trim().to_string();
+        if token.is_empty() {
+            return Err(ConfigError {
+                file: Some(path.clone()),
+                position: None,
+                message: "token file is empty".into(),
+            });
+        }
+        Ok(Some(token))
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.gateway.data_dir.join("gateway.db")
+    }
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> ConfigError {
+    ConfigError {
+        file: Some(path.to_path_buf()),
+        position: None,
+        message: e.to_string(),
+    }
+}
+
+// ---- the file format: every key optional, merged file after file ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialConfig {
+    gateway: Option<PartialGateway>,
+    broker: Option<PartialBroker>,
+    ledger: Option<PartialLedger>,
+    api: Option<PartialApi>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialGateway {
+    id: Option<GatewayId>,
+    data_dir: Option<NonEmptyPath>,
+    plugin_dir: Option<NonEmptyPath>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialBroker {
+    listen: Option<SocketAddr>,
+    max_connections: Option<Bounded<1, 100_000>>,
+    topic_prefix: Option<TopicPrefix>,
+    max_packet_bytes: Option<Bounded<256, 1_048_576>>,
+    connect_timeout_ms: Option<Bounded<100, 600_000>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialLedger {
+    units_per_kes: Option<Tariff>,
+    low_balance_units: Option<UnitsAsWh>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialApi {
+    listen: Option<SocketAddr>,
+    allow_simulate: Option<bool>,
+    legacy_meter_http: Option<bool>,
+    token_file: Option<Spanned<PathBuf>>,
+}
+
+/// Later values win, key by key.
+fn merge_opt<T>(into: &mut Option<T>, from: Option<T>) {
+    if from.is_some() {
+        *into = from;
+    }
+}
+
+impl PartialConfig {
+    fn merge(&mut self, o: PartialConfig) {
+        if let Some(g) = o.gateway {
+            let s = self.gateway.get_or_insert_with(Default::default);
+            merge_opt(&mut s.id, g.id);
+            merge_opt(&mut s.data_dir, g.data_dir);
+            merge_opt(&mut s.plugin_dir, g.plugin_dir);
+        }
+        if let Some(b) = o.broker {
+            let s = self.broker.get_or_insert_with(Default::default);
+            merge_opt(&mut s.listen, b.listen);
+            merge_opt(&mut s.max_connections, b.max_connections);
+            merge_opt(&mut s.topic_prefix, b.topic_prefix);
+            merge_opt(&mut s.max_packet_bytes, b.max_packet_bytes);
+            merge_opt(&mut s.connect_timeout_ms, b.connect_timeout_ms);
+        }
+        if let Some(l) = o.ledger {
+            let s = self.ledger.get_or_insert_with(Default::default);
+            merge_opt(&mut s.units_per_kes, l.units_per_kes);
+            merge_opt(&mut s.low_balance_units, l.low_balance_units);
+        }
+        if let Some(a) = o.api {
+            let s = self.api.get_or_insert_with(Default::default);
+            merge_opt(&mut s.listen, a.listen);
+            merge_opt(&mut s.allow_simulate, a.allow_simulate);
+            merge_opt(&mut s.legacy_meter_http, a.legacy_meter_http);
+            merge_opt(&mut s.token_file, a.token_file);
+        }
+    }
+}
+
+// ---- validated values ----
+
+/// The site's id: goes into every event id, so it must be safe as a Firebase key and an MQTT
+/// topic level.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct GatewayId(String);
+
+impl GatewayId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for GatewayId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 32
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if ok {
+            Ok(GatewayId(s))
+        } else {
+            Err(format!(
+                "gateway id {s:?} must be 1 to 32 characters of A-Z, a-z, 0-9, '-' or '_'"
+            ))
+        }
+    }
+}
+
+impl fmt::Display for GatewayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The first topic levels of every meter topic (`smartmeter` in the original project).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct TopicPrefix(String);
+
+impl TopicPrefix {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TopicPrefix {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad = s.is_empty()
+            || s.len() > 64
+            || s.starts_with('$')
+            || s.starts_with('/')
+            || s.ends_with('/')
+            || s.split('/').any(|l| l.is_empty())
+            || s.contains(['+', '#', '\0']);
+        if bad {
+            Err(format!(
+                "topic prefix {s:?} must be non-empty topic levels without wildcards, '$', or empty levels"
+            ))
+        } else {
+            Ok(TopicPrefix(s))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "PathBuf")]
+struct NonEmptyPath(PathBuf);
+
+impl TryFrom<PathBuf> for NonEmptyPath {
+    type Error = &'static str;
+    fn try_from(p: PathBuf) -> Result<Self, Self::Error> {
+        if p.as_os_str().is_empty() {
+            Err("path must not be empty")
+        } else {
+            Ok(NonEmptyPath(p))
+        }
+    }
+}
+
+/// An integer that must lie in `MIN..=MAX`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "i64")]
+struct Bounded<const MIN: i64, const MAX: i64>(usize);
+
+impl<const MIN: i64, const MAX: i64> TryFrom<i64> for Bounded<MIN, MAX> {
+    type Error = String;
+    fn try_from(n: i64) -> Result<Self, String> {
+        if (MIN..=MAX).contains(&n) {
+            Ok(Bounded(n as usize))
+        } else {
+            Err(format!("{n} is out of range: expected {MIN} to {MAX}"))
+        }
+    }
+}
+
+/// Energy units (kWh) in the file, whole Wh inside.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "f64")]
+struct UnitsAsWh(i64);
+
+impl TryFrom<f64> for UnitsAsWh {
+    type Error = String;
+    fn try_from(u: f64) -> Result<Self, String> {
+        if u.is_finite() && (0.0..=1_000_000.0).contains(&u) {
+            Ok(UnitsAsWh((u * 1000.0).round() as i64))
+        } else {
+            Err(format!("{u} is out of range: expected 0 to 1000000 units"))
+        }
+    }
+}
+
+/// The price of energy: units (kWh) per KES, held exactly as nano-units per KES so that a
+/// credit never loses a Wh to floating point (0.05 × 100 KES is exactly 5000 Wh).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "f64")]
+pub struct Tariff {
+    nano_units_per_kes: i64,
+}
+
+impl Tariff {
+    const fn from_units_per_kes_unchecked(u: f64) -> Tariff {
+        Tariff {
+            nano_units_per_kes: (u * 1e9) as i64,
+        }
+    }
+
+    pub fn units_per_kes(&self) -> f64 {
+        self.nano_units_per_kes as f64 / 1e9
+    }
+
+    /// Energy bought by `cents`: floor(A × units_per_kes × 1000) Wh for A = cents / 100 KES.
+    pub fn credit_wh(&self, cents: i64) -> i64 {
+        let wh = i128::from(cents) * i128::from(self.nano_units_per_kes) / 100_000_000;
+        wh.clamp(0, i128::from(i64::MAX)) as i64
+    }
+}
+
+impl TryFrom<f64> for Tariff {
+    type Error = String;
+    fn try_from(u: f64) -> Result<Self, String> {
+        if u.is_finite() && u > 0.0 && u <= 1000.0 {
+            Ok(Tariff {
+                nano_units_per_kes: (u * 1e9).round() as i64,
+            })
+        } else {
+            Err(format!(
+                "{u} is out of range: expected more than 0 and at most 1000"
+            ))
+        }
+    }
+}
+
+impl From<MeterIdError> for ConfigError {
+    fn from(e: MeterIdError) -> Self {
+        ConfigError {
+            file: None,
+            position: None,
+            message: e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn unknown_key_is_located_by_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[broker]\nlisten = \"0.0.0.0:1883\"\nlistne = 1\n",
+        );
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((3, 1)), "{e}");
+        assert!(e.to_string().contains("g.toml:3:1"), "{e}");
+        assert!(e.message.contains("listne"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_is_located_at_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "g.toml", "[ledger]\nunits_per_kes = -1.0\n");
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((2, 17)), "{e}");
+        let p = write(dir.path(), "g.toml", "[broker]\nlisten = \"nowhere\"\n");
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((2, 10)), "{e}");
+        let p = write(dir.path(), "g.toml", "[broker]\ntopic_prefix = \"a/#\"\n");
+        assert!(Config::load(Some(&p)).is_err());
+        let p = write(dir.path(), "g.toml", "[gateway]\nid = \"has space\"\n");
+        assert!(Config::load(Some(&p)).is_err());
+    }
+
+    #[test]
+    fn conf_d_files_override_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "gateway.toml",
+            "[api]\nlisten = \"127.0.0.1:1\"\n",
+        );
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        write(
+            &dir.path().join("conf.d"),
+            "20-b.toml",
+            "[api]\nlisten = \"127.0.0.1:3\"\n",
+        );
+        write(
+            &dir.path().join("conf.d"),
+            "10-a.toml",
+            "[api]\nlisten = \"127.0.0.1:2\"\nallow_simulate = true\n",
+        );
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.api.listen.port(), 3);
+        assert!(c.api.allow_simulate);
+        let bad = write(&dir.path().join("conf.d"), "30-c.toml", "[api\n");
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.file.as_deref(), Some(bad.as_path()));
+    }
+
+    #[test]
+    fn shipped_config_parses_and_matches_the_defaults() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/gateway.toml");
+        let c = Config::load(Some(&shipped)).unwrap();
+        let d = Config::from_partial(PartialConfig::default(), ConfigSource::BuiltInDefaults);
+        assert_eq!(c.gateway.id, d.gateway.id);
+        assert_eq!(c.gateway.data_dir, d.gateway.data_dir);
+        assert_eq!(c.broker.listen, d.broker.listen);
+        assert_eq!(c.broker.max_packet_bytes, d.broker.max_packet_bytes);
+        assert_eq!(c.ledger.tariff, d.ledger.tariff);
+        assert_eq!(c.ledger.low_balance_wh, d.ledger.low_balance_wh);
+        assert_eq!(c.api.listen, d.api.listen);
+        assert!(!c.api.allow_simulate);
+    }
+
+    #[test]
+    fn tariff_credits_exact_whole_wh() {
+        let t = Tariff::try_from(0.05).unwrap();
+        assert_eq!(t.credit_wh(100 * 100), 5_000);
+        assert_eq!(t.credit_wh(1), 0); // 0.01 KES buys 0.5 Wh: floor
+        assert_eq!(t.credit_wh(3), 1);
+        let t = Tariff::try_from(0.1).unwrap();
+        assert_eq!(t.credit_wh(7 * 100), 700);
+    }
+
+    #[test]
+    fn world_readable_secret_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tok = write(dir.path(), "token", "s3cret\n");
+        std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let p = write(
+            dir.path(),
+            "g.toml",
+            &format!("[api]\ntoken_file = {:?}\n", tok.display().to_string()),
+        );
+        let c = Config::load(Some(&p)).unwrap();
+        let e = c.check_files().unwrap_err();
+        assert_eq!(e.position, Some((2, 14)), "{e}");
+        std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o600)).unwrap();
+        c.check_files().unwrap();
+        assert_eq!(c.api_token().unwrap().as_deref(), Some("s3cret"));
+    }
+}

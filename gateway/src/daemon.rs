@@ -1,0 +1,202 @@
+//! `umeme-gateway run`: opens the store, starts the ledger writer, the meter broker and the
+//! admin API, and stops on SIGTERM or Ctrl-C.
+//!
+//! Start-up order matters: the configuration and secret files are checked before the database
+//! is touched, and the database is open before anything listens.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::api::{self, ApiState};
+use crate::auth::Verifier;
+use crate::broker::{self, Broker};
+use crate::config::{Config, ConfigError, ConfigSource};
+use crate::hub::{Hub, Outgoing};
+use crate::ledger::Rules;
+use crate::metrics::Metrics;
+use crate::store::{self, Reader, StoreError};
+use crate::writer::{LedgerSettings, Notice, Writer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("state database {path}: {source}")]
+    Store { path: String, source: StoreError },
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway: its listening addresses and a way to stop it.
+pub struct Gateway {
+    pub broker_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Starts every part of the daemon on the current tokio runtime.
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        config.check_files()?;
+        let token = config.api_token()?;
+        if config.source == ConfigSource::BuiltInDefaults {
+            info!(
+                data_dir = %config.gateway.data_dir.display(),
+                broker = %config.broker.listen,
+                api = %config.api.listen,
+                "no configuration file found: running on built-in development defaults (POST /daraja/simulate enabled)"
+            );
+        }
+        let db_path = config.db_path();
+        let store_err = |source| StartError::Store {
+            path: db_path.display().to_string(),
+            source,
+        };
+        let conn = store::open(&db_path, config.gateway.id.as_str()).map_err(store_err)?;
+        let reader = Reader::open(&db_path).map_err(store_err)?;
+
+        let metrics = Arc::new(Metrics::default());
+        let hub = Arc::new(Hub::default());
+        let notify_hub = hub.clone();
+        let notify: crate::writer::Notify = Arc::new(move |meter, notice| match notice {
+            Notice::Balance(cmd) => {
+                let payload = Bytes::from(serde_json::to_vec(&cmd).unwrap_or_default());
+                notify_hub.send(
+                    meter,
+                    Outgoing::Command {
+                        leaf: "balance",
+                        payload,
+                    },
+                );
+            }
+            Notice::Revoked => {
+                notify_hub.send(meter, Outgoing::TakenOver);
+            }
+        });
+        let settings = LedgerSettings {
+            rules: Rules {
+                low_balance_wh: config.ledger.low_balance_wh,
+            },
+            tariff: config.ledger.tariff,
+        };
+        let (writer, _writer_thread) = Writer::start(conn, settings, notify, metrics.clone());
+
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Listen { what, addr, source })
+        };
+        let broker_listener = bind("broker.listen", config.broker.listen).await?;
+        let api_listener = bind("api.listen", config.api.listen).await?;
+        let broker_addr = broker_listener.local_addr().expect("bound socket");
+        let api_addr = api_listener.local_addr().expect("bound socket");
+
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let broker_ready = Arc::new(AtomicBool::new(false));
+        let broker = Arc::new(Broker {
+            config: config.broker.clone(),
+            hub: hub.clone(),
+            writer: writer.clone(),
+            verifier: Arc::new(Verifier::new(reader.clone())),
+            reader: reader.clone(),
+            metrics: metrics.clone(),
+        });
+        let mut tasks = vec![tokio::spawn(broker::serve(
+            broker_listener,
+            broker,
+            stopped(),
+        ))];
+        broker_ready.store(true, Ordering::Release);
+
+        let api_state = Arc::new(ApiState {
+            config: config.api.clone(),
+            gateway_id: config.gateway.id.to_string(),
+            token,
+            writer: writer.clone(),
+            reader,
+            hub,
+            metrics: metrics.clone(),
+            broker_ready,
+        });
+        let app = api::router(api_state);
+        let api_stop = stopped();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(api_listener, app)
+                .with_graceful_shutdown(api_stop)
+                .await
+            {
+                warn!(error = %e, "admin API stopped");
+            }
+        }));
+        let ticker = writer.clone();
+        let done = stopped();
+        tasks.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            tokio::pin!(done);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => ticker.tick(),
+                    _ = &mut done => return,
+                }
+            }
+        }));
+        info!(broker = %broker_addr, api = %api_addr, gateway = %config.gateway.id, "umeme-gateway ready");
+        Ok(Gateway {
+            broker_addr,
+            api_addr,
+            metrics,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Stops accepting connections and waits for the listeners to close.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Runs until SIGTERM or Ctrl-C.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let gateway = Gateway::start(config).await?;
+    shutdown_signal().await;
+    info!("shutting down");
+    gateway.stop().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The prepaid ledger rules (contract §5) as pure functions on one meter's account.
+//!
+//! Architecture invariant: this module does no I/O. [`crate::store`] loads an [`Account`],
+//! these rules change it, and the store writes it back in the same transaction as the events.
+
+use crate::payload::{Relay, Report};
+
+/// A single report that claims more than this much energy since the last one is refused
+/// rather than draining a balance: 1 MWh is months of a household's use.
+pub const MAX_REPORT_DELTA_WH: i64 = 1_000_000;
+/// `remainingBalance` from v1 firmware is never trusted, but a difference this large from the
+/// gateway's balance is logged and counted (usually a meter that missed a balance command).
+pub const V1_BALANCE_DRIFT_WH: i64 = 1_000;
+
+/// The ledger-relevant state of one meter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Account {
+    pub balance_wh: i64,
+    /// Increases with every change of the balance, so meters can drop stale commands.
+    pub ledger_seq: i64,
+    /// v2: the last applied report's `seq` and `energyWh`; `None` until the baseline report.
+    pub v2_seq: Option<u32>,
+    pub v2_energy_wh: Option<i64>,
+    /// v1: the last `totalConsumed`, rounded to Wh; a new meter starts at 0 (boot).
+    pub v1_total_wh: i64,
+    pub total_consumed_wh: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    pub low_balance_wh: i64,
+}
+
+/// What one report did to the account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportApplied {
+    pub debit_wh: i64,
+    pub kind: ReportKind,
+    pub alerts: Vec<Alert>,
+    /// v1 only: `remainingBalance` differs from the ledger by more than [`V1_BALANCE_DRIFT_WH`].
+    pub balance_drift_wh: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportKind {
+    /// Consumption since the last report was debited (possibly 0 Wh).
+    Debited,
+    /// v2: first report of this meter; it sets the baseline and debits nothing.
+    Baseline,
+    /// v2: a `seq` not newer than the last applied one; nothing changes.
+    Stale,
+    /// v1: the same `totalConsumed` again (a retained or repeated message); nothing changes.
+    Repeat,
+    /// v1: `totalConsumed` fell, so the meter rebooted; the new total is the debit.
+    Reboot,
+    /// v2: the register went backwards (flash replaced or reset); rebased without a debit.
+    RegisterReset,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alert {
+    /// The balance crossed `low_balance_units` downward.
+    LowBalance,
+    /// The balance reached zero: the relay is now commanded off.
+    Exhausted,
+}
+
+impl Alert {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Alert::LowBalance => "low_balance",
+            Alert::Exhausted => "balance_exhausted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportRefused {
+    #[error("report claims {delta_wh} Wh since the last one (limit {MAX_REPORT_DELTA_WH})")]
+    ImplausibleDelta { delta_wh: i64 },
+}
+
+impl Account {
+    pub fn relay(&self) -> Relay {
+        Relay::for_balance(self.balance_wh)
+    }
+
+    /// Applies a consumption report. A refused report leaves the account untouched.
+    pub fn apply_report(
+        &mut self,
+        report: &Report,
+        rules: &Rules,
+    ) -> Result<ReportApplied, ReportRefused> {
+        let (debit_wh, kind, drift) = match report {
+            Report::V2(r) => {
+                let energy = r.energy_wh as i64;
+                match (self.v2_seq, self.v2_energy_wh) {
+                    (Some(last_seq), Some(_)) if r.seq <= last_seq => (0, ReportKind::Stale, None),
+                    (Some(_), Some(last_energy)) if energy < last_energy => {
+                        self.v2_seq = Some(r.seq);
+                        self.v2_energy_wh = Some(energy);
+                        (0, ReportKind::RegisterReset, None)
+                    }
+                    (Some(_), Some(last_energy)) => {
+                        let delta = energy - last_energy;
+                        if delta > MAX_REPORT_DELTA_WH {
+                            return Err(ReportRefused::ImplausibleDelta { delta_wh: delta });
+                        }
+                        self.v2_seq = Some(r.seq);
+                        self.v2_energy_wh = Some(energy);
+                        (delta, ReportKind::Debited, None)
+                    }
+                    _ => {
+                        self.v2_seq = Some(r.seq);
+                        self.v2_energy_wh = Some(energy);
+                        (0, ReportKind::Baseline, None)
+                    }
+                }
+            }
+            Report::V1 {
+                total_consumed_units,
+                remaining_balance_units,
+                ..
+            } => {
+                // Rounding goes through the cumulative value, so it never accumulates.
+                let total = (total_consumed_units * 1000.0).round() as i64;
+                let (debit, kind) = if total == self.v1_total_wh {
+                    (0, ReportKind::Repeat)
+                } else if total < self.v1_total_wh {
+                    (total, ReportKind::Reboot)
+                } else {
+                    (total - self.v1_total_wh, ReportKind::Debited)
+                };
+                if debit > MAX_REPORT_DELTA_WH {
+                    return Err(ReportRefused::ImplausibleDelta { delta_wh: debit });
+                }
+                self.v1_total_wh = total;
+                let claimed = (remaining_balance_units * 1000.0).round() as i64;
+                let after = self.balance_wh - debit;
+                let drift = (claimed - after).abs();
+                (debit, kind, (drift > V1_BALANCE_DRIFT_WH).then_some(drift))
+            }
+        };
+        let alerts = self.debit(debit_wh, rules);
+        Ok(ReportApplied {
+            debit_wh,
+            kind,
+            alerts,
+            balance_drift_wh: drift,
+        })
+    }
+
+    fn debit(&mut self, wh: i64, rules: &Rules) -> Vec<Alert> {
+        if wh == 0 {
+            return Vec::new();
+        }
+        let before = self.balance_wh;
+        self.balance_wh -= wh;
+        self.total_consumed_wh += wh;
+        self.ledger_seq += 1;
+        let mut alerts = Vec::new();
+        // A downward crossing can only happen again after a credit lifted the balance, so
+        // each alert is raised once per crossing without a stored flag.
+        if before > rules.low_balance_wh && self.balance_wh <= rules.low_balance_wh {
+            alerts.push(Alert::LowBalance);
+        }
+        if before > 0 && self.balance_wh <= 0 {
+            alerts.push(Alert::Exhausted);
+        }
+        alerts
+    }
+
+    /// Adds a payment's energy. Debt (a negative balance) is recovered first, by arithmetic.
+    pub fn credit(&mut self, wh: i64) {
+        self.balance_wh = self.balance_wh.saturating_add(wh);
+        self.ledger_seq += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::V2Report;
+
+    const RULES: Rules = Rules {
+        low_balance_wh: 3_000,
+    };
+
+    fn v1(total: f64) -> Report {
+        Report::V1 {
+            total_consumed_units: total,
+            remaining_balance_units: 0.0,
+            units_consumed: 0.0,
+            timestamp: 0.0,
+        }
+    }
+
+    fn v2(seq: u32, energy_wh: u64) -> Report {
+        Report::V2(V2Report {
+            seq,
+            energy_wh,
+            power_w: None,
+            current_a: None,
+            voltage_v: None,
+            relay: None,
+            timestamp: None,
+        })
+    }
+
+    #[test]
+    fn v1_debits_differences_and_ignores_repeats() {
+        let mut a = Account {
+            balance_wh: 5_000,
+            ..Default::default()
+        };
+        assert_eq!(a.apply_report(&v1(0.04), &RULES).unwrap().debit_wh, 40);
+        let again = a.apply_report(&v1(0.04), &RULES).unwrap();
+        assert_eq!((again.debit_wh, again.kind), (0, ReportKind::Repeat));
+        assert_eq!(a.apply_report(&v1(0.1), &RULES).unwrap().debit_wh, 60);
+        let reboot = a.apply_report(&v1(0.03), &RULES).unwrap();
+        assert_eq!((reboot.debit_wh, reboot.kind), (30, ReportKind::Reboot));
+        assert_eq!(a.balance_wh, 5_000 - 130);
+    }
+
+    #[test]
+    fn v1_rounding_never_accumulates() {
+        let mut a = Account::default();
+        let mut total = 0.0f64;
+        for _ in 0..1000 {
+            total += 0.0004; // 0.4 Wh per report: each rounds to 0 or 1 Wh
+            a.apply_report(&v1(total), &RULES).unwrap();
+        }
+        assert_eq!(a.total_consumed_wh, (total * 1000.0).round() as i64);
+        assert_eq!(a.total_consumed_wh, 400);
+    }
+
+    #[test]
+    fn v2_first_report_is_baseline_and_stale_seq_debits_nothing() {
+        let mut a = Account {
+            balance_wh: 10_000,
+            ..Default::default()
+        };
+        assert_eq!(
+            a.apply_report(&v2(5, 900), &RULES).unwrap().kind,
+            ReportKind::Baseline
+        );
+        assert_eq!(a.apply_report(&v2(6, 950), &RULES).unwrap().debit_wh, 50);
+        let stale = a.apply_report(&v2(6, 990), &RULES).unwrap();
+        assert_eq!((stale.debit_wh, stale.kind), (0, ReportKind::Stale));
+        assert_eq!(
+            a.apply_report(&v2(4, 2000), &RULES).unwrap().kind,
+            ReportKind::Stale
+        );
+        assert_eq!(a.balance_wh, 9_950);
+        assert_eq!(a.ledger_seq, 1);
+    }
+
+    #[test]
+    fn implausible_jump_is_refused_and_changes_nothing() {
+        let mut a = Account::default();
+        a.apply_report(&v2(1, 0), &RULES).unwrap();
+        let before = a.clone();
+        assert!(a.apply_report(&v2(2, 5_000_000), &RULES).is_err());
+        assert_eq!(a, before);
+    }
+
+    #[test]
+    fn alerts_fire_once_per_downward_crossing() {
+        let mut a = Account {
+            balance_wh: 3_500,
+            ..Default::default()
+        };
+        a.apply_report(&v2(1, 0), &RULES).unwrap();
+        assert_eq!(
+            a.apply_report(&v2(2, 600), &RULES).unwrap().alerts,
+            [Alert::LowBalance]
+        );
+        assert!(a
+            .apply_report(&v2(3, 700), &RULES)
+            .unwrap()
+            .alerts
+            .is_empty());
+        assert_eq!(
+            a.apply_report(&v2(4, 3_600), &RULES).unwrap().alerts,
+            [Alert::Exhausted]
+        );
+        assert_eq!(a.relay(), Relay::Off);
+        a.credit(10_000);
+        assert_eq!(a.balance_wh, 9_900);
+        assert_eq!(a.relay(), Relay::On);
+        assert_eq!(
+            a.apply_report(&v2(5, 10_600), &RULES).unwrap().alerts,
+            [Alert::LowBalance]
+        );
+    }
+}

@@ -1,0 +1,37 @@
+//! umeme-gateway: the site gateway for prepaid electricity.
+//!
+//! Where things go:
+//! - a consumption report: [`broker`] (front door: authentication, per-meter topic checks) →
+//!   [`payload`] (parse) → [`writer`] (one thread, group commit) → [`ledger`] (rules) →
+//!   [`store`] (SQLite, with its event) → PUBACK, and a balance command back through [`hub`];
+//! - a payment: [`api`] (`POST /daraja/simulate`) or [`cli`] (`credit`) → [`writer`] → [`ledger`]
+//!   → [`store`] → [`hub`] → the meter's `command/balance`.
+//!
+//! Modules:
+//! - [`config`]: TOML files, defaults, validation with file:line:col errors.
+//! - [`meter`]: validated domain values (meter numbers, KES, units).
+//! - [`payload`]: the meters' JSON (contract §4).
+//! - [`ledger`]: the prepaid rules, pure.
+//! - [`store`]: the schema and all SQL.
+//! - [`writer`]: ledger operations and the group-commit writer thread.
+//! - [`auth`]: meter secrets.
+//! - [`hub`]: connected meter sessions and commands to them.
+//! - [`broker`]: the meter-facing MQTT 3.1.1 listener.
+//! - [`api`]: the admin HTTP API.
+//! - [`metrics`]: counters for `/metrics`.
+//! - [`daemon`]: wiring for `run`.
+//! - [`cli`]: the command line.
+
+pub mod api;
+pub mod auth;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod hub;
+pub mod ledger;
+pub mod meter;
+pub mod metrics;
+pub mod payload;
+pub mod store;
+pub mod writer;

@@ -1,0 +1,180 @@
+//! Counters and gauges, rendered as Prometheus text at `GET /metrics`.
+//!
+//! Every refusal (bad password, ACL violation, malformed payload, hostile HTTP) increments a
+//! counter here with a `reason` label, next to its `warn` log line.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+/// Help text for each metric family; a family not listed here renders without HELP.
+const HELP: &[(&str, &str, &str)] = &[
+    (
+        "umeme_mqtt_connections_total",
+        "counter",
+        "Meter connections accepted (before CONNECT).",
+    ),
+    (
+        "umeme_mqtt_connect_refused_total",
+        "counter",
+        "CONNECTs refused, by reason.",
+    ),
+    (
+        "umeme_mqtt_sessions",
+        "gauge",
+        "Meters connected and authenticated now.",
+    ),
+    (
+        "umeme_mqtt_rejected_total",
+        "counter",
+        "Meter packets refused or dropped, by reason.",
+    ),
+    (
+        "umeme_mqtt_reports_total",
+        "counter",
+        "Consumption reports applied, by firmware version and outcome.",
+    ),
+    (
+        "umeme_mqtt_commands_sent_total",
+        "counter",
+        "Commands published to meters.",
+    ),
+    (
+        "umeme_ledger_commits_total",
+        "counter",
+        "SQLite transactions committed by the ledger writer (each one fsync).",
+    ),
+    (
+        "umeme_ledger_ops_total",
+        "counter",
+        "Ledger operations committed.",
+    ),
+    (
+        "umeme_ledger_errors_total",
+        "counter",
+        "Ledger operations that failed, by reason.",
+    ),
+    (
+        "umeme_ledger_alerts_total",
+        "counter",
+        "Alerts raised, by kind.",
+    ),
+    (
+        "umeme_ledger_v1_balance_drift_total",
+        "counter",
+        "v1 reports whose remainingBalance disagreed with the ledger.",
+    ),
+    (
+        "umeme_payments_total",
+        "counter",
+        "Payments credited, by source and outcome.",
+    ),
+    (
+        "umeme_http_requests_total",
+        "counter",
+        "Admin API requests, by status class.",
+    ),
+    (
+        "umeme_http_rejected_total",
+        "counter",
+        "Admin API requests refused, by reason.",
+    ),
+    (
+        "umeme_events_last_seq",
+        "gauge",
+        "Sequence number of the newest stored event.",
+    ),
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    series: Mutex<BTreeMap<String, (String, f64)>>,
+}
+
+fn series_key(name: &str, labels: &[(&str, &str)]) -> String {
+    if labels.is_empty() {
+        return name.to_string();
+    }
+    let mut s = format!("{name}{{");
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let v = v
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        let _ = write!(s, "{k}=\"{v}\"");
+    }
+    s.push('}');
+    s
+}
+
+impl Metrics {
+    pub fn add(&self, name: &str, labels: &[(&str, &str)], by: u64) {
+        let key = series_key(name, labels);
+        let mut m = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(key).or_insert_with(|| (name.to_string(), 0.0)).1 += by as f64;
+    }
+
+    pub fn inc(&self, name: &str, labels: &[(&str, &str)]) {
+        self.add(name, labels, 1);
+    }
+
+    pub fn set(&self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let key = series_key(name, labels);
+        let mut m = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        m.insert(key, (name.to_string(), value));
+    }
+
+    /// The current value of one series (0 when never touched); for tests and status output.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let m = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&series_key(name, labels)).map_or(0.0, |v| v.1)
+    }
+
+    pub fn render(&self) -> String {
+        let m = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        let mut by_family: BTreeMap<&str, Vec<(&str, f64)>> = BTreeMap::new();
+        for (key, (name, v)) in m.iter() {
+            by_family.entry(name).or_default().push((key, *v));
+        }
+        let mut out = String::new();
+        for (name, rows) in by_family {
+            if let Some((_, kind, help)) = HELP.iter().find(|h| h.0 == name) {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            }
+            for (key, v) in rows {
+                let _ = writeln!(out, "{key} {v}");
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_with_escaped_labels() {
+        let m = Metrics::default();
+        m.inc("umeme_mqtt_rejected_total", &[("reason", "acl\"x")]);
+        m.add("umeme_mqtt_rejected_total", &[("reason", "acl\"x")], 2);
+        m.set("umeme_mqtt_sessions", &[], 4.0);
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE umeme_mqtt_rejected_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("umeme_mqtt_rejected_total{reason=\"acl\\\"x\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("umeme_mqtt_sessions 4"), "{text}");
+        assert_eq!(
+            m.get("umeme_mqtt_rejected_total", &[("reason", "acl\"x")]),
+            3.0
+        );
+    }
+}

@@ -1,0 +1,582 @@
+//! Ledger operations and the one thread that commits them.
+//!
+//! Every change to the site's state is an [`Op`]. [`apply`] runs one op inside a transaction:
+//! it loads the meter's account, applies the rules of [`crate::ledger`], writes the account, the
+//! reading or payment and the op's events. The daemon sends ops to the [`Writer`] thread, which
+//! commits whatever has queued up while the previous commit was syncing in one transaction
+//! (group commit: many meters share one fsync), and only then answers each caller and hands the
+//! resulting balance commands, in commit order, to the broker.
+//!
+//! Architecture invariant: a caller learns of success only after the commit. The broker PUBACKs,
+//! the API answers and a payment source is acknowledged after that point, never before.
+
+use std::sync::Arc;
+
+use rusqlite::{Connection, TransactionBehavior};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Tariff;
+use crate::ledger::{ReportApplied, ReportKind, ReportRefused, Rules};
+use crate::meter::{wh_to_units, MeterId};
+use crate::metrics::Metrics;
+use crate::payload::{BalanceCommand, Report, StatusReport};
+use crate::store::{self, PaymentRow, StoreError};
+
+/// Most ops committed in one transaction.
+const MAX_BATCH: usize = 512;
+/// Ops waiting for the writer; callers wait (asynchronously) when it is full.
+const QUEUE: usize = 8192;
+
+/// What the rules need from the configuration.
+#[derive(Debug, Clone)]
+pub struct LedgerSettings {
+    pub rules: Rules,
+    pub tariff: Tariff,
+}
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// A consumption report, already parsed and checked to come from `meter`.
+    Report {
+        meter: MeterId,
+        report: Report,
+        at: i64,
+    },
+    /// A `…/status` publish or a Last Will.
+    Status {
+        meter: MeterId,
+        status: StatusReport,
+        at: i64,
+    },
+    /// A `…/balance` publish: the meter's own view, recorded as an event.
+    MeterBalance {
+        meter: MeterId,
+        data: serde_json::Value,
+        at: i64,
+    },
+    /// The meter's MQTT session started or ended.
+    Presence {
+        meter: MeterId,
+        online: bool,
+        at: i64,
+    },
+    Credit(Credit),
+    AddMeter {
+        meter: MeterId,
+        name: Option<String>,
+        phone: Option<String>,
+        secret_hash: String,
+        at: i64,
+    },
+    RemoveMeter {
+        meter: MeterId,
+        at: i64,
+    },
+    SetSecret {
+        meter: MeterId,
+        secret_hash: String,
+        at: i64,
+    },
+}
+
+/// A payment: credits once per (source, reference).
+#[derive(Debug, Clone)]
+pub struct Credit {
+    pub meter: MeterId,
+    /// `manual`, `simulate`, or a payment source plugin's name.
+    pub source: String,
+    pub reference: String,
+    pub amount_cents: i64,
+    pub at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Report(ReportApplied),
+    Credited {
+        payment: PaymentRow,
+        duplicate: bool,
+    },
+    Done,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("unknown meter {0}")]
+    UnknownMeter(MeterId),
+    #[error("meter {0} already exists")]
+    MeterExists(MeterId),
+    #[error("report refused: {0}")]
+    Refused(#[from] ReportRefused),
+    #[error("payment reference must be 1 to 100 printable characters")]
+    BadReference,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the ledger commit failed, nothing was applied: {0}")]
+    CommitFailed(String),
+    #[error("the ledger writer has stopped")]
+    Stopped,
+}
+
+impl From<rusqlite::Error> for LedgerError {
+    fn from(e: rusqlite::Error) -> Self {
+        LedgerError::Store(StoreError::Db(e))
+    }
+}
+
+impl LedgerError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            LedgerError::UnknownMeter(_) => "unknown_meter",
+            LedgerError::MeterExists(_) => "meter_exists",
+            LedgerError::Refused(_) => "implausible",
+            LedgerError::BadReference => "bad_reference",
+            LedgerError::Store(_) => "store",
+            LedgerError::CommitFailed(_) => "commit",
+            LedgerError::Stopped => "stopped",
+        }
+    }
+}
+
+/// What a committed op means for a connected meter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// Send this `command/balance`.
+    Balance(BalanceCommand),
+    /// The meter was removed or its secret changed: end its session.
+    Revoked,
+}
+
+/// An op's result plus what to tell the meter once it is committed.
+pub struct Applied {
+    pub outcome: Outcome,
+    pub notice: Option<(MeterId, Notice)>,
+}
+
+/// Applies one op in `tx`. Nothing is visible to anyone until the caller commits.
+pub fn apply(tx: &Connection, op: &Op, s: &LedgerSettings) -> Result<Applied, LedgerError> {
+    match op {
+        Op::Report { meter, report, at } => apply_report(tx, meter, report, *at, s),
+        Op::Credit(c) => apply_credit(tx, c, s),
+        Op::Status { meter, status, at } => {
+            let online = !matches!(status.status.as_str(), "offline" | "disconnected");
+            if !store::set_presence(tx, meter, Some(&status.status), online, *at)? {
+                return Err(LedgerError::UnknownMeter(meter.clone()));
+            }
+            let data =
+                json!({"status": status.status, "message": status.message, "report": status.raw});
+            store::append_event(tx, "status", Some(meter), *at, &data)?;
+            done()
+        }
+        Op::MeterBalance { meter, data, at } => {
+            known(tx, meter)?;
+            store::touch(tx, meter, *at)?;
+            store::append_event(tx, "balance", Some(meter), *at, data)?;
+            done()
+        }
+        Op::Presence { meter, online, at } => {
+            let status = if *online { "online" } else { "offline" };
+            if !store::set_presence(tx, meter, Some(status), *online, *at)? {
+                return Err(LedgerError::UnknownMeter(meter.clone()));
+            }
+            let data = json!({"status": status, "source": "connection"});
+            store::append_event(tx, "status", Some(meter), *at, &data)?;
+            done()
+        }
+        Op::AddMeter {
+            meter,
+            name,
+            phone,
+            secret_hash,
+            at,
+        } => {
+            let new = store::NewMeter {
+                id: meter,
+                name: name.as_deref(),
+                phone: phone.as_deref(),
+                secret_hash,
+                at: *at,
+            };
+            if !store::insert_meter(tx, &new)? {
+                return Err(LedgerError::MeterExists(meter.clone()));
+            }
+            let data = json!({"action": "added", "name": name, "phone": phone});
+            store::append_event(tx, "meter", Some(meter), *at, &data)?;
+            done()
+        }
+        Op::RemoveMeter { meter, at } => {
+            if !store::delete_meter(tx, meter)? {
+                return Err(LedgerError::UnknownMeter(meter.clone()));
+            }
+            store::append_event(tx, "meter", Some(meter), *at, &json!({"action": "removed"}))?;
+            revoked(meter)
+        }
+        Op::SetSecret {
+            meter,
+            secret_hash,
+            at,
+        } => {
+            if !store::set_secret_hash(tx, meter, secret_hash)? {
+                return Err(LedgerError::UnknownMeter(meter.clone()));
+            }
+            let data = json!({"action": "secret_changed"});
+            store::append_event(tx, "meter", Some(meter), *at, &data)?;
+            revoked(meter)
+        }
+    }
+}
+
+fn done() -> Result<Applied, LedgerError> {
+    Ok(Applied {
+        outcome: Outcome::Done,
+        notice: None,
+    })
+}
+
+fn known(tx: &Connection, meter: &MeterId) -> Result<crate::ledger::Account, LedgerError> {
+    store::account(tx, meter)?.ok_or_else(|| LedgerError::UnknownMeter(meter.clone()))
+}
+
+fn balance_notice(meter: &MeterId, a: &crate::ledger::Account) -> (MeterId, Notice) {
+    (
+        meter.clone(),
+        Notice::Balance(balance_command_for(a, store::now_ms())),
+    )
+}
+
+fn revoked(meter: &MeterId) -> Result<Applied, LedgerError> {
+    Ok(Applied {
+        outcome: Outcome::Done,
+        notice: Some((meter.clone(), Notice::Revoked)),
+    })
+}
+
+/// The retained `command/balance` for an account.
+pub fn balance_command_for(a: &crate::ledger::Account, now: i64) -> BalanceCommand {
+    BalanceCommand {
+        balance: wh_to_units(a.balance_wh),
+        timestamp: now,
+        balance_wh: a.balance_wh,
+        ledger_seq: a.ledger_seq,
+        ack_seq: a.v2_seq,
+        relay: a.relay(),
+    }
+}
+
+fn apply_report(
+    tx: &Connection,
+    meter: &MeterId,
+    report: &Report,
+    at: i64,
+    s: &LedgerSettings,
+) -> Result<Applied, LedgerError> {
+    let mut account = known(tx, meter)?;
+    let applied = account.apply_report(report, &s.rules)?;
+    store::touch(tx, meter, at)?;
+    if matches!(applied.kind, ReportKind::Stale | ReportKind::Repeat) {
+        // A retry of something already applied: no reading, no event, no command.
+        return Ok(Applied {
+            outcome: Outcome::Report(applied),
+            notice: None,
+        });
+    }
+    store::save_account(tx, meter, &account)?;
+    let (version, seq, register, mut data) = match report {
+        Report::V1 {
+            total_consumed_units,
+            remaining_balance_units,
+            units_consumed,
+            timestamp,
+        } => (
+            1,
+            None,
+            *total_consumed_units,
+            json!({"totalConsumed": total_consumed_units, "unitsConsumed": units_consumed,
+                   "remainingBalance": remaining_balance_units, "meterTimestamp": timestamp}),
+        ),
+        Report::V2(r) => (
+            2,
+            Some(r.seq),
+            r.energy_wh as f64,
+            serde_json::to_value(r).unwrap_or_default(),
+        ),
+    };
+    store::insert_reading(
+        tx,
+        &store::Reading {
+            meter,
+            at,
+            version,
+            seq,
+            register,
+            debit_wh: applied.debit_wh,
+            balance_after_wh: account.balance_wh,
+        },
+    )?;
+    if let Some(obj) = data.as_object_mut() {
+        obj.insert("v".into(), json!(version));
+        obj.insert("debitWh".into(), json!(applied.debit_wh));
+        obj.insert("unitsDebited".into(), json!(wh_to_units(applied.debit_wh)));
+        obj.insert("balanceWh".into(), json!(account.balance_wh));
+        obj.insert("balance".into(), json!(wh_to_units(account.balance_wh)));
+        obj.insert("totalConsumedWh".into(), json!(account.total_consumed_wh));
+        obj.insert(
+            "outcome".into(),
+            json!(format!("{:?}", applied.kind).to_lowercase()),
+        );
+    }
+    store::append_event(tx, "consumption", Some(meter), at, &data)?;
+    for alert in &applied.alerts {
+        let data = json!({"alert": alert.as_str(), "balanceWh": account.balance_wh,
+                          "balance": wh_to_units(account.balance_wh), "relay": account.relay()});
+        store::append_event(tx, "alert", Some(meter), at, &data)?;
+    }
+    let notice = (applied.debit_wh != 0).then(|| balance_notice(meter, &account));
+    Ok(Applied {
+        outcome: Outcome::Report(applied),
+        notice,
+    })
+}
+
+fn apply_credit(tx: &Connection, c: &Credit, s: &LedgerSettings) -> Result<Applied, LedgerError> {
+    let reference_ok = !c.reference.is_empty()
+        && c.reference.len() <= 100
+        && !c.reference.chars().any(char::is_control);
+    if !reference_ok {
+        return Err(LedgerError::BadReference);
+    }
+    if let Some(first) = store::payment(tx, &c.source, &c.reference)? {
+        return Ok(Applied {
+            outcome: Outcome::Credited {
+                payment: first,
+                duplicate: true,
+            },
+            notice: None,
+        });
+    }
+    let mut account = known(tx, &c.meter)?;
+    let credit_wh = s.tariff.credit_wh(c.amount_cents);
+    account.credit(credit_wh);
+    store::save_account(tx, &c.meter, &account)?;
+    let data = json!({
+        "source": c.source, "reference": c.reference,
+        "amount": c.amount_cents as f64 / 100.0, "amountCents": c.amount_cents,
+        "creditWh": credit_wh, "units": wh_to_units(credit_wh),
+        "balanceWh": account.balance_wh, "balance": wh_to_units(account.balance_wh),
+    });
+    let event_seq = store::append_event(tx, "payment", Some(&c.meter), c.at, &data)?;
+    let payment = PaymentRow {
+        source: c.source.clone(),
+        reference: c.reference.clone(),
+        meter: c.meter.to_string(),
+        amount_cents: c.amount_cents,
+        credit_wh,
+        balance_after_wh: account.balance_wh,
+        at: c.at,
+        event_seq,
+    };
+    store::insert_payment(tx, &payment)?;
+    Ok(Applied {
+        outcome: Outcome::Credited {
+            payment,
+            duplicate: false,
+        },
+        notice: Some(balance_notice(&c.meter, &account)),
+    })
+}
+
+/// Applies one op in its own transaction on `conn` (the CLI's path).
+pub fn apply_now(
+    conn: &mut Connection,
+    op: &Op,
+    s: &LedgerSettings,
+) -> Result<Applied, LedgerError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let applied = apply(&tx, op, s)?;
+    tx.commit()?;
+    Ok(applied)
+}
+
+/// Receives notices after their commit, in commit order.
+pub type Notify = Arc<dyn Fn(&MeterId, Notice) + Send + Sync>;
+
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<Outcome, LedgerError>>,
+}
+
+enum Msg {
+    Job(Job),
+    /// Look for changes other processes (the CLI) committed.
+    Tick,
+}
+
+/// The handle through which the daemon changes the ledger.
+#[derive(Clone)]
+pub struct Writer {
+    jobs: mpsc::Sender<Msg>,
+}
+
+impl Writer {
+    /// Starts the writer thread on `conn`. The thread ends when every `Writer` is dropped.
+    pub fn start(
+        mut conn: Connection,
+        settings: LedgerSettings,
+        notify: Notify,
+        metrics: Arc<Metrics>,
+    ) -> (Writer, std::thread::JoinHandle<()>) {
+        let (jobs, mut rx) = mpsc::channel::<Msg>(QUEUE);
+        let handle = std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || {
+                let mut batch = Vec::with_capacity(MAX_BATCH);
+                let mut watch = ExternalWatch::new(&conn);
+                while let Some(first) = rx.blocking_recv() {
+                    let mut tick = false;
+                    let mut next = Some(first);
+                    while let Some(msg) = next.take() {
+                        match msg {
+                            Msg::Job(job) => batch.push(job),
+                            Msg::Tick => tick = true,
+                        }
+                        if batch.len() < MAX_BATCH {
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    if !batch.is_empty() {
+                        commit_batch(&mut conn, &mut batch, &settings, &notify, &metrics);
+                    }
+                    if tick {
+                        watch.check(&conn, &notify);
+                    }
+                }
+            })
+            .expect("spawn ledger writer thread");
+        (Writer { jobs }, handle)
+    }
+
+    /// Queues an op behind those already queued (ops are applied in queue order) and returns
+    /// where its result will arrive. The op is applied even if the receiver is dropped.
+    pub async fn enqueue(
+        &self,
+        op: Op,
+    ) -> Result<oneshot::Receiver<Result<Outcome, LedgerError>>, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Msg::Job(Job { op, reply }))
+            .await
+            .map_err(|_| LedgerError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// Asks the writer to pick up changes committed by other processes; the daemon calls this
+    /// about once a second. Skipped when the queue is full (the next tick will do).
+    pub fn tick(&self) {
+        let _ = self.jobs.try_send(Msg::Tick);
+    }
+
+    /// Submits an op and waits until it is committed (or failed).
+    pub async fn submit(&self, op: Op) -> Result<Outcome, LedgerError> {
+        let rx = self.enqueue(op).await?;
+        rx.await.map_err(|_| LedgerError::Stopped)?
+    }
+}
+
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<Job>,
+    settings: &LedgerSettings,
+    notify: &Notify,
+    metrics: &Metrics,
+) {
+    let mut results: Vec<Result<Applied, LedgerError>> = Vec::with_capacity(batch.len());
+    let committed = (|| -> Result<(), LedgerError> {
+        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for job in batch.iter() {
+            // A savepoint per op: one op's failure leaves the others in the batch intact.
+            let sp = tx.savepoint()?;
+            let r = apply(&sp, &job.op, settings);
+            if r.is_ok() {
+                sp.commit()?;
+            }
+            results.push(r);
+        }
+        tx.commit()?;
+        Ok(())
+    })();
+    match committed {
+        Ok(()) => {
+            metrics.inc("umeme_ledger_commits_total", &[]);
+            for (job, result) in batch.drain(..).zip(results) {
+                let reply = match result {
+                    Ok(applied) => {
+                        metrics.inc("umeme_ledger_ops_total", &[]);
+                        if let Some((meter, notice)) = applied.notice {
+                            notify(&meter, notice);
+                        }
+                        Ok(applied.outcome)
+                    }
+                    Err(e) => {
+                        metrics.inc("umeme_ledger_errors_total", &[("reason", e.reason())]);
+                        Err(e)
+                    }
+                };
+                let _ = job.reply.send(reply);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, ops = batch.len(), "ledger commit failed; nothing in this batch was applied");
+            metrics.add(
+                "umeme_ledger_errors_total",
+                &[("reason", "commit")],
+                batch.len() as u64,
+            );
+            let msg = e.to_string();
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(LedgerError::CommitFailed(msg.clone())));
+            }
+        }
+    }
+}
+
+/// Notices for payments and meter changes that another process (the CLI) committed, so a
+/// `umeme-gateway credit` reaches a connected meter within about a second. Each tick re-reads the
+/// payment and meter events since the previous tick, the daemon's own included: a meter may get
+/// the same balance command twice, which is harmless (same `ledgerSeq`), and nothing is missed.
+struct ExternalWatch {
+    last_seq: i64,
+}
+
+impl ExternalWatch {
+    fn new(conn: &Connection) -> ExternalWatch {
+        ExternalWatch {
+            last_seq: store::last_event_seq(conn).unwrap_or(0),
+        }
+    }
+
+    fn check(&mut self, conn: &Connection, notify: &Notify) {
+        let changes = match store::meter_changes_after(conn, self.last_seq) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read recent meter changes");
+                return;
+            }
+        };
+        for (seq, kind, meter) in changes {
+            self.last_seq = self.last_seq.max(seq);
+            let Ok(meter) = MeterId::parse(&meter) else {
+                continue;
+            };
+            let account = store::account(conn, &meter).ok().flatten();
+            match (kind.as_str(), account) {
+                ("payment", Some(a)) => notify(
+                    &meter,
+                    Notice::Balance(balance_command_for(&a, store::now_ms())),
+                ),
+                ("meter", _) => notify(&meter, Notice::Revoked),
+                _ => {}
+            }
+        }
+    }
+}
