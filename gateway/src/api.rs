@@ -34,6 +34,9 @@ const MAX_BODY: usize = 64 * 1024;
 
 pub struct ApiState {
     pub config: ApiConfig,
+    /// `(name, event kinds)` of the configured sinks.
+    pub sinks: Vec<(String, Vec<String>)>,
+    pub max_bytes: u64,
     pub gateway_id: String,
     pub token: Option<String>,
     pub writer: Writer,
@@ -151,8 +154,19 @@ async fn ready(State(st): St) -> Response {
 async fn metrics(State(st): St) -> Response {
     st.metrics
         .set("umeme_mqtt_sessions", &[], st.hub.connected() as f64);
-    if let Ok(seq) = st.reader.run(store::last_event_seq).await {
-        st.metrics.set("umeme_events_last_seq", &[], seq as f64);
+    if let Ok(o) = outbox_status(&st).await {
+        st.metrics
+            .set("umeme_events_last_seq", &[], o.last_seq as f64);
+        st.metrics
+            .set("umeme_outbox_used_bytes", &[], o.used_bytes as f64);
+        for s in &o.sinks {
+            let label = [("sink", s.name.as_str())];
+            st.metrics
+                .set("umeme_outbox_backlog", &label, s.backlog as f64);
+            let age = s.oldest_undelivered_ms.unwrap_or(0) as f64 / 1000.0;
+            st.metrics
+                .set("umeme_outbox_oldest_undelivered_seconds", &label, age);
+        }
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -273,17 +287,16 @@ async fn meter_payments(State(st): St, Path(id): Path<String>) -> Response {
     }
 }
 
-async fn outbox(State(st): St) -> Response {
-    match st
-        .reader
-        .run(|c| Ok((store::event_count(c)?, store::last_event_seq(c)?)))
+async fn outbox_status(st: &ApiState) -> Result<store::OutboxStatus, store::StoreError> {
+    let (sinks, max) = (st.sinks.clone(), st.max_bytes);
+    st.reader
+        .run(move |c| store::outbox_status(c, &sinks, max, now_ms()))
         .await
-    {
-        Ok((count, last)) => Json(json!({
-            "events": {"stored": count, "last_seq": last},
-            "sinks": [],
-        }))
-        .into_response(),
+}
+
+async fn outbox(State(st): St) -> Response {
+    match outbox_status(&st).await {
+        Ok(status) => Json(status).into_response(),
         Err(e) => internal(e),
     }
 }

@@ -67,7 +67,7 @@ pub enum MeterCommand {
     List,
     /// Show one meter.
     Show { id: String },
-    /// Remove a meter (its payments and readings stay for audit); ends its session.
+    /// Remove a meter (its payments and events stay for audit); ends its session.
     Remove { id: String },
     /// Replace a meter's secret; prints the new one when --secret is not given.
     SetSecret {

@@ -70,6 +70,8 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub ledger: LedgerConfig,
     pub api: ApiConfig,
+    pub outbox: OutboxConfig,
+    pub sinks: Vec<SinkConfig>,
     /// Secret files named by `*_file` keys, with where they were named, for `check_files`.
     secret_files: Vec<Located<PathBuf>>,
 }
@@ -113,6 +115,44 @@ pub struct ApiConfig {
     pub token_file: Option<PathBuf>,
 }
 
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// Disk cap for the database's live pages; when exceeded, telemetry is dropped oldest-first.
+    pub max_bytes: u64,
+    /// Delivered events are kept this long.
+    pub retention: std::time::Duration,
+}
+
+/// One `[[sink]]`: where events go, with its own cursor.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    pub name: String,
+    pub builtin: String,
+    /// Event kinds delivered to this sink; the others are skipped (the cursor passes them).
+    pub events: Vec<String>,
+    pub batch_size: usize,
+    /// Replay rate limit after an outage.
+    pub max_events_per_second: u32,
+    /// A deliver call that takes longer counts as a retryable failure.
+    pub timeout: std::time::Duration,
+    /// Cap of the exponential backoff between retries.
+    pub retry_max: std::time::Duration,
+    /// `[sink.config]`, passed to the sink as JSON.
+    pub config: serde_json::Value,
+    /// Where the sink was declared, for errors found later (its own config's validation).
+    pub declared_at: (PathBuf, usize, usize),
+}
+
+/// The event kinds of contract §6.
+pub const EVENT_KINDS: [&str; 6] = [
+    "consumption",
+    "payment",
+    "balance",
+    "status",
+    "alert",
+    "meter",
+];
+
 impl Config {
     /// The configuration the daemon runs on when no file exists: everything on loopback,
     /// data in `./umeme-data`, the simulate endpoint enabled for trying the gateway out.
@@ -150,11 +190,24 @@ impl Config {
         }
         let mut merged = PartialConfig::default();
         let mut secret_files = Vec::new();
+        let mut sinks: Vec<SinkConfig> = Vec::new();
         for file in &files {
             let text = std::fs::read_to_string(file).map_err(|e| io_error(file, e))?;
-            let part: PartialConfig = toml::from_str(&text).map_err(|e| {
+            let mut part: PartialConfig = toml::from_str(&text).map_err(|e| {
                 ConfigError::in_file(file, &text, e.span(), e.message().trim().to_string())
             })?;
+            for s in part.sink.drain(..) {
+                let span = s.name.span();
+                let at = |msg: String| ConfigError::in_file(file, &text, Some(span.clone()), msg);
+                if sinks.iter().any(|o| o.name == s.name.get_ref().0) {
+                    return Err(at(format!(
+                        "a sink named {:?} is already configured",
+                        s.name.get_ref().0
+                    )));
+                }
+                let (line, col) = line_col(&text, span.start);
+                sinks.push(s.resolve((file.clone(), line, col)).map_err(at)?);
+            }
             if let Some(tf) = part.api.as_ref().and_then(|a| a.token_file.as_ref()) {
                 secret_files.push(Located {
                     value: tf.get_ref().clone(),
@@ -166,6 +219,7 @@ impl Config {
         }
         let mut config = Config::from_partial(merged, ConfigSource::Files(files));
         config.secret_files = secret_files;
+        config.sinks = sinks;
         Ok(config)
     }
 
@@ -174,6 +228,7 @@ impl Config {
         let b = p.broker.unwrap_or_default();
         let l = p.ledger.unwrap_or_default();
         let a = p.api.unwrap_or_default();
+        let o = p.outbox.unwrap_or_default();
         Config {
             source,
             gateway: GatewayConfig {
@@ -206,6 +261,13 @@ impl Config {
                 legacy_meter_http: a.legacy_meter_http.unwrap_or(false),
                 token_file: a.token_file.map(Spanned::into_inner),
             },
+            outbox: OutboxConfig {
+                max_bytes: o.max_bytes.map_or(512 << 20, |b| b.0),
+                retention: o
+                    .retention
+                    .map_or(std::time::Duration::from_secs(30 * 86_400), |d| d.0),
+            },
+            sinks: Vec::new(),
             secret_files: Vec::new(),
         }
     }
@@ -275,6 +337,86 @@ struct PartialConfig {
     broker: Option<PartialBroker>,
     ledger: Option<PartialLedger>,
     api: Option<PartialApi>,
+    outbox: Option<PartialOutbox>,
+    #[serde(default)]
+    sink: Vec<PartialSink>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialOutbox {
+    max_bytes: Option<ByteSize>,
+    retention: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialSink {
+    name: Spanned<SinkName>,
+    builtin: Option<String>,
+    plugin: Option<String>,
+    sha256: Option<String>,
+    events: Option<Vec<EventKind>>,
+    batch_size: Option<Bounded<1, 10_000>>,
+    max_events_per_second: Option<Bounded<1, 1_000_000>>,
+    timeout: Option<HumanDuration>,
+    retry_max: Option<HumanDuration>,
+    #[serde(default)]
+    config: toml::Table,
+}
+
+impl PartialSink {
+    fn resolve(self, declared_at: (PathBuf, usize, usize)) -> Result<SinkConfig, String> {
+        let name = self.name.into_inner().0;
+        let builtin = match (self.builtin, self.plugin, self.sha256) {
+            (Some(b), None, None) if b == "jsonl" => b,
+            (Some(b), None, None) => {
+                return Err(format!("sink {name:?}: unknown builtin {b:?} (available: \"jsonl\")"))
+            }
+            (None, Some(p), _) => {
+                return Err(format!(
+                    "sink {name:?}: plugin {p:?}: dynamic plugins are not available in this build yet; use builtin = \"jsonl\""
+                ))
+            }
+            (Some(_), Some(_), _) => return Err(format!("sink {name:?}: set either builtin or plugin, not both")),
+            (_, None, Some(_)) => return Err(format!("sink {name:?}: sha256 belongs to a plugin")),
+            (None, None, None) => return Err(format!("sink {name:?}: set builtin = \"jsonl\"")),
+        };
+        let events = match self.events {
+            Some(e) if e.is_empty() => {
+                return Err(format!("sink {name:?}: events must not be empty"))
+            }
+            Some(e) => e.into_iter().map(|k| k.0).collect(),
+            None => EVENT_KINDS.iter().map(|k| k.to_string()).collect(),
+        };
+        let config =
+            serde_json::to_value(&self.config).map_err(|e| format!("sink {name:?}: {e}"))?;
+        let timeout = self
+            .timeout
+            .map_or(std::time::Duration::from_secs(30), |d| d.0);
+        let retry_max = self
+            .retry_max
+            .map_or(std::time::Duration::from_secs(300), |d| d.0);
+        if timeout.is_zero() || retry_max.is_zero() {
+            return Err(format!(
+                "sink {name:?}: timeout and retry_max must be more than 0"
+            ));
+        }
+        let sink = SinkConfig {
+            name,
+            builtin,
+            events,
+            batch_size: self.batch_size.map_or(100, |n| n.0),
+            max_events_per_second: self.max_events_per_second.map_or(500, |n| n.0 as u32),
+            timeout,
+            retry_max,
+            config,
+            declared_at,
+        };
+        crate::outbox::check_sink_config(&sink)
+            .map_err(|e| format!("sink {:?}: {e}", sink.name))?;
+        Ok(sink)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -338,6 +480,11 @@ impl PartialConfig {
             let s = self.ledger.get_or_insert_with(Default::default);
             merge_opt(&mut s.units_per_kes, l.units_per_kes);
             merge_opt(&mut s.low_balance_units, l.low_balance_units);
+        }
+        if let Some(x) = o.outbox {
+            let s = self.outbox.get_or_insert_with(Default::default);
+            merge_opt(&mut s.max_bytes, x.max_bytes);
+            merge_opt(&mut s.retention, x.retention);
         }
         if let Some(a) = o.api {
             let s = self.api.get_or_insert_with(Default::default);
@@ -429,6 +576,123 @@ impl TryFrom<PathBuf> for NonEmptyPath {
         } else {
             Ok(NonEmptyPath(p))
         }
+    }
+}
+
+/// A sink's name: names its cursor, so it must be stable and simple.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "String")]
+struct SinkName(String);
+
+impl TryFrom<String> for SinkName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 40
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if ok {
+            Ok(SinkName(s))
+        } else {
+            Err(format!(
+                "sink name {s:?} must be 1 to 40 characters of A-Z, a-z, 0-9, '-' or '_'"
+            ))
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "String")]
+struct EventKind(String);
+
+impl TryFrom<String> for EventKind {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if EVENT_KINDS.contains(&s.as_str()) {
+            Ok(EventKind(s))
+        } else {
+            Err(format!(
+                "unknown event kind {s:?}; kinds are {}",
+                EVENT_KINDS.join(", ")
+            ))
+        }
+    }
+}
+
+/// `"512MiB"`, `"64MB"`, `"4096"`, or an integer number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "toml::Value")]
+pub struct ByteSize(pub u64);
+
+impl TryFrom<toml::Value> for ByteSize {
+    type Error = String;
+    fn try_from(v: toml::Value) -> Result<Self, String> {
+        let text = match v {
+            toml::Value::Integer(n) if n > 0 => return Ok(ByteSize(n as u64)),
+            toml::Value::String(s) => s,
+            other => return Err(format!("expected a size such as \"512MiB\", got {other}")),
+        };
+        parse_byte_size(&text).map(ByteSize)
+    }
+}
+
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as \"512MiB\""))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?} in {text:?} (B, KB, KiB, MB, MiB, GB, GiB)"
+            ))
+        }
+    };
+    match n.checked_mul(mult) {
+        Some(b) if b > 0 => Ok(b),
+        _ => Err(format!("{text:?} is out of range")),
+    }
+}
+
+/// `"30d"`, `"12h"`, `"5m"`, `"30s"`, `"250ms"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HumanDuration(pub std::time::Duration);
+
+impl TryFrom<String> for HumanDuration {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{text:?} is not a duration such as \"30d\""))?;
+        let ms: u64 = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            u => {
+                return Err(format!(
+                    "unknown duration unit {u:?} in {text:?} (ms, s, m, h, d)"
+                ))
+            }
+        };
+        n.checked_mul(ms)
+            .filter(|ms| *ms <= 10 * 365 * 86_400_000)
+            .map(|ms| HumanDuration(std::time::Duration::from_millis(ms)))
+            .ok_or_else(|| format!("{text:?} is out of range (at most ten years)"))
     }
 }
 
@@ -594,6 +858,48 @@ mod tests {
         assert_eq!(c.ledger.low_balance_wh, d.ledger.low_balance_wh);
         assert_eq!(c.api.listen, d.api.listen);
         assert!(!c.api.allow_simulate);
+    }
+
+    #[test]
+    fn sinks_and_outbox_parse_with_sizes_and_durations() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[outbox]\nmax_bytes = \"64MiB\"\nretention = \"7d\"\n\n[[sink]]\nname = \"audit\"\nbuiltin = \"jsonl\"\nevents = [\"payment\"]\ntimeout = \"2s\"\n[sink.config]\ndir = \"/tmp/x\"\n",
+        );
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.outbox.max_bytes, 64 << 20);
+        assert_eq!(c.outbox.retention.as_secs(), 7 * 86_400);
+        assert_eq!(c.sinks.len(), 1);
+        assert_eq!(c.sinks[0].events, ["payment"]);
+        assert_eq!(c.sinks[0].config["dir"], "/tmp/x");
+        assert_eq!(c.sinks[0].declared_at.1, 6);
+
+        let p = write(dir.path(), "g.toml", "[[sink]]\nname = \"a\"\nbuiltin = \"jsonl\"\nevents = [\"bogus\"]\n[sink.config]\ndir = \"/tmp/x\"\n");
+        assert_eq!(
+            Config::load(Some(&p)).unwrap_err().position.map(|p| p.0),
+            Some(4)
+        );
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[[sink]]\nname = \"a\"\nplugin = \"libx.so\"\n",
+        );
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((2, 8)), "{e}");
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[[sink]]\nname = \"a\"\nbuiltin = \"jsonl\"\n",
+        );
+        assert!(Config::load(Some(&p)).unwrap_err().message.contains("dir"));
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[outbox]\nmax_bytes = \"12 parsecs\"\n",
+        );
+        assert_eq!(Config::load(Some(&p)).unwrap_err().position, Some((2, 13)));
     }
 
     #[test]

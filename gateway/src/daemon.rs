@@ -20,8 +20,9 @@ use crate::config::{Config, ConfigError, ConfigSource};
 use crate::hub::{Hub, Outgoing};
 use crate::ledger::Rules;
 use crate::metrics::Metrics;
+use crate::outbox::{self, Bell, SinkRunner};
 use crate::store::{self, Reader, StoreError};
-use crate::writer::{LedgerSettings, Notice, Writer};
+use crate::writer::{Housekeeping, LedgerSettings, Notice, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -44,6 +45,7 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    runners: Vec<SinkRunner>,
 }
 
 impl Gateway {
@@ -91,7 +93,41 @@ impl Gateway {
             },
             tariff: config.ledger.tariff,
         };
-        let (writer, _writer_thread) = Writer::start(conn, settings, notify, metrics.clone());
+        let housekeeping = Housekeeping {
+            sinks: config.sinks.iter().map(|s| s.name.clone()).collect(),
+            max_bytes: config.outbox.max_bytes,
+            retention: config.outbox.retention,
+        };
+        let bell = Arc::new(Bell::default());
+        let (writer, _writer_thread) = Writer::start(
+            conn,
+            settings,
+            housekeeping,
+            notify,
+            bell.clone(),
+            metrics.clone(),
+        );
+        let mut runners = Vec::new();
+        for sink in &config.sinks {
+            let instance = outbox::build_sink(sink).map_err(|message| {
+                StartError::Config(ConfigError {
+                    file: Some(sink.declared_at.0.clone()),
+                    position: Some((sink.declared_at.1, sink.declared_at.2)),
+                    message,
+                })
+            })?;
+            let runner = SinkRunner::start(
+                sink.clone(),
+                instance,
+                &db_path,
+                config.gateway.id.to_string(),
+                writer.clone(),
+                bell.clone(),
+                metrics.clone(),
+            )
+            .map_err(store_err)?;
+            runners.push(runner);
+        }
 
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
@@ -128,6 +164,12 @@ impl Gateway {
 
         let api_state = Arc::new(ApiState {
             config: config.api.clone(),
+            sinks: config
+                .sinks
+                .iter()
+                .map(|s| (s.name.clone(), s.events.clone()))
+                .collect(),
+            max_bytes: config.outbox.max_bytes,
             gateway_id: config.gateway.id.to_string(),
             token,
             writer: writer.clone(),
@@ -165,6 +207,7 @@ impl Gateway {
             metrics,
             stop,
             tasks,
+            runners,
         })
     }
 
@@ -173,6 +216,9 @@ impl Gateway {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        for r in self.runners {
+            let _ = tokio::task::spawn_blocking(move || r.stop()).await;
         }
     }
 }

@@ -5,7 +5,8 @@
 //!   [`payload`] (parse) → [`writer`] (one thread, group commit) → [`ledger`] (rules) →
 //!   [`store`] (SQLite, with its event) → PUBACK, and a balance command back through [`hub`];
 //! - a payment: [`api`] (`POST /daraja/simulate`) or [`cli`] (`credit`) → [`writer`] → [`ledger`]
-//!   → [`store`] → [`hub`] → the meter's `command/balance`.
+//!   → [`store`] → [`hub`] → the meter's `command/balance`;
+//! - an event (every change above stores one): [`store`] → [`outbox`] runner → a sink.
 //!
 //! Modules:
 //! - [`config`]: TOML files, defaults, validation with file:line:col errors.
@@ -14,6 +15,8 @@
 //! - [`ledger`]: the prepaid rules, pure.
 //! - [`store`]: the schema and all SQL.
 //! - [`writer`]: ledger operations and the group-commit writer thread.
+//! - [`outbox`]: sink runners delivering stored events, one cursor per sink.
+//! - [`jsonl`]: the built-in JSON Lines file sink.
 //! - [`auth`]: meter secrets.
 //! - [`hub`]: connected meter sessions and commands to them.
 //! - [`broker`]: the meter-facing MQTT 3.1.1 listener.
@@ -29,9 +32,11 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod hub;
+pub mod jsonl;
 pub mod ledger;
 pub mod meter;
 pub mod metrics;
+pub mod outbox;
 pub mod payload;
 pub mod store;
 pub mod writer;

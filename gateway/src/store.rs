@@ -48,17 +48,6 @@ CREATE TABLE IF NOT EXISTS payments (
     PRIMARY KEY (source, reference)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS payments_by_meter ON payments (meter, at);
-CREATE TABLE IF NOT EXISTS readings (
-    id INTEGER PRIMARY KEY,
-    meter TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    seq INTEGER,
-    register REAL NOT NULL,
-    debit_wh INTEGER NOT NULL,
-    balance_after_wh INTEGER NOT NULL
-) STRICT;
-CREATE UNIQUE INDEX IF NOT EXISTS readings_v2_once ON readings (meter, seq) WHERE version = 2;
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL,
@@ -308,35 +297,7 @@ pub fn touch(tx: &Connection, id: &MeterId, at: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
-// ---- readings and payments ----
-
-pub struct Reading<'a> {
-    pub meter: &'a MeterId,
-    pub at: i64,
-    pub version: u8,
-    pub seq: Option<u32>,
-    /// energyWh (v2) or totalConsumed in units (v1).
-    pub register: f64,
-    pub debit_wh: i64,
-    pub balance_after_wh: i64,
-}
-
-pub fn insert_reading(tx: &Connection, r: &Reading<'_>) -> Result<(), StoreError> {
-    tx.execute(
-        "INSERT INTO readings (meter, at, version, seq, register, debit_wh, balance_after_wh)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            r.meter.as_str(),
-            r.at,
-            r.version,
-            r.seq,
-            r.register,
-            r.debit_wh,
-            r.balance_after_wh
-        ],
-    )?;
-    Ok(())
-}
+// ---- payments ----
 
 /// A payment as recorded: the first result of a (source, reference).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -428,7 +389,7 @@ pub fn append_event(
 }
 
 /// An event as sinks see it (contract §6).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Event {
     pub id: String,
     pub seq: i64,
@@ -485,6 +446,16 @@ pub fn data_version(conn: &Connection) -> Result<i64, StoreError> {
     Ok(conn.query_row("PRAGMA data_version", [], |r| r.get(0))?)
 }
 
+/// A read-only connection to an existing database.
+pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    Ok(conn)
+}
+
 /// A read-only connection shared by the daemon's tasks. Queries run on the blocking pool, so a
 /// slow disk never stalls a tokio worker.
 #[derive(Clone)]
@@ -492,11 +463,7 @@ pub struct Reader(std::sync::Arc<std::sync::Mutex<Connection>>);
 
 impl Reader {
     pub fn open(path: &Path) -> Result<Reader, StoreError> {
-        let conn = Connection::open_with_flags(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(Duration::from_secs(10))?;
+        let conn = open_read_only(path)?;
         Ok(Reader(std::sync::Arc::new(std::sync::Mutex::new(conn))))
     }
 
@@ -535,4 +502,239 @@ pub fn meter_changes_after(
         .query_map([after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
+}
+
+// ---- the outbox: sink cursors, dead letters, housekeeping ----
+
+/// The `seq` through which `sink` has taken delivery (0 for a new sink).
+pub fn sink_cursor(conn: &Connection, sink: &str) -> Result<i64, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT delivered_seq FROM sink_cursors WHERE sink = ?1",
+            [sink],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// Moves a sink's cursor forward (never back) and records what the batch delivered.
+pub fn advance_cursor(
+    tx: &Connection,
+    sink: &str,
+    through: i64,
+    delivered: i64,
+    dead: &[(i64, String, String)],
+    at: i64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO sink_cursors (sink, delivered_seq, delivered_total, dead_total, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (sink) DO UPDATE SET
+           delivered_seq = MAX(delivered_seq, excluded.delivered_seq),
+           delivered_total = delivered_total + excluded.delivered_total,
+           dead_total = dead_total + excluded.dead_total,
+           updated_at = excluded.updated_at",
+        params![sink, through, delivered, dead.len() as i64, at],
+    )?;
+    for (seq, event, reason) in dead {
+        tx.execute(
+            "INSERT INTO dead_letters (sink, seq, event, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (sink, seq) DO NOTHING",
+            params![sink, seq, event, reason, at],
+        )?;
+    }
+    Ok(())
+}
+
+pub fn record_sink_failure(
+    tx: &Connection,
+    sink: &str,
+    error: &str,
+    at: i64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO sink_cursors (sink, failures_total, last_error, last_error_at, updated_at)
+         VALUES (?1, 1, ?2, ?3, ?3)
+         ON CONFLICT (sink) DO UPDATE SET failures_total = failures_total + 1,
+           last_error = excluded.last_error, last_error_at = excluded.last_error_at",
+        params![sink, error, at],
+    )?;
+    Ok(())
+}
+
+/// `(seq, reason)` of a sink's dead letters, oldest first.
+pub fn dead_letters(conn: &Connection, sink: &str) -> Result<Vec<(i64, String)>, StoreError> {
+    let mut st =
+        conn.prepare("SELECT seq, reason FROM dead_letters WHERE sink = ?1 ORDER BY seq")?;
+    let rows = st
+        .query_map([sink], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// One sink's delivery state, for `outbox status` and `/api/outbox`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SinkStatus {
+    pub name: String,
+    pub delivered_seq: i64,
+    pub backlog: i64,
+    /// Age in ms of the oldest event waiting for this sink.
+    pub oldest_undelivered_ms: Option<i64>,
+    pub delivered_total: i64,
+    pub dead_total: i64,
+    pub failures_total: i64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutboxStatus {
+    pub events_stored: i64,
+    pub last_seq: i64,
+    pub used_bytes: i64,
+    pub max_bytes: u64,
+    pub dropped_total: i64,
+    pub sinks: Vec<SinkStatus>,
+}
+
+/// `(name, event kinds)` of each configured sink.
+pub fn outbox_status(
+    conn: &Connection,
+    sinks: &[(String, Vec<String>)],
+    max_bytes: u64,
+    now: i64,
+) -> Result<OutboxStatus, StoreError> {
+    let mut out = Vec::with_capacity(sinks.len());
+    for (name, kinds) in sinks {
+        let kinds_json = serde_json::to_string(kinds).unwrap_or_else(|_| "[]".into());
+        let row = conn
+            .query_row(
+                "SELECT delivered_seq, delivered_total, dead_total, failures_total, last_error, last_error_at
+                 FROM sink_cursors WHERE sink = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .optional()?
+            .unwrap_or((0, 0, 0, 0, None, None));
+        let (backlog, oldest): (i64, Option<i64>) = conn.query_row(
+            "SELECT COUNT(*), MIN(at) FROM events
+             WHERE seq > ?1 AND kind IN (SELECT value FROM json_each(?2))",
+            params![row.0, kinds_json],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        out.push(SinkStatus {
+            name: name.clone(),
+            delivered_seq: row.0,
+            backlog,
+            oldest_undelivered_ms: oldest.map(|at| (now - at).max(0)),
+            delivered_total: row.1,
+            dead_total: row.2,
+            failures_total: row.3,
+            last_error: row.4,
+            last_error_at: row.5,
+        });
+    }
+    Ok(OutboxStatus {
+        events_stored: event_count(conn)?,
+        last_seq: last_event_seq(conn)?,
+        used_bytes: used_bytes(conn)?,
+        max_bytes,
+        dropped_total: meta_int(conn, "dropped_total")?,
+        sinks: out,
+    })
+}
+
+fn meta_int(conn: &Connection, key: &str) -> Result<i64, StoreError> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+            r.get::<_, String>(0)
+        })
+        .optional()?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Bytes of the database's pages in use (free pages are reused before the file grows).
+pub fn used_bytes(conn: &Connection) -> Result<i64, StoreError> {
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok((pages - free) * size)
+}
+
+/// Event kinds that may be dropped when the disk cap is reached; payments, alerts and meter
+/// changes never are.
+pub const TELEMETRY_KINDS: [&str; 3] = ["consumption", "status", "balance"];
+
+/// What one housekeeping pass removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// Delivered events past their retention.
+    pub expired: i64,
+    /// Telemetry dropped for the disk cap, of which `undelivered` had not reached every sink.
+    pub dropped: i64,
+    pub undelivered: i64,
+    /// Still over the cap with no telemetry left to drop.
+    pub full: bool,
+}
+
+/// Removes delivered events older than `retain_after` (ms timestamp) and, while the database
+/// uses more than `max_bytes`, the oldest telemetry. `sinks` are the configured sinks' names;
+/// with none, every event counts as delivered. At most `budget` rows go per call so the
+/// writer is never held long.
+pub fn prune(
+    tx: &Connection,
+    sinks: &[String],
+    retain_after: i64,
+    max_bytes: u64,
+    budget: i64,
+) -> Result<Pruned, StoreError> {
+    let delivered = if sinks.is_empty() {
+        last_event_seq(tx)?
+    } else {
+        let names = serde_json::to_string(sinks).unwrap_or_else(|_| "[]".into());
+        tx.query_row(
+            "SELECT MIN(COALESCE((SELECT delivered_seq FROM sink_cursors WHERE sink = n.value), 0))
+             FROM json_each(?1) AS n",
+            [names],
+            |r| r.get(0),
+        )?
+    };
+    let mut p = Pruned {
+        expired: tx.execute(
+            "DELETE FROM events WHERE seq IN
+               (SELECT seq FROM events WHERE seq <= ?1 AND at < ?2 ORDER BY seq LIMIT ?3)",
+            params![delivered, retain_after, budget],
+        )? as i64,
+        ..Pruned::default()
+    };
+    let chunk = 1000.min(budget);
+    while (used_bytes(tx)? as u64) > max_bytes && p.dropped < budget {
+        let undelivered: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM (SELECT seq FROM events WHERE kind IN ('consumption', 'status', 'balance')
+               ORDER BY seq LIMIT ?1) WHERE seq > ?2",
+            params![chunk, delivered],
+            |r| r.get(0),
+        )?;
+        let n = tx.execute(
+            "DELETE FROM events WHERE seq IN (SELECT seq FROM events
+               WHERE kind IN ('consumption', 'status', 'balance') ORDER BY seq LIMIT ?1)",
+            [chunk],
+        )? as i64;
+        if n == 0 {
+            p.full = true;
+            break;
+        }
+        p.dropped += n;
+        p.undelivered += undelivered;
+    }
+    if p.dropped > 0 {
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('dropped_total', CAST(?1 AS TEXT))
+             ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + ?1 AS TEXT)",
+            [p.dropped],
+        )?;
+    }
+    Ok(p)
 }

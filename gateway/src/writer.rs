@@ -20,8 +20,14 @@ use crate::config::Tariff;
 use crate::ledger::{ReportApplied, ReportKind, ReportRefused, Rules};
 use crate::meter::{wh_to_units, MeterId};
 use crate::metrics::Metrics;
+use crate::outbox::Bell;
 use crate::payload::{BalanceCommand, Report, StatusReport};
 use crate::store::{self, PaymentRow, StoreError};
+
+/// Outbox housekeeping runs on every this many ticks (about seconds), starting with the first.
+const HOUSEKEEPING_EVERY_TICKS: u64 = 5;
+/// Rows one housekeeping pass may delete, so the writer is never held for long.
+const HOUSEKEEPING_BUDGET: i64 = 20_000;
 
 /// Most ops committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -33,6 +39,14 @@ const QUEUE: usize = 8192;
 pub struct LedgerSettings {
     pub rules: Rules,
     pub tariff: Tariff,
+}
+
+/// What the writer's housekeeping needs: the outbox bounds and the configured sinks.
+#[derive(Debug, Clone)]
+pub struct Housekeeping {
+    pub sinks: Vec<String>,
+    pub max_bytes: u64,
+    pub retention: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +90,21 @@ pub enum Op {
     SetSecret {
         meter: MeterId,
         secret_hash: String,
+        at: i64,
+    },
+    /// A sink took delivery of every event through `through`, except the `dead` ones
+    /// (`seq`, event JSON, reason), which go to the dead-letter table.
+    SinkProgress {
+        sink: String,
+        through: i64,
+        delivered: i64,
+        dead: Vec<(i64, String, String)>,
+        at: i64,
+    },
+    /// A sink delivery failed and will be retried; recorded for `outbox status`.
+    SinkFailure {
+        sink: String,
+        error: String,
         at: i64,
     },
 }
@@ -184,6 +213,21 @@ pub fn apply(tx: &Connection, op: &Op, s: &LedgerSettings) -> Result<Applied, Le
             store::append_event(tx, "status", Some(meter), *at, &data)?;
             done()
         }
+        Op::SinkProgress {
+            sink,
+            through,
+            delivered,
+            dead,
+            at,
+        } => {
+            store::advance_cursor(tx, sink, *through, *delivered, dead, *at)?;
+            done()
+        }
+        Op::SinkFailure { sink, error, at } => {
+            let error: String = error.chars().take(500).collect();
+            store::record_sink_failure(tx, sink, &error, *at)?;
+            done()
+        }
         Op::AddMeter {
             meter,
             name,
@@ -282,7 +326,7 @@ fn apply_report(
         });
     }
     store::save_account(tx, meter, &account)?;
-    let (version, seq, register, mut data) = match report {
+    let (version, mut data) = match report {
         Report::V1 {
             total_consumed_units,
             remaining_balance_units,
@@ -290,30 +334,11 @@ fn apply_report(
             timestamp,
         } => (
             1,
-            None,
-            *total_consumed_units,
             json!({"totalConsumed": total_consumed_units, "unitsConsumed": units_consumed,
                    "remainingBalance": remaining_balance_units, "meterTimestamp": timestamp}),
         ),
-        Report::V2(r) => (
-            2,
-            Some(r.seq),
-            r.energy_wh as f64,
-            serde_json::to_value(r).unwrap_or_default(),
-        ),
+        Report::V2(r) => (2, serde_json::to_value(r).unwrap_or_default()),
     };
-    store::insert_reading(
-        tx,
-        &store::Reading {
-            meter,
-            at,
-            version,
-            seq,
-            register,
-            debit_wh: applied.debit_wh,
-            balance_after_wh: account.balance_wh,
-        },
-    )?;
     if let Some(obj) = data.as_object_mut() {
         obj.insert("v".into(), json!(version));
         obj.insert("debitWh".into(), json!(applied.debit_wh));
@@ -423,7 +448,9 @@ impl Writer {
     pub fn start(
         mut conn: Connection,
         settings: LedgerSettings,
+        housekeeping: Housekeeping,
         notify: Notify,
+        bell: Arc<Bell>,
         metrics: Arc<Metrics>,
     ) -> (Writer, std::thread::JoinHandle<()>) {
         let (jobs, mut rx) = mpsc::channel::<Msg>(QUEUE);
@@ -432,6 +459,7 @@ impl Writer {
             .spawn(move || {
                 let mut batch = Vec::with_capacity(MAX_BATCH);
                 let mut watch = ExternalWatch::new(&conn);
+                let mut ticks: u64 = 0;
                 while let Some(first) = rx.blocking_recv() {
                     let mut tick = false;
                     let mut next = Some(first);
@@ -446,9 +474,14 @@ impl Writer {
                     }
                     if !batch.is_empty() {
                         commit_batch(&mut conn, &mut batch, &settings, &notify, &metrics);
+                        bell.ring();
                     }
                     if tick {
                         watch.check(&conn, &notify);
+                        ticks += 1;
+                        if ticks % HOUSEKEEPING_EVERY_TICKS == 1 {
+                            keep_house(&mut conn, &housekeeping, &metrics);
+                        }
                     }
                 }
             })
@@ -480,6 +513,15 @@ impl Writer {
     pub async fn submit(&self, op: Op) -> Result<Outcome, LedgerError> {
         let rx = self.enqueue(op).await?;
         rx.await.map_err(|_| LedgerError::Stopped)?
+    }
+
+    /// `submit` for plain threads (the outbox runners); never call it on a tokio worker.
+    pub fn submit_blocking(&self, op: Op) -> Result<Outcome, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .blocking_send(Msg::Job(Job { op, reply }))
+            .map_err(|_| LedgerError::Stopped)?;
+        rx.blocking_recv().map_err(|_| LedgerError::Stopped)?
     }
 }
 
@@ -578,5 +620,54 @@ impl ExternalWatch {
                 _ => {}
             }
         }
+    }
+}
+
+/// Enforces `[outbox] retention` and `max_bytes` (see [`store::prune`]) in its own transaction.
+fn keep_house(conn: &mut Connection, h: &Housekeeping, metrics: &Metrics) {
+    let retain_after = store::now_ms() - h.retention.as_millis() as i64;
+    let pruned = (|| -> Result<store::Pruned, StoreError> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let p = store::prune(
+            &tx,
+            &h.sinks,
+            retain_after,
+            h.max_bytes,
+            HOUSEKEEPING_BUDGET,
+        )?;
+        tx.commit()?;
+        Ok(p)
+    })();
+    match pruned {
+        Ok(p) => {
+            if p.expired > 0 {
+                tracing::debug!(
+                    removed = p.expired,
+                    "delivered events past their retention removed"
+                );
+                metrics.add("umeme_outbox_expired_total", &[], p.expired as u64);
+            }
+            if p.dropped > 0 {
+                tracing::warn!(
+                    dropped = p.dropped,
+                    undelivered = p.undelivered,
+                    max_bytes = h.max_bytes,
+                    "outbox over its disk cap: oldest telemetry dropped"
+                );
+                metrics.add("umeme_outbox_dropped_total", &[], p.dropped as u64);
+                metrics.add(
+                    "umeme_outbox_dropped_undelivered_total",
+                    &[],
+                    p.undelivered as u64,
+                );
+            }
+            let was_full = metrics.get("umeme_outbox_full", &[]) > 0.0;
+            if p.full && !was_full {
+                tracing::error!(max_bytes = h.max_bytes,
+                    "outbox full: only payments, alerts and meter changes are left and they are never dropped; raise [outbox] max_bytes or restore the uplink");
+            }
+            metrics.set("umeme_outbox_full", &[], if p.full { 1.0 } else { 0.0 });
+        }
+        Err(e) => tracing::warn!(error = %e, "outbox housekeeping failed"),
     }
 }

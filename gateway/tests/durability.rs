@@ -111,13 +111,18 @@ fn kill_during_group_commit_loses_no_acked_report_and_balances_add_up() {
     gw.start();
     let db = rusqlite::Connection::open(gw.db_path()).unwrap();
     let dupes: i64 = db
-        .query_row("SELECT COUNT(*) FROM (SELECT meter, seq FROM readings WHERE version = 2 GROUP BY meter, seq HAVING COUNT(*) > 1)", [], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(*) FROM (SELECT meter, json_extract(data, '$.seq') AS seq FROM events
+             WHERE kind = 'consumption' GROUP BY meter, seq HAVING COUNT(*) > 1)",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(dupes, 0, "no report is applied twice");
     let mut resume_from = HashMap::new();
     for (id, seqs) in &acked {
         let mut st = db
-            .prepare("SELECT seq FROM readings WHERE meter = ?1 AND version = 2")
+            .prepare("SELECT json_extract(data, '$.seq') FROM events WHERE kind = 'consumption' AND meter = ?1")
             .unwrap();
         let stored: std::collections::HashSet<u32> = st
             .query_map([id], |r| r.get(0))
@@ -180,7 +185,8 @@ fn check_balance(db: &rusqlite::Connection, id: &str) {
         .unwrap();
     let debits: i64 = db
         .query_row(
-            "SELECT COALESCE(SUM(debit_wh), 0) FROM readings WHERE meter = ?1",
+            "SELECT COALESCE(SUM(json_extract(data, '$.debitWh')), 0) FROM events
+             WHERE kind = 'consumption' AND meter = ?1",
             [id],
             |r| r.get(0),
         )
