@@ -38,6 +38,9 @@ pub enum Command {
     /// Provision and inspect meters.
     #[command(subcommand)]
     Meter(MeterCommand),
+    /// Store-and-forward state.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
     /// Manual or cash top-up; crediting the same --ref twice credits once.
     Credit {
         /// Meter number.
@@ -49,6 +52,12 @@ pub enum Command {
         #[arg(long = "ref")]
         reference: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OutboxCommand {
+    /// Backlog, oldest undelivered age, counters and last error per sink.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -155,6 +164,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Meter(m) => meter(&config, m),
+        Command::Outbox(OutboxCommand::Status) => outbox_status(&config),
         Command::Credit { id, kes, reference } => {
             let meter = parse_meter(&id)?;
             let cents = kes_to_cents(kes).ok_or_else(|| {
@@ -188,6 +198,42 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             }
         }
     }
+}
+
+fn outbox_status(config: &Config) -> Result<(), Failure> {
+    let conn = open(config)?;
+    let sinks: Vec<(String, Vec<String>)> = config
+        .sinks
+        .iter()
+        .map(|s| (s.name.clone(), s.events.clone()))
+        .collect();
+    let o = store::outbox_status(&conn, &sinks, config.outbox.max_bytes, now_ms())
+        .context("reading the outbox")?;
+    println!(
+        "events stored: {} (last seq {}), disk {:.1} of {:.1} MiB, telemetry dropped: {}",
+        o.events_stored,
+        o.last_seq,
+        o.used_bytes as f64 / 1048576.0,
+        o.max_bytes as f64 / 1048576.0,
+        o.dropped_total
+    );
+    if o.sinks.is_empty() {
+        println!("no sinks configured");
+    }
+    for s in &o.sinks {
+        let age = s.oldest_undelivered_ms.map_or_else(
+            || "-".to_string(),
+            |ms| format!("{:.0}s", ms as f64 / 1000.0),
+        );
+        println!(
+            "sink {}: cursor {}, backlog {}, oldest undelivered {}, delivered {}, dead letters {}, failures {}",
+            s.name, s.delivered_seq, s.backlog, age, s.delivered_total, s.dead_total, s.failures_total
+        );
+        if let (Some(e), Some(at)) = (&s.last_error, s.last_error_at) {
+            println!("  last error at {}: {e}", crate::api::iso8601(at));
+        }
+    }
+    Ok(())
 }
 
 fn parse_meter(id: &str) -> Result<MeterId, Failure> {

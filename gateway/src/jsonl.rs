@@ -73,7 +73,12 @@ impl JsonlSink {
         let path = self.dir.join(CURRENT);
         // Opened per batch so that a replaced or recreated file is picked up.
         let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
-        let mut buf = Vec::with_capacity(batch.len() * 256);
+        let mut buf = Vec::with_capacity(batch.len() * 256 + 1);
+        // A write cut short by a crash leaves a torn last line: end it, so the next event
+        // starts on a line of its own and only the fragment is unreadable.
+        if !ends_with_newline(&path)? {
+            buf.push(b'\n');
+        }
         for e in batch {
             serde_json::to_writer(&mut buf, e)?;
             buf.push(b'\n');
@@ -113,6 +118,18 @@ impl JsonlSink {
     }
 }
 
+fn ends_with_newline(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path)?;
+    if f.metadata()?.len() == 0 {
+        return Ok(true);
+    }
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
+}
+
 /// The `seq` of the first line of a JSON Lines file.
 fn first_seq(path: &Path) -> Option<i64> {
     use std::io::BufRead;
@@ -128,7 +145,7 @@ impl Sink for JsonlSink {
             Ok(()) => Delivery::Delivered,
             Err(e) => Delivery::Retry {
                 after: None,
-                error: format!("{}: {e}", self.dir.display()),
+                error: format!("{}: {e}", self.dir.join(CURRENT).display()),
             },
         }
     }

@@ -294,75 +294,66 @@ impl Runner {
             .min(self.config.max_events_per_second as usize)
             .max(1);
         while !self.stopped() {
-            let events = match store::events_after(&self.conn, &self.gateway, cursor, limit) {
-                Ok(e) => e,
+            let next = next_batch(
+                &self.conn,
+                &self.gateway,
+                cursor,
+                &self.config.events,
+                limit,
+            );
+            let (last, batch) = match next {
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    rings = self.bell.wait(rings, Duration::from_secs(1));
+                    continue;
+                }
                 Err(e) => {
                     warn!(sink = %name, error = %e, "reading events failed");
                     self.pause(Duration::from_secs(1));
                     continue;
                 }
             };
-            let Some(last) = events.last().map(|e| e.seq) else {
-                rings = self.bell.wait(rings, Duration::from_secs(1));
-                continue;
-            };
-            let batch: Vec<Event> = events
-                .into_iter()
-                .filter(|e| self.config.events.contains(&e.kind))
-                .collect();
-            let n = batch.len();
-            let dead = if batch.is_empty() {
-                Vec::new()
+            let delivery = if batch.is_empty() {
+                Delivery::Delivered
             } else {
-                let wait = self.rate.wait_for(n);
+                let wait = self.rate.wait_for(batch.len());
                 if !wait.is_zero() {
                     self.pause(wait);
                     continue;
                 }
-                let by_seq: Vec<(i64, String)> =
-                    batch.iter().map(|e| (e.seq, e.id.clone())).collect();
-                match self.sink.deliver(batch.clone(), self.config.timeout) {
-                    Delivery::Delivered => Vec::new(),
-                    Delivery::Rejected(list) => list
-                        .into_iter()
-                        .filter_map(|(seq, why)| {
-                            let e = batch.iter().find(|e| e.seq == seq)?;
-                            Some((seq, serde_json::to_string(e).unwrap_or_default(), why))
-                        })
-                        .collect(),
-                    Delivery::Retry { after, error } => {
-                        self.metrics.inc("umeme_outbox_failures_total", &label);
-                        self.metrics.set("umeme_sink_up", &label, 0.0);
-                        let wait = after
-                            .map(|a| a.clamp(Duration::from_millis(100), Duration::from_secs(3600)))
-                            .unwrap_or_else(|| backoff(attempt, self.config.retry_max));
-                        warn!(sink = %name, error = %error, first = %by_seq[0].1, retry_in = ?wait, "sink delivery failed; will retry");
-                        let op = Op::SinkFailure {
-                            sink: name.clone(),
-                            error,
-                            at: store::now_ms(),
-                        };
-                        let _ = self.writer.submit_blocking(op);
-                        attempt = attempt.saturating_add(1);
-                        self.pause(wait);
-                        continue;
-                    }
+                self.rate.spend(batch.len());
+                self.sink.deliver(batch.clone(), self.config.timeout)
+            };
+            let op = match settle(&name, last, &batch, delivery) {
+                Ok(op) => op,
+                Err((after, error)) => {
+                    self.metrics.inc("umeme_outbox_failures_total", &label);
+                    self.metrics.set("umeme_sink_up", &label, 0.0);
+                    let wait = after
+                        .map(|a| a.clamp(Duration::from_millis(100), Duration::from_secs(3600)))
+                        .unwrap_or_else(|| backoff(attempt, self.config.retry_max));
+                    warn!(sink = %name, error = %error, first = %batch[0].id, retry_in = ?wait, "sink delivery failed; will retry");
+                    let op = Op::SinkFailure {
+                        sink: name.clone(),
+                        error,
+                        at: store::now_ms(),
+                    };
+                    let _ = self.writer.submit_blocking(op);
+                    attempt = attempt.saturating_add(1);
+                    self.pause(wait);
+                    continue;
                 }
             };
-            if n > 0 {
-                self.rate.spend(n);
-            }
-            for (seq, _, why) in &dead {
+            let Op::SinkProgress {
+                delivered, dead, ..
+            } = &op
+            else {
+                unreachable!("settle returns SinkProgress")
+            };
+            let (delivered, dead_n) = (*delivered as u64, dead.len() as u64);
+            for (seq, _, why) in dead {
                 warn!(sink = %name, seq, reason = %why, "event refused permanently; moved to dead letters");
             }
-            let dead_n = dead.len();
-            let op = Op::SinkProgress {
-                sink: name.clone(),
-                through: last,
-                delivered: (n - dead_n) as i64,
-                dead,
-                at: store::now_ms(),
-            };
             match self.writer.submit_blocking(op) {
                 Ok(_) => {
                     cursor = last;
@@ -372,9 +363,9 @@ impl Runner {
                     attempt = 0;
                     self.metrics.set("umeme_sink_up", &label, 1.0);
                     self.metrics
-                        .add("umeme_outbox_delivered_total", &label, (n - dead_n) as u64);
+                        .add("umeme_outbox_delivered_total", &label, delivered);
                     self.metrics
-                        .add("umeme_outbox_dead_letters_total", &label, dead_n as u64);
+                        .add("umeme_outbox_dead_letters_total", &label, dead_n);
                 }
                 Err(e) => {
                     // Delivered but not recorded: the batch goes again (at least once).
@@ -384,6 +375,55 @@ impl Runner {
             }
         }
     }
+}
+
+/// The events after `cursor` (at most `limit`): the `seq` of the last one read, and those of
+/// them whose kind the sink takes (possibly none: the cursor then just passes them).
+/// `None` when there is nothing new.
+pub fn next_batch(
+    conn: &rusqlite::Connection,
+    gateway: &str,
+    cursor: i64,
+    kinds: &[String],
+    limit: usize,
+) -> Result<Option<(i64, Vec<Event>)>, store::StoreError> {
+    let events = store::events_after(conn, gateway, cursor, limit)?;
+    let Some(last) = events.last().map(|e| e.seq) else {
+        return Ok(None);
+    };
+    let batch = events
+        .into_iter()
+        .filter(|e| kinds.contains(&e.kind))
+        .collect();
+    Ok(Some((last, batch)))
+}
+
+/// Turns a sink's answer for `batch` (read through `last`) into the cursor move to store, or
+/// the retry to schedule (`Err((retry_after, error))`).
+pub fn settle(
+    sink: &str,
+    last: i64,
+    batch: &[Event],
+    delivery: Delivery,
+) -> Result<Op, (Option<Duration>, String)> {
+    let dead: Vec<(i64, String, String)> = match delivery {
+        Delivery::Delivered => Vec::new(),
+        Delivery::Retry { after, error } => return Err((after, error)),
+        Delivery::Rejected(list) => list
+            .into_iter()
+            .filter_map(|(seq, why)| {
+                let e = batch.iter().find(|e| e.seq == seq)?;
+                Some((seq, serde_json::to_string(e).unwrap_or_default(), why))
+            })
+            .collect(),
+    };
+    Ok(Op::SinkProgress {
+        sink: sink.to_string(),
+        through: last,
+        delivered: (batch.len() - dead.len()) as i64,
+        dead,
+        at: store::now_ms(),
+    })
 }
 
 #[cfg(test)]

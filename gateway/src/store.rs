@@ -55,6 +55,24 @@ CREATE TABLE IF NOT EXISTS events (
     at INTEGER NOT NULL,
     data TEXT NOT NULL
 ) STRICT;
+CREATE TABLE IF NOT EXISTS sink_cursors (
+    sink TEXT PRIMARY KEY,
+    delivered_seq INTEGER NOT NULL DEFAULT 0,
+    delivered_total INTEGER NOT NULL DEFAULT 0,
+    dead_total INTEGER NOT NULL DEFAULT 0,
+    failures_total INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    last_error_at INTEGER,
+    updated_at INTEGER
+) STRICT;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    sink TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (sink, seq)
+) STRICT;
 "#;
 
 #[derive(Debug, thiserror::Error)]

@@ -257,7 +257,20 @@ impl RawMeter {
         clean: bool,
         will: Option<(&str, &str)>,
     ) -> (RawMeter, rumqttc::ConnectReturnCode) {
-        let stream = TcpStream::connect(addr).expect("connect broker");
+        Self::try_connect(addr, client_id, user, pass, clean, will)
+            .expect("CONNECT answered with a CONNACK")
+    }
+
+    /// `None` when the gateway is unreachable or closes the connection before a CONNACK.
+    pub fn try_connect(
+        addr: SocketAddr,
+        client_id: &str,
+        user: &str,
+        pass: &str,
+        clean: bool,
+        will: Option<(&str, &str)>,
+    ) -> Option<(RawMeter, rumqttc::ConnectReturnCode)> {
+        let stream = TcpStream::connect(addr).ok()?;
         stream.set_read_timeout(Some(WAIT)).unwrap();
         let mut m = RawMeter {
             stream,
@@ -268,10 +281,14 @@ impl RawMeter {
         c.clean_session = clean;
         c.login = Some(Login::new(user, pass));
         c.last_will = will.map(|(t, p)| LastWill::new(t, p, QoS::AtLeastOnce, false));
-        m.send(Packet::Connect(c));
-        match m.recv() {
-            Some(Packet::ConnAck(a)) => (m, a.code),
-            other => panic!("expected CONNACK, got {other:?}"),
+        let mut out = BytesMut::new();
+        Packet::Connect(c)
+            .write(&mut out, usize::MAX)
+            .expect("encode");
+        m.stream.write_all(&out).ok()?;
+        match m.recv_within(WAIT) {
+            Some(Packet::ConnAck(a)) => Some((m, a.code)),
+            _ => None,
         }
     }
 
