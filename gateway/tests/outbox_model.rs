@@ -128,8 +128,7 @@ proptest! {
                         Delivery::Rejected(l) => l.iter().map(|x| x.0).collect(),
                         _ => vec![],
                     };
-                    match settle(SINK, last, &events, delivery) {
-                        Ok(op) => {
+                    if let Ok(op) = settle(SINK, last, &events, delivery) {
                             h.apply(op);
                             h.cursor = last;
                             for e in &events {
@@ -139,8 +138,6 @@ proptest! {
                                     received.push(e.seq);
                                 }
                             }
-                        }
-                        Err(_) => {}
                     }
                 }
             }
