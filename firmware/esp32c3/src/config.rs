@@ -1,0 +1,37 @@
+//! Settings from the build environment: `METER_ID=… METER_SECRET=… WIFI_SSID=… ./build.sh`.
+//! Unset values fall back to the development defaults below, so CI builds without secrets.
+
+const fn or(v: Option<&'static str>, default: &'static str) -> &'static str {
+    match v {
+        Some(v) => v,
+        None => default,
+    }
+}
+
+const fn parse_u32(s: &str) -> u32 {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut n: u32 = 0;
+    while i < b.len() {
+        assert!(b[i].is_ascii_digit(), "expected a decimal number");
+        n = n * 10 + (b[i] - b'0') as u32;
+        i += 1;
+    }
+    n
+}
+
+pub const METER_ID: &str = or(option_env!("METER_ID"), "METER001");
+pub const METER_SECRET: &str = or(option_env!("METER_SECRET"), "change-this-secret");
+pub const WIFI_SSID: &str = or(option_env!("WIFI_SSID"), "umeme-site");
+pub const WIFI_PASSWORD: &str = or(option_env!("WIFI_PASSWORD"), "change-this-password");
+/// The gateway's broker: an IPv4 address on the site LAN.
+pub const GATEWAY_HOST: &str = or(option_env!("GATEWAY_HOST"), "192.168.4.1");
+pub const GATEWAY_PORT: u16 = parse_u32(or(option_env!("GATEWAY_PORT"), "1883")) as u16;
+pub const TOPIC_PREFIX: &str = or(option_env!("TOPIC_PREFIX"), "smartmeter");
+pub const REPORT_S: u64 = parse_u32(or(option_env!("METER_REPORT_S"), "60")) as u64;
+pub const VOLTAGE_MV: u32 = parse_u32(or(option_env!("METER_VOLTAGE_MV"), "230000"));
+pub const POWER_FACTOR_PERMILLE: u32 = parse_u32(or(option_env!("METER_PF_PERMILLE"), "1000"));
+pub const LOW_BALANCE_WH: i64 = parse_u32(or(option_env!("METER_LOW_BALANCE_WH"), "3000")) as i64;
+/// The state log: the last 64 KiB of a 4 MiB flash (16 sectors), outside the app image.
+pub const FLASH_OFFSET: u32 = parse_u32(or(option_env!("METER_FLASH_OFFSET"), "4128768"));
+pub const FLASH_SECTORS: u32 = parse_u32(or(option_env!("METER_FLASH_SECTORS"), "16"));

@@ -1,0 +1,284 @@
+//! Umeme prepaid meter firmware for the ESP32-C3.
+//!
+//! The board layer only: every decision (RMS current, energy register, balance, relay, the
+//! outbox of unacknowledged reports, stale-command rejection, the MQTT 3.1.1 packets, the flash
+//! record format) lives in `meter-core`, which is tested on the host.
+//!
+//! Tasks:
+//! - `metering`: samples the ACS712 on GPIO3 (ADC1) once a second, drives the relay (GPIO5) and
+//!   the LED (GPIO8), takes a numbered report every `METER_REPORT_S` and persists the state.
+//! - `wifi`: keeps the station connected, with exponential backoff.
+//! - `net`: the embassy-net stack.
+//! - `main`: MQTT sessions to the gateway, reconnecting with backoff; publishes reports QoS 1
+//!   (replayed after every reconnect until PUBACKed), applies `command/#`.
+//!
+//! Settings come from the build environment (see `config`), so a meter is built per site.
+
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod config;
+mod session;
+
+use core::cell::RefCell;
+
+use embassy_executor::Spawner;
+use embassy_net::{Runner, StackResources};
+use embassy_sync::blocking_mutex::raw::CriticalSectionRawMutex;
+use embassy_sync::blocking_mutex::Mutex;
+use embassy_sync::signal::Signal;
+use embassy_time::{Duration, Instant, Ticker, Timer};
+use esp_backtrace as _;
+use esp_hal::analog::adc::{Adc, AdcCalCurve, AdcConfig, AdcPin, Attenuation};
+use esp_hal::clock::CpuClock;
+use esp_hal::gpio::{Level, Output, OutputConfig};
+use esp_hal::peripherals::{ADC1, GPIO3};
+use esp_hal::ram;
+use esp_hal::rng::Rng;
+use esp_hal::timer::timg::TimerGroup;
+use esp_println::println;
+use esp_radio::wifi::sta::StationConfig;
+use esp_radio::wifi::{
+    AuthenticationMethodConfig, Config as WifiConfig, ControllerConfig, Interface, WifiController,
+};
+use esp_storage::FlashStorage;
+use meter_core::flashlog::FlashLog;
+use meter_core::sensor::{Acs712, Calibration};
+use meter_core::snapshot::state_len;
+use meter_core::{BalanceState, Meter, MeterConfig, Relay};
+
+esp_bootloader_esp_idf::esp_app_desc!();
+
+/// Reports kept while the gateway is unreachable; the saved state must fit one flash sector.
+pub const OUTBOX: usize = 96;
+const _: () = assert!(state_len(OUTBOX) <= FlashLog::<FlashStorage<'static>>::max_record());
+
+/// ADC samples per RMS window: at ~20 µs per oneshot read this spans several 50 Hz cycles.
+const WINDOW: usize = 200;
+
+type CurrentPin = AdcPin<GPIO3<'static>, ADC1<'static>, AdcCalCurve<ADC1<'static>>>;
+type Log = FlashLog<FlashStorage<'static>>;
+
+/// The meter and its flash log, shared by the metering task and the MQTT session.
+pub struct Shared {
+    pub meter: Meter<OUTBOX>,
+    pub log: Log,
+    pub dropped_saves: u32,
+}
+
+static SHARED: Mutex<CriticalSectionRawMutex, RefCell<Option<Shared>>> =
+    Mutex::new(RefCell::new(None));
+
+/// Raised when a new report waits, so the session sends it without waiting for its tick.
+pub static REPORT_READY: Signal<CriticalSectionRawMutex, ()> = Signal::new();
+
+/// Runs `f` on the shared meter (never across an await).
+pub fn with_shared<R>(f: impl FnOnce(&mut Shared) -> R) -> R {
+    SHARED.lock(|s| {
+        let mut s = s.borrow_mut();
+        // Set in `main` before any task starts.
+        f(s.as_mut().expect("meter state initialised"))
+    })
+}
+
+impl Shared {
+    /// Writes the meter's durable state as the newest flash record.
+    pub fn save(&mut self) {
+        let mut buf = [0u8; state_len(OUTBOX)];
+        let saved = match self.meter.encode_state(&mut buf) {
+            Ok(n) => self.log.append(&buf[..n]).is_ok(),
+            Err(_) => false,
+        };
+        if !saved {
+            self.dropped_saves = self.dropped_saves.wrapping_add(1);
+            println!("flash: saving the meter state failed");
+        }
+    }
+}
+
+macro_rules! mk_static {
+    ($t:ty, $val:expr) => {{
+        static STATIC_CELL: static_cell::StaticCell<$t> = static_cell::StaticCell::new();
+        #[deny(unused_attributes)]
+        let x = STATIC_CELL.uninit().write(($val));
+        x
+    }};
+}
+
+#[esp_hal::main]
+async fn main(spawner: Spawner) -> ! {
+    esp_println::logger::init_logger_from_env();
+    let p = esp_hal::init(esp_hal::Config::default().with_cpu_clock(CpuClock::max()));
+    esp_alloc::heap_allocator!(#[ram(reclaimed)] size: 64 * 1024);
+    esp_alloc::heap_allocator!(size: 36 * 1024);
+    let timg0 = TimerGroup::new(p.TIMG0);
+    esp_rtos::start(timg0.timer0, p.FROM_CPU_INTR0);
+
+    // State first: the register and seq survive reboots.
+    let meter_config = MeterConfig {
+        voltage_mv: config::VOLTAGE_MV,
+        power_factor_permille: config::POWER_FACTOR_PERMILLE,
+        low_balance_wh: config::LOW_BALANCE_WH,
+    };
+    let mut log = FlashLog::new(
+        FlashStorage::new(p.FLASH),
+        config::FLASH_OFFSET,
+        config::FLASH_SECTORS,
+    );
+    let mut buf = [0u8; state_len(OUTBOX)];
+    let meter = match log.load(&mut buf) {
+        Ok(Some(n)) => match Meter::restore(meter_config, &buf[..n]) {
+            Ok(m) => m,
+            Err(e) => {
+                println!("flash: saved state unreadable ({e}); starting fresh");
+                Meter::new(meter_config)
+            }
+        },
+        Ok(None) => Meter::new(meter_config),
+        Err(e) => {
+            println!("flash: {e:?}; starting fresh");
+            Meter::new(meter_config)
+        }
+    };
+    println!(
+        "meter {}: register {} Wh, next seq {}, {} reports waiting",
+        config::METER_ID,
+        meter.energy_wh(),
+        meter.next_seq(),
+        meter.outbox().len()
+    );
+    SHARED.lock(|s| {
+        s.replace(Some(Shared {
+            meter,
+            log,
+            dropped_saves: 0,
+        }))
+    });
+
+    // Relay open and LED off until the balance is known.
+    let relay = Output::new(p.GPIO5, Level::Low, OutputConfig::default());
+    let led = Output::new(p.GPIO8, Level::High, OutputConfig::default()); // active low
+    let mut adc_config = AdcConfig::new();
+    let pin: CurrentPin = adc_config
+        .enable_pin_with_cal::<_, AdcCalCurve<ADC1<'static>>>(p.GPIO3, Attenuation::_11dB);
+    let adc = Adc::new(p.ADC1, adc_config).into_async();
+    spawner.spawn(metering(adc, pin, relay, led).expect("metering task"));
+
+    let station = WifiConfig::Station(
+        StationConfig::default()
+            .with_ssid(config::WIFI_SSID.try_into().expect("WIFI_SSID of 1..=32 bytes"))
+            .with_authentication(AuthenticationMethodConfig::Wpa2Personal(
+                config::WIFI_PASSWORD
+                    .try_into()
+                    .expect("WIFI_PASSWORD of 8..=64 bytes"),
+            )),
+    );
+    let controller = WifiController::new(
+        p.WIFI,
+        ControllerConfig::default().with_initial_config(station),
+    )
+    .expect("WiFi controller");
+    let rng = Rng::new();
+    let seed = ((rng.random() as u64) << 32) | rng.random() as u64;
+    let (stack, runner) = embassy_net::new(
+        Interface::station(),
+        embassy_net::Config::dhcpv4(Default::default()),
+        mk_static!(StackResources<3>, StackResources::<3>::new()),
+        seed,
+    );
+    spawner.spawn(wifi(controller).expect("wifi task"));
+    spawner.spawn(net(runner).expect("net task"));
+
+    session::run_forever(stack).await
+}
+
+/// Samples, integrates, decides the relay, and takes the periodic report.
+#[embassy_executor::task]
+async fn metering(
+    mut adc: Adc<'static, ADC1<'static>, esp_hal::Async>,
+    mut pin: CurrentPin,
+    mut relay: Output<'static>,
+    mut led: Output<'static>,
+) {
+    let mut cal = Calibration::new(Acs712::A20);
+    let mut window = [0u16; WINDOW];
+    // Zero offset with the relay still open: no load current flows.
+    for s in window.iter_mut() {
+        *s = adc.read_oneshot(&mut pin).await;
+    }
+    let zero = cal.calibrate_zero(&window);
+    println!("ACS712 zero at {zero} mV");
+
+    let mut ticker = Ticker::every(Duration::from_secs(1));
+    let mut last = Instant::now();
+    let mut next_report = Instant::now() + Duration::from_secs(5);
+    let mut blink = false;
+    loop {
+        ticker.next().await;
+        for s in window.iter_mut() {
+            *s = adc.read_oneshot(&mut pin).await;
+        }
+        let now = Instant::now();
+        let dt_ms = (now - last).as_millis().min(u32::MAX as u64) as u32;
+        last = now;
+        let current_ma = cal.rms_milliamps(&window);
+        let report_due = now >= next_report;
+        let (state, alert) = with_shared(|s| {
+            s.meter.measure(current_ma, dt_ms);
+            if report_due {
+                s.meter.report(now.as_millis());
+                s.save();
+            }
+            (
+                (s.meter.relay(), s.meter.state()),
+                s.meter.take_low_balance_alert(),
+            )
+        });
+        if report_due {
+            next_report = now + Duration::from_secs(config::REPORT_S);
+            REPORT_READY.signal(());
+        }
+        if alert {
+            session::LOW_BALANCE.signal(());
+        }
+        let (relay_state, balance_state) = state;
+        relay.set_level(match relay_state {
+            Relay::On => Level::High,
+            Relay::Off => Level::Low,
+        });
+        // LED (active low): steady with credit, blinking when low, dark when off.
+        blink = !blink;
+        let lit = match balance_state {
+            BalanceState::Credit => true,
+            BalanceState::Low => blink,
+            BalanceState::Exhausted | BalanceState::Unknown => false,
+        };
+        led.set_level(if lit { Level::Low } else { Level::High });
+    }
+}
+
+/// Keeps the WiFi station associated; backs off from 1 s to 60 s while the AP is missing.
+#[embassy_executor::task]
+async fn wifi(mut controller: WifiController<'static>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match controller.connect_async().await {
+            Ok(info) => {
+                println!("WiFi connected: {info:?}");
+                backoff = Duration::from_secs(1);
+                let _ = controller.wait_for_disconnect_async().await;
+                println!("WiFi disconnected");
+            }
+            Err(e) => println!("WiFi connect failed: {e:?}; retry in {backoff:?}"),
+        }
+        Timer::after(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(60));
+    }
+}
+
+#[embassy_executor::task]
+async fn net(mut runner: Runner<'static, Interface>) {
+    runner.run().await
+}
