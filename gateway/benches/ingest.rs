@@ -1,1 +1,1316 @@
-fn main() {}
+//! Ingest benchmark: how many consumption reports per second the gateway commits.
+//!
+//! N meters connect over MQTT 3.1.1 (127.0.0.1) to a gateway running in this process and
+//! publish QoS 1 v2 reports, each keeping up to `--window` publishes unacknowledged. A PUBACK
+//! means the report is committed to SQLite (WAL, `synchronous = FULL`) by the ledger writer's
+//! group commit, so PUBACKs per second is the committed ingest rate. Reported: committed
+//! reports/s, ledger commits/s (one WAL fsync each), reports per commit, publish→PUBACK
+//! latency, disk bytes and CPU per report, and a plain SQLite insert loop with the same
+//! durability settings as the baseline (one row per transaction, and 500 rows per transaction
+//! as the group-commit ceiling).
+//!
+//! ```text
+//! cargo bench -p umeme-gateway --bench ingest [-- --meters N --seconds S --window W --baseline-seconds B]
+//! ```
+//!
+//! The same settings can come from `UMEME_BENCH_METERS`, `UMEME_BENCH_SECONDS`,
+//! `UMEME_BENCH_WINDOW` and `UMEME_BENCH_BASELINE_SECONDS`; arguments win. Without `--bench`
+//! (which `cargo bench` passes, and `cargo test --benches` does not) it runs a tiny smoke
+//! configuration instead of a measurement. The table goes to stdout, progress and the
+//! gateway's warnings (`RUST_LOG`, default `warn`) to stderr.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish};
+use rumqttc::mqttbytes::{self, QoS};
+use rusqlite::params;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{sleep, sleep_until, timeout, timeout_at};
+use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+use umeme_gateway::auth;
+use umeme_gateway::config::Config;
+use umeme_gateway::daemon::Gateway;
+use umeme_gateway::ledger::Rules;
+use umeme_gateway::meter::MeterId;
+use umeme_gateway::metrics::Metrics;
+use umeme_gateway::store;
+use umeme_gateway::writer::{apply_now, Credit, LedgerSettings, Op};
+
+const USAGE: &str = "usage: cargo bench -p umeme-gateway --bench ingest \
+[-- --meters N --seconds S --window W --baseline-seconds B]";
+/// Every meter gets its own row but the same secret, so argon2 hashes it only once.
+const SECRET: &str = "bench-meter-secret";
+const TOPIC_PREFIX: &str = "smartmeter";
+const MAX_PACKET: usize = 4096;
+/// Long enough that meters connected early stay connected while the rest authenticate.
+const KEEP_ALIVE_S: u16 = 60;
+/// Longest wait for every meter to connect (each first CONNECT costs one argon2 check).
+const CONNECT_PHASE_LIMIT: Duration = Duration::from_secs(60);
+/// Longest wait for the PUBACKs still outstanding when the load window closes.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// Longest wait for the presence ops of the connect phase to be committed.
+const SETTLE_LIMIT: Duration = Duration::from_secs(10);
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// Each report adds this much to the meter's cumulative register.
+const WH_PER_REPORT: u64 = 3;
+/// 10 000 KES per meter: 500 kWh at the default tariff, far more than a run consumes.
+const CREDIT_CENTS: i64 = 1_000_000;
+const BASELINE_BATCH: usize = 500;
+/// Bounds the baseline loops by count as well as by time.
+const MAX_BASELINE_TXS: u64 = 1_000_000;
+/// The kernel's USER_HZ: the unit of utime and stime in /proc/*/stat.
+const USER_HZ: f64 = 100.0;
+/// Thread name of the load generator's runtime; its CPU is not the gateway's.
+const LOAD_THREAD: &str = "load-rt";
+/// The gateway's ledger writer thread (named in `umeme_gateway::writer`).
+const WRITER_THREAD: &str = "ledger-writer";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("ingest bench failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let opts = Options::parse()?;
+    let log = LogCounts::install();
+    let dir = tempfile::Builder::new()
+        .prefix("umeme-ingest-")
+        .tempdir()
+        .context("creating the temporary directory")?;
+    if !opts.measuring {
+        eprintln!("[ingest] smoke run (no --bench argument): not a measurement");
+    }
+    eprintln!(
+        "[ingest] {} meters, window {}, {:.1} s of load, data in {}",
+        opts.meters,
+        opts.window,
+        opts.seconds,
+        dir.path().display()
+    );
+    let config_path = write_config(dir.path(), opts.meters)?;
+    let config = Config::load(Some(&config_path)).context("loading the benchmark configuration")?;
+    let meters: Vec<String> = (1..=opts.meters).map(|i| format!("BENCH{i:05}")).collect();
+    provision(&config, &meters)?;
+    // fsync latency on a shared VM drifts; the 1-row baseline brackets the load in time.
+    let single_before = sqlite_baseline(dir.path(), "before", &meters, 1, opts.baseline())?;
+
+    let gateway_rt = runtime("gw-rt")?;
+    let load_rt = runtime(LOAD_THREAD)?;
+    let gateway = gateway_rt
+        .block_on(Gateway::start(config))
+        .context("starting the gateway")?;
+    let metrics = gateway.metrics.clone();
+    let load = load_rt.block_on(drive_load(
+        &opts,
+        gateway.broker_addr,
+        &meters,
+        metrics.clone(),
+    ));
+    gateway_rt.block_on(gateway.stop());
+    drop(load_rt);
+    gateway_rt.shutdown_timeout(Duration::from_secs(5));
+    let load = load?;
+    let counters = gateway_counters(&metrics);
+
+    let baselines = Baselines {
+        single_before,
+        single_after: sqlite_baseline(dir.path(), "after", &meters, 1, opts.baseline())?,
+        batch: sqlite_baseline(
+            dir.path(),
+            "after",
+            &meters,
+            BASELINE_BATCH,
+            opts.baseline(),
+        )?,
+    };
+    print!(
+        "{}",
+        render_report(&opts, dir.path(), &load, &counters, &log, &baselines)
+    );
+    Ok(())
+}
+
+// ---- options ----
+
+#[derive(Debug, Clone)]
+struct Options {
+    meters: usize,
+    seconds: f64,
+    window: usize,
+    baseline_seconds: f64,
+    /// Run by `cargo bench` (a measurement) rather than as a smoke test.
+    measuring: bool,
+    /// The settings given in the environment and as arguments, for the report's command line.
+    env_given: Vec<String>,
+    args_given: Vec<String>,
+}
+
+impl Options {
+    fn parse() -> Result<Options> {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let measuring = args.iter().any(|a| a == "--bench");
+        let mut o = if measuring {
+            Options {
+                meters: 500,
+                seconds: 10.0,
+                window: 4,
+                baseline_seconds: 3.0,
+                measuring,
+                env_given: Vec::new(),
+                args_given: Vec::new(),
+            }
+        } else {
+            Options {
+                meters: 4,
+                seconds: 1.0,
+                window: 4,
+                baseline_seconds: 0.3,
+                measuring,
+                env_given: Vec::new(),
+                args_given: Vec::new(),
+            }
+        };
+        for (var, slot) in [
+            ("UMEME_BENCH_METERS", Setting::Meters),
+            ("UMEME_BENCH_SECONDS", Setting::Seconds),
+            ("UMEME_BENCH_WINDOW", Setting::Window),
+            ("UMEME_BENCH_BASELINE_SECONDS", Setting::BaselineSeconds),
+        ] {
+            if let Ok(v) = std::env::var(var) {
+                o.set(slot, &v).with_context(|| format!("{var}={v:?}"))?;
+                o.env_given.push(format!("{var}={v}"));
+            }
+        }
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let slot = match a.as_str() {
+                "--bench" => continue,
+                "--meters" => Setting::Meters,
+                "--seconds" => Setting::Seconds,
+                "--window" => Setting::Window,
+                "--baseline-seconds" => Setting::BaselineSeconds,
+                "-h" | "--help" => {
+                    println!("{USAGE}");
+                    std::process::exit(0);
+                }
+                other if measuring => bail!("unknown argument {other:?}\n{USAGE}"),
+                // Under `cargo test` the arguments are libtest's: not ours.
+                _ => continue,
+            };
+            let v = it
+                .next()
+                .ok_or_else(|| anyhow!("{a} needs a value\n{USAGE}"))?;
+            o.set(slot, v).with_context(|| format!("{a} {v}"))?;
+            o.args_given.extend([a.clone(), v.clone()]);
+        }
+        Ok(o)
+    }
+
+    fn set(&mut self, slot: Setting, v: &str) -> Result<()> {
+        match slot {
+            Setting::Meters => self.meters = in_range(v, 1, 5_000)?,
+            Setting::Seconds => self.seconds = in_range(v, 0.5, 600.0)?,
+            // The broker stops reading a connection at 64 publishes awaiting their commit.
+            Setting::Window => self.window = in_range(v, 1, 64)?,
+            Setting::BaselineSeconds => self.baseline_seconds = in_range(v, 0.1, 60.0)?,
+        }
+        Ok(())
+    }
+
+    fn load_duration(&self) -> Duration {
+        Duration::from_secs_f64(self.seconds)
+    }
+
+    fn baseline(&self) -> Duration {
+        Duration::from_secs_f64(self.baseline_seconds)
+    }
+
+    fn command(&self) -> String {
+        let mut words = self.env_given.clone();
+        words.push("cargo bench -p umeme-gateway --bench ingest".into());
+        if !self.args_given.is_empty() {
+            words.push("--".into());
+            words.extend(self.args_given.iter().cloned());
+        }
+        words.join(" ")
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Setting {
+    Meters,
+    Seconds,
+    Window,
+    BaselineSeconds,
+}
+
+fn in_range<T>(v: &str, lo: T, hi: T) -> Result<T>
+where
+    T: FromStr + PartialOrd + std::fmt::Display + Copy,
+    T::Err: std::fmt::Display,
+{
+    let x: T = v.parse().map_err(|e| anyhow!("{v:?}: {e}"))?;
+    if x < lo || x > hi {
+        bail!("{x} is out of range: expected {lo} to {hi}");
+    }
+    Ok(x)
+}
+
+// ---- set-up ----
+
+fn write_config(dir: &Path, meters: usize) -> Result<PathBuf> {
+    let data_dir = toml::Value::String(dir.join("data").display().to_string());
+    let text = format!(
+        "[gateway]\nid = \"bench\"\ndata_dir = {data_dir}\n\n\
+         [broker]\nlisten = \"127.0.0.1:0\"\nmax_connections = {}\n\n\
+         [api]\nlisten = \"127.0.0.1:0\"\n",
+        meters + 16
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Adds and credits every meter through the ledger's own ops, before the gateway starts.
+fn provision(config: &Config, meters: &[String]) -> Result<()> {
+    let started = Instant::now();
+    let mut conn = store::open(&config.db_path(), config.gateway.id.as_str())
+        .context("opening the gateway database for provisioning")?;
+    let settings = LedgerSettings {
+        rules: Rules {
+            low_balance_wh: config.ledger.low_balance_wh,
+        },
+        tariff: config.ledger.tariff,
+    };
+    let secret_hash = auth::hash_secret(SECRET);
+    let mut next_report = started + PROGRESS_EVERY;
+    for (i, id) in meters.iter().enumerate() {
+        let meter = MeterId::parse(id)?;
+        let at = store::now_ms();
+        let add = Op::AddMeter {
+            meter: meter.clone(),
+            name: None,
+            phone: None,
+            secret_hash: secret_hash.clone(),
+            at,
+        };
+        apply_now(&mut conn, &add, &settings).with_context(|| format!("adding {id}"))?;
+        let credit = Op::Credit(Credit {
+            meter,
+            source: "bench".into(),
+            reference: format!("bench-{id}"),
+            amount_cents: CREDIT_CENTS,
+            at,
+        });
+        apply_now(&mut conn, &credit, &settings).with_context(|| format!("crediting {id}"))?;
+        if Instant::now() >= next_report {
+            eprintln!("[provision] {}/{} meters", i + 1, meters.len());
+            next_report += PROGRESS_EVERY;
+        }
+    }
+    eprintln!(
+        "[provision] {} meters added and credited in {:.1} s",
+        meters.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn runtime(name: &str) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .with_context(|| format!("building the {name} runtime"))
+}
+
+// ---- the load ----
+
+/// Shared between the meter tasks and the driver.
+#[derive(Default)]
+struct Progress {
+    connected: AtomicUsize,
+    failed: AtomicUsize,
+    acked: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LoadWindow {
+    deadline: Instant,
+}
+
+/// One meter's view of the run.
+#[derive(Debug, Default)]
+struct ClientStats {
+    sent: u64,
+    /// PUBACKs received before the window closed.
+    acked_in_window: u64,
+    /// PUBACKs received while draining after the window.
+    acked_after: u64,
+    /// Publishes still unacknowledged when the drain gave up.
+    unacked: u64,
+    /// PUBACKs that did not answer the oldest publish in flight.
+    out_of_order: u64,
+    /// PUBACKs for no publish in flight.
+    unexpected_acks: u64,
+    /// Packets other than PUBACK during the load.
+    other_packets: u64,
+    /// Publish→PUBACK times of `acked_in_window`, in µs.
+    latencies_us: Vec<u32>,
+}
+
+impl ClientStats {
+    /// Matches a packet against the publishes in flight; the send time of the one it acks.
+    fn take_ack(
+        &mut self,
+        packet: Packet,
+        inflight: &mut VecDeque<(u16, Instant)>,
+    ) -> Option<Instant> {
+        let Packet::PubAck(ack) = packet else {
+            self.other_packets += 1;
+            return None;
+        };
+        match inflight.iter().position(|(pkid, _)| *pkid == ack.pkid) {
+            Some(0) => inflight.pop_front().map(|(_, sent)| sent),
+            Some(i) => {
+                self.out_of_order += 1;
+                inflight.remove(i).map(|(_, sent)| sent)
+            }
+            None => {
+                self.unexpected_acks += 1;
+                None
+            }
+        }
+    }
+}
+
+/// An MQTT connection from the meter's side, framed with rumqtt's codec.
+struct MqttStream {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+impl MqttStream {
+    fn queue(&mut self, packet: Packet) -> Result<()> {
+        packet
+            .write(&mut self.wbuf, MAX_PACKET)
+            .map_err(|e| anyhow!("encoding a packet: {e}"))?;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        self.stream
+            .write_all(&self.wbuf)
+            .await
+            .context("writing to the gateway")?;
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    async fn read_more(&mut self) -> Result<()> {
+        let n = self
+            .stream
+            .read_buf(&mut self.rbuf)
+            .await
+            .context("reading from the gateway")?;
+        if n == 0 {
+            bail!("the gateway closed the connection");
+        }
+        Ok(())
+    }
+
+    fn next_buffered(&mut self) -> Result<Option<Packet>> {
+        if self.rbuf.is_empty() {
+            return Ok(None);
+        }
+        match Packet::read(&mut self.rbuf, MAX_PACKET) {
+            Ok(p) => Ok(Some(p)),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(anyhow!("malformed packet from the gateway: {e}")),
+        }
+    }
+
+    async fn next_packet(&mut self) -> Result<Packet> {
+        loop {
+            if let Some(p) = self.next_buffered()? {
+                return Ok(p);
+            }
+            self.read_more().await?;
+        }
+    }
+}
+
+/// One meter: connect, wait for the start, publish until the window closes, drain.
+async fn run_meter(
+    addr: SocketAddr,
+    meter: String,
+    window: usize,
+    progress: Arc<Progress>,
+    mut start: watch::Receiver<Option<LoadWindow>>,
+) -> Result<ClientStats> {
+    let mut conn = match connect_meter(addr, &meter).await {
+        Ok(c) => {
+            progress.connected.fetch_add(1, Ordering::Relaxed);
+            c
+        }
+        Err(e) => {
+            progress.failed.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
+    let load = wait_for_start(&mut start).await?;
+    publish_reports(&mut conn, &meter, window, load, &progress).await
+}
+
+async fn wait_for_start(start: &mut watch::Receiver<Option<LoadWindow>>) -> Result<LoadWindow> {
+    let started = timeout(
+        CONNECT_PHASE_LIMIT + SETTLE_LIMIT + Duration::from_secs(10),
+        start.wait_for(Option::is_some),
+    )
+    .await
+    .context("no start signal")?
+    .map_err(|_| anyhow!("the benchmark stopped before the load phase"))?;
+    (*started).ok_or_else(|| anyhow!("start signal without a load window"))
+}
+
+async fn connect_meter(addr: SocketAddr, meter: &str) -> Result<MqttStream> {
+    let stream = timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .context("TCP connect timed out")?
+        .context("TCP connect")?;
+    stream.set_nodelay(true).context("TCP_NODELAY")?;
+    let mut conn = MqttStream {
+        stream,
+        rbuf: BytesMut::with_capacity(1024),
+        wbuf: BytesMut::with_capacity(1024),
+    };
+    let mut connect = rumqttc::mqttbytes::v4::Connect::new(meter);
+    connect.keep_alive = KEEP_ALIVE_S;
+    connect.set_login(meter, SECRET);
+    conn.queue(Packet::Connect(connect))?;
+    conn.flush().await?;
+    let reply = timeout(CONNECT_PHASE_LIMIT, conn.next_packet())
+        .await
+        .context("no CONNACK in time")??;
+    match reply {
+        Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok(conn),
+        Packet::ConnAck(ack) => bail!("CONNECT refused: {:?}", ack.code),
+        other => bail!("expected CONNACK, got {other:?}"),
+    }
+}
+
+async fn publish_reports(
+    conn: &mut MqttStream,
+    meter: &str,
+    window: usize,
+    load: LoadWindow,
+    progress: &Progress,
+) -> Result<ClientStats> {
+    let topic = format!("{TOPIC_PREFIX}/{meter}/consumption");
+    let deadline = tokio::time::Instant::from_std(load.deadline);
+    let mut stats = ClientStats::default();
+    let mut inflight: VecDeque<(u16, Instant)> = VecDeque::with_capacity(window);
+    let (mut seq, mut energy_wh, mut pkid) = (0u32, 10_000u64, 0u16);
+    while Instant::now() < load.deadline {
+        if inflight.len() < window {
+            while inflight.len() < window {
+                seq += 1;
+                energy_wh += WH_PER_REPORT;
+                pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
+                let payload = format!(
+                    r#"{{"v":2,"meterNo":"{meter}","seq":{seq},"energyWh":{energy_wh},"powerW":100.0}}"#
+                );
+                let mut publish = Publish::new(topic.as_str(), QoS::AtLeastOnce, payload);
+                publish.pkid = pkid;
+                conn.queue(Packet::Publish(publish))?;
+                inflight.push_back((pkid, Instant::now()));
+                stats.sent += 1;
+            }
+            conn.flush().await?;
+        }
+        match timeout_at(deadline, conn.read_more()).await {
+            Err(_) => break,
+            Ok(read) => read?,
+        }
+        let now = Instant::now();
+        while let Some(packet) = conn.next_buffered()? {
+            let Some(sent) = stats.take_ack(packet, &mut inflight) else {
+                continue;
+            };
+            if now < load.deadline {
+                stats.acked_in_window += 1;
+                let us = (now - sent).as_micros();
+                stats
+                    .latencies_us
+                    .push(u32::try_from(us).unwrap_or(u32::MAX));
+                progress.acked.fetch_add(1, Ordering::Relaxed);
+            } else {
+                stats.acked_after += 1;
+            }
+        }
+    }
+    let drain_deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+    while !inflight.is_empty() {
+        match timeout_at(drain_deadline, conn.read_more()).await {
+            Err(_) => break,
+            Ok(read) => read?,
+        }
+        while let Some(packet) = conn.next_buffered()? {
+            if stats.take_ack(packet, &mut inflight).is_some() {
+                stats.acked_after += 1;
+            }
+        }
+    }
+    stats.unacked = inflight.len() as u64;
+    conn.queue(Packet::Disconnect)?;
+    // The counts are complete; a failed goodbye changes nothing in them.
+    let _ = conn.flush().await;
+    Ok(stats)
+}
+
+/// What the gateway showed during the load window.
+struct LoadOutcome {
+    meters: usize,
+    connected: usize,
+    connect_time: Duration,
+    before: Snapshot,
+    after: Snapshot,
+    totals: ClientStats,
+    /// Sorted.
+    latencies_us: Vec<u32>,
+    per_meter_acks: (u64, u64),
+    errors: Vec<String>,
+    /// Most threads seen in the process during the connect phase and the load.
+    peak_threads: u64,
+    /// Peak resident memory of the process so far (VmHWM, KiB) when the meters started to
+    /// connect, when they had connected, and after the load.
+    peak_rss_kib: [Option<u64>; 3],
+}
+
+impl LoadOutcome {
+    fn seconds(&self) -> f64 {
+        (self.after.at - self.before.at).as_secs_f64()
+    }
+}
+
+async fn drive_load(
+    opts: &Options,
+    addr: SocketAddr,
+    meters: &[String],
+    metrics: Arc<Metrics>,
+) -> Result<LoadOutcome> {
+    let progress = Arc::new(Progress::default());
+    let (start_tx, start_rx) = watch::channel(None);
+    let rss_at_start = proc_status("VmHWM:");
+    let connect_began = Instant::now();
+    let tasks: Vec<_> = meters
+        .iter()
+        .map(|m| {
+            let task = tokio::spawn(run_meter(
+                addr,
+                m.clone(),
+                opts.window,
+                progress.clone(),
+                start_rx.clone(),
+            ));
+            (m.clone(), task)
+        })
+        .collect();
+    drop(start_rx);
+
+    let n = meters.len();
+    let mut next_report = connect_began + PROGRESS_EVERY;
+    let mut peak_threads = 0;
+    loop {
+        peak_threads = peak_threads.max(proc_status("Threads:").unwrap_or(0));
+        let (ok, failed) = (
+            progress.connected.load(Ordering::Relaxed),
+            progress.failed.load(Ordering::Relaxed),
+        );
+        if ok + failed >= n {
+            break;
+        }
+        if connect_began.elapsed() > CONNECT_PHASE_LIMIT {
+            eprintln!("[connect] gave up waiting: {ok}/{n} connected, {failed} failed");
+            break;
+        }
+        if Instant::now() >= next_report {
+            eprintln!(
+                "[connect] {ok}/{n} meters connected ({failed} failed) after {:.1} s",
+                connect_began.elapsed().as_secs_f64()
+            );
+            next_report += PROGRESS_EVERY;
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+    let connect_time = connect_began.elapsed();
+    let rss_after_connect = proc_status("VmHWM:");
+    let connected = progress.connected.load(Ordering::Relaxed);
+    eprintln!(
+        "[connect] {connected}/{n} meters connected in {:.1} s",
+        connect_time.as_secs_f64()
+    );
+
+    // Each CONNECT queued a presence op; let those commit before measuring.
+    let settle_until = Instant::now() + SETTLE_LIMIT;
+    while metrics.get("umeme_ledger_ops_total", &[]) < connected as f64
+        && Instant::now() < settle_until
+    {
+        sleep(Duration::from_millis(20)).await;
+    }
+
+    let before = Snapshot::take(&metrics);
+    let deadline = before.at + opts.load_duration();
+    if connected > 0 {
+        start_tx.send_replace(Some(LoadWindow { deadline }));
+        let mut last = (before.at, 0u64, before.commits);
+        while Instant::now() < deadline {
+            let next = (Instant::now() + PROGRESS_EVERY).min(deadline);
+            sleep_until(next.into()).await;
+            if Instant::now() >= deadline {
+                break;
+            }
+            peak_threads = peak_threads.max(proc_status("Threads:").unwrap_or(0));
+            let (now, acked) = (Instant::now(), progress.acked.load(Ordering::Relaxed));
+            let commits = metrics.get("umeme_ledger_commits_total", &[]);
+            let dt = (now - last.0).as_secs_f64();
+            eprintln!(
+                "[load] {:.0}/{:.0} s: {acked} reports committed, {:.0} reports/s, {:.0} commits/s",
+                (now - before.at).as_secs_f64(),
+                opts.seconds,
+                (acked - last.1) as f64 / dt,
+                (commits - last.2) / dt,
+            );
+            last = (now, acked, commits);
+        }
+        sleep_until(deadline.into()).await;
+    }
+    let after = Snapshot::take(&metrics);
+    // Meters still waiting for the start learn that there is none.
+    drop(start_tx);
+    if connected > 0 {
+        eprintln!("[load] window closed; draining outstanding PUBACKs");
+    }
+
+    let mut totals = ClientStats::default();
+    let mut per_meter_acks = (u64::MAX, 0u64);
+    let mut errors = Vec::new();
+    for (meter, task) in tasks {
+        match task.await {
+            Ok(Ok(s)) => {
+                totals.sent += s.sent;
+                totals.acked_in_window += s.acked_in_window;
+                totals.acked_after += s.acked_after;
+                totals.unacked += s.unacked;
+                totals.out_of_order += s.out_of_order;
+                totals.unexpected_acks += s.unexpected_acks;
+                totals.other_packets += s.other_packets;
+                totals.latencies_us.extend_from_slice(&s.latencies_us);
+                per_meter_acks.0 = per_meter_acks.0.min(s.acked_in_window);
+                per_meter_acks.1 = per_meter_acks.1.max(s.acked_in_window);
+            }
+            Ok(Err(e)) => errors.push(format!("{meter}: {e:#}")),
+            Err(e) => errors.push(format!("{meter}: client task failed: {e}")),
+        }
+    }
+    if connected == 0 {
+        let first = errors.first().map_or("no error recorded", String::as_str);
+        bail!("no meter could connect (first error: {first})");
+    }
+    if per_meter_acks.0 == u64::MAX {
+        per_meter_acks.0 = 0;
+    }
+    let mut latencies_us = std::mem::take(&mut totals.latencies_us);
+    latencies_us.sort_unstable();
+    Ok(LoadOutcome {
+        meters: n,
+        connected,
+        connect_time,
+        before,
+        after,
+        totals,
+        latencies_us,
+        per_meter_acks,
+        errors,
+        peak_threads,
+        peak_rss_kib: [rss_at_start, rss_after_connect, proc_status("VmHWM:")],
+    })
+}
+
+// ---- measurements from the process ----
+
+#[derive(Debug, Clone, Copy)]
+struct Snapshot {
+    at: Instant,
+    commits: f64,
+    ops: f64,
+    write_bytes: Option<u64>,
+    cpu: Option<Cpu>,
+}
+
+impl Snapshot {
+    fn take(metrics: &Metrics) -> Snapshot {
+        Snapshot {
+            at: Instant::now(),
+            commits: metrics.get("umeme_ledger_commits_total", &[]),
+            ops: metrics.get("umeme_ledger_ops_total", &[]),
+            write_bytes: write_bytes(),
+            cpu: Cpu::read(),
+        }
+    }
+}
+
+/// Bytes this process caused to be written to storage (`write_bytes` of /proc/self/io).
+fn write_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A numeric field of /proc/self/status (`Threads:`, `VmHWM:` in KiB).
+fn proc_status(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let value = status.lines().find_map(|l| l.strip_prefix(field))?;
+    value.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// CPU time in clock ticks: the whole process, the benchmark's own threads (load generator
+/// runtime and main thread), and the ledger writer thread.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    process: u64,
+    harness: u64,
+    writer: u64,
+}
+
+impl Cpu {
+    fn read() -> Option<Cpu> {
+        let (_, process) = stat_ticks(Path::new("/proc/self/stat"))?;
+        let main_tid = std::process::id().to_string();
+        let mut cpu = Cpu {
+            process,
+            ..Cpu::default()
+        };
+        for entry in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let Some((name, ticks)) = stat_ticks(&entry.path().join("stat")) else {
+                continue;
+            };
+            if name == LOAD_THREAD || entry.file_name().to_str() == Some(main_tid.as_str()) {
+                cpu.harness += ticks;
+            } else if name == WRITER_THREAD {
+                cpu.writer += ticks;
+            }
+        }
+        Some(cpu)
+    }
+}
+
+/// `(comm, utime + stime)` from a /proc stat file.
+fn stat_ticks(path: &Path) -> Option<(String, u64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let (open, close) = (text.find('(')?, text.rfind(')')?);
+    let name = text.get(open + 1..close)?.to_string();
+    // Fields after the name start at field 3 (state); utime and stime are fields 14 and 15.
+    let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    let utime: u64 = rest.get(11)?.parse().ok()?;
+    let stime: u64 = rest.get(12)?.parse().ok()?;
+    Some((name, utime + stime))
+}
+
+/// Non-zero gateway counters that mean something went wrong, plus the report outcomes.
+struct Counters {
+    problems: Vec<(String, f64)>,
+    outcomes: Vec<(String, f64)>,
+}
+
+fn gateway_counters(metrics: &Metrics) -> Counters {
+    let mut counters = Counters {
+        problems: Vec::new(),
+        outcomes: Vec::new(),
+    };
+    for line in metrics.render().lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let bad = ["refused", "rejected", "errors"]
+            .iter()
+            .any(|w| series.contains(w));
+        if bad && value > 0.0 {
+            counters.problems.push((series.to_string(), value));
+        } else if series.starts_with("umeme_mqtt_reports_total") {
+            counters.outcomes.push((series.to_string(), value));
+        }
+    }
+    counters
+}
+
+/// Counts the warnings and errors the gateway logged, and prints them to stderr.
+#[derive(Clone, Default)]
+struct LogCounts(Arc<[AtomicU64; 2]>);
+
+impl LogCounts {
+    fn install() -> LogCounts {
+        let counts = LogCounts::default();
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let installed = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
+            .with(
+                counts
+                    .clone()
+                    .with_filter(tracing::level_filters::LevelFilter::WARN),
+            )
+            .try_init();
+        if let Err(e) = installed {
+            eprintln!("[ingest] gateway log not captured: {e}");
+        }
+        counts
+    }
+
+    fn warnings(&self) -> u64 {
+        self.0[0].load(Ordering::Relaxed)
+    }
+
+    fn errors(&self) -> u64 {
+        self.0[1].load(Ordering::Relaxed)
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for LogCounts {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: LayerContext<'_, S>) {
+        match *event.metadata().level() {
+            tracing::Level::WARN => self.0[0].fetch_add(1, Ordering::Relaxed),
+            tracing::Level::ERROR => self.0[1].fetch_add(1, Ordering::Relaxed),
+            _ => return,
+        };
+    }
+}
+
+// ---- the baseline ----
+
+struct Baseline {
+    /// When it ran: `before` or `after` the gateway load.
+    when: &'static str,
+    rows_per_tx: usize,
+    rows: u64,
+    txs: u64,
+    elapsed: Duration,
+    write_bytes: Option<u64>,
+    /// Time of each transaction, BEGIN to COMMIT, in µs; sorted.
+    tx_us: Vec<u32>,
+}
+
+struct Baselines {
+    single_before: Baseline,
+    single_after: Baseline,
+    batch: Baseline,
+}
+
+impl Baseline {
+    fn rows_per_s(&self) -> f64 {
+        self.rows as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn txs_per_s(&self) -> f64 {
+        self.txs as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Inserts report-like rows into a fresh database in `dir` with the gateway's durability
+/// settings, `rows_per_tx` rows per transaction, for `duration`.
+fn sqlite_baseline(
+    dir: &Path,
+    when: &'static str,
+    meters: &[String],
+    rows_per_tx: usize,
+    duration: Duration,
+) -> Result<Baseline> {
+    eprintln!(
+        "[baseline] SQLite {when} the load, {rows_per_tx} row(s) per transaction, {:.1} s",
+        duration.as_secs_f64()
+    );
+    let path = dir.join(format!("baseline-{rows_per_tx}-{when}.db"));
+    let mut conn =
+        rusqlite::Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(
+        "CREATE TABLE readings (
+            id INTEGER PRIMARY KEY,
+            meter TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            energy INTEGER NOT NULL,
+            payload TEXT NOT NULL
+        ) STRICT;",
+    )?;
+    let io_before = write_bytes();
+    let started = Instant::now();
+    let mut next_report = started + PROGRESS_EVERY;
+    let (mut rows, mut txs) = (0u64, 0u64);
+    let mut tx_us = Vec::new();
+    while started.elapsed() < duration && txs < MAX_BASELINE_TXS {
+        let t0 = Instant::now();
+        let tx = conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO readings (meter, seq, energy, payload) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for _ in 0..rows_per_tx {
+                let meter = &meters[rows as usize % meters.len()];
+                let seq = rows / meters.len() as u64 + 1;
+                let energy = 10_000 + seq * WH_PER_REPORT;
+                let payload = format!(
+                    r#"{{"v":2,"meterNo":"{meter}","seq":{seq},"energyWh":{energy},"powerW":100.0}}"#
+                );
+                insert.execute(params![meter, seq, energy, payload])?;
+                rows += 1;
+            }
+        }
+        tx.commit()?;
+        txs += 1;
+        tx_us.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+        if Instant::now() >= next_report {
+            eprintln!("[baseline] {rows} rows in {txs} transactions");
+            next_report += PROGRESS_EVERY;
+        }
+    }
+    let elapsed = started.elapsed();
+    let write_bytes = write_bytes()
+        .zip(io_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    tx_us.sort_unstable();
+    Ok(Baseline {
+        when,
+        rows_per_tx,
+        rows,
+        txs,
+        elapsed,
+        write_bytes,
+        tx_us,
+    })
+}
+
+// ---- the report ----
+
+fn percentile(sorted: &[u32], p: f64) -> Option<u32> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn ms(us: Option<u32>) -> String {
+    us.map_or("n/a".into(), |us| {
+        format!("{:.1} ms", f64::from(us) / 1000.0)
+    })
+}
+
+fn render_report(
+    opts: &Options,
+    dir: &Path,
+    load: &LoadOutcome,
+    counters: &Counters,
+    log: &LogCounts,
+    baselines: &Baselines,
+) -> String {
+    let secs = load.seconds();
+    let acked = load.totals.acked_in_window;
+    let reports_per_s = acked as f64 / secs;
+    let commits = load.after.commits - load.before.commits;
+    let ops = load.after.ops - load.before.ops;
+    let bytes = load
+        .after
+        .write_bytes
+        .zip(load.before.write_bytes)
+        .map(|(a, b)| a.saturating_sub(b));
+    let per_report = |x: f64| {
+        if acked > 0 {
+            x / acked as f64
+        } else {
+            f64::NAN
+        }
+    };
+    let cpu = load.after.cpu.zip(load.before.cpu).map(|(a, b)| Cpu {
+        process: a.process.saturating_sub(b.process),
+        harness: a.harness.saturating_sub(b.harness),
+        writer: a.writer.saturating_sub(b.writer),
+    });
+
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(w, "\n## umeme-gateway ingest benchmark\n");
+    if !opts.measuring {
+        let _ = writeln!(w, "**Smoke run (no `--bench`): not a measurement.**\n");
+    }
+    let _ = writeln!(w, "| | |\n|---|---|");
+    let _ = writeln!(w, "| date | {} |", utc_now());
+    let _ = writeln!(w, "| command | `{}` |", opts.command());
+    let _ = writeln!(w, "| machine | {} |", machine());
+    let _ = writeln!(w, "| data directory | `{}` |", dir.display());
+    let _ = writeln!(
+        w,
+        "| meters | {} connected of {} (connect phase {:.1} s), up to {} unacknowledged QoS 1 publishes each |",
+        load.connected,
+        load.meters,
+        load.connect_time.as_secs_f64(),
+        opts.window
+    );
+    let _ = writeln!(w, "| load window | {secs:.1} s |");
+
+    let _ = writeln!(
+        w,
+        "\n### Gateway: publish → SQLite commit (WAL, synchronous=FULL) → PUBACK\n"
+    );
+    let _ = writeln!(w, "| metric | value |\n|---|---:|");
+    let _ = writeln!(w, "| committed reports/s (PUBACKs) | {reports_per_s:.0} |");
+    let _ = writeln!(w, "| reports committed in the window | {acked} |");
+    let _ = writeln!(
+        w,
+        "| ledger commits/s (one WAL fsync each) | {:.0} |",
+        commits / secs
+    );
+    let _ = writeln!(
+        w,
+        "| wall time per ledger commit (1 ÷ commits/s) | {} |",
+        if commits > 0.0 {
+            format!("{:.1} ms", secs / commits * 1000.0)
+        } else {
+            "n/a".into()
+        }
+    );
+    let _ = writeln!(
+        w,
+        "| ledger ops per commit (average) | {:.1} |",
+        if commits > 0.0 {
+            ops / commits
+        } else {
+            f64::NAN
+        }
+    );
+    let sorted = &load.latencies_us;
+    let _ = writeln!(
+        w,
+        "| publish→PUBACK p50 | {} |",
+        ms(percentile(sorted, 50.0))
+    );
+    let _ = writeln!(
+        w,
+        "| publish→PUBACK p99 | {} |",
+        ms(percentile(sorted, 99.0))
+    );
+    let _ = writeln!(w, "| publish→PUBACK max | {} |", ms(sorted.last().copied()));
+    let _ = writeln!(
+        w,
+        "| disk bytes written per report | {} |",
+        bytes.map_or("n/a".into(), |b| format!("{:.0}", per_report(b as f64)))
+    );
+    match cpu {
+        Some(c) => {
+            let s = |ticks: u64| ticks as f64 / USER_HZ;
+            let gateway = c.process.saturating_sub(c.harness);
+            let _ = writeln!(
+                w,
+                "| CPU s per 1000 reports, whole process | {:.3} |",
+                per_report(s(c.process)) * 1000.0
+            );
+            let _ = writeln!(
+                w,
+                "| CPU s per 1000 reports, gateway only (load generator excluded) | {:.3} |",
+                per_report(s(gateway)) * 1000.0
+            );
+            let _ = writeln!(
+                w,
+                "| CPU used, gateway / load generator | {:.0} % / {:.0} % of one core |",
+                s(gateway) / secs * 100.0,
+                s(c.harness) / secs * 100.0
+            );
+            let _ = writeln!(
+                w,
+                "| ledger-writer thread on CPU | {:.0} % of the window |",
+                s(c.writer) / secs * 100.0
+            );
+        }
+        None => {
+            let _ = writeln!(w, "| CPU | n/a (/proc unreadable) |");
+        }
+    }
+    let _ = writeln!(
+        w,
+        "| reports per meter in the window, min / max | {} / {} |",
+        load.per_meter_acks.0, load.per_meter_acks.1
+    );
+
+    let _ = writeln!(
+        w,
+        "\n### Baseline: plain SQLite insert loop, same file system, WAL, synchronous=FULL\n"
+    );
+    let _ = writeln!(
+        w,
+        "| loop | rows/s | commits (fsyncs)/s | disk bytes per row | commit p50 | commit p99 |"
+    );
+    let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|");
+    let Baselines {
+        single_before: before,
+        single_after: after,
+        batch,
+    } = baselines;
+    for b in [before, after, batch] {
+        let _ = writeln!(
+            w,
+            "| {} row(s) per transaction, {} the load: {} rows | {:.0} | {:.0} | {} | {} | {} |",
+            b.rows_per_tx,
+            b.when,
+            b.rows,
+            b.rows_per_s(),
+            b.txs_per_s(),
+            b.write_bytes.map_or("n/a".into(), |x| format!(
+                "{:.0}",
+                x as f64 / b.rows.max(1) as f64
+            )),
+            ms(percentile(&b.tx_us, 50.0)),
+            ms(percentile(&b.tx_us, 99.0)),
+        );
+    }
+
+    let _ = writeln!(w, "\n### Ratios\n");
+    let _ = writeln!(w, "| ratio | value |\n|---|---:|");
+    let _ = writeln!(
+        w,
+        "| gateway reports/s ÷ baseline 1-row-per-commit inserts/s (before / after the load) | {:.2} / {:.2} |",
+        reports_per_s / before.rows_per_s(),
+        reports_per_s / after.rows_per_s()
+    );
+    let _ = writeln!(
+        w,
+        "| gateway reports/s ÷ baseline {BASELINE_BATCH}-rows-per-commit inserts/s (group-commit ceiling) | {:.3} |",
+        reports_per_s / batch.rows_per_s()
+    );
+    let _ = writeln!(
+        w,
+        "| gateway commits/s ÷ baseline 1-row commits/s (before / after the load) | {:.3} / {:.3} |",
+        commits / secs / before.txs_per_s(),
+        commits / secs / after.txs_per_s()
+    );
+
+    let _ = writeln!(w, "\n### Health during the run\n");
+    let _ = writeln!(w, "| check | value |\n|---|---|");
+    let t = &load.totals;
+    let _ = writeln!(
+        w,
+        "| client errors (connect or connection) | {} |",
+        load.errors.len()
+    );
+    for e in load.errors.iter().take(5) {
+        let _ = writeln!(w, "| ↳ | {} |", e.replace('|', "\\|"));
+    }
+    let _ = writeln!(
+        w,
+        "| publishes sent / acked in window / acked after / never acked | {} / {} / {} / {} |",
+        t.sent, t.acked_in_window, t.acked_after, t.unacked
+    );
+    let _ = writeln!(
+        w,
+        "| out-of-order / unexpected PUBACKs, other packets | {} / {}, {} |",
+        t.out_of_order, t.unexpected_acks, t.other_packets
+    );
+    let mib = |k: Option<u64>| k.map_or("n/a".into(), |k| format!("{:.0} MiB", k as f64 / 1024.0));
+    let _ = writeln!(w, "| most threads in the process | {} |", load.peak_threads);
+    let [rss_start, rss_connected, rss_end] = load.peak_rss_kib;
+    let _ = writeln!(
+        w,
+        "| peak resident memory before connecting / after the connect phase / after the load | {} / {} / {} |",
+        mib(rss_start),
+        mib(rss_connected),
+        mib(rss_end)
+    );
+    let _ = writeln!(
+        w,
+        "| gateway log warnings / errors | {} / {} |",
+        log.warnings(),
+        log.errors()
+    );
+    if counters.problems.is_empty() {
+        let _ = writeln!(w, "| gateway error/refusal counters | all zero |");
+    }
+    for (series, v) in &counters.problems {
+        let _ = writeln!(w, "| `{series}` | {v} |");
+    }
+    for (series, v) in &counters.outcomes {
+        let _ = writeln!(w, "| `{series}` | {v} |");
+    }
+    out
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or("?".into(), |kib| format!("{:.1}", kib / 1024.0 / 1024.0));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "?".into(), |s| s.trim().to_string());
+    format!("{cpu}, nproc {nproc}, {mem_gib} GiB RAM, Linux {kernel}")
+}
+
+/// The current UTC time as `YYYY-MM-DD HH:MM:SS UTC`.
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

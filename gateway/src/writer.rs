@@ -317,15 +317,15 @@ fn apply_report(
 ) -> Result<Applied, LedgerError> {
     let mut account = known(tx, meter)?;
     let applied = account.apply_report(report, &s.rules)?;
-    store::touch(tx, meter, at)?;
     if matches!(applied.kind, ReportKind::Stale | ReportKind::Repeat) {
-        // A retry of something already applied: no reading, no event, no command.
+        // A retry of something already applied: no event, no command.
+        store::touch(tx, meter, at)?;
         return Ok(Applied {
             outcome: Outcome::Report(applied),
             notice: None,
         });
     }
-    store::save_account(tx, meter, &account)?;
+    store::save_account(tx, meter, &account, Some(at))?;
     let (version, mut data) = match report {
         Report::V1 {
             total_consumed_units,
@@ -383,7 +383,7 @@ fn apply_credit(tx: &Connection, c: &Credit, s: &LedgerSettings) -> Result<Appli
     let mut account = known(tx, &c.meter)?;
     let credit_wh = s.tariff.credit_wh(c.amount_cents);
     account.credit(credit_wh);
-    store::save_account(tx, &c.meter, &account)?;
+    store::save_account(tx, &c.meter, &account, None)?;
     let data = json!({
         "source": c.source, "reference": c.reference,
         "amount": c.amount_cents as f64 / 100.0, "amountCents": c.amount_cents,
