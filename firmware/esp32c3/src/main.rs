@@ -168,7 +168,11 @@ async fn main(spawner: Spawner) -> ! {
 
     let station = WifiConfig::Station(
         StationConfig::default()
-            .with_ssid(config::WIFI_SSID.try_into().expect("WIFI_SSID of 1..=32 bytes"))
+            .with_ssid(
+                config::WIFI_SSID
+                    .try_into()
+                    .expect("WIFI_SSID of 1..=32 bytes"),
+            )
             .with_authentication(AuthenticationMethodConfig::Wpa2Personal(
                 config::WIFI_PASSWORD
                     .try_into()

@@ -125,7 +125,12 @@ async fn session(socket: &mut TcpSocket<'_>) -> Result<core::convert::Infallible
     )
     .map_err(|_| SessionEnd::Protocol)?;
     send(socket, &out[..n]).await?;
-    match with_timeout(Duration::from_secs(10), next_packet(socket, &mut buf, &mut have)).await {
+    match with_timeout(
+        Duration::from_secs(10),
+        next_packet(socket, &mut buf, &mut have),
+    )
+    .await
+    {
         Ok(Ok((Incoming::ConnAck { code: 0, .. }, used))) => consume(&mut buf, &mut have, used),
         Ok(Ok((Incoming::ConnAck { code, .. }, _))) => return Err(SessionEnd::Refused(code)),
         Ok(Ok(_)) | Ok(Err(_)) => return Err(SessionEnd::Protocol),
@@ -152,7 +157,11 @@ async fn session(socket: &mut TcpSocket<'_>) -> Result<core::convert::Infallible
             let Ok(len) = r.encode_v2(config::METER_ID, &mut json) else {
                 return Err(SessionEnd::Protocol);
             };
-            next_pkid = if next_pkid == u16::MAX { 2 } else { next_pkid + 1 };
+            next_pkid = if next_pkid == u16::MAX {
+                2
+            } else {
+                next_pkid + 1
+            };
             let n = mqtt::publish(
                 &mut out,
                 &t.consumption,
@@ -177,8 +186,16 @@ async fn session(socket: &mut TcpSocket<'_>) -> Result<core::convert::Infallible
                 balance as f64 / 1000.0,
                 Instant::now().as_millis()
             );
-            let n = mqtt::publish(&mut out, &t.status, json.as_bytes(), QoS::AtMostOnce, false, 0, false)
-                .map_err(|_| SessionEnd::Protocol)?;
+            let n = mqtt::publish(
+                &mut out,
+                &t.status,
+                json.as_bytes(),
+                QoS::AtMostOnce,
+                false,
+                0,
+                false,
+            )
+            .map_err(|_| SessionEnd::Protocol)?;
             send(socket, &out[..n]).await?;
         }
 
