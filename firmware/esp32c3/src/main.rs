@@ -28,6 +28,7 @@ use embassy_executor::Spawner;
 use embassy_net::{Runner, StackResources};
 use embassy_sync::blocking_mutex::raw::CriticalSectionRawMutex;
 use embassy_sync::blocking_mutex::Mutex;
+use embassy_sync::mutex::Mutex as AsyncMutex;
 use embassy_sync::signal::Signal;
 use embassy_time::{Duration, Instant, Ticker, Timer};
 use esp_backtrace as _;
@@ -61,40 +62,37 @@ const WINDOW: usize = 200;
 type CurrentPin = AdcPin<GPIO3<'static>, ADC1<'static>, AdcCalCurve<ADC1<'static>>>;
 type Log = FlashLog<FlashStorage<'static>>;
 
-/// The meter and its flash log, shared by the metering task and the MQTT session.
-pub struct Shared {
-    pub meter: Meter<OUTBOX>,
-    pub log: Log,
-    pub dropped_saves: u32,
-}
-
-static SHARED: Mutex<CriticalSectionRawMutex, RefCell<Option<Shared>>> =
+static METER: Mutex<CriticalSectionRawMutex, RefCell<Option<Meter<OUTBOX>>>> =
     Mutex::new(RefCell::new(None));
+
+/// The flash log. An async mutex: a sector erase takes tens of milliseconds and must not run
+/// inside the meter's critical section.
+static LOG: AsyncMutex<CriticalSectionRawMutex, Option<Log>> = AsyncMutex::new(None);
 
 /// Raised when a new report waits, so the session sends it without waiting for its tick.
 pub static REPORT_READY: Signal<CriticalSectionRawMutex, ()> = Signal::new();
 
-/// Runs `f` on the shared meter (never across an await).
-pub fn with_shared<R>(f: impl FnOnce(&mut Shared) -> R) -> R {
-    SHARED.lock(|s| {
-        let mut s = s.borrow_mut();
+/// Runs `f` on the meter, in a short critical section (never across an await).
+pub fn with_meter<R>(f: impl FnOnce(&mut Meter<OUTBOX>) -> R) -> R {
+    METER.lock(|m| {
+        let mut m = m.borrow_mut();
         // Set in `main` before any task starts.
-        f(s.as_mut().expect("meter state initialised"))
+        f(m.as_mut().expect("meter state initialised"))
     })
 }
 
-impl Shared {
-    /// Writes the meter's durable state as the newest flash record.
-    pub fn save(&mut self) {
-        let mut buf = [0u8; state_len(OUTBOX)];
-        let saved = match self.meter.encode_state(&mut buf) {
-            Ok(n) => self.log.append(&buf[..n]).is_ok(),
-            Err(_) => false,
-        };
-        if !saved {
-            self.dropped_saves = self.dropped_saves.wrapping_add(1);
-            println!("flash: saving the meter state failed");
-        }
+/// Writes the meter's durable state as the newest flash record. The log stays locked from
+/// encoding to writing, so a record can never be overtaken by an older state.
+pub async fn save_state() {
+    let mut log = LOG.lock().await;
+    let Some(log) = log.as_mut() else { return };
+    let mut buf = [0u8; state_len(OUTBOX)];
+    let saved = match with_meter(|m| m.encode_state(&mut buf)) {
+        Ok(n) => log.append(&buf[..n]).is_ok(),
+        Err(_) => false,
+    };
+    if !saved {
+        println!("flash: saving the meter state failed");
     }
 }
 
@@ -149,13 +147,8 @@ async fn main(spawner: Spawner) -> ! {
         meter.next_seq(),
         meter.outbox().len()
     );
-    SHARED.lock(|s| {
-        s.replace(Some(Shared {
-            meter,
-            log,
-            dropped_saves: 0,
-        }))
-    });
+    METER.lock(|m| m.replace(Some(meter)));
+    *LOG.lock().await = Some(log);
 
     // Relay open and LED off until the balance is known.
     let relay = Output::new(p.GPIO5, Level::Low, OutputConfig::default());
@@ -229,18 +222,15 @@ async fn metering(
         last = now;
         let current_ma = cal.rms_milliamps(&window);
         let report_due = now >= next_report;
-        let (state, alert) = with_shared(|s| {
-            s.meter.measure(current_ma, dt_ms);
+        let (state, alert) = with_meter(|m| {
+            m.measure(current_ma, dt_ms);
             if report_due {
-                s.meter.report(now.as_millis());
-                s.save();
+                m.report(now.as_millis());
             }
-            (
-                (s.meter.relay(), s.meter.state()),
-                s.meter.take_low_balance_alert(),
-            )
+            ((m.relay(), m.state()), m.take_low_balance_alert())
         });
         if report_due {
+            save_state().await;
             next_report = now + Duration::from_secs(config::REPORT_S);
             REPORT_READY.signal(());
         }

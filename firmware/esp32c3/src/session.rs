@@ -22,7 +22,7 @@ use meter_core::meter::Applied;
 use meter_core::mqtt::{self, Connect, Incoming, QoS};
 use meter_core::report::max_v2_len;
 
-use crate::{config, with_shared, REPORT_READY};
+use crate::{config, save_state, with_meter, REPORT_READY};
 
 /// Raised once when the balance falls to the low threshold: publish a `low_balance` status.
 pub static LOW_BALANCE: Signal<CriticalSectionRawMutex, ()> = Signal::new();
@@ -139,7 +139,7 @@ async fn session(socket: &mut TcpSocket<'_>) -> Result<core::convert::Infallible
     let n = mqtt::subscribe(&mut out, 1, &t.commands, QoS::AtLeastOnce)
         .map_err(|_| SessionEnd::Protocol)?;
     send(socket, &out[..n]).await?;
-    with_shared(|s| s.meter.on_connected());
+    with_meter(|m| m.on_connected());
     println!("mqtt: connected to the gateway as {}", config::METER_ID);
 
     // (packet id, report seq) of QoS 1 reports awaiting PUBACK.
@@ -150,7 +150,7 @@ async fn session(socket: &mut TcpSocket<'_>) -> Result<core::convert::Infallible
     loop {
         // Fill the window from the outbox.
         while !in_flight.is_full() {
-            let Some(r) = with_shared(|s| s.meter.next_to_send()) else {
+            let Some(r) = with_meter(|m| m.next_to_send()) else {
                 break;
             };
             let mut json = [0u8; max_v2_len(64)];
@@ -178,7 +178,7 @@ async fn session(socket: &mut TcpSocket<'_>) -> Result<core::convert::Infallible
         }
         if LOW_BALANCE.try_take().is_some() {
             let mut json: String<160> = String::new();
-            let balance = with_shared(|s| s.meter.balance_wh()).unwrap_or(0);
+            let balance = with_meter(|m| m.balance_wh()).unwrap_or(0);
             let _ = write!(
                 json,
                 r#"{{"meterNo":"{}","status":"low_balance","message":"balance low","balance":{},"loadOn":true,"timestamp":{}}}"#,
@@ -234,7 +234,7 @@ async fn session(socket: &mut TcpSocket<'_>) -> Result<core::convert::Infallible
                 Incoming::PubAck { pkid } => {
                     if let Some(i) = in_flight.iter().position(|(p, _)| *p == pkid) {
                         let (_, seq) = in_flight.swap_remove(i);
-                        with_shared(|s| s.meter.on_puback(seq));
+                        with_meter(|m| m.on_puback(seq));
                     }
                 }
                 Incoming::Publish {
@@ -245,13 +245,10 @@ async fn session(socket: &mut TcpSocket<'_>) -> Result<core::convert::Infallible
                 } => {
                     ack = pkid;
                     let leaf = topic.strip_prefix(t.command_prefix.as_str()).unwrap_or("");
-                    let r = with_shared(|s| {
-                        let r = s.meter.on_command(leaf, payload);
-                        if r.is_ok() {
-                            s.save();
-                        }
-                        r
-                    });
+                    let r = with_meter(|m| m.on_command(leaf, payload));
+                    if r.is_ok() {
+                        save_state().await;
+                    }
                     match r {
                         Ok(Applied::Balance { balance_wh, acked }) => {
                             println!("balance {balance_wh} Wh ({acked} reports confirmed)")
