@@ -53,7 +53,7 @@ proptest! {
         peak_ma in 500u32..20_000,
         zero_mv in 2400i32..2600,
         cycles in 1usize..6,
-        phase in 0.0f64..6.28,
+        phase in 0.0f64..std::f64::consts::TAU,
     ) {
         let mut cal = Calibration::new(Acs712::A20);
         let idle: Vec<u16> = vec![(zero_mv / 2) as u16; 64];
