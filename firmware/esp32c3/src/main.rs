@@ -81,19 +81,45 @@ pub fn with_meter<R>(f: impl FnOnce(&mut Meter<OUTBOX>) -> R) -> R {
     })
 }
 
-/// Writes the meter's durable state as the newest flash record. The log stays locked from
-/// encoding to writing, so a record can never be overtaken by an older state.
-pub async fn save_state() {
-    let mut log = LOG.lock().await;
-    let Some(log) = log.as_mut() else { return };
+/// Changes the meter with `f` and, when it says so, writes the durable state as the newest
+/// flash record. The log stays locked from the change to the write, so a record is never
+/// overtaken by an older state, and a report is on flash before the session can see it (the
+/// session takes the same lock to pick reports up).
+pub async fn change_and_save<R>(f: impl FnOnce(&mut Meter<OUTBOX>) -> (R, bool)) -> R {
+    let mut guard = LOG.lock().await;
     let mut buf = [0u8; state_len(OUTBOX)];
-    let saved = match with_meter(|m| m.encode_state(&mut buf)) {
-        Ok(n) => log.append(&buf[..n]).is_ok(),
-        Err(_) => false,
+    let (r, encoded) = with_meter(|m| {
+        let (r, save) = f(m);
+        (r, save.then(|| m.encode_state(&mut buf)))
+    });
+    let saved = match (encoded, guard.as_mut()) {
+        (None, _) => true,
+        (Some(Ok(n)), Some(log)) => log.append(&buf[..n]).is_ok(),
+        _ => false,
     };
     if !saved {
         println!("flash: saving the meter state failed");
     }
+    r
+}
+
+/// Up to `limit` reports for the session to send now (marked sent): only ones already on flash.
+pub async fn persisted_reports<const K: usize>(
+    limit: usize,
+) -> heapless::Vec<meter_core::Report, K> {
+    let _on_flash = LOG.lock().await;
+    let mut out = heapless::Vec::new();
+    with_meter(|m| {
+        while !out.is_full() && out.len() < limit {
+            match m.next_to_send() {
+                Some(r) => {
+                    let _ = out.push(r);
+                }
+                None => break,
+            }
+        }
+    });
+    out
 }
 
 macro_rules! mk_static {
@@ -222,15 +248,18 @@ async fn metering(
         last = now;
         let current_ma = cal.rms_milliamps(&window);
         let report_due = now >= next_report;
-        let (state, alert) = with_meter(|m| {
+        let (state, alert) = change_and_save(|m| {
             m.measure(current_ma, dt_ms);
             if report_due {
                 m.report(now.as_millis());
             }
-            ((m.relay(), m.state()), m.take_low_balance_alert())
-        });
+            (
+                ((m.relay(), m.state()), m.take_low_balance_alert()),
+                report_due,
+            )
+        })
+        .await;
         if report_due {
-            save_state().await;
             next_report = now + Duration::from_secs(config::REPORT_S);
             REPORT_READY.signal(());
         }

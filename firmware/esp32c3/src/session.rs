@@ -22,7 +22,7 @@ use meter_core::meter::Applied;
 use meter_core::mqtt::{self, Connect, Incoming, QoS};
 use meter_core::report::max_v2_len;
 
-use crate::{config, save_state, with_meter, REPORT_READY};
+use crate::{change_and_save, config, persisted_reports, with_meter, REPORT_READY};
 
 /// Raised once when the balance falls to the low threshold: publish a `low_balance` status.
 pub static LOW_BALANCE: Signal<CriticalSectionRawMutex, ()> = Signal::new();
@@ -148,11 +148,9 @@ async fn session(socket: &mut TcpSocket<'_>) -> Result<core::convert::Infallible
     let mut last_sent = Instant::now();
     let mut ping_sent: Option<Instant> = None;
     loop {
-        // Fill the window from the outbox.
-        while !in_flight.is_full() {
-            let Some(r) = with_meter(|m| m.next_to_send()) else {
-                break;
-            };
+        // Fill the window from the outbox, with reports already on flash.
+        let batch: heapless::Vec<_, WINDOW> = persisted_reports(WINDOW - in_flight.len()).await;
+        for r in batch.iter() {
             let mut json = [0u8; max_v2_len(64)];
             let Ok(len) = r.encode_v2(config::METER_ID, &mut json) else {
                 return Err(SessionEnd::Protocol);
@@ -245,10 +243,12 @@ async fn session(socket: &mut TcpSocket<'_>) -> Result<core::convert::Infallible
                 } => {
                     ack = pkid;
                     let leaf = topic.strip_prefix(t.command_prefix.as_str()).unwrap_or("");
-                    let r = with_meter(|m| m.on_command(leaf, payload));
-                    if r.is_ok() {
-                        save_state().await;
-                    }
+                    let r = change_and_save(|m| {
+                        let r = m.on_command(leaf, payload);
+                        let changed = r.is_ok();
+                        (r, changed)
+                    })
+                    .await;
                     match r {
                         Ok(Applied::Balance { balance_wh, acked }) => {
                             println!("balance {balance_wh} Wh ({acked} reports confirmed)")
