@@ -147,6 +147,13 @@ impl<const N: usize> Meter<N> {
                 }
                 let mut acked = 0;
                 let energy_at_ack = match c.ack_seq {
+                    // The gateway has applied a seq this meter never numbered: the meter's flash
+                    // was erased or replaced. Continue after it, or every report would be stale.
+                    Some(a) if a >= self.next_seq => {
+                        self.next_seq = a.wrapping_add(1);
+                        acked = self.outbox.ack_through(a, |_| {});
+                        self.register.wh()
+                    }
                     Some(a) => {
                         let history = &mut self.acked;
                         acked = self
@@ -328,6 +335,21 @@ mod tests {
         m.on_command("balance", balance_cmd(10_000, 3, Some(r.seq)).as_bytes())
             .unwrap();
         assert_eq!((m.relay(), m.state()), (Relay::On, BalanceState::Credit));
+    }
+
+    #[test]
+    fn a_meter_with_erased_flash_continues_after_the_gateways_seq() {
+        let mut m = M::new(MeterConfig::default());
+        let first = m.report(0);
+        assert_eq!(first.seq, 1);
+        m.on_command("balance", balance_cmd(700, 40, Some(1234)).as_bytes())
+            .unwrap();
+        assert!(
+            m.outbox().is_empty(),
+            "seq 1 is below what the gateway applied"
+        );
+        assert_eq!(m.report(1).seq, 1235);
+        assert_eq!(m.balance_wh(), Some(700));
     }
 
     #[test]
