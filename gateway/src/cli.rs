@@ -41,6 +41,9 @@ pub enum Command {
     /// Store-and-forward state.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Plugin libraries.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
     /// Manual or cash top-up; crediting the same --ref twice credits once.
     Credit {
         /// Meter number.
@@ -52,6 +55,12 @@ pub enum Command {
         #[arg(long = "ref")]
         reference: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PluginCommand {
+    /// Load a plugin library and show its name, kind, ABI, versions, sha256 and glibc need.
+    Inspect { path: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -151,6 +160,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::CheckConfig => {
             config.check_files()?;
             config.api_token()?;
+            check_plugins(&config)?;
             match &config.source {
                 ConfigSource::BuiltInDefaults => {
                     println!("ok: no configuration file; the built-in development defaults apply")
@@ -165,6 +175,24 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Meter(m) => meter(&config, m),
         Command::Outbox(OutboxCommand::Status) => outbox_status(&config),
+        Command::Plugin(PluginCommand::Inspect { path }) => {
+            let lib = crate::plugin::inspect(&path).map_err(|e| Failure {
+                code: 1,
+                error: e.into(),
+            })?;
+            println!("name:            {}", lib.name);
+            println!("kind:            {}", lib.kind);
+            println!("abi:             {}", lib.abi);
+            println!("plugin version:  {}", lib.plugin_version);
+            println!("sdk version:     {}", lib.sdk_version);
+            println!("built with:      {}", lib.rustc_version);
+            println!("sha256:          {}", lib.sha256);
+            println!(
+                "glibc required:  {}",
+                lib.glibc_required.as_deref().unwrap_or("none found")
+            );
+            Ok(())
+        }
         Command::Credit { id, kes, reference } => {
             let meter = parse_meter(&id)?;
             let cents = kes_to_cents(kes).ok_or_else(|| {
@@ -198,6 +226,42 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             }
         }
     }
+}
+
+/// Loads every configured plugin with all the checks `run` makes (ABI, kind, sha256, file
+/// and folder permissions); creates no instance.
+fn check_plugins(config: &Config) -> Result<(), Failure> {
+    use crate::config::SinkImplementation;
+    use crate::plugin::Kind;
+    let sinks = config.sinks.iter().filter_map(|s| match &s.implementation {
+        SinkImplementation::Plugin { file, sha256 } => {
+            Some((file, sha256, Kind::Sink, &s.declared_at))
+        }
+        SinkImplementation::Builtin(_) => None,
+    });
+    let sources = config
+        .sources
+        .iter()
+        .map(|s| (&s.plugin, &s.sha256, Kind::Source, &s.declared_at));
+    for (file, sha256, kind, at) in sinks.chain(sources) {
+        let lib = crate::plugin::load(&config.gateway.plugin_dir, file, sha256.as_deref(), kind)
+            .map_err(|e| {
+                Failure::from(ConfigError {
+                    file: Some(at.0.clone()),
+                    position: Some((at.1, at.2)),
+                    message: e.to_string(),
+                })
+            })?;
+        println!(
+            "ok: plugin {} ({} {}, ABI {}) from {}",
+            file,
+            lib.kind,
+            lib.name,
+            lib.abi,
+            lib.path.display()
+        );
+    }
+    Ok(())
 }
 
 fn outbox_status(config: &Config) -> Result<(), Failure> {

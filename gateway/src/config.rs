@@ -72,6 +72,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub outbox: OutboxConfig,
     pub sinks: Vec<SinkConfig>,
+    pub sources: Vec<SourceConfig>,
     /// Secret files named by `*_file` keys, with where they were named, for `check_files`.
     secret_files: Vec<Located<PathBuf>>,
 }
@@ -127,7 +128,7 @@ pub struct OutboxConfig {
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
     pub name: String,
-    pub builtin: String,
+    pub implementation: SinkImplementation,
     /// Event kinds delivered to this sink; the others are skipped (the cursor passes them).
     pub events: Vec<String>,
     pub batch_size: usize,
@@ -140,6 +141,29 @@ pub struct SinkConfig {
     /// `[sink.config]`, passed to the sink as JSON.
     pub config: serde_json::Value,
     /// Where the sink was declared, for errors found later (its own config's validation).
+    pub declared_at: (PathBuf, usize, usize),
+}
+
+/// What delivers a sink's events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkImplementation {
+    /// Built into the gateway (`builtin = "jsonl"`).
+    Builtin(String),
+    /// A plugin library in `plugin_dir` (`plugin = "lib….so"`, optional `sha256`).
+    Plugin {
+        file: String,
+        sha256: Option<String>,
+    },
+}
+
+/// One `[[source]]`: a payment-source plugin.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub name: String,
+    pub plugin: String,
+    pub sha256: Option<String>,
+    /// `[source.config]`, passed to the plugin as JSON.
+    pub config: serde_json::Value,
     pub declared_at: (PathBuf, usize, usize),
 }
 
@@ -191,6 +215,7 @@ impl Config {
         let mut merged = PartialConfig::default();
         let mut secret_files = Vec::new();
         let mut sinks: Vec<SinkConfig> = Vec::new();
+        let mut sources: Vec<SourceConfig> = Vec::new();
         for file in &files {
             let text = std::fs::read_to_string(file).map_err(|e| io_error(file, e))?;
             let mut part: PartialConfig = toml::from_str(&text).map_err(|e| {
@@ -208,6 +233,21 @@ impl Config {
                 let (line, col) = line_col(&text, span.start);
                 sinks.push(s.resolve((file.clone(), line, col)).map_err(at)?);
             }
+            for s in part.source.drain(..) {
+                let span = s.name.span();
+                let at = |msg: String| ConfigError::in_file(file, &text, Some(span.clone()), msg);
+                if sources
+                    .iter()
+                    .any(|o: &SourceConfig| o.name == s.name.get_ref().0)
+                {
+                    return Err(at(format!(
+                        "a source named {:?} is already configured",
+                        s.name.get_ref().0
+                    )));
+                }
+                let (line, col) = line_col(&text, span.start);
+                sources.push(s.resolve((file.clone(), line, col)).map_err(at)?);
+            }
             if let Some(tf) = part.api.as_ref().and_then(|a| a.token_file.as_ref()) {
                 secret_files.push(Located {
                     value: tf.get_ref().clone(),
@@ -220,6 +260,7 @@ impl Config {
         let mut config = Config::from_partial(merged, ConfigSource::Files(files));
         config.secret_files = secret_files;
         config.sinks = sinks;
+        config.sources = sources;
         Ok(config)
     }
 
@@ -268,6 +309,7 @@ impl Config {
                     .map_or(std::time::Duration::from_secs(30 * 86_400), |d| d.0),
             },
             sinks: Vec::new(),
+            sources: Vec::new(),
             secret_files: Vec::new(),
         }
     }
@@ -340,6 +382,8 @@ struct PartialConfig {
     outbox: Option<PartialOutbox>,
     #[serde(default)]
     sink: Vec<PartialSink>,
+    #[serde(default)]
+    source: Vec<PartialSource>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -368,19 +412,31 @@ struct PartialSink {
 impl PartialSink {
     fn resolve(self, declared_at: (PathBuf, usize, usize)) -> Result<SinkConfig, String> {
         let name = self.name.into_inner().0;
-        let builtin = match (self.builtin, self.plugin, self.sha256) {
-            (Some(b), None, None) if b == "jsonl" => b,
+        let implementation = match (self.builtin, self.plugin, self.sha256) {
+            (Some(b), None, None) if b == "jsonl" => SinkImplementation::Builtin(b),
             (Some(b), None, None) => {
-                return Err(format!("sink {name:?}: unknown builtin {b:?} (available: \"jsonl\")"))
-            }
-            (None, Some(p), _) => {
                 return Err(format!(
-                    "sink {name:?}: plugin {p:?}: dynamic plugins are not available in this build yet; use builtin = \"jsonl\""
+                    "sink {name:?}: unknown builtin {b:?} (available: \"jsonl\")"
                 ))
             }
-            (Some(_), Some(_), _) => return Err(format!("sink {name:?}: set either builtin or plugin, not both")),
+            (None, Some(file), sha256) => SinkImplementation::Plugin {
+                file: plugin_file(&file).map_err(|e| format!("sink {name:?}: {e}"))?,
+                sha256: sha256
+                    .map(|h| check_sha256(&h))
+                    .transpose()
+                    .map_err(|e| format!("sink {name:?}: {e}"))?,
+            },
+            (Some(_), Some(_), _) => {
+                return Err(format!(
+                    "sink {name:?}: set either builtin or plugin, not both"
+                ))
+            }
             (_, None, Some(_)) => return Err(format!("sink {name:?}: sha256 belongs to a plugin")),
-            (None, None, None) => return Err(format!("sink {name:?}: set builtin = \"jsonl\"")),
+            (None, None, None) => {
+                return Err(format!(
+                    "sink {name:?}: set builtin = \"jsonl\" or plugin = \"lib….so\""
+                ))
+            }
         };
         let events = match self.events {
             Some(e) if e.is_empty() => {
@@ -389,8 +445,7 @@ impl PartialSink {
             Some(e) => e.into_iter().map(|k| k.0).collect(),
             None => EVENT_KINDS.iter().map(|k| k.to_string()).collect(),
         };
-        let config =
-            serde_json::to_value(&self.config).map_err(|e| format!("sink {name:?}: {e}"))?;
+        let config = toml_to_json(&toml::Value::Table(self.config));
         let timeout = self
             .timeout
             .map_or(std::time::Duration::from_secs(30), |d| d.0);
@@ -404,7 +459,7 @@ impl PartialSink {
         }
         let sink = SinkConfig {
             name,
-            builtin,
+            implementation,
             events,
             batch_size: self.batch_size.map_or(100, |n| n.0),
             max_events_per_second: self.max_events_per_second.map_or(500, |n| n.0 as u32),
@@ -576,6 +631,71 @@ impl TryFrom<PathBuf> for NonEmptyPath {
         } else {
             Ok(NonEmptyPath(p))
         }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialSource {
+    name: Spanned<SinkName>,
+    plugin: String,
+    sha256: Option<String>,
+    #[serde(default)]
+    config: toml::Table,
+}
+
+impl PartialSource {
+    fn resolve(self, declared_at: (PathBuf, usize, usize)) -> Result<SourceConfig, String> {
+        let name = self.name.into_inner().0;
+        Ok(SourceConfig {
+            plugin: plugin_file(&self.plugin).map_err(|e| format!("source {name:?}: {e}"))?,
+            sha256: self
+                .sha256
+                .map(|h| check_sha256(&h))
+                .transpose()
+                .map_err(|e| format!("source {name:?}: {e}"))?,
+            config: toml_to_json(&toml::Value::Table(self.config)),
+            name,
+            declared_at,
+        })
+    }
+}
+
+fn plugin_file(file: &str) -> Result<String, String> {
+    let ok =
+        file.ends_with(".so") && file.len() > 3 && !file.contains('/') && !file.starts_with('.');
+    if ok {
+        Ok(file.to_string())
+    } else {
+        Err(format!("plugin {file:?} must be a bare file name ending in .so (it is looked up in plugin_dir)"))
+    }
+}
+
+fn check_sha256(h: &str) -> Result<String, String> {
+    if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(h.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "sha256 {h:?} must be 64 hexadecimal digits (sha256sum's output)"
+        ))
+    }
+}
+
+/// TOML to JSON for plugin configs; datetimes become RFC 3339 strings.
+pub fn toml_to_json(v: &toml::Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        toml::Value::String(s) => J::String(s.clone()),
+        toml::Value::Integer(i) => J::from(*i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+        toml::Value::Boolean(b) => J::Bool(*b),
+        toml::Value::Datetime(d) => J::String(d.to_string()),
+        toml::Value::Array(a) => J::Array(a.iter().map(toml_to_json).collect()),
+        toml::Value::Table(t) => J::Object(
+            t.iter()
+                .map(|(k, v)| (k.clone(), toml_to_json(v)))
+                .collect(),
+        ),
     }
 }
 

@@ -16,11 +16,14 @@ use tracing::{info, warn};
 use crate::api::{self, ApiState};
 use crate::auth::Verifier;
 use crate::broker::{self, Broker};
+use crate::config::SinkImplementation;
 use crate::config::{Config, ConfigError, ConfigSource};
 use crate::hub::{Hub, Outgoing};
+use crate::jsonl::JsonlSink;
 use crate::ledger::Rules;
 use crate::metrics::Metrics;
 use crate::outbox::{self, Bell, SinkRunner};
+use crate::plugin::{self, HostServices, Kind, PluginSink, SourceSupervisor};
 use crate::store::{self, Reader, StoreError};
 use crate::writer::{Housekeeping, LedgerSettings, Notice, Writer};
 
@@ -46,6 +49,7 @@ pub struct Gateway {
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     runners: Vec<SinkRunner>,
+    sources: Vec<SourceSupervisor>,
 }
 
 impl Gateway {
@@ -109,13 +113,35 @@ impl Gateway {
         );
         let mut runners = Vec::new();
         for sink in &config.sinks {
-            let instance = outbox::build_sink(sink).map_err(|message| {
+            let at = |message: String| {
                 StartError::Config(ConfigError {
                     file: Some(sink.declared_at.0.clone()),
                     position: Some((sink.declared_at.1, sink.declared_at.2)),
                     message,
                 })
-            })?;
+            };
+            let instance: Box<dyn outbox::Sink> = match &sink.implementation {
+                SinkImplementation::Builtin(_) => {
+                    Box::new(JsonlSink::from_config(&sink.config).map_err(at)?)
+                }
+                SinkImplementation::Plugin { file, sha256 } => {
+                    let lib = plugin::load(
+                        &config.gateway.plugin_dir,
+                        file,
+                        sha256.as_deref(),
+                        Kind::Sink,
+                    )
+                    .map_err(|e| at(e.to_string()))?;
+                    let services = HostServices::new(
+                        sink.name.clone(),
+                        Kind::Sink,
+                        writer.clone(),
+                        db_path.clone(),
+                        hub.clone(),
+                    );
+                    Box::new(PluginSink::new(lib, &sink.config, services))
+                }
+            };
             let runner = SinkRunner::start(
                 sink.clone(),
                 instance,
@@ -127,6 +153,36 @@ impl Gateway {
             )
             .map_err(store_err)?;
             runners.push(runner);
+        }
+        let mut sources = Vec::new();
+        for src in &config.sources {
+            let at = |message: String| {
+                StartError::Config(ConfigError {
+                    file: Some(src.declared_at.0.clone()),
+                    position: Some((src.declared_at.1, src.declared_at.2)),
+                    message,
+                })
+            };
+            let lib = plugin::load(
+                &config.gateway.plugin_dir,
+                &src.plugin,
+                src.sha256.as_deref(),
+                Kind::Source,
+            )
+            .map_err(|e| at(e.to_string()))?;
+            let services = HostServices::new(
+                src.name.clone(),
+                Kind::Source,
+                writer.clone(),
+                db_path.clone(),
+                hub.clone(),
+            );
+            sources.push(SourceSupervisor::spawn(
+                lib,
+                src.config.clone(),
+                services,
+                metrics.clone(),
+            ));
         }
 
         let bind = |what, addr| async move {
@@ -208,6 +264,7 @@ impl Gateway {
             stop,
             tasks,
             runners,
+            sources,
         })
     }
 
@@ -219,6 +276,9 @@ impl Gateway {
         }
         for r in self.runners {
             let _ = tokio::task::spawn_blocking(move || r.stop()).await;
+        }
+        for s in self.sources {
+            let _ = tokio::task::spawn_blocking(move || s.stop()).await;
         }
     }
 }

@@ -17,6 +17,7 @@
 //! - [`writer`]: ledger operations and the group-commit writer thread.
 //! - [`outbox`]: sink runners delivering stored events, one cursor per sink.
 //! - [`jsonl`]: the built-in JSON Lines file sink.
+//! - [`plugin`]: the plugin host: loading checks, and plugins as sinks and payment sources.
 //! - [`auth`]: meter secrets.
 //! - [`hub`]: connected meter sessions and commands to them.
 //! - [`broker`]: the meter-facing MQTT 3.1.1 listener.
@@ -38,5 +39,6 @@ pub mod meter;
 pub mod metrics;
 pub mod outbox;
 pub mod payload;
+pub mod plugin;
 pub mod store;
 pub mod writer;

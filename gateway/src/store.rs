@@ -65,6 +65,12 @@ CREATE TABLE IF NOT EXISTS sink_cursors (
     last_error_at INTEGER,
     updated_at INTEGER
 ) STRICT;
+CREATE TABLE IF NOT EXISTS plugin_kv (
+    plugin TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (plugin, key)
+) STRICT;
 CREATE TABLE IF NOT EXISTS dead_letters (
     sink TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -764,4 +770,37 @@ pub fn prune(
         )?;
     }
     Ok(p)
+}
+
+// ---- plugins' key-value stores ----
+
+pub fn kv_get(conn: &Connection, plugin: &str, key: &str) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT value FROM plugin_kv WHERE plugin = ?1 AND key = ?2",
+            [plugin, key],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// Stores `value` under `key`, or deletes the key when `value` is `None`.
+pub fn kv_put(
+    tx: &Connection,
+    plugin: &str,
+    key: &str,
+    value: Option<&str>,
+) -> Result<(), StoreError> {
+    match value {
+        Some(v) => tx.execute(
+            "INSERT INTO plugin_kv (plugin, key, value) VALUES (?1, ?2, ?3)
+             ON CONFLICT (plugin, key) DO UPDATE SET value = excluded.value",
+            params![plugin, key, v],
+        )?,
+        None => tx.execute(
+            "DELETE FROM plugin_kv WHERE plugin = ?1 AND key = ?2",
+            params![plugin, key],
+        )?,
+    };
+    Ok(())
 }

@@ -107,6 +107,12 @@ pub enum Op {
         error: String,
         at: i64,
     },
+    /// A plugin's durable key-value store: set, or delete when `value` is `None`.
+    KvPut {
+        plugin: String,
+        key: String,
+        value: Option<String>,
+    },
 }
 
 /// A payment: credits once per (source, reference).
@@ -226,6 +232,10 @@ pub fn apply(tx: &Connection, op: &Op, s: &LedgerSettings) -> Result<Applied, Le
         Op::SinkFailure { sink, error, at } => {
             let error: String = error.chars().take(500).collect();
             store::record_sink_failure(tx, sink, &error, *at)?;
+            done()
+        }
+        Op::KvPut { plugin, key, value } => {
+            store::kv_put(tx, plugin, key, value.as_deref())?;
             done()
         }
         Op::AddMeter {
