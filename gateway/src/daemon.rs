@@ -139,7 +139,7 @@ impl Gateway {
                         db_path.clone(),
                         hub.clone(),
                     );
-                    Box::new(PluginSink::new(lib, &sink.config, services))
+                    Box::new(PluginSink::new(lib, &sink.config, services, sink.timeout))
                 }
             };
             let runner = SinkRunner::start(

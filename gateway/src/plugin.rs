@@ -739,6 +739,8 @@ pub struct PluginSink {
     instance: *mut c_void,
     breaker: Breaker,
     not_before: Option<Instant>,
+    /// The sink's `timeout`, passed to the plugin as its budget.
+    timeout_ms: u32,
 }
 
 // The instance is only ever used by the one thread that owns this value at a time (ABI rule).
@@ -844,11 +846,12 @@ impl crate::outbox::Sink for PluginSink {
             return d;
         }
         let json = serde_json::to_string(batch).unwrap_or_else(|_| "[]".into());
-        let (vt, inst) = (self.vtable(), self.instance);
+        let (vt, inst, timeout_ms) = (self.vtable(), self.instance, self.timeout_ms);
         let mut retry_after = 0u32;
         // SAFETY: a live instance of this vtable, called from one thread at a time.
-        let (status, text) =
-            call(|w| unsafe { (vt.deliver)(inst, Str::new(&json), 30_000, &mut retry_after, w) });
+        let (status, text) = call(|w| unsafe {
+            (vt.deliver)(inst, Str::new(&json), timeout_ms, &mut retry_after, w)
+        });
         let all = |reason: String| {
             Delivery::Rejected(batch.iter().map(|e| (e.seq, reason.clone())).collect())
         };
