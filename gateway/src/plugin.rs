@@ -751,8 +751,10 @@ impl PluginSink {
         lib: Library,
         config: &serde_json::Value,
         services: Arc<HostServices>,
+        timeout: Duration,
     ) -> PluginSink {
         PluginSink {
+            timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
             lib,
             config: config.to_string(),
             table: Table::new(services),
