@@ -453,12 +453,6 @@ impl HostServices {
     }
 
     fn submit_payment(&self, json: &[u8]) -> Result<String, (Status, String)> {
-        if self.kind != Kind::Source {
-            return Err((
-                abi::UNSUPPORTED,
-                "only payment sources submit payments".into(),
-            ));
-        }
         let p: umeme_plugin_sdk::Payment = serde_json::from_slice(json)
             .map_err(|e| (abi::REJECTED, format!("payment JSON: {e}")))?;
         let meter = MeterId::parse(&p.meter).map_err(|e| (abi::REJECTED, e.to_string()))?;

@@ -97,16 +97,18 @@ pub struct HostApi {
     /// Levels above this are dropped by the host; plugins may skip formatting them.
     pub max_level: u32,
     pub _reserved: u32,
-    /// Sources: credit a payment `{"meter","amount_cents","reference","phone"?,"raw"?}`.
+    /// Credit a payment `{"meter","amount_cents","reference","phone"?,"raw"?}` (payment sources,
+    /// and sinks with a downlink such as cloud MQTT commands).
     /// Returns only after the credit is committed: `OK` with the result JSON (a duplicate
     /// reference is `OK` with the first result), `REJECTED` with a reason (unknown meter, bad
     /// amount), `BUSY` when the host cannot take it now.
     pub submit_payment:
         unsafe extern "C" fn(ctx: *mut c_void, payment: Str, out: *mut Writer) -> Status,
-    /// Sources: `OK` when the meter number exists, `REJECTED` when it does not.
+    /// `OK` when the meter number exists, `REJECTED` when it does not.
     pub validate_account:
         unsafe extern "C" fn(ctx: *mut c_void, meter: Str, out: *mut Writer) -> Status,
-    /// Sources: a downlink `{"meter","command":"relay"|"config","payload":{…}}`; `OK` once queued.
+    /// A downlink `{"meter","command":"relay"|"config","payload":{…}}`: `OK` once handed to the
+    /// meter's connection, `BUSY` when the meter is not connected, `REJECTED` for an unknown meter.
     pub submit_command:
         unsafe extern "C" fn(ctx: *mut c_void, command: Str, out: *mut Writer) -> Status,
     /// The plugin's own durable key-value store: `OK` with the value, `REJECTED` when absent.
