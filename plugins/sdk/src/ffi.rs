@@ -193,7 +193,7 @@ unsafe fn create<C: serde::de::DeserializeOwned, T>(
     attach(host);
     let _scope = CallScope::enter(host);
     let config = unsafe { config.as_bytes() };
-    unsafe {
+    let status = unsafe {
         guarded(err, || {
             let cfg: C = serde_json::from_slice(config)
                 .map_err(|e| (abi::BAD_CONFIG, format!("plugin config: {e}")))?;
@@ -206,7 +206,12 @@ unsafe fn create<C: serde::de::DeserializeOwned, T>(
             *out_instance = Box::into_raw(inst) as *mut c_void;
             Ok(abi::OK)
         })
+    };
+    if status != abi::OK {
+        // No instance holds `host`: the host may free it once `create` returns.
+        forget_host(host);
     }
+    status
 }
 
 /// Runs `f` on a live instance; a panic poisons it.
@@ -249,7 +254,12 @@ unsafe fn destroy<T>(inst: *mut c_void) {
             log::error!("{}", take_panic());
         }
     }
-    // The host may free its table once `destroy` returns: no more log lines through it.
+    // The host may free its table once `destroy` returns.
+    forget_host(host);
+}
+
+/// Stops sending the plugin's own threads' log lines to `host`, if they went there.
+fn forget_host(host: *const HostApi) {
     let _ = HOST.compare_exchange(
         host as *mut HostApi,
         std::ptr::null_mut(),
