@@ -1004,10 +1004,31 @@ mod tests {
         let p = write(
             dir.path(),
             "g.toml",
-            "[[sink]]\nname = \"a\"\nplugin = \"libx.so\"\n",
+            "[[sink]]\nname = \"a\"\nplugin = \"../libx.so\"\n",
         );
         let e = Config::load(Some(&p)).unwrap_err();
         assert_eq!(e.position, Some((2, 8)), "{e}");
+        assert!(e.message.contains("bare file name"), "{e}");
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[[sink]]\nname = \"a\"\nplugin = \"libx.so\"\nsha256 = \"abc\"\n",
+        );
+        assert!(Config::load(Some(&p))
+            .unwrap_err()
+            .message
+            .contains("64 hexadecimal"));
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[[source]]\nname = \"m\"\nplugin = \"libd.so\"\n[source.config]\nwhen = 2026-11-27T10:00:00Z\nn = 1.5\n",
+        );
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(
+            c.sources[0].config["when"], "2026-11-27T10:00:00Z",
+            "datetimes become RFC 3339 strings"
+        );
+        assert_eq!(c.sources[0].config["n"], 1.5);
         let p = write(
             dir.path(),
             "g.toml",

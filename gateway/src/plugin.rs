@@ -635,9 +635,12 @@ unsafe extern "C" fn host_kv_put(
 }
 
 /// The host table handed to an instance, with the services it points to.
+///
+/// Leaked on purpose, like the library: a plugin may keep the table's address in a global (the
+/// SDK's logger does) and call it from its own threads after an instance is gone, so a table
+/// lives as long as the process. One per configured sink or source.
 struct Table {
-    api: Box<HostApi>,
-    _services: Arc<HostServices>,
+    api: &'static HostApi,
 }
 
 impl Table {
@@ -647,11 +650,13 @@ impl Table {
         } else {
             abi::LEVEL_INFO
         };
-        let api = Box::new(HostApi {
+        let leaked: &'static Arc<HostServices> = Box::leak(Box::new(services));
+        let services: &'static HostServices = leaked;
+        let api = Box::leak(Box::new(HostApi {
             struct_size: std::mem::size_of::<HostApi>() as u32,
             abi_major: abi::ABI_MAJOR,
             abi_minor: abi::ABI_MINOR,
-            ctx: Arc::as_ptr(&services) as *mut c_void,
+            ctx: services as *const HostServices as *mut c_void,
             log: host_log,
             max_level: level,
             _reserved: 0,
@@ -660,11 +665,8 @@ impl Table {
             submit_command: host_submit_command,
             kv_get: host_kv_get,
             kv_put: host_kv_put,
-        });
-        Table {
-            api,
-            _services: services,
-        }
+        }));
+        Table { api }
     }
 }
 
@@ -780,7 +782,7 @@ impl PluginSink {
         }
         let vt = self.vtable();
         let mut inst = std::ptr::null_mut();
-        let api: *const HostApi = &*self.table.api;
+        let api: *const HostApi = self.table.api;
         let config = self.config.clone();
         // SAFETY: a valid host table that outlives the instance; pointers valid for the call.
         let (status, err) = call(|w| unsafe { (vt.create)(api, Str::new(&config), &mut inst, w) });
@@ -913,7 +915,7 @@ impl PluginSource {
         let vt = unsafe { &*lib.decl.source };
         let table = Table::new(services);
         let mut inst = std::ptr::null_mut();
-        let api: *const HostApi = &*table.api;
+        let api: *const HostApi = table.api;
         let config = config.to_string();
         // SAFETY: valid table and pointers for the call.
         let (status, err) = call(|w| unsafe { (vt.create)(api, Str::new(&config), &mut inst, w) });

@@ -421,17 +421,8 @@ pub fn append_event(
         )?)
 }
 
-/// An event as sinks see it (contract §6).
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct Event {
-    pub id: String,
-    pub seq: i64,
-    pub gateway: String,
-    pub kind: String,
-    pub meter: Option<String>,
-    pub at: i64,
-    pub data: serde_json::Value,
-}
+/// An event as sinks see it (contract §6): the SDK's type, so plugins and the gateway share it.
+pub use umeme_plugin_sdk::Event;
 
 /// The event id: unique forever because the gateway id is fixed in the database.
 pub fn event_id(gateway: &str, seq: i64) -> String {

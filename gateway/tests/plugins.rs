@@ -95,17 +95,7 @@ fn sink_gateway(scratch: &Path, extra_sink: &str) -> (Gateway, PathBuf) {
         sha256(&plugins.join(SINK)),
         work.display().to_string()
     );
-    let gw = Gateway::new(&cfg);
-    let text = std::fs::read_to_string(&gw.config).unwrap();
-    let text = text.replacen(
-        "[gateway]\n",
-        &format!(
-            "[gateway]\nplugin_dir = {:?}\n",
-            plugins.display().to_string()
-        ),
-        1,
-    );
-    std::fs::write(&gw.config, text).unwrap();
+    let gw = Gateway::with_plugins(&plugins, &cfg);
     (gw, work)
 }
 
@@ -252,20 +242,7 @@ payments = [
 "#,
         dir = work.display().to_string()
     );
-    let mut gw = Gateway::new(&cfg);
-    let text = std::fs::read_to_string(&gw.config).unwrap();
-    std::fs::write(
-        &gw.config,
-        text.replacen(
-            "[gateway]\n",
-            &format!(
-                "[gateway]\nplugin_dir = {:?}\n",
-                plugins.display().to_string()
-            ),
-            1,
-        ),
-    )
-    .unwrap();
+    let mut gw = Gateway::with_plugins(&plugins, &cfg);
     gw.add_meter("METER001", "plugin-test-secret");
     gw.start();
     let results: serde_json::Value = eventually("the source's results", || {
@@ -315,20 +292,7 @@ fn a_source_that_panics_when_starting_is_retried_and_the_gateway_serves_on() {
     let cfg = format!(
         "[[source]]\nname = \"kit\"\nplugin = \"{SOURCE}\"\n[source.config]\ndir = \"/nonexistent\"\npayments = []\npanic = \"start\"\n"
     );
-    let mut gw = Gateway::new(&cfg);
-    let text = std::fs::read_to_string(&gw.config).unwrap();
-    std::fs::write(
-        &gw.config,
-        text.replacen(
-            "[gateway]\n",
-            &format!(
-                "[gateway]\nplugin_dir = {:?}\n",
-                plugins.display().to_string()
-            ),
-            1,
-        ),
-    )
-    .unwrap();
+    let mut gw = Gateway::with_plugins(&plugins, &cfg);
     gw.start();
     eventually("two failed starts", || {
         (gw.metric(r#"umeme_source_failures_total{source="kit"}"#) >= 2.0).then_some(())

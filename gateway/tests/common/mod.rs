@@ -38,12 +38,25 @@ pub struct Gateway {
 impl Gateway {
     /// A gateway with `extra` appended to its config (extra sections or keys).
     pub fn new(extra: &str) -> Gateway {
+        Self::with_gateway_keys("", extra)
+    }
+
+    /// A gateway loading plugins from `plugin_dir`, with `extra` appended to its config.
+    pub fn with_plugins(plugin_dir: &Path, extra: &str) -> Gateway {
+        Self::with_gateway_keys(
+            &format!("plugin_dir = {:?}\n", plugin_dir.display().to_string()),
+            extra,
+        )
+    }
+
+    /// A gateway with `gateway_keys` in its `[gateway]` table and `extra` appended.
+    pub fn with_gateway_keys(gateway_keys: &str, extra: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         let broker: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("gateway.toml");
         let text = format!(
-            "[gateway]\nid = \"test-site\"\ndata_dir = {data:?}\n\n[broker]\nlisten = \"{broker}\"\n\n[api]\nlisten = \"{api}\"\nallow_simulate = true\n{extra}\n",
+            "[gateway]\nid = \"test-site\"\ndata_dir = {data:?}\n{gateway_keys}\n[broker]\nlisten = \"{broker}\"\n\n[api]\nlisten = \"{api}\"\nallow_simulate = true\n{extra}\n",
             data = dir.path().join("data").display().to_string(),
         );
         std::fs::write(&config, text).expect("write config");

@@ -84,7 +84,8 @@ pub struct Writer {
     pub write: unsafe extern "C" fn(ctx: *mut c_void, bytes: Str),
 }
 
-/// Services the host offers to a plugin instance. Host-owned; outlives the instance; every
+/// Services the host offers to a plugin instance. Host-owned and never freed while the library is
+/// loaded (a plugin may keep its address); every
 /// function is thread-safe and may be called from threads the plugin started.
 #[repr(C)]
 pub struct HostApi {

@@ -251,7 +251,8 @@ unsafe fn destroy<T>(inst: *mut c_void) {
         let _scope = CallScope::enter(host);
         if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(boxed))) {
             std::mem::forget(payload);
-            log::error!("{}", take_panic());
+            // The panic hook already logged it.
+            let _ = take_panic();
         }
     }
     // The host may free its table once `destroy` returns.

@@ -245,7 +245,15 @@ pub struct SinkHarness<T: Sink> {
 impl<T: Sink> SinkHarness<T> {
     /// Creates the sink from a `[sink.config]`-like JSON object.
     pub fn new(config: serde_json::Value) -> Result<Self, String> {
-        let table = FakeTable::new(Arc::default());
+        Self::with_meters(config, &[])
+    }
+
+    /// Like `new`, with a fake host that knows `meters` (for sinks with a downlink that credit
+    /// payments or send commands through the host).
+    pub fn with_meters(config: serde_json::Value, meters: &[&str]) -> Result<Self, String> {
+        let host = Arc::new(FakeHost::default());
+        lock(&host.meters).extend(meters.iter().map(|m| m.to_string()));
+        let table = FakeTable::new(host);
         let inst = create_instance(&table, &config, crate::ffi::sink_create::<T>)?;
         Ok(SinkHarness {
             table,
@@ -297,6 +305,11 @@ impl<T: Sink> SinkHarness<T> {
     pub fn health(&mut self) -> Health {
         let (status, text) = call_out(|w| unsafe { crate::ffi::sink_health::<T>(self.inst, w) });
         parse_health(status, text)
+    }
+
+    /// The fake host: payments credited, commands queued, the key-value store, logs.
+    pub fn host(&self) -> &FakeHost {
+        &self.table.host
     }
 
     /// The plugin's log lines so far (its `log` calls and panic messages).
