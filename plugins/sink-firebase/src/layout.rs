@@ -1,0 +1,216 @@
+//! The tree the original Umeme dashboard reads, and how each gateway event lands in it.
+//!
+//! Every write is a path → value pair of one multi-path PATCH at the root. Records are keyed by
+//! the event id, and the per-meter fields are plain values set in event order, so writing a
+//! batch twice leaves the same tree as writing it once.
+//!
+//! | event | writes |
+//! |---|---|
+//! | consumption | `unit_consumption/{id}`, `meters/{m}/{balance,total_consumed,last_seen,last_update,online}`, `users/{uid}/balance` |
+//! | payment | `transactions/{id}`, `meters/{m}/balance`, `users/{uid}/{balance,latest_transaction_id,last_payment_*,last_units_purchased}` |
+//! | status | `meters/{m}/{status,online,last_seen}` |
+//! | balance (the meter's own view) | `meters/{m}/{last_seen,online}` |
+//! | alert | `meters/{m}/last_alert` |
+//! | meter | nothing (linking meters to users stays the landlord's) |
+
+use serde_json::{json, Map, Value};
+use umeme_plugin_sdk::{iso8601_utc, Event};
+
+/// What one event writes: paths relative to the database root.
+pub type Writes = Vec<(String, Value)>;
+
+/// Whether `key` may be a Realtime Database key (research/apis.md §2.1).
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > 768 {
+        return Err(format!(
+            "{key:?} is not a usable database key (empty or over 768 bytes)"
+        ));
+    }
+    if let Some(c) = key
+        .chars()
+        .find(|c| matches!(c, '.' | '$' | '#' | '[' | ']' | '/') || c.is_ascii_control())
+    {
+        return Err(format!(
+            "{key:?} is not a usable database key ({c:?} is not allowed)"
+        ));
+    }
+    Ok(())
+}
+
+/// The meter an event is about, when its kind writes under `meters/` and it is usable as a key.
+pub fn meter_of(e: &Event) -> Result<Option<&str>, String> {
+    if e.kind == "meter" {
+        return Ok(None);
+    }
+    match e.meter.as_deref() {
+        Some(m) => check_key(m).map(|()| Some(m)),
+        None if matches!(
+            e.kind.as_str(),
+            "consumption" | "payment" | "status" | "balance" | "alert"
+        ) =>
+        {
+            Err(format!("a {} event needs a meter", e.kind))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Whether this event updates the `users/{uid}` mirror (so its meter's `user_id` is needed).
+pub fn needs_user(e: &Event) -> bool {
+    matches!(e.kind.as_str(), "consumption" | "payment")
+}
+
+/// The writes for one event; `user` is `meters/{m}/user_id` when it exists.
+pub fn writes_for(e: &Event, user: Option<&str>) -> Result<Writes, String> {
+    check_key(&e.id)?;
+    let Some(meter) = meter_of(e)? else {
+        return Ok(Vec::new());
+    };
+    let data = e
+        .data
+        .as_object()
+        .ok_or_else(|| format!("the {} event's data is not an object", e.kind))?;
+    let m = |field: &str| format!("meters/{meter}/{field}");
+    let u = |field: &str| user.map(|uid| format!("users/{uid}/{field}"));
+    let mut w: Writes = Vec::new();
+    match e.kind.as_str() {
+        "consumption" => {
+            let balance = units(data, "balance", "balanceWh")?;
+            let total = wh_as_units(data, "totalConsumedWh")?;
+            let mut record = Map::new();
+            record.insert("meter_no".into(), json!(meter));
+            if let Some(uid) = user {
+                record.insert("user_id".into(), json!(uid));
+            }
+            record.insert(
+                "units_consumed".into(),
+                units(data, "unitsDebited", "debitWh")?,
+            );
+            record.insert("units_after".into(), balance.clone());
+            record.insert("total_consumed".into(), total.clone());
+            record.insert("timestamp".into(), json!(e.at));
+            record.insert("date".into(), json!(iso8601_utc(e.at)));
+            record.insert("source".into(), json!("gateway"));
+            record.insert("gateway".into(), json!(e.gateway));
+            record.insert("seq".into(), json!(e.seq));
+            w.push((format!("unit_consumption/{}", e.id), Value::Object(record)));
+            w.push((m("balance"), balance.clone()));
+            w.push((m("total_consumed"), total));
+            w.push((m("last_seen"), json!(e.at)));
+            w.push((m("last_update"), json!(e.at)));
+            w.push((m("online"), json!(true)));
+            if let Some(p) = u("balance") {
+                w.push((p, balance));
+            }
+        }
+        "payment" => {
+            let balance = units(data, "balance", "balanceWh")?;
+            let bought = units(data, "units", "creditWh")?;
+            let amount = match data.get("amount") {
+                Some(a) if a.is_number() => a.clone(),
+                _ => cents_as_kes(data)?,
+            };
+            let mut record = Map::new();
+            record.insert("transaction_id".into(), json!(e.id));
+            record.insert("meter_no".into(), json!(meter));
+            if let Some(uid) = user {
+                record.insert("user_id".into(), json!(uid));
+            }
+            record.insert("amount".into(), amount.clone());
+            record.insert("units".into(), bought.clone());
+            record.insert("balance_after".into(), balance.clone());
+            record.insert("status".into(), json!("SUCCESS"));
+            record.insert("timestamp".into(), json!(iso8601_utc(e.at)));
+            for (from, to) in [("reference", "reference"), ("source", "source")] {
+                if let Some(v) = data.get(from).filter(|v| v.is_string()) {
+                    record.insert(to.into(), v.clone());
+                }
+            }
+            record.insert("gateway".into(), json!(e.gateway));
+            record.insert("seq".into(), json!(e.seq));
+            w.push((format!("transactions/{}", e.id), Value::Object(record)));
+            w.push((m("balance"), balance.clone()));
+            if user.is_some() {
+                w.extend(u("balance").map(|p| (p, balance)));
+                w.extend(u("latest_transaction_id").map(|p| (p, json!(e.id))));
+                w.extend(u("last_payment_timestamp").map(|p| (p, json!(iso8601_utc(e.at)))));
+                w.extend(u("last_payment_amount").map(|p| (p, amount)));
+                w.extend(u("last_units_purchased").map(|p| (p, bought)));
+            }
+        }
+        "status" => {
+            let status = data
+                .get("status")
+                .and_then(Value::as_str)
+                .ok_or("the status event has no status")?;
+            let message = data.get("message").cloned().unwrap_or(Value::Null);
+            let mut s = Map::new();
+            s.insert("status".into(), json!(status));
+            if !message.is_null() {
+                s.insert("message".into(), message);
+            }
+            s.insert("last_seen".into(), json!(e.at));
+            w.push((m("status"), Value::Object(s)));
+            w.push((
+                m("online"),
+                json!(!matches!(status, "offline" | "disconnected")),
+            ));
+            w.push((m("last_seen"), json!(e.at)));
+        }
+        "balance" => {
+            w.push((m("last_seen"), json!(e.at)));
+            w.push((m("online"), json!(true)));
+        }
+        "alert" => {
+            let mut a = Map::new();
+            for k in ["alert", "balance", "relay"] {
+                if let Some(v) = data.get(k) {
+                    a.insert(k.into(), v.clone());
+                }
+            }
+            a.insert("timestamp".into(), json!(e.at));
+            a.insert("event_id".into(), json!(e.id));
+            w.push((m("last_alert"), Value::Object(a)));
+        }
+        // A kind this version does not know: acknowledged, nothing written.
+        _ => {}
+    }
+    Ok(w)
+}
+
+/// Units (kWh) from the event's float field, or from its Wh field.
+fn units(data: &Map<String, Value>, field: &str, wh_field: &str) -> Result<Value, String> {
+    match data.get(field) {
+        Some(v) if v.is_number() => Ok(v.clone()),
+        _ => wh_as_units(data, wh_field),
+    }
+}
+
+fn wh_as_units(data: &Map<String, Value>, field: &str) -> Result<Value, String> {
+    let wh = data
+        .get(field)
+        .and_then(Value::as_i64)
+        .ok_or_else(|| format!("the event has no integer {field}"))?;
+    Ok(json!(wh as f64 / 1000.0))
+}
+
+fn cents_as_kes(data: &Map<String, Value>) -> Result<Value, String> {
+    let cents = data
+        .get("amountCents")
+        .and_then(Value::as_i64)
+        .ok_or("the payment has no amount")?;
+    Ok(json!(cents as f64 / 100.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_with_firebase_forbidden_characters_are_refused() {
+        for bad in ["", "a.b", "a/b", "a$", "a#", "a[", "a]", "a\u{7f}", "a\nb"] {
+            assert!(check_key(bad).is_err(), "{bad:?}");
+        }
+        check_key("site-001-000000000042").unwrap();
+    }
+}
