@@ -1,0 +1,377 @@
+//! The M-Pesa Daraja source plugin end to end: the real gateway binary loads the built
+//! `libumeme_source_daraja.so`, a local fake Daraja plays Safaricom's API, and the tests play
+//! Safaricom's callbacks with the documented bodies. The ledger is read back through the
+//! admin API. Plugin-only behaviour is tested in `plugins/source-daraja/tests/`.
+
+mod common;
+#[path = "../../plugins/source-daraja/tests/fake_daraja/mod.rs"]
+mod fake_daraja;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::*;
+use fake_daraja::*;
+use serde_json::{json, Value};
+
+const PLUGIN: &str = "libumeme_source_daraja.so";
+const METER: &str = "METER001";
+
+/// Builds the plugin once per test binary; returns the built library.
+fn built() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    BUILT.get_or_init(|| {
+        let st = Command::new(env!("CARGO"))
+            .current_dir(&workspace)
+            .args(["build", "-p", "umeme-source-daraja"])
+            .status()
+            .expect("run cargo build for the Daraja plugin");
+        assert!(st.success(), "building the Daraja plugin failed");
+    });
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().join(PLUGIN)
+}
+
+/// TOML `key = value` lines for a flat JSON object (strings, numbers, booleans, arrays).
+fn toml_lines(table: &Value) -> String {
+    table
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| format!("{k} = {v}\n"))
+        .collect()
+}
+
+struct Site {
+    gw: Gateway,
+    daraja: FakeDaraja,
+    plugin: SocketAddr,
+    _scratch: tempfile::TempDir,
+}
+
+impl Site {
+    /// A gateway with meter METER001 and the Daraja source named "mpesa", started.
+    fn start() -> Site {
+        let scratch = tempfile::tempdir().unwrap();
+        let plugins = scratch.path().join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        std::fs::set_permissions(&plugins, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::copy(built(), plugins.join(PLUGIN)).unwrap();
+        std::fs::set_permissions(plugins.join(PLUGIN), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        let daraja = FakeDaraja::start();
+        let plugin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = plugin_config(scratch.path(), &daraja, plugin);
+        let source = format!(
+            "[[source]]\nname = \"mpesa\"\nplugin = \"{PLUGIN}\"\n[source.config]\n{}",
+            toml_lines(&config)
+        );
+        let gw = Gateway::new(&source);
+        let text = std::fs::read_to_string(&gw.config).unwrap();
+        let keys = format!(
+            "[gateway]\nplugin_dir = {:?}\n",
+            plugins.display().to_string()
+        );
+        std::fs::write(&gw.config, text.replacen("[gateway]\n", &keys, 1)).unwrap();
+        gw.add_meter(METER, "daraja-test-secret");
+        let mut site = Site {
+            gw,
+            daraja,
+            plugin,
+            _scratch: scratch,
+        };
+        site.boot();
+        site
+    }
+
+    /// Starts the gateway and waits for the plugin's listener (which may come up before or
+    /// after the gateway says it is ready).
+    fn boot(&mut self) {
+        let before = self.listening();
+        self.gw.start();
+        eventually("the Daraja listener", || {
+            (self.listening() > before).then_some(())
+        });
+    }
+
+    fn listening(&self) -> usize {
+        self.gw
+            .log_text()
+            .matches("Daraja source listening")
+            .count()
+    }
+
+    fn payments(&self) -> Vec<Value> {
+        let (status, v) = self
+            .gw
+            .http("GET", &format!("/api/meters/{METER}/payments"), None);
+        assert_eq!(status, 200, "{v}");
+        v["payments"].as_array().unwrap().clone()
+    }
+
+    fn references(&self) -> Vec<String> {
+        self.payments()
+            .iter()
+            .map(|p| p["reference"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn push(&self, amount: i64) -> String {
+        let body = json!({"phone": "0708374149", "amount": amount, "meter_no": METER});
+        let (status, v) = post(self.plugin, &path("stkpush"), &body);
+        assert_eq!(status, 200, "{v}");
+        v["CheckoutRequestID"].as_str().unwrap().to_string()
+    }
+}
+
+#[test]
+fn c2b_paybill_payments_credit_the_meter_once_and_unknown_accounts_are_rejected_with_c2b00012() {
+    let site = Site::start();
+    let validate = |account: &str| {
+        post(
+            site.plugin,
+            &path("c2b/validation"),
+            &c2b_body("RKTQDM7W6S", "10.00", account, false),
+        )
+    };
+    assert_eq!(
+        validate(METER),
+        (200, json!({"ResultCode": "0", "ResultDesc": "Accepted"}))
+    );
+    assert_eq!(
+        validate("METER404"),
+        (
+            200,
+            json!({"ResultCode": "C2B00012", "ResultDesc": "Rejected"})
+        )
+    );
+
+    // The same confirmation, concurrently and again: one credit.
+    let body = c2b_body("RKTQDM7W6S", "10.00", METER, true);
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..6)
+            .map(|_| s.spawn(|| post(site.plugin, &path("c2b/confirmation"), &body)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for a in answers {
+        assert_eq!(a, (200, json!({"ResultCode": 0, "ResultDesc": "Success"})));
+    }
+    assert_eq!(post(site.plugin, &path("c2b/confirmation"), &body).0, 200);
+    let payments = site.payments();
+    assert_eq!(payments.len(), 1, "{payments:?}");
+    assert_eq!(payments[0]["source"], "mpesa");
+    assert_eq!(payments[0]["reference"], "RKTQDM7W6S");
+    assert_eq!(payments[0]["amount_cents"], 1000);
+    // KES 10 at 0.05 units per KES: 0.5 kWh.
+    assert_eq!(site.gw.balance_wh(METER), 500);
+    assert!(
+        site.daraja.recorded().requests.is_empty(),
+        "C2B needs no call to Safaricom"
+    );
+}
+
+#[test]
+fn a_gateway_killed_between_credit_and_answer_credits_the_retried_confirmation_exactly_once() {
+    let mut site = Site::start();
+    let body = c2b_body("RKTQDM7W6K", "40.00", METER, true).to_string();
+    // Daraja's first delivery: the gateway dies once the credit is committed, before Daraja
+    // reads any answer.
+    let mut first = TcpStream::connect(site.plugin).unwrap();
+    write!(
+        first,
+        "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        path("c2b/confirmation"),
+        body.len()
+    )
+    .unwrap();
+    site.gw.wait_log("payment credited");
+    site.gw.kill();
+    drop(first);
+
+    site.boot();
+    assert_eq!(
+        site.gw.balance_wh(METER),
+        2000,
+        "the committed credit survived"
+    );
+    // Daraja retries: success, and no second credit.
+    let (status, v) = post_raw(
+        site.plugin,
+        &path("c2b/confirmation"),
+        "application/json",
+        body.as_bytes(),
+    );
+    assert_eq!(
+        (status, v),
+        (200, json!({"ResultCode": 0, "ResultDesc": "Success"}))
+    );
+    assert_eq!(site.references(), vec!["RKTQDM7W6K"]);
+    assert_eq!(site.gw.balance_wh(METER), 2000);
+    assert!(
+        site.gw.log_text().contains("duplicate: true"),
+        "the retry was seen as the same payment"
+    );
+}
+
+#[test]
+fn stk_push_success_cancellation_and_a_lost_callback_settled_by_query_never_credit_a_receipt_twice()
+{
+    let site = Site::start();
+    // Success: the callback credits with the receipt; the same payment seen by C2B does not.
+    let paid = site.push(10);
+    assert_eq!(
+        post(
+            site.plugin,
+            &path("stk/callback"),
+            &stk_paid(&paid, "NLJ7RT61SV", 10.0)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        post(
+            site.plugin,
+            &path("stk/callback"),
+            &stk_paid(&paid, "NLJ7RT61SV", 10.0)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        post(
+            site.plugin,
+            &path("c2b/confirmation"),
+            &c2b_body("NLJ7RT61SV", "10.00", METER, true)
+        )
+        .0,
+        200
+    );
+    assert_eq!(site.references(), vec!["NLJ7RT61SV"]);
+
+    // Cancelled by the customer: recorded, nothing credited, the poller leaves it alone.
+    let cancelled = site.push(15);
+    let cb = stk_failed(&cancelled, 1032, "Request cancelled by user");
+    assert_eq!(post(site.plugin, &path("stk/callback"), &cb).0, 200);
+    site.daraja
+        .settle(&cancelled, 0, "would be wrong to believe");
+
+    // Lost callback: the status query settles it, once.
+    let lost = site.push(20);
+    eventually("a status query for the lost push", || {
+        let r = site.daraja.recorded();
+        r.requests
+            .iter()
+            .any(|(p, b)| p.ends_with("stkpushquery/v1/query") && b["CheckoutRequestID"] == lost)
+            .then_some(())
+    });
+    site.daraja
+        .settle(&lost, 0, "The service request is processed successfully.");
+    eventually("the credit by query", || {
+        (site.payments().len() == 2).then_some(())
+    });
+    // Its callback arrives late after all: no second credit.
+    assert_eq!(
+        post(
+            site.plugin,
+            &path("stk/callback"),
+            &stk_paid(&lost, "NLJ7RT61SW", 20.0)
+        )
+        .0,
+        200
+    );
+    let refs = site.references();
+    assert_eq!(refs, vec!["NLJ7RT61SV".to_string(), lost.clone()]);
+    // KES 10 + KES 20 at 50 Wh per KES.
+    assert_eq!(site.gw.balance_wh(METER), 1500);
+    assert_eq!(
+        site.daraja.count("GET /oauth/v1/generate"),
+        1,
+        "one token for everything"
+    );
+    assert!(site.gw.log_text().contains("ended without payment: 1032"));
+}
+
+#[test]
+fn hostile_requests_on_the_callback_endpoints_are_refused_logged_and_the_plugin_serves_on() {
+    let site = Site::start();
+    let good = c2b_body("RKTQDM7W6H", "10.00", METER, true);
+    let confirm = path("c2b/confirmation");
+    let wrong_token = format!("/daraja/{}/c2b/confirmation", "f".repeat(32));
+    assert_eq!(post(site.plugin, &wrong_token, &good), (404, json!("")));
+    assert_eq!(
+        post(
+            site.plugin,
+            &format!("/daraja/{CALLBACK_TOKEN}x/stkpush"),
+            &good
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        post_raw(
+            site.plugin,
+            &confirm,
+            "application/x-www-form-urlencoded",
+            b"TransID=X"
+        )
+        .0,
+        415
+    );
+    assert_eq!(
+        post_raw(
+            site.plugin,
+            &confirm,
+            "application/json",
+            &vec![b'{'; 64 * 1024]
+        )
+        .0,
+        413
+    );
+    assert_eq!(
+        post_raw(
+            site.plugin,
+            &confirm,
+            "application/json",
+            b"{\"TransID\":\"RK"
+        )
+        .0,
+        400
+    );
+    for (field, value) in [
+        ("TransAmount", json!("abc")),
+        ("TransAmount", json!("-10.00")),
+        ("TransID", Value::Null),
+    ] {
+        let mut b = good.clone();
+        b[field] = value;
+        assert_eq!(post(site.plugin, &confirm, &b).0, 400, "{field}");
+    }
+    let mut missing = good.clone();
+    missing.as_object_mut().unwrap().remove("BillRefNumber");
+    assert_eq!(post(site.plugin, &confirm, &missing).0, 400);
+    let mut bad_amount = stk_paid("ws_CO_0", "NLJ7RT61SZ", 1.0);
+    bad_amount["Body"]["stkCallback"]["CallbackMetadata"]["Item"][4]["Value"] = json!("abc");
+    assert_eq!(post(site.plugin, &path("stk/callback"), &bad_amount).0, 400);
+
+    assert!(site.payments().is_empty(), "nothing credited");
+    assert!(
+        site.gw.log_text().matches("refused").count() >= 9,
+        "every refusal is logged"
+    );
+    assert_eq!(site.gw.http("GET", "/health", None).0, 200);
+    assert_eq!(
+        post(site.plugin, &confirm, &good).0,
+        200,
+        "the plugin serves on"
+    );
+    assert_eq!(site.references(), vec!["RKTQDM7W6H"]);
+}

@@ -1,0 +1,282 @@
+//! The `[source.config]` table (contract §8.2) and the settings checked out of it at `create`:
+//! secrets read from their files, callback URLs built and checked against the words Daraja
+//! refuses. Nothing here contacts Safaricom.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::wire;
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8090))
+}
+fn default_base_url() -> String {
+    "https://sandbox.safaricom.co.ke".into()
+}
+fn default_register_version() -> String {
+    "v1".into()
+}
+fn default_response_type() -> String {
+    "Completed".into()
+}
+fn default_transaction_type() -> String {
+    "CustomerPayBillOnline".into()
+}
+fn default_max_body() -> usize {
+    16 * 1024
+}
+fn default_validation_timeout_ms() -> u64 {
+    5_000
+}
+fn default_http_timeout_secs() -> u64 {
+    30
+}
+fn default_query_after() -> u64 {
+    60
+}
+fn default_query_interval() -> u64 {
+    30
+}
+fn default_query_attempts() -> u32 {
+    20
+}
+fn default_max_pending() -> usize {
+    500
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The plugin's own HTTP listener (callbacks and the STK push endpoint).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// `https://sandbox.safaricom.co.ke` or `https://api.safaricom.co.ke`.
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    /// The PayBill (or till) number; `BusinessShortCode` of pushes and registrations.
+    pub shortcode: String,
+    pub consumer_key_file: PathBuf,
+    pub consumer_secret_file: PathBuf,
+    /// Needed for STK push; without it `/stkpush` answers 503.
+    #[serde(default)]
+    pub passkey_file: Option<PathBuf>,
+    /// The public URL Safaricom calls, without the `/daraja/…` part.
+    pub callback_base_url: String,
+    pub callback_token_file: PathBuf,
+    #[serde(default)]
+    pub register_urls: bool,
+    /// `v1` or `v2`: which `registerurl` path (apisupport has moved integrators both ways).
+    #[serde(default = "default_register_version")]
+    pub register_url_version: String,
+    /// What M-Pesa does when the validation URL does not answer in time.
+    #[serde(default = "default_response_type")]
+    pub response_type: String,
+    /// Source addresses allowed to call the callback endpoints; empty = any.
+    #[serde(default)]
+    pub allowed_ips: Vec<IpAddr>,
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// `CustomerPayBillOnline` or `CustomerBuyGoodsOnline`.
+    #[serde(default = "default_transaction_type")]
+    pub transaction_type: String,
+    /// PartyB of pushes: the till for Buy Goods; the shortcode by default.
+    #[serde(default)]
+    pub party_b: Option<String>,
+    /// Budget for answering a validation (Daraja waits about 8 s).
+    #[serde(default = "default_validation_timeout_ms")]
+    pub validation_timeout_ms: u64,
+    #[serde(default = "default_http_timeout_secs")]
+    pub http_timeout_secs: u64,
+    /// A push whose callback has not come after this long is settled with the status query.
+    #[serde(default = "default_query_after")]
+    pub stk_query_after_secs: u64,
+    #[serde(default = "default_query_interval")]
+    pub stk_query_interval_secs: u64,
+    /// After this many inconclusive queries a push is given up (logged for reconciliation).
+    #[serde(default = "default_query_attempts")]
+    pub stk_query_max_attempts: u32,
+    /// Pushes waiting for their outcome at most; more are refused with 503.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_pushes: usize,
+}
+
+/// Secrets, read once at `create`.
+pub struct Secrets {
+    pub consumer_key: String,
+    pub consumer_secret: String,
+    pub passkey: Option<String>,
+    pub callback_token: String,
+}
+
+/// A checked configuration.
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub base_url: String,
+    pub shortcode: String,
+    pub secrets: Secrets,
+    pub validation_url: String,
+    pub confirmation_url: String,
+    pub stk_callback_url: String,
+    pub register_urls: bool,
+    pub register_path: String,
+    pub response_type: String,
+    pub allowed_ips: Vec<IpAddr>,
+    pub max_body_bytes: usize,
+    pub transaction_type: String,
+    pub party_b: String,
+    pub validation_timeout: Duration,
+    pub http_timeout: Duration,
+    pub query_after: Duration,
+    pub query_interval: Duration,
+    pub query_max_attempts: u32,
+    pub max_pending: usize,
+}
+
+fn read_secret(key: &str, path: &Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
+    let value = text.trim().to_string();
+    if value.is_empty() {
+        return Err(format!("{key} {} is empty", path.display()));
+    }
+    // Like the gateway's own secrets: not for other users' eyes.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| format!("{key} {}: {e}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o007 != 0 {
+            return Err(format!(
+                "{key} {} is accessible to other users (mode {:o}); chmod o-rwx it",
+                path.display(),
+                mode & 0o777
+            ));
+        }
+    }
+    Ok(value)
+}
+
+fn http_url(key: &str, url: &str) -> Result<String, String> {
+    let url = url.trim().trim_end_matches('/');
+    if !(url.starts_with("https://") || url.starts_with("http://"))
+        || url.contains(char::is_whitespace)
+    {
+        return Err(format!("{key} {url:?} is not an http(s) URL"));
+    }
+    Ok(url.to_string())
+}
+
+impl Settings {
+    pub fn from_config(c: Config) -> Result<Settings, String> {
+        let base_url = http_url("base_url", &c.base_url)?;
+        let callback_base = http_url("callback_base_url", &c.callback_base_url)?;
+        if !callback_base.starts_with("https://") {
+            log::warn!(
+                "callback_base_url {callback_base} is not https; Safaricom production refuses it"
+            );
+        }
+        if c.shortcode.is_empty() || !c.shortcode.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("shortcode {:?} is not a number", c.shortcode));
+        }
+        let register_path = match c.register_url_version.as_str() {
+            "v1" | "v2" => format!("/mpesa/c2b/{}/registerurl", c.register_url_version),
+            other => {
+                return Err(format!(
+                    "register_url_version {other:?}: expected \"v1\" or \"v2\""
+                ))
+            }
+        };
+        if !matches!(c.response_type.as_str(), "Completed" | "Cancelled") {
+            return Err(format!(
+                "response_type {:?}: expected \"Completed\" or \"Cancelled\" (exact spelling)",
+                c.response_type
+            ));
+        }
+        if !matches!(
+            c.transaction_type.as_str(),
+            "CustomerPayBillOnline" | "CustomerBuyGoodsOnline"
+        ) {
+            return Err(format!(
+                "transaction_type {:?}: expected CustomerPayBillOnline or CustomerBuyGoodsOnline",
+                c.transaction_type
+            ));
+        }
+        if !(256..=1024 * 1024).contains(&c.max_body_bytes) {
+            return Err("max_body_bytes must be between 256 and 1048576".into());
+        }
+        if !(100..=7_500).contains(&c.validation_timeout_ms) {
+            return Err(
+                "validation_timeout_ms must be between 100 and 7500 (Daraja waits ~8 s)".into(),
+            );
+        }
+        if c.stk_query_interval_secs == 0 || c.http_timeout_secs == 0 || c.max_pending_pushes == 0 {
+            return Err("stk_query_interval_secs, http_timeout_secs and max_pending_pushes must be positive".into());
+        }
+        let secrets = Secrets {
+            consumer_key: read_secret("consumer_key_file", &c.consumer_key_file)?,
+            consumer_secret: read_secret("consumer_secret_file", &c.consumer_secret_file)?,
+            passkey: c
+                .passkey_file
+                .as_deref()
+                .map(|p| read_secret("passkey_file", p))
+                .transpose()?,
+            callback_token: read_secret("callback_token_file", &c.callback_token_file)?,
+        };
+        let token = &secrets.callback_token;
+        if token.len() < 16
+            || token.len() > 128
+            || !token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(format!(
+                "callback_token_file {}: the token must be 16 to 128 characters of A-Z a-z 0-9 _ - (e.g. `openssl rand -hex 32`)",
+                c.callback_token_file.display()
+            ));
+        }
+        let url = |tail: &str| format!("{callback_base}/daraja/{token}/{tail}");
+        let settings = Settings {
+            listen: c.listen,
+            base_url,
+            validation_url: url("c2b/validation"),
+            confirmation_url: url("c2b/confirmation"),
+            stk_callback_url: url("stk/callback"),
+            party_b: c.party_b.unwrap_or_else(|| c.shortcode.clone()),
+            shortcode: c.shortcode,
+            secrets,
+            register_urls: c.register_urls,
+            register_path,
+            response_type: c.response_type,
+            allowed_ips: c.allowed_ips,
+            max_body_bytes: c.max_body_bytes,
+            transaction_type: c.transaction_type,
+            validation_timeout: Duration::from_millis(c.validation_timeout_ms),
+            http_timeout: Duration::from_secs(c.http_timeout_secs),
+            query_after: Duration::from_secs(c.stk_query_after_secs),
+            query_interval: Duration::from_secs(c.stk_query_interval_secs),
+            query_max_attempts: c.stk_query_max_attempts,
+            max_pending: c.max_pending_pushes,
+        };
+        for u in [
+            &settings.validation_url,
+            &settings.confirmation_url,
+            &settings.stk_callback_url,
+        ] {
+            if let Some(word) = wire::forbidden_word(u) {
+                // Say where without printing the secret token.
+                let place = if wire::forbidden_word(&callback_base).is_some() {
+                    "callback_base_url"
+                } else {
+                    "the callback token"
+                };
+                return Err(format!(
+                    "{place} contains {word:?}, which Daraja refuses in callback URLs"
+                ));
+            }
+        }
+        Ok(settings)
+    }
+}

@@ -1,0 +1,519 @@
+//! The Daraja source driven through its C entry points by the SDK's harness (a fake gateway
+//! host), against a local fake Daraja. End-to-end tests with the real gateway are in
+//! `gateway/tests/daraja.rs`.
+
+mod fake_daraja;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use fake_daraja::*;
+use serde_json::{json, Value};
+use umeme_plugin_sdk::testing::SourceHarness;
+use umeme_source_daraja::DarajaSource;
+
+const METER: &str = "METER001";
+
+struct Setup {
+    plugin: SourceHarness<DarajaSource>,
+    daraja: FakeDaraja,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+fn setup_with(edit: impl FnOnce(&mut Value)) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let daraja = FakeDaraja::start();
+    let mut config = plugin_config(dir.path(), &daraja, "127.0.0.1:0".parse().unwrap());
+    edit(&mut config);
+    let mut plugin = SourceHarness::<DarajaSource>::new(config, &[METER, "METER002"]).unwrap();
+    plugin.start().unwrap();
+    let addr = plugin.health().detail["listen"]
+        .as_str()
+        .expect("health names the listen address")
+        .parse()
+        .unwrap();
+    Setup {
+        plugin,
+        daraja,
+        addr,
+        _dir: dir,
+    }
+}
+
+fn setup() -> Setup {
+    setup_with(|_| {})
+}
+
+impl Setup {
+    fn credits(&self) -> Vec<(String, i64, String)> {
+        self.plugin
+            .host()
+            .payments
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| (p.meter.clone(), p.amount_cents, p.reference.clone()))
+            .collect()
+    }
+
+    fn kv(&self, key: &str) -> Option<Value> {
+        let kv = self.plugin.host().kv.lock().unwrap();
+        kv.get(key).map(|v| serde_json::from_str(v).unwrap())
+    }
+
+    fn logs_containing(&self, needle: &str) -> usize {
+        self.plugin
+            .host()
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, l)| l.contains(needle))
+            .count()
+    }
+
+    fn push(&self, phone: &str, amount: Value) -> (u16, Value) {
+        post(
+            self.addr,
+            &path("stkpush"),
+            &json!({"phone": phone, "amount": amount, "meter_no": METER}),
+        )
+    }
+}
+
+/// Polls until `f` holds (bounded).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn config_refuses_forbidden_url_words_bad_tokens_and_unreadable_or_exposed_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let daraja = FakeDaraja::start();
+    let base = plugin_config(dir.path(), &daraja, "127.0.0.1:0".parse().unwrap());
+    let create = |edit: &dyn Fn(&mut Value)| {
+        let mut c = base.clone();
+        edit(&mut c);
+        SourceHarness::<DarajaSource>::new(c, &[METER]).err()
+    };
+    assert_eq!(create(&|_| {}), None);
+    for url in [
+        "https://mpesa.example.org",
+        "https://gw.example.org/Query",
+        "https://x.ngrok.io",
+    ] {
+        let err = create(&|c| c["callback_base_url"] = json!(url)).expect(url);
+        assert!(err.contains("Daraja refuses"), "{err}");
+    }
+    let token = dir.path().join("bad_token");
+    std::fs::write(&token, "exec0123456789abcdef").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let err = create(&|c| c["callback_token_file"] = json!(token)).unwrap();
+    assert!(
+        err.contains("the callback token") && !err.contains("exec0123"),
+        "{err}"
+    );
+    std::fs::write(&token, "short").unwrap();
+    assert!(create(&|c| c["callback_token_file"] = json!(token))
+        .unwrap()
+        .contains("16 to 128"));
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    assert!(create(&|c| c["callback_token_file"] = json!(token))
+        .unwrap()
+        .contains("other users"));
+    assert!(create(&|c| c["passkey_file"] = json!("/nonexistent"))
+        .unwrap()
+        .contains("/nonexistent"));
+    assert!(create(&|c| c["register_url_version"] = json!("v3")).is_some());
+    assert!(create(&|c| c["response_type"] = json!("completed")).is_some());
+    assert!(create(&|c| c["consumer_key"] = json!("inline secrets are unknown keys")).is_some());
+    assert_eq!(
+        daraja.recorded().requests.len(),
+        0,
+        "create never contacts Daraja"
+    );
+}
+
+#[test]
+fn the_plugin_starts_without_contacting_safaricom() {
+    let s = setup();
+    let (status, _) = post(
+        s.addr,
+        &path("c2b/validation"),
+        &c2b_body("RKTQDM7W6S", "10.00", METER, false),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(s.daraja.recorded().requests.len(), 0);
+}
+
+#[test]
+fn c2b_validation_accepts_a_known_meter_and_rejects_an_unknown_account_with_c2b00012() {
+    let s = setup();
+    let (status, v) = post(
+        s.addr,
+        &path("c2b/validation"),
+        &c2b_body("RKTQDM7W6S", "10.00", METER, false),
+    );
+    assert_eq!(
+        (status, v),
+        (200, json!({"ResultCode": "0", "ResultDesc": "Accepted"}))
+    );
+    // Customers type account numbers in any case.
+    let (_, v) = post(
+        s.addr,
+        &path("c2b/validation"),
+        &c2b_body("RKTQDM7W6T", "10.00", "meter002", false),
+    );
+    assert_eq!(v["ResultCode"], "0");
+    let (status, v) = post(
+        s.addr,
+        &path("c2b/validation"),
+        &c2b_body("RKTQDM7W6U", "10.00", "NOSUCH", false),
+    );
+    assert_eq!(
+        (status, v),
+        (
+            200,
+            json!({"ResultCode": "C2B00012", "ResultDesc": "Rejected"})
+        )
+    );
+    assert!(s.credits().is_empty(), "validation never credits");
+}
+
+#[test]
+fn a_c2b_confirmation_credits_once_by_trans_id_even_when_delivered_twice_and_concurrently() {
+    let s = setup();
+    let body = c2b_body("RKTQDM7W6S", "10.00", METER, true);
+    let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| post(s.addr, &path("c2b/confirmation"), &body)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for a in &answers {
+        assert_eq!(a, &(200, json!({"ResultCode": 0, "ResultDesc": "Success"})));
+    }
+    assert_eq!(post(s.addr, &path("c2b/confirmation"), &body).0, 200);
+    assert_eq!(
+        s.credits(),
+        vec![(METER.to_string(), 1000, "RKTQDM7W6S".to_string())]
+    );
+    let host = s.plugin.host();
+    let p = &host.payments.lock().unwrap()[0];
+    assert_eq!(
+        p.phone.as_deref(),
+        Some("94c392c311d522da950619227b3361752a42042db7e1e699b26e628305c68a88"),
+        "the MSISDN is stored as given"
+    );
+    assert_eq!(p.raw.as_ref().unwrap()["TransID"], "RKTQDM7W6S");
+}
+
+#[test]
+fn a_confirmation_for_an_unknown_account_is_acknowledged_kept_for_reconciliation_and_not_credited()
+{
+    let s = setup();
+    let (status, v) = post(
+        s.addr,
+        &path("c2b/confirmation"),
+        &c2b_body("RKTQDM7W6Z", "50.00", "NOSUCH", true),
+    );
+    assert_eq!((status, v["ResultCode"].clone()), (200, json!(0)));
+    assert!(s.credits().is_empty());
+    assert_eq!(
+        s.kv("c2b-unapplied/RKTQDM7W6Z").unwrap()["BillRefNumber"],
+        "NOSUCH"
+    );
+}
+
+#[test]
+fn hostile_input_on_the_callback_endpoints_is_rejected_logged_and_credits_nothing() {
+    let mut s = setup_with(|c| c["max_body_bytes"] = json!(4096));
+    let good = c2b_body("RKTQDM7W6S", "10.00", METER, true);
+    let confirm = path("c2b/confirmation");
+    let mut refused = 1;
+    // A wrong or missing token: a bare 404, the same as a path that does not exist.
+    let wrong = format!("/daraja/{}/c2b/confirmation", "0".repeat(32));
+    let (status, body) = post(s.addr, &wrong, &good);
+    assert_eq!((status, body), (404, json!("")));
+    let mut expect = |(status, body): (u16, Value), want: u16, what: &str| {
+        assert_eq!(status, want, "{what}: {body}");
+        refused += 1;
+    };
+    expect(
+        post(s.addr, "/daraja/c2b/confirmation", &good),
+        404,
+        "no token",
+    );
+    expect(
+        post(s.addr, &path("c2b/other"), &good),
+        404,
+        "unknown endpoint",
+    );
+    expect(
+        post_raw(s.addr, &confirm, "text/plain", good.to_string().as_bytes()),
+        415,
+        "content type",
+    );
+    expect(
+        post_raw(s.addr, &confirm, "application/json", &vec![b' '; 64 * 1024]),
+        413,
+        "huge body",
+    );
+    expect(
+        post_raw(s.addr, &confirm, "application/json", b"{\"TransID\": "),
+        400,
+        "broken JSON",
+    );
+    expect(
+        post_raw(s.addr, &confirm, "application/json", b"[1,2]"),
+        400,
+        "not an object",
+    );
+    for (field, value) in [
+        ("TransAmount", json!("abc")),
+        ("TransAmount", json!("-10.00")),
+        ("TransAmount", json!("0.00")),
+        ("TransAmount", json!(null)),
+        ("TransID", json!("RK/../x")),
+        ("TransID", json!(42)),
+        ("BillRefNumber", json!(["METER001"])),
+        ("BusinessShortCode", json!("999999")),
+    ] {
+        let mut b = good.clone();
+        b[field] = value.clone();
+        expect(
+            post(s.addr, &confirm, &b),
+            400,
+            &format!("{field} = {value}"),
+        );
+    }
+    let mut missing = good.clone();
+    missing.as_object_mut().unwrap().remove("TransID");
+    expect(post(s.addr, &confirm, &missing), 400, "missing TransID");
+    let stk = path("stk/callback");
+    let mut negative = stk_paid("ws_CO_1", "NLJ7RT61SV", 1.0);
+    negative["Body"]["stkCallback"]["CallbackMetadata"]["Item"][4]["Value"] = json!(-5);
+    expect(post(s.addr, &stk, &negative), 400, "negative STK amount");
+    expect(
+        post(s.addr, &stk, &json!({"Body": {}})),
+        400,
+        "missing stkCallback",
+    );
+    expect(
+        post(
+            s.addr,
+            &stk,
+            &json!({"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1"}}}),
+        ),
+        400,
+        "missing ResultCode",
+    );
+    expect(
+        post(
+            s.addr,
+            &path("stkpush"),
+            &json!({"phone": "0712345678", "amount": "abc", "meter_no": METER}),
+        ),
+        400,
+        "push amount",
+    );
+
+    assert!(s.credits().is_empty(), "nothing credited");
+    assert!(
+        s.logs_containing("refused") >= refused,
+        "every refusal is logged"
+    );
+    let counted = s.plugin.health().detail["rejected_requests"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(counted, refused as u64, "every refusal is counted");
+    // The listener serves on.
+    assert_eq!(post(s.addr, &confirm, &good).0, 200);
+    assert_eq!(s.credits().len(), 1);
+}
+
+#[test]
+fn the_source_ip_allow_list_guards_the_callbacks() {
+    let s = setup_with(|c| c["allowed_ips"] = json!(["196.201.214.200"]));
+    let (status, _) = post(
+        s.addr,
+        &path("c2b/confirmation"),
+        &c2b_body("RKTQDM7W6S", "10.00", METER, true),
+    );
+    assert_eq!(status, 403);
+    assert!(s.credits().is_empty());
+}
+
+#[test]
+fn an_stk_push_credits_its_meter_with_the_receipt_and_the_c2b_of_the_same_receipt_credits_nothing()
+{
+    let s = setup();
+    let (status, v) = s.push("0708 374 149", json!(10));
+    assert_eq!(status, 200, "{v}");
+    let id = v["CheckoutRequestID"].as_str().unwrap().to_string();
+    let sent = s.daraja.recorded().pushes[0].clone();
+    assert_eq!(sent["PhoneNumber"], "254708374149");
+    assert_eq!(sent["PartyA"], "254708374149");
+    assert_eq!(sent["Amount"], "10");
+    assert_eq!(sent["AccountReference"], METER);
+    assert_eq!(
+        sent["CallBackURL"],
+        format!("https://gw.example.org{}", path("stk/callback"))
+    );
+    assert_eq!(s.kv(&format!("stk/{id}")).unwrap()["meter"], METER);
+
+    let cb = stk_paid(&id, "NLJ7RT61SV", 10.0);
+    assert_eq!(
+        post(s.addr, &path("stk/callback"), &cb),
+        (200, json!({"ResultCode": 0, "ResultDesc": "Success"}))
+    );
+    assert_eq!(
+        post(s.addr, &path("stk/callback"), &cb).0,
+        200,
+        "a repeated callback is acknowledged"
+    );
+    let c2b = c2b_body("NLJ7RT61SV", "10.00", METER, true);
+    assert_eq!(post(s.addr, &path("c2b/confirmation"), &c2b).0, 200);
+    assert_eq!(
+        s.credits(),
+        vec![(METER.to_string(), 1000, "NLJ7RT61SV".to_string())]
+    );
+    assert_eq!(s.kv(&format!("stk/{id}")).unwrap()["state"], "credited");
+    assert_eq!(s.kv("stk-pending"), None);
+}
+
+#[test]
+fn a_cancelled_stk_push_is_recorded_without_credit() {
+    let s = setup();
+    let (_, v) = s.push("+254708374149", json!("5"));
+    let id = v["CheckoutRequestID"].as_str().unwrap().to_string();
+    let cb = stk_failed(&id, 1032, "Request cancelled by user");
+    assert_eq!(post(s.addr, &path("stk/callback"), &cb).0, 200);
+    let stored = s.kv(&format!("stk/{id}")).unwrap();
+    assert_eq!(
+        (stored["state"].clone(), stored["result_code"].clone()),
+        (json!("failed"), json!(1032))
+    );
+    assert!(s.credits().is_empty());
+    // A late "paid" for a push already settled as failed credits nothing either.
+    assert_eq!(
+        post(
+            s.addr,
+            &path("stk/callback"),
+            &stk_paid(&id, "NLJ7RT61SX", 5.0)
+        )
+        .0,
+        200
+    );
+    assert!(s.credits().is_empty());
+}
+
+#[test]
+fn a_push_whose_callback_is_lost_is_settled_by_the_status_query_and_a_late_callback_credits_nothing(
+) {
+    let s = setup();
+    let (_, v) = s.push("254708374149", json!(20));
+    let id = v["CheckoutRequestID"].as_str().unwrap().to_string();
+    // While the customer has not answered, the query says "being processed".
+    eventually("a status query", || {
+        s.daraja.count("POST /mpesa/stkpushquery/v1/query") >= 1
+    });
+    assert!(s.credits().is_empty());
+    s.daraja
+        .settle(&id, 0, "The service request is processed successfully.");
+    eventually("the credit by query", || !s.credits().is_empty());
+    assert_eq!(s.credits(), vec![(METER.to_string(), 2000, id.clone())]);
+    assert_eq!(
+        post(
+            s.addr,
+            &path("stk/callback"),
+            &stk_paid(&id, "NLJ7RT61SV", 20.0)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        s.credits().len(),
+        1,
+        "the late callback does not credit again"
+    );
+    assert_eq!(s.kv(&format!("stk/{id}")).unwrap()["receipt"], "NLJ7RT61SV");
+
+    // A lost callback of a cancelled push: settled as failed, no credit.
+    let (_, v) = s.push("254708374149", json!(30));
+    let other = v["CheckoutRequestID"].as_str().unwrap().to_string();
+    s.daraja
+        .settle(&other, 1037, "DS timeout user cannot be reached");
+    eventually("the failure by query", || {
+        s.kv(&format!("stk/{other}"))
+            .is_some_and(|p| p["state"] == "failed")
+    });
+    assert_eq!(s.credits().len(), 1);
+}
+
+#[test]
+fn the_access_token_is_fetched_once_and_renewed_once_when_daraja_invalidates_it() {
+    let s = setup();
+    for _ in 0..3 {
+        assert_eq!(s.push("0708374149", json!(1)).0, 200);
+    }
+    assert_eq!(
+        s.daraja.count("GET /oauth/v1/generate"),
+        1,
+        "the token is cached"
+    );
+    s.daraja.revoke_token();
+    assert_eq!(s.push("0708374149", json!(1)).0, 200);
+    assert_eq!(s.daraja.count("GET /oauth/v1/generate"), 2);
+}
+
+#[test]
+fn stk_push_requests_are_checked_before_safaricom_is_asked() {
+    let s = setup();
+    let (status, v) = post(
+        s.addr,
+        &path("stkpush"),
+        &json!({"phone": "0708374149", "amount": 10, "meter_no": "NOSUCH"}),
+    );
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(s.push("12345", json!(10)).0, 400);
+    assert_eq!(s.push("0708374149", json!(10.5)).0, 400);
+    assert_eq!(s.push("0708374149", json!(0)).0, 400);
+    assert!(s.daraja.recorded().pushes.is_empty());
+}
+
+#[test]
+fn c2b_urls_are_registered_at_start_on_the_configured_path_and_already_registered_is_fine() {
+    let dir = tempfile::tempdir().unwrap();
+    let daraja = FakeDaraja::start();
+    {
+        let mut r = daraja.recorded();
+        r.registered = true;
+        r.one_shot_registration = true;
+    }
+    let mut config = plugin_config(dir.path(), &daraja, "127.0.0.1:0".parse().unwrap());
+    config["register_urls"] = json!(true);
+    config["register_url_version"] = json!("v2");
+    let mut plugin = SourceHarness::<DarajaSource>::new(config, &[METER]).unwrap();
+    plugin.start().unwrap();
+    eventually("registration", || {
+        plugin.health().detail["urls_registered"] == true
+    });
+    let r = daraja.recorded();
+    let (what, body) = r
+        .requests
+        .iter()
+        .find(|(p, _)| p.contains("registerurl"))
+        .unwrap();
+    assert_eq!(what, "POST /mpesa/c2b/v2/registerurl");
+    assert_eq!(
+        body["ValidationURL"],
+        format!("https://gw.example.org{}", path("c2b/validation"))
+    );
+    assert_eq!(body["ResponseType"], "Completed");
+}
