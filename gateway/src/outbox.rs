@@ -39,6 +39,8 @@ pub enum Delivery {
 
 /// A destination for events. Implementations block; the runner calls them on their own thread.
 pub trait Sink: Send {
+    /// Called once on the sink's own thread before the first batch.
+    fn start(&mut self) {}
     fn deliver(&mut self, batch: &[Event]) -> Delivery;
 }
 
@@ -137,6 +139,10 @@ impl SinkThread {
         std::thread::Builder::new()
             .name(format!("sink-{name}"))
             .spawn(move || {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink.start())).is_err()
+                {
+                    warn!(sink = "start", "the sink panicked while starting");
+                }
                 for batch in call_rx {
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         sink.deliver(&batch)

@@ -839,6 +839,14 @@ impl Drop for PluginSink {
 }
 
 impl crate::outbox::Sink for PluginSink {
+    /// Creates the instance at start-up, so a sink with a downlink (cloud MQTT commands)
+    /// connects before the first event flows.
+    fn start(&mut self) {
+        if let Err(e) = self.ensure() {
+            warn!(plugin = %self.lib.name, problem = ?e, "sink plugin not ready at start; it is retried with its first batch");
+        }
+    }
+
     fn deliver(&mut self, batch: &[Event]) -> Delivery {
         if let Err(d) = self.ensure() {
             return d;
@@ -861,8 +869,14 @@ impl crate::outbox::Sink for PluginSink {
             },
             abi::PERMANENT => all(text),
             abi::BAD_CONFIG => {
-                error!(plugin = %self.lib.name, error = %text, "the far end refuses the sink's configuration or credentials");
-                all(format!("bad configuration or credentials: {text}"))
+                // Held, not dead-lettered: a wrong or rotated key must not cost the records.
+                // The sink backs off up to its retry_max and says why in the log and status.
+                error!(plugin = %self.lib.name, error = %text,
+                       "the far end refuses the sink's configuration or credentials; holding its events until fixed");
+                Delivery::Retry {
+                    after: None,
+                    error: format!("bad configuration or credentials: {text}"),
+                }
             }
             abi::REJECTED => {
                 let list: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();

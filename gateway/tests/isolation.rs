@@ -51,9 +51,7 @@ fn a_meter_publishing_on_another_meters_topics_is_disconnected_and_changes_nothi
         gw.metric(r#"umeme_mqtt_rejected_total{reason="acl_publish"}"#),
         4.0
     );
-    assert!(gw
-        .log_text()
-        .contains("publish outside the meter's own topic tree refused"));
+    gw.assert_log("publish outside the meter's own topic tree refused");
 
     // Its own topic with the victim's number inside the payload is refused too.
     let mut m = gw.connect("METER002", "secret-two-222");

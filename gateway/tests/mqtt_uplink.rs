@@ -676,10 +676,9 @@ fn thousands_of_events_reach_a_subscriber_across_two_broker_restarts_with_duplic
         drained["failures_total"].as_i64().unwrap() >= 2,
         "the restarts were felt as failed batches: {drained}"
     );
-    assert!(
-        gw.log_text().contains("mqtt: connected to localhost") && gw.log_text().contains("again"),
-        "reconnects are logged"
-    );
+    // Reconnects are logged.
+    gw.assert_log("mqtt: connected to localhost");
+    gw.assert_log("again");
     eprintln!(
         "{last} events delivered to the subscriber, {duplicates} duplicate copies, {} failed batches retried, {:?} in all",
         drained["failures_total"],
@@ -731,11 +730,8 @@ fn a_wrong_password_an_unknown_ca_and_a_wrong_host_name_each_say_so_and_back_off
             outbox(gw)["last_error"].as_str().map(str::to_string)
         });
         assert!(error.contains(phrase), "{case}: {error}");
-        assert!(
-            gw.log_text().contains(phrase),
-            "{case}: the gateway log says why: {}",
-            gw.log_text()
-        );
+        // The gateway log says why.
+        gw.assert_log(phrase);
         errors.push(error);
     }
     for (i, (_, _, _, _, phrase)) in cases.iter().enumerate() {

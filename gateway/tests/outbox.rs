@@ -284,7 +284,7 @@ fn a_long_outage_stays_under_the_disk_cap_keeps_every_payment_and_drains_after()
     });
     assert!(status["sinks"][0]["backlog"].as_i64().unwrap() > 0);
     assert!(gw.metric("umeme_outbox_dropped_total") > 0.0);
-    assert!(gw.log_text().contains("outbox over its disk cap"));
+    gw.assert_log("outbox over its disk cap");
     let db_bytes = std::fs::metadata(gw.db_path()).unwrap().len();
     println!("{reported} reports, {payments} payments, status {status}, db file {db_bytes} bytes");
     let db = rusqlite::Connection::open(gw.db_path()).unwrap();

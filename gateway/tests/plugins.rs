@@ -167,10 +167,7 @@ fn a_sink_plugin_receives_events_and_its_answers_drive_the_outbox() {
         stored as usize,
         "every event delivered or dead-lettered"
     );
-    assert!(
-        gw.log_text().contains("testkit sink created"),
-        "plugin log lines reach the gateway's log"
-    );
+    gw.assert_log("testkit sink created");
 }
 
 #[test]
@@ -297,7 +294,7 @@ fn a_source_that_panics_when_starting_is_retried_and_the_gateway_serves_on() {
     eventually("two failed starts", || {
         (gw.metric(r#"umeme_source_failures_total{source="kit"}"#) >= 2.0).then_some(())
     });
-    assert!(gw.log_text().contains("testkit: panic in start"));
+    gw.assert_log("testkit: panic in start");
     gw.add_meter("METER001", "plugin-test-secret");
     assert_eq!(gw.simulate("METER001", 100.0)["balance"], 5.0);
     assert!(gw.is_running());
@@ -582,9 +579,6 @@ fn a_plugin_built_by_another_rustc_loads_and_delivers() {
             .any(|e| e["kind"] == "payment")
             .then_some(())
     });
-    assert!(
-        gw.log_text()
-            .contains(other.trim().split(" (").next().unwrap()),
-        "the load line names the plugin's compiler"
-    );
+    // The load line names the plugin's compiler.
+    gw.assert_log(other.trim().split(" (").next().unwrap());
 }

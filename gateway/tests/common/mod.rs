@@ -128,6 +128,20 @@ impl Gateway {
         }
     }
 
+    /// Waits (bounded) until the log holds `needle`: log lines reach the file through a pipe and
+    /// a thread, a moment after the gateway wrote them.
+    pub fn assert_log(&self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.log_text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no log line containing {needle:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }

@@ -113,8 +113,9 @@ pub enum Delivery {
     },
     /// The whole batch can never be delivered: every event goes to the dead letters.
     Permanent(String),
-    /// The sink's configuration or credentials are refused by the far end: like `Permanent`
-    /// for this batch, and reported as a configuration problem.
+    /// The sink's configuration or credentials are refused by the far end. The gateway keeps
+    /// the batch (nothing is dead-lettered), backs off up to the sink's `retry_max`, and reports
+    /// a configuration problem until a person fixes it.
     BadConfig(String),
     /// These events (by `seq`) can never be delivered; all the others are delivered.
     Rejected(Vec<(i64, String)>),
