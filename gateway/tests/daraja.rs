@@ -9,10 +9,7 @@ mod fake_daraja;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::path::PathBuf;
 
 use common::*;
 use fake_daraja::*;
@@ -23,21 +20,7 @@ const METER: &str = "METER001";
 
 /// Builds the plugin once per test binary; returns the built library.
 fn built() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    BUILT.get_or_init(|| {
-        let st = Command::new(env!("CARGO"))
-            .current_dir(&workspace)
-            .args(["build", "-p", "umeme-source-daraja"])
-            .status()
-            .expect("run cargo build for the Daraja plugin");
-        assert!(st.success(), "building the Daraja plugin failed");
-    });
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().join(PLUGIN)
+    built_plugin("umeme-source-daraja")
 }
 
 /// TOML `key = value` lines for a flat JSON object (strings, numbers, booleans, arrays).
@@ -61,12 +44,7 @@ impl Site {
     /// A gateway with meter METER001 and the Daraja source named "mpesa", started.
     fn start() -> Site {
         let scratch = tempfile::tempdir().unwrap();
-        let plugins = scratch.path().join("plugins");
-        std::fs::create_dir_all(&plugins).unwrap();
-        std::fs::set_permissions(&plugins, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::copy(built(), plugins.join(PLUGIN)).unwrap();
-        std::fs::set_permissions(plugins.join(PLUGIN), std::fs::Permissions::from_mode(0o644))
-            .unwrap();
+        let plugins = install_plugins(scratch.path(), &[built()]);
         let daraja = FakeDaraja::start();
         let plugin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = plugin_config(scratch.path(), &daraja, plugin);
@@ -74,13 +52,7 @@ impl Site {
             "[[source]]\nname = \"mpesa\"\nplugin = \"{PLUGIN}\"\n[source.config]\n{}",
             toml_lines(&config)
         );
-        let gw = Gateway::new(&source);
-        let text = std::fs::read_to_string(&gw.config).unwrap();
-        let keys = format!(
-            "[gateway]\nplugin_dir = {:?}\n",
-            plugins.display().to_string()
-        );
-        std::fs::write(&gw.config, text.replacen("[gateway]\n", &keys, 1)).unwrap();
+        let gw = Gateway::with_plugins(&plugins, &source);
         gw.add_meter(METER, "daraja-test-secret");
         let mut site = Site {
             gw,

@@ -7,7 +7,6 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -17,36 +16,15 @@ use serde_json::{json, Value};
 const SECRET: &str = "fake-admin-secret";
 const EMAIL: &str = "umeme-gateway@test-project.iam.gserviceaccount.com";
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-fn target_debug() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/debug")
-        .to_path_buf()
-}
-
-/// Builds the plugin and the fake database.
+/// Builds the plugin and the fake database (an example of the plugin crate).
 fn build() {
-    let st = Command::new(env!("CARGO"))
-        .current_dir(workspace())
-        .args([
-            "build",
-            "-p",
-            "umeme-sink-firebase",
-            "--lib",
-            "--example",
-            "fake_rtdb",
-        ])
-        .status()
-        .expect("run cargo build for the Firebase plugin");
-    assert!(st.success(), "building the Firebase plugin failed");
+    cargo_build(&[
+        "-p",
+        "umeme-sink-firebase",
+        "--lib",
+        "--example",
+        "fake_rtdb",
+    ]);
 }
 
 fn openssl(args: &[&str]) {
@@ -164,12 +142,8 @@ fn the_gateway_keeps_the_dashboards_firebase_tree_in_step_with_its_ledger() {
     file["token_uri"] = json!(format!("http://{}/token", fake.addr));
     std::fs::write(&sa, file.to_string()).unwrap();
 
-    let plugins = scratch.path().join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
-    std::fs::set_permissions(&plugins, std::fs::Permissions::from_mode(0o755)).unwrap();
     let lib = "libumeme_sink_firebase.so";
-    std::fs::copy(target_debug().join(lib), plugins.join(lib)).unwrap();
-    std::fs::set_permissions(plugins.join(lib), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let plugins = install_plugins(scratch.path(), &[target_debug().join(lib)]);
 
     let cfg = format!(
         "[[sink]]\nname = \"firebase\"\nplugin = \"{lib}\"\nevents = [\"consumption\", \"payment\", \"status\", \"alert\"]\n[sink.config]\ndatabase_url = \"http://{}\"\nservice_account_file = {:?}\n",

@@ -29,7 +29,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -40,33 +40,9 @@ use rumqttc::mqttbytes::{self, QoS};
 const PLUGIN: &str = "libumeme_sink_mqtt.so";
 const GATEWAY_PASSWORD: &str = "gw-uplink-secret";
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-fn target_debug() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/debug")
-        .to_path_buf()
-}
-
 /// Builds the plugin once per test binary.
 fn plugin() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let st = Command::new(env!("CARGO"))
-            .current_dir(workspace())
-            .args(["build", "-p", "umeme-sink-mqtt"])
-            .status()
-            .expect("run cargo build for the MQTT plugin");
-        assert!(st.success(), "building umeme-sink-mqtt failed");
-    });
-    target_debug().join(PLUGIN)
+    built_plugin("umeme-sink-mqtt")
 }
 
 fn require(tool: &str, package: &str) {
@@ -359,14 +335,7 @@ fn sink_toml(secrets: &Path, port: u16, ca: &Path, password: &str, extra: &str) 
 
 /// A gateway whose plugin folder holds the freshly built MQTT plugin (0755 folder, 0644 file).
 fn gateway(scratch: &Path, sink: &str) -> Gateway {
-    let plugins = scratch.join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
-    std::fs::set_permissions(&plugins, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let to = plugins.join(PLUGIN);
-    if !to.exists() {
-        std::fs::copy(plugin(), &to).unwrap();
-        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
+    let plugins = install_plugins(scratch, &[plugin()]);
     Gateway::with_plugins(&plugins, sink)
 }
 

@@ -7,71 +7,33 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use common::*;
-use sha2::{Digest, Sha256};
 
 const SINK: &str = "libumeme_testkit_sink.so";
 const SOURCE: &str = "libumeme_testkit_source.so";
 const BAD_ABI: &str = "libumeme_testkit_badabi.so";
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-/// The workspace's debug output folder, where `cargo build` puts the plugins.
-fn target_debug() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/debug")
-        .to_path_buf()
-}
-
-/// Builds the test plugins once per test binary.
+/// Builds the test plugins once per test binary; returns the library named `name`.
 fn built(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let st = Command::new(env!("CARGO"))
-            .current_dir(workspace())
-            .args([
-                "build",
-                "-p",
-                "umeme-testkit-sink",
-                "-p",
-                "umeme-testkit-source",
-                "-p",
-                "umeme-testkit-badabi",
-            ])
-            .status()
-            .expect("run cargo build for the test plugins");
-        assert!(st.success(), "building the test plugins failed");
-    });
+    cargo_build(&[
+        "-p",
+        "umeme-testkit-sink",
+        "-p",
+        "umeme-testkit-source",
+        "-p",
+        "umeme-testkit-badabi",
+    ]);
     target_debug().join(name)
 }
 
 fn sha256(path: &Path) -> String {
-    Sha256::digest(std::fs::read(path).unwrap())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    sha256_hex(path)
 }
 
-/// A plugin folder as the package installs it: 0755, files 0644.
+/// A plugin folder as the package installs it, with the test plugins named in `libs`.
 fn plugin_dir(root: &Path, libs: &[&str]) -> PathBuf {
-    let dir = root.join("plugins");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    for lib in libs {
-        let to = dir.join(lib);
-        std::fs::copy(built(lib), &to).unwrap();
-        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
-    dir
+    install_plugins(root, &libs.iter().map(|l| built(l)).collect::<Vec<_>>())
 }
 
 fn set_mode(dir: &Path, mode: &str) {

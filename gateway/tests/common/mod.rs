@@ -16,6 +16,70 @@ use rumqttc::mqttbytes::{self, QoS};
 pub const BIN: &str = env!("CARGO_BIN_EXE_umeme-gateway");
 pub const WAIT: Duration = Duration::from_secs(15);
 
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Where cargo builds for this test run (`target/debug`): plugins built here sit beside it.
+pub fn target_debug() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/debug")
+        .to_path_buf()
+}
+
+/// Runs `cargo build ARGS` in the workspace, once per test binary for the same arguments.
+pub fn cargo_build(args: &[&str]) {
+    static DONE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let key = args.join(" ");
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if done.contains(&key) {
+        return;
+    }
+    let st = Command::new(env!("CARGO"))
+        .current_dir(workspace())
+        .arg("build")
+        .args(args)
+        .status()
+        .expect("run cargo build");
+    assert!(st.success(), "cargo build {key} failed");
+    done.push(key);
+}
+
+/// Builds a workspace plugin crate (once) and returns its library in `target/debug`.
+pub fn built_plugin(package: &str) -> PathBuf {
+    cargo_build(&["-p", package]);
+    target_debug().join(format!("lib{}.so", package.replace('-', "_")))
+}
+
+/// A plugin folder as the package installs it (0755, files 0644) under `root`, holding `libs`.
+pub fn install_plugins(root: &Path, libs: &[PathBuf]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = root.join("plugins");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for lib in libs {
+        let to = dir.join(lib.file_name().expect("a library file"));
+        std::fs::copy(lib, &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    dir
+}
+
+/// `sha256sum` of a file, as a `sha256 = …` config value wants it.
+pub fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(std::fs::read(path).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind an ephemeral port")

@@ -107,24 +107,8 @@ pub fn stk_password(shortcode: &str, passkey: &str, timestamp: &str) -> String {
 
 /// `YYYYMMDDHHmmss` in East Africa Time (UTC+3, no DST) for Unix seconds `unix`.
 pub fn eat_timestamp(unix: u64) -> String {
-    let t = unix + 3 * 3600;
-    let (days, secs) = (t / 86_400, t % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}{:02}{:02}{:02}",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    let iso = umeme_plugin_sdk::iso8601_utc((unix as i64 + 3 * 3600) * 1000);
+    iso.chars().filter(char::is_ascii_digit).take(14).collect()
 }
 
 pub fn now_unix() -> u64 {
