@@ -92,7 +92,7 @@ pub struct Verifier {
     /// Argon2 checks run on a few dedicated threads. Each check takes 8 MiB; on the shared
     /// blocking pool every thread kept its own freed 8 MiB in its own malloc arena, and a
     /// site-wide reconnect grew the process to gigabytes (measured: 3.5 GiB for 500 meters).
-    checks: std::sync::mpsc::SyncSender<Check>,
+    checks: tokio::sync::mpsc::Sender<Check>,
     /// meter → (hash verified against, SHA-256 of the secret that matched it)
     verified: Mutex<HashMap<MeterId, (String, [u8; 32])>>,
 }
@@ -102,7 +102,7 @@ impl Verifier {
         let threads = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .min(4);
-        let (checks, rx) = std::sync::mpsc::sync_channel::<Check>(1024);
+        let (checks, rx) = tokio::sync::mpsc::channel::<Check>(1024);
         let rx = std::sync::Arc::new(Mutex::new(rx));
         for i in 0..threads {
             let rx = rx.clone();
@@ -111,8 +111,8 @@ impl Verifier {
                 .spawn(move || {
                     let mut blocks = Vec::new();
                     loop {
-                        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                        let Ok((phc, secret, reply)) = next else {
+                        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).blocking_recv();
+                        let Some((phc, secret, reply)) = next else {
                             return;
                         };
                         let _ = reply.send(verify_in(&mut blocks, &phc, &secret));
@@ -144,13 +144,18 @@ impl Verifier {
             }
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
-        // A full queue (over a thousand CONNECTs waiting) refuses this attempt; the meter retries.
+        // In a reconnect storm CONNECTs wait here for room (the CONNECT is already read); a
+        // full queue must not look like a wrong password, which meters may give up on.
         if self
             .checks
-            .try_send((phc.clone(), secret.to_string(), reply))
+            .send((phc.clone(), secret.to_string(), reply))
+            .await
             .is_err()
         {
-            return Ok(false);
+            return Err(StoreError::Io {
+                path: "auth threads".into(),
+                source: std::io::Error::other("the password checkers have stopped"),
+            });
         }
         let ok = answer.await.unwrap_or(false);
         if ok {
