@@ -286,10 +286,53 @@ impl Gateway {
 /// Runs until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> Result<(), StartError> {
     let gateway = Gateway::start(config).await?;
+    systemd_notify("READY=1");
+    let watchdog = tokio::spawn(systemd_watchdog());
     shutdown_signal().await;
     info!("shutting down");
+    systemd_notify("STOPPING=1");
+    watchdog.abort();
     gateway.stop().await;
     Ok(())
+}
+
+/// Sends `state` to systemd's notify socket (`Type=notify`, sd_notify(3)); does nothing when
+/// not started by systemd.
+fn systemd_notify(state: &str) {
+    use std::os::unix::net::UnixDatagram;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = UnixDatagram::unbound().and_then(|socket| {
+        match path.as_encoded_bytes().strip_prefix(b"@") {
+            #[cfg(target_os = "linux")]
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                socket.send_to_addr(state.as_bytes(), &addr)
+            }
+            _ => socket.send_to(state.as_bytes(), &path),
+        }
+    });
+    if let Err(e) = sent {
+        warn!(error = %e, state, "cannot notify systemd");
+    }
+}
+
+/// Pings systemd's watchdog (`WatchdogSec=`) at half its interval while the runtime runs.
+async fn systemd_watchdog() {
+    let Some(usec) = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|usec| *usec >= 2)
+    else {
+        return;
+    };
+    let mut every = tokio::time::interval(Duration::from_micros(usec / 2));
+    loop {
+        every.tick().await;
+        systemd_notify("WATCHDOG=1");
+    }
 }
 
 async fn shutdown_signal() {
