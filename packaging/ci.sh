@@ -376,6 +376,24 @@ step_boot() {
     echo "   journal:"
     ns journalctl -u umeme-gateway --no-pager -o short-iso | tail -6 | sed 's/^/     /'
 
+    # Every shipped plugin loaded (dlopen, ABI, sha256, owner) under the unit's full sandbox
+    # (MemoryDenyWriteExecute, seccomp, PrivateUsers): the shipped unit as a oneshot running
+    # check-config with the blocks of conf.d/10-plugins.toml enabled.
+    sed -n 's/^# //p' "$ROOT/etc/umeme-gateway/conf.d/10-plugins.toml" >"$ROOT/etc/umeme-gateway/conf.d/90-ci.toml"
+    sed -e 's/^Type=notify/Type=oneshot/' -e '/^WatchdogSec=/d' -e '/^ExecStartPre=/d' \
+        -e 's|^ExecStart=.*|ExecStart=/usr/bin/umeme-gateway check-config|' \
+        "$ROOT/usr/lib/systemd/system/umeme-gateway.service" >"$ROOT/etc/systemd/system/umeme-ci-plugins.service"
+    ns systemctl daemon-reload
+    ns systemctl start umeme-ci-plugins.service || true
+    rm "$ROOT/etc/umeme-gateway/conf.d/90-ci.toml" "$ROOT/etc/systemd/system/umeme-ci-plugins.service"
+    ns systemctl daemon-reload
+    i=$(ns journalctl -u umeme-ci-plugins --no-pager -o cat | grep -c '^ok: plugin' || true)
+    [ "$i" = "$(present_plugins | wc -l)" ] || {
+        ns journalctl -u umeme-ci-plugins --no-pager -o cat | tail -20
+        fail "under the unit's sandbox $i of $(present_plugins | wc -l) plugins loaded"
+    }
+    note "under the unit's sandbox, check-config loaded all $i shipped plugins"
+
     # Ledger and an administrator's edit, then the upgrade.
     ns $(as_daemon) umeme-gateway meter add CI0001 --secret ci-secret-0001 >/dev/null
     note "$(ns $(as_daemon) umeme-gateway credit CI0001 --kes 100 --ref CI-0001)"
