@@ -302,3 +302,39 @@ fn no_config_file_runs_on_development_defaults_in_the_working_directory() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(dir.path().join("umeme-data/gateway.db").exists());
 }
+
+#[test]
+fn under_systemd_log_lines_carry_their_journal_priority_and_no_timestamp() {
+    use std::io::BufRead;
+    let gw = Gateway::new("");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&gw.config)
+        .env("JOURNAL_STREAM", "8:12345")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let ready = loop {
+        let line = rx.recv_timeout(WAIT).expect("a ready line");
+        if line.contains("umeme-gateway ready") {
+            break line;
+        }
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(ready.starts_with("<6>"), "{ready}");
+    assert!(
+        !ready.starts_with("<6>20"),
+        "no timestamp of its own: {ready}"
+    );
+}
