@@ -4,6 +4,8 @@
 //! ends with the gateway's balances in the layout the original dashboard reads.
 
 mod common;
+#[path = "../../plugins/sink-firebase/tests/test_key.rs"]
+mod test_key;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -27,37 +29,9 @@ fn build() {
     ]);
 }
 
-fn openssl(args: &[&str]) {
-    let out = Command::new(require_tool("openssl"))
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(out.status.success(), "openssl {args:?} failed");
-}
-
 /// A throwaway service-account key for this run: the key file and the public key (DER).
 fn service_account(dir: &Path, token_uri: &str) -> PathBuf {
-    let (pem, der) = (dir.join("key.pem"), dir.join("pub.der"));
-    let (pem_s, der_s) = (pem.to_str().unwrap(), der.to_str().unwrap());
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "RSA",
-        "-pkeyopt",
-        "rsa_keygen_bits:2048",
-        "-out",
-        pem_s,
-    ]);
-    openssl(&[
-        "rsa",
-        "-in",
-        pem_s,
-        "-RSAPublicKey_out",
-        "-outform",
-        "DER",
-        "-out",
-        der_s,
-    ]);
+    let (pem, _der) = test_key::generate(dir);
     let file = dir.join("firebase.json");
     let sa = json!({
         "type": "service_account",

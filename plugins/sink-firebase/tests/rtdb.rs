@@ -2,9 +2,9 @@
 //! through its C entry points by the SDK's harness, as the gateway drives it.
 
 mod fake_rtdb;
+mod test_key;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -25,42 +25,9 @@ struct TestKey {
     public_der: Vec<u8>,
 }
 
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl is needed to make a test key (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn make_key() -> TestKey {
     let dir = tempfile::tempdir().unwrap();
-    let pem = dir.path().join("key.pem");
-    let der = dir.path().join("pub.der");
-    let (pem_s, der_s) = (pem.to_str().unwrap(), der.to_str().unwrap());
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "RSA",
-        "-pkeyopt",
-        "rsa_keygen_bits:2048",
-        "-out",
-        pem_s,
-    ]);
-    openssl(&[
-        "rsa",
-        "-in",
-        pem_s,
-        "-RSAPublicKey_out",
-        "-outform",
-        "DER",
-        "-out",
-        der_s,
-    ]);
+    let (pem, der) = test_key::generate(dir.path());
     TestKey {
         pem: std::fs::read_to_string(&pem).unwrap(),
         public_der: std::fs::read(&der).unwrap(),
