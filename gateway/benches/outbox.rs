@@ -75,6 +75,8 @@ fn fill(path: &std::path::Path, events: usize) {
             writer::apply(&tx, &op, &settings).expect("apply report");
             done += 1;
         }
+        // The daemon folds reports into the meters' rows at least every 100 000 events.
+        store::fold(&tx, std::iter::empty()).expect("fold");
         tx.commit().expect("commit");
         eprintln!(
             "  backlog: {done}/{events} events ({:.0?})",

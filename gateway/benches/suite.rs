@@ -54,7 +54,8 @@ use umeme_gateway::store;
 use umeme_gateway::writer::{apply_now, Credit, LedgerSettings, Op};
 
 const USAGE: &str = "usage: cargo bench -p umeme-gateway --bench suite \
-[-- --full | --sizes 100,1000,5000 --seconds S --paced-seconds P --baseline-seconds B]";
+[-- --full | --sizes 100,1000,5000 --seconds S --paced-seconds P --baseline-seconds B \
+--commit-delays 0,20,200,500|none]";
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_umeme-gateway");
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 /// Every meter has its own row but the same secret, so argon2 hashes it only once.
@@ -112,7 +113,7 @@ fn run() -> Result<()> {
         .max(opts.paced_meters);
     let meters: Vec<String> = (1..=most).map(|i| format!("BENCH{i:05}")).collect();
     let probes: Vec<String> = (1..=PROBES).map(|i| format!("PROBE{i:02}")).collect();
-    let gw = GatewayFiles::write(dir.path(), most + PROBES)?;
+    let gw = GatewayFiles::write(dir.path(), most + PROBES, None)?;
     provision(&gw.config, meters.iter().chain(&probes))?;
     let single_before = sqlite_baseline(dir.path(), "before", &meters, 1, opts.baseline())?;
 
@@ -154,6 +155,8 @@ struct Options {
     paced_meters: usize,
     paced_seconds: f64,
     baseline_seconds: f64,
+    /// Extra paced runs, each on a gateway restarted with this `[ledger] commit_delay` (ms).
+    commit_delays: Vec<u64>,
     measuring: bool,
     args_given: Vec<String>,
 }
@@ -169,6 +172,7 @@ impl Options {
                 paced_meters: PACED_METERS,
                 paced_seconds: 30.0,
                 baseline_seconds: 3.0,
+                commit_delays: vec![0, 20, 200, 500],
                 measuring,
                 args_given: Vec::new(),
             }
@@ -179,6 +183,7 @@ impl Options {
                 paced_meters: 4,
                 paced_seconds: 1.0,
                 baseline_seconds: 0.2,
+                commit_delays: vec![10],
                 measuring,
                 args_given: Vec::new(),
             }
@@ -215,6 +220,15 @@ impl Options {
                 "--paced-seconds" => {
                     let v = value()?;
                     o.paced_seconds = in_range(&v, 1.0, 3_600.0)?;
+                    o.args_given.extend([a.clone(), v]);
+                }
+                "--commit-delays" => {
+                    let v = value()?;
+                    o.commit_delays = v
+                        .split(',')
+                        .filter(|s| !s.trim().is_empty() && s.trim() != "none")
+                        .map(|s| in_range(s.trim(), 0, 1_000))
+                        .collect::<Result<_>>()?;
                     o.args_given.extend([a.clone(), v]);
                 }
                 "--baseline-seconds" => {
@@ -301,24 +315,34 @@ struct GatewayFiles {
 }
 
 impl GatewayFiles {
-    fn write(dir: &Path, meters: usize) -> Result<GatewayFiles> {
+    /// A configuration on `dir/data`, with `[ledger] commit_delay` of `commit_delay_ms` or the
+    /// gateway's default.
+    fn write(dir: &Path, meters: usize, commit_delay_ms: Option<u64>) -> Result<GatewayFiles> {
         let broker = loopback(free_port()?);
         let api = loopback(free_port()?);
         let data_dir = toml::Value::String(dir.join("data").display().to_string());
         let text = format!(
             "[gateway]\nid = \"bench\"\ndata_dir = {data_dir}\n\n\
              [broker]\nlisten = \"{broker}\"\nmax_connections = {}\n\n\
+             {}\
              [api]\nlisten = \"{api}\"\nallow_simulate = true\n",
-            meters + 64
+            meters + 64,
+            commit_delay_ms.map_or(String::new(), |ms| format!(
+                "[ledger]\ncommit_delay = \"{ms}ms\"\n\n"
+            )),
         );
-        let config_path = dir.join("gateway.toml");
+        let name = match commit_delay_ms {
+            None => "gateway".to_string(),
+            Some(ms) => format!("gateway-delay-{ms}ms"),
+        };
+        let config_path = dir.join(format!("{name}.toml"));
         std::fs::write(&config_path, text)
             .with_context(|| format!("writing {}", config_path.display()))?;
         let config = Config::load(Some(&config_path)).context("loading the bench configuration")?;
         Ok(GatewayFiles {
             config,
             config_path,
-            log_path: dir.join("gateway.log"),
+            log_path: dir.join(format!("{name}.log")),
             broker,
             api,
         })
@@ -842,6 +866,16 @@ impl Meter {
                     }
                     self.conn.flush().await?;
                 }
+                // Stay connected through the window: a meter leaving early would put its
+                // disconnect (a ledger op) into the measured window.
+                while tokio::time::Instant::now() < until {
+                    match timeout_at(until, self.conn.read_more()).await {
+                        Err(_) => break,
+                        Ok(read) => read?,
+                    }
+                    self.take_packets(true, progress)?;
+                    self.conn.flush().await?;
+                }
             }
         }
         let until = tokio::time::Instant::now() + DRAIN_LIMIT;
@@ -1032,8 +1066,11 @@ async fn pay_until(api: SocketAddr, probes: &[Probe], deadline: Instant) -> Paym
     while !probes.is_empty() && Instant::now() + PAYMENT_EVERY <= deadline && k < 1_000_000 {
         let probe = &probes[k % probes.len()];
         let sent = Instant::now();
+        // References are unique across the run's gateways: a repeated one credits nothing.
+        static REFERENCE: AtomicUsize = AtomicUsize::new(0);
+        let reference = format!("bench-{}", REFERENCE.fetch_add(1, Ordering::Relaxed));
         let body = serde_json::json!({
-            "meter_no": probe.id, "amount": 1, "reference": format!("bench-{k}")
+            "meter_no": probe.id, "amount": 1, "reference": reference
         })
         .to_string();
         k += 1;
@@ -1275,17 +1312,18 @@ struct GatewayRuns {
     runs: Vec<RunResult>,
     paced: RunResult,
     payments: PaymentStats,
+    /// The main runs' `[ledger] commit_delay`: the gateway's default.
+    commit_delay: Duration,
+    /// Paced runs (reports only) on the gateway restarted with `[ledger] commit_delay` = the
+    /// ms given.
+    delayed: Vec<(u64, RunResult)>,
     log_warnings: usize,
     log_errors: usize,
     log_first: Vec<String>,
 }
 
-async fn gateway_runs(
-    opts: &Options,
-    gw: &GatewayFiles,
-    meters: &[String],
-    probes: &[String],
-) -> Result<GatewayRuns> {
+/// Starts the release gateway on `gw` and waits until it is ready.
+async fn start_gateway(gw: &GatewayFiles) -> Result<(Guarded, Duration)> {
     let log = std::fs::File::create(&gw.log_path).context("creating the gateway log")?;
     let started = Instant::now();
     let mut child = Guarded::spawn(
@@ -1306,7 +1344,68 @@ async fn gateway_runs(
         }
         sleep(Duration::from_millis(20)).await;
     }
-    let startup = started.elapsed();
+    Ok((child, started.elapsed()))
+}
+
+/// The paced load with payments to the probe meters (which listen throughout).
+async fn paced_with_payments(
+    opts: &Options,
+    label: &str,
+    target: Target,
+    meters: &[String],
+    probes: &[String],
+    sent: &Sent,
+) -> Result<(RunResult, PaymentStats)> {
+    let (stop_probes, stop_rx) = watch::channel(false);
+    let probes: Vec<Probe> = probes
+        .iter()
+        .map(|id| Probe {
+            id: id.clone(),
+            seen: Arc::default(),
+        })
+        .collect();
+    let probe_tasks: Vec<_> = probes
+        .iter()
+        .map(|p| {
+            tokio::spawn(probe_task(
+                target,
+                p.id.clone(),
+                p.seen.clone(),
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    let with_payments = Extras {
+        relayed: None,
+        payments: Some(&probes),
+    };
+    let paced_run = load_run(
+        label,
+        target,
+        &meters[..opts.paced_meters],
+        sent,
+        true,
+        Duration::from_secs_f64(opts.paced_seconds),
+        with_payments,
+    )
+    .await;
+    stop_probes.send_replace(true);
+    for t in probe_tasks {
+        match timeout(Duration::from_secs(10), t).await {
+            Ok(Ok(Ok(()))) => {}
+            other => eprintln!("[{label}] a probe meter failed: {other:?}"),
+        }
+    }
+    paced_run
+}
+
+async fn gateway_runs(
+    opts: &Options,
+    gw: &GatewayFiles,
+    meters: &[String],
+    probes: &[String],
+) -> Result<GatewayRuns> {
+    let (mut child, startup) = start_gateway(gw).await?;
     sleep(Duration::from_secs(1)).await;
     let idle_rss_kib = ProcSample::of(child.pid()).rss_kib;
     eprintln!(
@@ -1340,54 +1439,50 @@ async fn gateway_runs(
         runs.push(r);
     }
 
-    let (stop_probes, stop_rx) = watch::channel(false);
-    let probes: Vec<Probe> = probes
-        .iter()
-        .map(|id| Probe {
-            id: id.clone(),
-            seen: Arc::default(),
-        })
-        .collect();
-    let probe_tasks: Vec<_> = probes
-        .iter()
-        .map(|p| {
-            tokio::spawn(probe_task(
-                target,
-                p.id.clone(),
-                p.seen.clone(),
-                stop_rx.clone(),
-            ))
-        })
-        .collect();
-    let with_payments = Extras {
-        relayed: None,
-        payments: Some(&probes),
-    };
-    let paced_run = load_run(
-        "gateway paced",
-        target,
-        &meters[..opts.paced_meters],
-        &sent,
-        true,
-        Duration::from_secs_f64(opts.paced_seconds),
-        with_payments,
-    )
-    .await;
-    stop_probes.send_replace(true);
-    for t in probe_tasks {
-        match timeout(Duration::from_secs(10), t).await {
-            Ok(Ok(Ok(()))) => {}
-            other => eprintln!("[gateway] a probe meter failed: {other:?}"),
-        }
-    }
-    let (paced, payments) = paced_run?;
+    let (paced, payments) =
+        paced_with_payments(opts, "gateway paced", target, meters, probes, &sent).await?;
     if let Ok((_, text)) = http(gw.api, "GET", "/metrics", "").await {
         let counters: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
         eprintln!("[gateway] counters at the end:\n{}", counters.join("\n"));
     }
     child.stop();
+    let mut logs = vec![std::fs::read_to_string(&gw.log_path).unwrap_or_default()];
 
-    let text = std::fs::read_to_string(&gw.log_path).unwrap_or_default();
+    // The same paced load on the same database, the gateway restarted with a commit delay.
+    let dir = gw.config_path.parent().unwrap_or(Path::new("."));
+    let mut delayed = Vec::new();
+    for &ms in &opts.commit_delays {
+        let files = GatewayFiles::write(dir, meters.len() + probes.len(), Some(ms))?;
+        let (mut child, _) = start_gateway(&files).await?;
+        let target = Target {
+            broker: files.broker,
+            pid: child.pid(),
+            login: true,
+            api: Some(files.api),
+        };
+        // Reports only: what a report costs, without the (frequent, for latency samples)
+        // payments of the main paced run.
+        let label = format!("gateway paced, commit_delay {ms} ms");
+        let none = Extras {
+            relayed: None,
+            payments: None,
+        };
+        let (run, _) = load_run(
+            &label,
+            target,
+            &meters[..opts.paced_meters],
+            &sent,
+            true,
+            Duration::from_secs_f64(opts.paced_seconds),
+            none,
+        )
+        .await?;
+        child.stop();
+        logs.push(std::fs::read_to_string(&files.log_path).unwrap_or_default());
+        delayed.push((ms, run));
+    }
+
+    let text = logs.concat();
     let lines: Vec<&str> = text.lines().collect();
     let count = |level: &str| lines.iter().filter(|l| l.contains(level)).count();
     Ok(GatewayRuns {
@@ -1396,6 +1491,8 @@ async fn gateway_runs(
         runs,
         paced,
         payments,
+        commit_delay: gw.config.ledger.commit_delay,
+        delayed,
         log_warnings: count(" WARN "),
         log_errors: count(" ERROR "),
         log_first: lines.iter().take(5).map(|l| l.to_string()).collect(),
@@ -1805,6 +1902,48 @@ fn render(
         p.server_cpu_s / p.totals.sent.max(1) as f64 * 1000.0
     );
 
+    if !gw.delayed.is_empty() {
+        let _ = writeln!(
+            w,
+            "\n### SD-card wear against latency: the same paced load with `[ledger] commit_delay`\n\n\
+             The first row is the run above (with its payments); the others restart the gateway \
+             on the same database with the delay shown and send the same reports, without \
+             payments: what a report costs.\n"
+        );
+        let _ = writeln!(
+            w,
+            "| commit_delay | fsyncs/s | reports per fsync | disk bytes per report | publish→PUBACK p50 / p99 / max | reports acknowledged / sent |"
+        );
+        let _ = writeln!(w, "|---:|---:|---:|---:|---|---:|");
+        let default = format!(
+            "{} ms (default), with payments",
+            gw.commit_delay.as_millis()
+        );
+        let runs = std::iter::once((default, p)).chain(
+            gw.delayed
+                .iter()
+                .map(|(delay, r)| (format!("{delay} ms"), r)),
+        );
+        for (delay, r) in runs {
+            let secs = r.window.as_secs_f64();
+            let _ = writeln!(
+                w,
+                "| {delay} | {:.1} | {:.1} | {} | {} / {} / {} | {} / {} |",
+                r.commits / secs,
+                r.totals.sent as f64 / r.commits.max(1.0),
+                r.write_bytes.map_or("n/a".into(), |x| format!(
+                    "{:.0}",
+                    x as f64 / r.totals.sent.max(1) as f64
+                )),
+                ms(percentile(&r.latencies_us, 50.0)),
+                ms(percentile(&r.latencies_us, 99.0)),
+                ms(r.latencies_us.last().copied()),
+                r.totals.acked_in_window + r.totals.acked_after,
+                r.totals.sent,
+            );
+        }
+    }
+
     let _ = writeln!(
         w,
         "\n### Memory: resident set of the server process (VmRSS), meters connected and idle before their load window\n"
@@ -1899,6 +2038,11 @@ fn render(
         .iter()
         .map(|r| ("gateway", r))
         .chain(std::iter::once(("gateway paced", &gw.paced)))
+        .chain(
+            gw.delayed
+                .iter()
+                .map(|(_, r)| ("gateway paced with commit_delay", r)),
+        )
         .chain(
             mq.into_iter()
                 .flat_map(|m| m.runs.iter().map(|r| ("mosquitto", r))),

@@ -106,6 +106,8 @@ pub struct BrokerConfig {
 pub struct LedgerConfig {
     pub tariff: Tariff,
     pub low_balance_wh: i64,
+    /// See [`crate::writer::WriterOptions::commit_delay`].
+    pub commit_delay: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -295,6 +297,7 @@ impl Config {
                     .units_per_kes
                     .unwrap_or(Tariff::from_units_per_kes_unchecked(0.05)),
                 low_balance_wh: l.low_balance_units.map_or(3_000, |u| u.0),
+                commit_delay: l.commit_delay.map_or(DEFAULT_COMMIT_DELAY, |d| d.0),
             },
             api: ApiConfig {
                 listen: a.listen.unwrap_or_else(|| ([127, 0, 0, 1], 8080).into()),
@@ -497,6 +500,7 @@ struct PartialBroker {
 struct PartialLedger {
     units_per_kes: Option<Tariff>,
     low_balance_units: Option<UnitsAsWh>,
+    commit_delay: Option<CommitDelay>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -535,6 +539,7 @@ impl PartialConfig {
             let s = self.ledger.get_or_insert_with(Default::default);
             merge_opt(&mut s.units_per_kes, l.units_per_kes);
             merge_opt(&mut s.low_balance_units, l.low_balance_units);
+            merge_opt(&mut s.commit_delay, l.commit_delay);
         }
         if let Some(x) = o.outbox {
             let s = self.outbox.get_or_insert_with(Default::default);
@@ -816,6 +821,28 @@ impl TryFrom<String> for HumanDuration {
     }
 }
 
+/// Meters hardly notice 20 ms before a PUBACK; at 100 reports/s it halves the bytes written
+/// per report (docs/benchmarks.md).
+const DEFAULT_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// `[ledger] commit_delay`: a duration of at most one second (meters wait for their PUBACK).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+struct CommitDelay(std::time::Duration);
+
+impl TryFrom<String> for CommitDelay {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let d = HumanDuration::try_from(text.clone())?.0;
+        if d > std::time::Duration::from_secs(1) {
+            return Err(format!(
+                "{text:?} is too long: at most \"1s\" (each report waits this long for its PUBACK)"
+            ));
+        }
+        Ok(CommitDelay(d))
+    }
+}
+
 /// An integer that must lie in `MIN..=MAX`.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(try_from = "i64")]
@@ -1041,6 +1068,13 @@ mod tests {
             "[outbox]\nmax_bytes = \"12 parsecs\"\n",
         );
         assert_eq!(Config::load(Some(&p)).unwrap_err().position, Some((2, 13)));
+        let p = write(dir.path(), "g.toml", "[ledger]\ncommit_delay = \"2s\"\n");
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((2, 16)));
+        assert!(e.message.contains("at most"), "{}", e.message);
+        let p = write(dir.path(), "g.toml", "[ledger]\ncommit_delay = \"150ms\"\n");
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.ledger.commit_delay, std::time::Duration::from_millis(150));
     }
 
     #[test]

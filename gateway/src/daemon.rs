@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{self, Bell, SinkRunner};
 use crate::plugin::{self, HostServices, Kind, PluginSink, SourceSupervisor};
 use crate::store::{self, Reader, StoreError};
-use crate::writer::{Housekeeping, LedgerSettings, Notice, Writer};
+use crate::writer::{LedgerSettings, Notice, Writer, WriterOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -97,16 +97,17 @@ impl Gateway {
             },
             tariff: config.ledger.tariff,
         };
-        let housekeeping = Housekeeping {
+        let options = WriterOptions {
             sinks: config.sinks.iter().map(|s| s.name.clone()).collect(),
             max_bytes: config.outbox.max_bytes,
             retention: config.outbox.retention,
+            commit_delay: config.ledger.commit_delay,
         };
         let bell = Arc::new(Bell::default());
         let (writer, _writer_thread) = Writer::start(
             conn,
             settings,
-            housekeeping,
+            options,
             notify,
             bell.clone(),
             metrics.clone(),

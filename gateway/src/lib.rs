@@ -14,6 +14,7 @@
 //! - [`payload`]: the meters' JSON (contract §4).
 //! - [`ledger`]: the prepaid rules, pure.
 //! - [`store`]: the schema and all SQL.
+//! - [`consumption`]: the compact on-disk record of consumption events.
 //! - [`writer`]: ledger operations and the group-commit writer thread.
 //! - [`outbox`]: sink runners delivering stored events, one cursor per sink.
 //! - [`jsonl`]: the built-in JSON Lines file sink.
@@ -31,6 +32,7 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod consumption;
 pub mod daemon;
 pub mod hub;
 pub mod jsonl;

@@ -50,6 +50,16 @@ const HELP: &[(&str, &str, &str)] = &[
         "Ledger operations committed.",
     ),
     (
+        "umeme_ledger_folds_total",
+        "counter",
+        "Folds of recent reports into the meters table (each its own commit).",
+    ),
+    (
+        "umeme_ledger_folded_meters_total",
+        "counter",
+        "Meter rows brought up to date by folds.",
+    ),
+    (
         "umeme_ledger_errors_total",
         "counter",
         "Ledger operations that failed, by reason.",

@@ -16,8 +16,11 @@ use rusqlite::{Connection, TransactionBehavior};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
+use std::collections::HashMap;
+
 use crate::config::Tariff;
-use crate::ledger::{ReportApplied, ReportKind, ReportRefused, Rules};
+use crate::consumption::Consumption;
+use crate::ledger::{Account, ReportApplied, ReportKind, ReportRefused, Rules};
 use crate::meter::{wh_to_units, MeterId};
 use crate::metrics::Metrics;
 use crate::outbox::Bell;
@@ -31,6 +34,55 @@ const HOUSEKEEPING_BUDGET: i64 = 20_000;
 
 /// Most ops committed in one transaction.
 const MAX_BATCH: usize = 512;
+/// `commit_delay` applies only to a light load: fewer than `LIGHT_LOAD_OPS` ops a second and a
+/// batch smaller than `DELAY_BELOW`. Under a heavier load the group commit batches by itself
+/// (ops gather during the previous fsync), and waiting would only slow meters that keep a few
+/// reports in flight.
+const LIGHT_LOAD_OPS: usize = 2_000;
+const DELAY_BELOW: usize = 64;
+
+/// Ops committed in the current and the previous second: the writer's load.
+struct Load {
+    since: std::time::Instant,
+    this: usize,
+    previous: usize,
+}
+
+impl Load {
+    fn new() -> Load {
+        Load {
+            since: std::time::Instant::now(),
+            this: 0,
+            previous: 0,
+        }
+    }
+
+    fn add(&mut self, ops: usize) {
+        let elapsed = self.since.elapsed();
+        if elapsed >= std::time::Duration::from_secs(1) {
+            // After an idle spell the previous second was empty.
+            self.previous = if elapsed >= std::time::Duration::from_secs(2) {
+                0
+            } else {
+                self.this
+            };
+            self.this = 0;
+            self.since = std::time::Instant::now();
+        }
+        self.this += ops;
+    }
+
+    fn light(&self) -> bool {
+        self.this.max(self.previous) < LIGHT_LOAD_OPS
+    }
+}
+/// The writer folds reports into the meters' rows every this many ticks (about seconds): the
+/// longer, the more reports share each row write (SD wear), the more events a reader of a
+/// meter's account scans (see [`store::fold`]).
+const FOLD_EVERY_TICKS: u64 = 120;
+/// Unfolded consumption events after which the writer folds without waiting, so readers never
+/// scan far and a restart replays little.
+const FOLD_AT: usize = 100_000;
 /// Ops waiting for the writer; callers wait (asynchronously) when it is full.
 const QUEUE: usize = 8192;
 
@@ -41,12 +93,18 @@ pub struct LedgerSettings {
     pub tariff: Tariff,
 }
 
-/// What the writer's housekeeping needs: the outbox bounds and the configured sinks.
+/// How the writer thread runs: the outbox bounds and sinks for its housekeeping, and how long
+/// it lets ops gather before a commit.
 #[derive(Debug, Clone)]
-pub struct Housekeeping {
+pub struct WriterOptions {
     pub sinks: Vec<String>,
     pub max_bytes: u64,
     pub retention: std::time::Duration,
+    /// `[ledger] commit_delay`: under a light load (under 2,000 ops/s), a batch holding a meter
+    /// report waits this long from its first op for more ops to share its commit. Zero commits at once; more
+    /// means fewer fsyncs and bytes written per report (SD-card wear) for that much more
+    /// latency before a PUBACK.
+    pub commit_delay: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -187,13 +245,43 @@ pub enum Notice {
 pub struct Applied {
     pub outcome: Outcome,
     pub notice: Option<(MeterId, Notice)>,
+    /// The account a consumption event now holds, newer than the meter's row.
+    pub state: Option<(MeterId, Versioned)>,
+    /// A `last_seen` the caller keeps for the next [`store::fold`] (in [`Accounts::Live`] mode).
+    pub seen: Option<(MeterId, i64)>,
+}
+
+/// An account and the `seq` of the event it is as of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned {
+    pub seq: i64,
+    pub account: Account,
+}
+
+/// Where [`apply_with`] finds accounts newer than their rows.
+#[derive(Clone, Copy)]
+pub enum Accounts<'a> {
+    /// In the unfolded consumption events (one-off callers: the CLI, tests).
+    Stored,
+    /// In the caller's memory (the writer thread): whatever it applied since its last fold.
+    Live(&'a dyn Fn(&MeterId) -> Option<Versioned>),
 }
 
 /// Applies one op in `tx`. Nothing is visible to anyone until the caller commits.
 pub fn apply(tx: &Connection, op: &Op, s: &LedgerSettings) -> Result<Applied, LedgerError> {
+    apply_with(tx, op, s, Accounts::Stored)
+}
+
+/// [`apply`] with the caller's view of accounts newer than their rows.
+pub fn apply_with(
+    tx: &Connection,
+    op: &Op,
+    s: &LedgerSettings,
+    accounts: Accounts<'_>,
+) -> Result<Applied, LedgerError> {
     match op {
-        Op::Report { meter, report, at } => apply_report(tx, meter, report, *at, s),
-        Op::Credit(c) => apply_credit(tx, c, s),
+        Op::Report { meter, report, at } => apply_report(tx, meter, report, *at, s, accounts),
+        Op::Credit(c) => apply_credit(tx, c, s, accounts),
         Op::Status { meter, status, at } => {
             let online = !matches!(status.status.as_str(), "offline" | "disconnected");
             if !store::set_presence(tx, meter, Some(&status.status), online, *at)? {
@@ -205,10 +293,9 @@ pub fn apply(tx: &Connection, op: &Op, s: &LedgerSettings) -> Result<Applied, Le
             done()
         }
         Op::MeterBalance { meter, data, at } => {
-            known(tx, meter)?;
-            store::touch(tx, meter, *at)?;
+            known(tx, meter, accounts)?;
             store::append_event(tx, "balance", Some(meter), *at, data)?;
-            done()
+            seen(tx, meter, *at, accounts, Outcome::Done)
         }
         Op::Presence { meter, online, at } => {
             let status = if *online { "online" } else { "offline" };
@@ -285,11 +372,47 @@ fn done() -> Result<Applied, LedgerError> {
     Ok(Applied {
         outcome: Outcome::Done,
         notice: None,
+        state: None,
+        seen: None,
     })
 }
 
-fn known(tx: &Connection, meter: &MeterId) -> Result<crate::ledger::Account, LedgerError> {
-    store::account(tx, meter)?.ok_or_else(|| LedgerError::UnknownMeter(meter.clone()))
+/// The meter was heard from at `at`: written now, or kept by a live caller for its next fold.
+fn seen(
+    tx: &Connection,
+    meter: &MeterId,
+    at: i64,
+    accounts: Accounts<'_>,
+    outcome: Outcome,
+) -> Result<Applied, LedgerError> {
+    let seen = match accounts {
+        Accounts::Stored => {
+            store::touch(tx, meter.as_str(), at)?;
+            None
+        }
+        Accounts::Live(_) => Some((meter.clone(), at)),
+    };
+    Ok(Applied {
+        outcome,
+        notice: None,
+        state: None,
+        seen,
+    })
+}
+
+/// The meter's current account: its row, or a newer one from `accounts`.
+fn known(tx: &Connection, meter: &MeterId, accounts: Accounts<'_>) -> Result<Account, LedgerError> {
+    let unknown = || LedgerError::UnknownMeter(meter.clone());
+    match accounts {
+        Accounts::Stored => store::account(tx, meter)?.ok_or_else(unknown),
+        Accounts::Live(newer) => {
+            let (row, state_seq) = store::account_row(tx, meter)?.ok_or_else(unknown)?;
+            Ok(match newer(meter) {
+                Some(v) if v.seq > state_seq => v.account,
+                _ => row,
+            })
+        }
+    }
 }
 
 fn balance_notice(meter: &MeterId, a: &crate::ledger::Account) -> (MeterId, Notice) {
@@ -303,6 +426,8 @@ fn revoked(meter: &MeterId) -> Result<Applied, LedgerError> {
     Ok(Applied {
         outcome: Outcome::Done,
         notice: Some((meter.clone(), Notice::Revoked)),
+        state: None,
+        seen: None,
     })
 }
 
@@ -324,44 +449,23 @@ fn apply_report(
     report: &Report,
     at: i64,
     s: &LedgerSettings,
+    accounts: Accounts<'_>,
 ) -> Result<Applied, LedgerError> {
-    let mut account = known(tx, meter)?;
+    let mut account = known(tx, meter, accounts)?;
     let applied = account.apply_report(report, &s.rules)?;
     if matches!(applied.kind, ReportKind::Stale | ReportKind::Repeat) {
         // A retry of something already applied: no event, no command.
-        store::touch(tx, meter, at)?;
-        return Ok(Applied {
-            outcome: Outcome::Report(applied),
-            notice: None,
-        });
+        return seen(tx, meter, at, accounts, Outcome::Report(applied));
     }
-    store::save_account(tx, meter, &account, Some(at))?;
-    let (version, mut data) = match report {
-        Report::V1 {
-            total_consumed_units,
-            remaining_balance_units,
-            units_consumed,
-            timestamp,
-        } => (
-            1,
-            json!({"totalConsumed": total_consumed_units, "unitsConsumed": units_consumed,
-                   "remainingBalance": remaining_balance_units, "meterTimestamp": timestamp}),
-        ),
-        Report::V2(r) => (2, serde_json::to_value(r).unwrap_or_default()),
+    // The event carries the account after the report; the meter's row catches up at the next
+    // fold (see `store`), so a report writes one small row.
+    let record = Consumption {
+        report: report.clone(),
+        kind: applied.kind,
+        debit_wh: applied.debit_wh,
+        account: account.clone(),
     };
-    if let Some(obj) = data.as_object_mut() {
-        obj.insert("v".into(), json!(version));
-        obj.insert("debitWh".into(), json!(applied.debit_wh));
-        obj.insert("unitsDebited".into(), json!(wh_to_units(applied.debit_wh)));
-        obj.insert("balanceWh".into(), json!(account.balance_wh));
-        obj.insert("balance".into(), json!(wh_to_units(account.balance_wh)));
-        obj.insert("totalConsumedWh".into(), json!(account.total_consumed_wh));
-        obj.insert(
-            "outcome".into(),
-            json!(format!("{:?}", applied.kind).to_lowercase()),
-        );
-    }
-    store::append_event(tx, "consumption", Some(meter), at, &data)?;
+    let seq = store::append_consumption(tx, meter, at, &record)?;
     for alert in &applied.alerts {
         let data = json!({"alert": alert.as_str(), "balanceWh": account.balance_wh,
                           "balance": wh_to_units(account.balance_wh), "relay": account.relay()});
@@ -371,10 +475,17 @@ fn apply_report(
     Ok(Applied {
         outcome: Outcome::Report(applied),
         notice,
+        state: Some((meter.clone(), Versioned { seq, account })),
+        seen: None,
     })
 }
 
-fn apply_credit(tx: &Connection, c: &Credit, s: &LedgerSettings) -> Result<Applied, LedgerError> {
+fn apply_credit(
+    tx: &Connection,
+    c: &Credit,
+    s: &LedgerSettings,
+    accounts: Accounts<'_>,
+) -> Result<Applied, LedgerError> {
     let reference_ok = !c.reference.is_empty()
         && c.reference.len() <= 100
         && !c.reference.chars().any(char::is_control);
@@ -388,12 +499,13 @@ fn apply_credit(tx: &Connection, c: &Credit, s: &LedgerSettings) -> Result<Appli
                 duplicate: true,
             },
             notice: None,
+            state: None,
+            seen: None,
         });
     }
-    let mut account = known(tx, &c.meter)?;
+    let mut account = known(tx, &c.meter, accounts)?;
     let credit_wh = s.tariff.credit_wh(c.amount_cents);
     account.credit(credit_wh);
-    store::save_account(tx, &c.meter, &account, None)?;
     let data = json!({
         "source": c.source, "reference": c.reference,
         "amount": c.amount_cents as f64 / 100.0, "amountCents": c.amount_cents,
@@ -401,6 +513,9 @@ fn apply_credit(tx: &Connection, c: &Credit, s: &LedgerSettings) -> Result<Appli
         "balanceWh": account.balance_wh, "balance": wh_to_units(account.balance_wh),
     });
     let event_seq = store::append_event(tx, "payment", Some(&c.meter), c.at, &data)?;
+    // A payment writes the row at once, as of its event: older consumption events never
+    // overwrite it.
+    store::save_account(tx, &c.meter, &account, event_seq)?;
     let payment = PaymentRow {
         source: c.source.clone(),
         reference: c.reference.clone(),
@@ -418,6 +533,8 @@ fn apply_credit(tx: &Connection, c: &Credit, s: &LedgerSettings) -> Result<Appli
             duplicate: false,
         },
         notice: Some(balance_notice(&c.meter, &account)),
+        state: None,
+        seen: None,
     })
 }
 
@@ -428,6 +545,7 @@ pub fn apply_now(
     s: &LedgerSettings,
 ) -> Result<Applied, LedgerError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    store::fold(&tx, std::iter::empty())?;
     let applied = apply(&tx, op, s)?;
     tx.commit()?;
     Ok(applied)
@@ -458,7 +576,7 @@ impl Writer {
     pub fn start(
         mut conn: Connection,
         settings: LedgerSettings,
-        housekeeping: Housekeeping,
+        options: WriterOptions,
         notify: Notify,
         bell: Arc<Bell>,
         metrics: Arc<Metrics>,
@@ -470,30 +588,58 @@ impl Writer {
                 let mut batch = Vec::with_capacity(MAX_BATCH);
                 let mut watch = ExternalWatch::new(&conn);
                 let mut ticks: u64 = 0;
+                let mut live = Live::default();
+                let mut load = Load::new();
                 while let Some(first) = rx.blocking_recv() {
+                    let arrived = std::time::Instant::now();
                     let mut tick = false;
                     let mut next = Some(first);
-                    while let Some(msg) = next.take() {
-                        match msg {
-                            Msg::Job(job) => batch.push(job),
-                            Msg::Tick => tick = true,
+                    let mut waited = options.commit_delay.is_zero() || !load.light();
+                    loop {
+                        while let Some(msg) = next.take() {
+                            match msg {
+                                Msg::Job(job) => batch.push(job),
+                                Msg::Tick => tick = true,
+                            }
+                            if batch.len() < MAX_BATCH {
+                                next = rx.try_recv().ok();
+                            }
                         }
-                        if batch.len() < MAX_BATCH {
-                            next = rx.try_recv().ok();
+                        // With a commit delay, reports that arrive meanwhile share the commit.
+                        // Only a light load waits: a busy writer already commits many ops at a
+                        // time (they gather during the previous fsync), and a batch without
+                        // reports (a sink's progress, a payment) never waits.
+                        let reports = batch.iter().any(|j| matches!(j.op, Op::Report { .. }));
+                        if waited || !reports || batch.len() >= DELAY_BELOW {
+                            break;
                         }
+                        waited = true;
+                        std::thread::sleep(options.commit_delay.saturating_sub(arrived.elapsed()));
+                        next = rx.try_recv().ok();
                     }
+                    load.add(batch.len());
                     if !batch.is_empty() {
-                        commit_batch(&mut conn, &mut batch, &settings, &notify, &metrics);
+                        commit_batch(
+                            &mut conn, &mut batch, &settings, &notify, &metrics, &mut live,
+                        );
                         bell.ring();
                     }
                     if tick {
                         watch.check(&conn, &notify);
                         ticks += 1;
+                        if ticks % FOLD_EVERY_TICKS == 0 {
+                            live.fold(&mut conn, &metrics);
+                        }
                         if ticks % HOUSEKEEPING_EVERY_TICKS == 1 {
-                            keep_house(&mut conn, &housekeeping, &metrics);
+                            keep_house(&mut conn, &options, &metrics, &mut live);
                         }
                     }
+                    if live.unfolded >= FOLD_AT {
+                        live.fold(&mut conn, &metrics);
+                    }
                 }
+                // A clean stop leaves every row up to date.
+                live.fold(&mut conn, &metrics);
             })
             .expect("spawn ledger writer thread");
         (Writer { jobs }, handle)
@@ -535,22 +681,78 @@ impl Writer {
     }
 }
 
+/// What the writer applied since its last fold: accounts newer than their rows, and
+/// `last_seen` times not yet written.
+#[derive(Default)]
+struct Live {
+    accounts: HashMap<MeterId, Versioned>,
+    seen: HashMap<MeterId, i64>,
+    unfolded: usize,
+}
+
+impl Live {
+    fn add(&mut self, applied: &Applied) {
+        if let Some((meter, v)) = &applied.state {
+            self.accounts.insert(meter.clone(), v.clone());
+            self.unfolded += 1;
+        }
+        if let Some((meter, at)) = &applied.seen {
+            let t = self.seen.entry(meter.clone()).or_insert(*at);
+            *t = (*t).max(*at);
+        }
+    }
+
+    /// Writes the newer accounts into the meters' rows ([`store::fold`]), in its own commit.
+    fn fold(&mut self, conn: &mut Connection, metrics: &Metrics) {
+        if self.unfolded == 0 && self.seen.is_empty() {
+            return;
+        }
+        let folded = (|| -> Result<store::Folded, StoreError> {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let f = store::fold(&tx, self.seen.iter().map(|(m, t)| (m.as_str(), *t)))?;
+            tx.commit()?;
+            Ok(f)
+        })();
+        match folded {
+            Ok(f) => {
+                metrics.inc("umeme_ledger_folds_total", &[]);
+                metrics.add("umeme_ledger_folded_meters_total", &[], f.meters as u64);
+                // The rows are now as new as anything held here.
+                self.accounts.clear();
+                self.seen.clear();
+                self.unfolded = 0;
+            }
+            // Nothing is lost: the events hold the accounts and the next tick retries.
+            Err(e) => {
+                tracing::warn!(error = %e, "could not fold recent reports into the meters table")
+            }
+        }
+    }
+}
+
 fn commit_batch(
     conn: &mut Connection,
     batch: &mut Vec<Job>,
     settings: &LedgerSettings,
     notify: &Notify,
     metrics: &Metrics,
+    live: &mut Live,
 ) {
     let mut results: Vec<Result<Applied, LedgerError>> = Vec::with_capacity(batch.len());
     let committed = (|| -> Result<(), LedgerError> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Accounts this batch changed; they join `live` only once the batch is committed.
+        let mut staged: HashMap<MeterId, Versioned> = HashMap::new();
         for job in batch.iter() {
             // A savepoint per op: one op's failure leaves the others in the batch intact.
             let sp = tx.savepoint()?;
-            let r = apply(&sp, &job.op, settings);
-            if r.is_ok() {
+            let newer = |m: &MeterId| staged.get(m).or_else(|| live.accounts.get(m)).cloned();
+            let r = apply_with(&sp, &job.op, settings, Accounts::Live(&newer));
+            if let Ok(applied) = &r {
                 sp.commit()?;
+                if let Some((meter, v)) = &applied.state {
+                    staged.insert(meter.clone(), v.clone());
+                }
             }
             results.push(r);
         }
@@ -563,6 +765,7 @@ fn commit_batch(
             for (job, result) in batch.drain(..).zip(results) {
                 let reply = match result {
                     Ok(applied) => {
+                        live.add(&applied);
                         metrics.inc("umeme_ledger_ops_total", &[]);
                         if let Some((meter, notice)) = applied.notice {
                             notify(&meter, notice);
@@ -634,7 +837,11 @@ impl ExternalWatch {
 }
 
 /// Enforces `[outbox] retention` and `max_bytes` (see [`store::prune`]) in its own transaction.
-fn keep_house(conn: &mut Connection, h: &Housekeeping, metrics: &Metrics) {
+fn keep_house(conn: &mut Connection, h: &WriterOptions, metrics: &Metrics, live: &mut Live) {
+    // Housekeeping never removes unfolded events: fold first when space is needed.
+    if store::used_bytes(conn).is_ok_and(|b| b as u64 > h.max_bytes) {
+        live.fold(conn, metrics);
+    }
     let retain_after = store::now_ms() - h.retention.as_millis() as i64;
     let pruned = (|| -> Result<store::Pruned, StoreError> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

@@ -197,9 +197,11 @@ fn the_gateway_keeps_the_dashboards_firebase_tree_in_step_with_its_ledger() {
         "1.5 + 0.5 units used, got {used}"
     );
 
-    let (status, outbox) = gw.http("GET", "/api/outbox", None);
-    assert_eq!(status, 200);
-    assert_eq!(outbox["sinks"][0]["backlog"], 0, "{outbox}");
+    // The sink's cursor is committed just after its delivery.
+    eventually("the sink's cursor to pass every event", || {
+        let (status, outbox) = gw.http("GET", "/api/outbox", None);
+        (status == 200 && outbox["sinks"][0]["backlog"] == 0).then_some(())
+    });
     assert!(
         !gw.log_text().contains("refuses the sink's configuration"),
         "{}",

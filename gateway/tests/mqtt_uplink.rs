@@ -641,10 +641,13 @@ fn thousands_of_events_reach_a_subscriber_across_two_broker_restarts_with_duplic
         .collect();
     assert!(kinds.contains("consumption"), "{kinds:?}");
     assert!(last >= i64::from(REPORTS), "{last}");
-    assert!(
-        drained["failures_total"].as_i64().unwrap() >= 2,
-        "the restarts were felt as failed batches: {drained}"
-    );
+    // Each restart cut the uplink and it came back (a restart is felt as a failed batch only
+    // when a batch was in flight at that moment).
+    let connects = gw
+        .log_text()
+        .matches("mqtt: connected to localhost")
+        .count();
+    assert!(connects >= 3, "connected {connects} times: {drained}");
     // Reconnects are logged.
     gw.assert_log("mqtt: connected to localhost");
     gw.assert_log("again");

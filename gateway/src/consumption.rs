@@ -1,0 +1,541 @@
+//! Consumption events on disk: a compact binary record instead of JSON.
+//!
+//! Consumption reports are nearly every event a site stores, and on an SD card every byte is
+//! written twice (WAL, then checkpoint). So a consumption event stores its facts as a small
+//! record of varints (about 35 bytes instead of about 200 bytes of JSON) and the JSON that sinks
+//! see (contract §6) is rendered from it when they read. The record also carries the account as
+//! it was after the report, which is what lets the ledger skip rewriting the meter's row on every
+//! report: the row is brought up to date from these records later ([`crate::store::fold`]).
+//!
+//! Layout (format 1): `[format][flags][fields]`, fields as LEB128 varints (signed ones
+//! zig-zagged), floats as an exact thousandth count when they have one, else 8 raw bytes.
+
+use serde_json::{json, Value};
+
+use crate::ledger::{Account, ReportKind};
+use crate::meter::wh_to_units;
+use crate::payload::{Report, V2Report};
+
+const FORMAT: u8 = 1;
+
+// flags, byte 1
+const KIND_MASK: u8 = 0b0000_0111;
+const V2: u8 = 0b0000_1000;
+/// v2: the account's `v2_seq`/`v2_energy_wh` are the report's `seq`/`energyWh`.
+const STATE_IS_REPORT: u8 = 0b0001_0000;
+const HAS_V2_SEQ: u8 = 0b0010_0000;
+const HAS_V2_ENERGY: u8 = 0b0100_0000;
+
+// optional fields of a v2 report, byte 2
+const POWER: u8 = 1;
+const CURRENT: u8 = 2;
+const VOLTAGE: u8 = 4;
+const RELAY: u8 = 8;
+const TIMESTAMP: u8 = 16;
+
+/// One applied consumption report and the account after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Consumption {
+    pub report: Report,
+    pub kind: ReportKind,
+    pub debit_wh: i64,
+    pub account: Account,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("consumption record ends early")]
+    Truncated,
+    #[error("consumption record format {0} is not known")]
+    Format(u8),
+    #[error("consumption record has a bad field")]
+    BadField,
+}
+
+impl Consumption {
+    /// The record stored in the `data` column of a consumption event.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(48);
+        let a = &self.account;
+        let mut flags = kind_code(self.kind);
+        let state_is_report = match &self.report {
+            Report::V2(r) => {
+                a.v2_seq == Some(r.seq) && a.v2_energy_wh.map(|e| e as u64) == Some(r.energy_wh)
+            }
+            Report::V1 { .. } => false,
+        };
+        if matches!(self.report, Report::V2(_)) {
+            flags |= V2;
+        }
+        if state_is_report {
+            flags |= STATE_IS_REPORT;
+        } else {
+            if a.v2_seq.is_some() {
+                flags |= HAS_V2_SEQ;
+            }
+            if a.v2_energy_wh.is_some() {
+                flags |= HAS_V2_ENERGY;
+            }
+        }
+        out.push(FORMAT);
+        out.push(flags);
+        for v in [
+            self.debit_wh,
+            a.balance_wh,
+            a.total_consumed_wh,
+            a.ledger_seq,
+            a.v1_total_wh,
+        ] {
+            put_signed(&mut out, v);
+        }
+        match &self.report {
+            Report::V1 {
+                total_consumed_units,
+                remaining_balance_units,
+                units_consumed,
+                timestamp,
+            } => {
+                for x in [
+                    *total_consumed_units,
+                    *remaining_balance_units,
+                    *units_consumed,
+                    *timestamp,
+                ] {
+                    put_float(&mut out, x);
+                }
+            }
+            Report::V2(r) => {
+                let mut optional = 0;
+                for (bit, present) in [
+                    (POWER, r.power_w.is_some()),
+                    (CURRENT, r.current_a.is_some()),
+                    (VOLTAGE, r.voltage_v.is_some()),
+                    (RELAY, r.relay.is_some()),
+                    (TIMESTAMP, r.timestamp.is_some()),
+                ] {
+                    if present {
+                        optional |= bit;
+                    }
+                }
+                out.push(optional);
+                put_varint(&mut out, u64::from(r.seq));
+                put_varint(&mut out, r.energy_wh);
+                for x in [r.power_w, r.current_a, r.voltage_v].into_iter().flatten() {
+                    put_float(&mut out, x);
+                }
+                if let Some(relay) = &r.relay {
+                    put_varint(&mut out, relay.len() as u64);
+                    out.extend_from_slice(relay.as_bytes());
+                }
+                if let Some(t) = r.timestamp {
+                    put_float(&mut out, t);
+                }
+            }
+        }
+        if !state_is_report {
+            if let Some(s) = a.v2_seq {
+                put_varint(&mut out, u64::from(s));
+            }
+            if let Some(e) = a.v2_energy_wh {
+                put_signed(&mut out, e);
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Consumption, DecodeError> {
+        let mut r = Cursor { bytes, at: 0 };
+        let format = r.byte()?;
+        if format != FORMAT {
+            return Err(DecodeError::Format(format));
+        }
+        let flags = r.byte()?;
+        let kind = kind_from(flags & KIND_MASK)?;
+        let debit_wh = r.signed()?;
+        let mut account = Account {
+            balance_wh: r.signed()?,
+            total_consumed_wh: r.signed()?,
+            ledger_seq: r.signed()?,
+            v1_total_wh: r.signed()?,
+            v2_seq: None,
+            v2_energy_wh: None,
+        };
+        let report = if flags & V2 == 0 {
+            Report::V1 {
+                total_consumed_units: r.float()?,
+                remaining_balance_units: r.float()?,
+                units_consumed: r.float()?,
+                timestamp: r.float()?,
+            }
+        } else {
+            let optional = r.byte()?;
+            let seq = u32::try_from(r.varint()?).map_err(|_| DecodeError::BadField)?;
+            let energy_wh = r.varint()?;
+            let mut float_if = |bit: u8| -> Result<Option<f64>, DecodeError> {
+                if optional & bit != 0 {
+                    r.float().map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            let power_w = float_if(POWER)?;
+            let current_a = float_if(CURRENT)?;
+            let voltage_v = float_if(VOLTAGE)?;
+            let relay = if optional & RELAY != 0 {
+                let len = usize::try_from(r.varint()?).map_err(|_| DecodeError::BadField)?;
+                let raw = r.take(len)?;
+                Some(String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::BadField)?)
+            } else {
+                None
+            };
+            let timestamp = if optional & TIMESTAMP != 0 {
+                Some(r.float()?)
+            } else {
+                None
+            };
+            if flags & STATE_IS_REPORT != 0 {
+                account.v2_seq = Some(seq);
+                account.v2_energy_wh =
+                    Some(i64::try_from(energy_wh).map_err(|_| DecodeError::BadField)?);
+            }
+            Report::V2(V2Report {
+                seq,
+                energy_wh,
+                power_w,
+                current_a,
+                voltage_v,
+                relay,
+                timestamp,
+            })
+        };
+        if flags & STATE_IS_REPORT == 0 {
+            if flags & HAS_V2_SEQ != 0 {
+                account.v2_seq =
+                    Some(u32::try_from(r.varint()?).map_err(|_| DecodeError::BadField)?);
+            }
+            if flags & HAS_V2_ENERGY != 0 {
+                account.v2_energy_wh = Some(r.signed()?);
+            }
+        }
+        if r.at != bytes.len() {
+            return Err(DecodeError::BadField);
+        }
+        Ok(Consumption {
+            report,
+            kind,
+            debit_wh,
+            account,
+        })
+    }
+
+    /// The event's `data` as sinks see it (contract §6).
+    pub fn to_json(&self) -> Value {
+        let (version, mut data) = match &self.report {
+            Report::V1 {
+                total_consumed_units,
+                remaining_balance_units,
+                units_consumed,
+                timestamp,
+            } => (
+                1,
+                json!({"totalConsumed": total_consumed_units, "unitsConsumed": units_consumed,
+                       "remainingBalance": remaining_balance_units, "meterTimestamp": timestamp}),
+            ),
+            Report::V2(r) => (2, serde_json::to_value(r).unwrap_or_default()),
+        };
+        let a = &self.account;
+        if let Some(obj) = data.as_object_mut() {
+            obj.insert("v".into(), json!(version));
+            obj.insert("debitWh".into(), json!(self.debit_wh));
+            obj.insert("unitsDebited".into(), json!(wh_to_units(self.debit_wh)));
+            obj.insert("balanceWh".into(), json!(a.balance_wh));
+            obj.insert("balance".into(), json!(wh_to_units(a.balance_wh)));
+            obj.insert("totalConsumedWh".into(), json!(a.total_consumed_wh));
+            obj.insert(
+                "outcome".into(),
+                json!(format!("{:?}", self.kind).to_lowercase()),
+            );
+        }
+        data
+    }
+}
+
+fn kind_code(kind: ReportKind) -> u8 {
+    match kind {
+        ReportKind::Debited => 0,
+        ReportKind::Baseline => 1,
+        ReportKind::Stale => 2,
+        ReportKind::Repeat => 3,
+        ReportKind::Reboot => 4,
+        ReportKind::RegisterReset => 5,
+    }
+}
+
+fn kind_from(code: u8) -> Result<ReportKind, DecodeError> {
+    Ok(match code {
+        0 => ReportKind::Debited,
+        1 => ReportKind::Baseline,
+        2 => ReportKind::Stale,
+        3 => ReportKind::Repeat,
+        4 => ReportKind::Reboot,
+        5 => ReportKind::RegisterReset,
+        _ => return Err(DecodeError::BadField),
+    })
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_signed(out: &mut Vec<u8>, v: i64) {
+    put_varint(out, ((v << 1) ^ (v >> 63)) as u64);
+}
+
+/// Thousandths when the float is exactly `n / 1000.0` (readings such as 230.1 or 0.35), tagged
+/// with a 0 low bit; otherwise a 1 and the 8 bytes of the float.
+fn put_float(out: &mut Vec<u8>, x: f64) {
+    if let Some(milli) = exact_thousandths(x) {
+        put_varint(out, (((milli << 1) ^ (milli >> 63)) as u64) << 1);
+    } else {
+        put_varint(out, 1);
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+fn exact_thousandths(x: f64) -> Option<i64> {
+    // Below 2^52 / 1000 so the count, shifted twice for its tags, fits the varint's u64.
+    const LIMIT: f64 = 4.0e12;
+    if !x.is_finite() || x.abs() >= LIMIT {
+        return None;
+    }
+    let milli = (x * 1000.0).round() as i64;
+    ((milli as f64 / 1000.0).to_bits() == x.to_bits()).then_some(milli)
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn byte(&mut self) -> Result<u8, DecodeError> {
+        let b = *self.bytes.get(self.at).ok_or(DecodeError::Truncated)?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.at.checked_add(n).ok_or(DecodeError::Truncated)?;
+        let s = self.bytes.get(self.at..end).ok_or(DecodeError::Truncated)?;
+        self.at = end;
+        Ok(s)
+    }
+
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut v: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(DecodeError::BadField)
+    }
+
+    fn signed(&mut self) -> Result<i64, DecodeError> {
+        let v = self.varint()?;
+        Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
+    }
+
+    fn float(&mut self) -> Result<f64, DecodeError> {
+        let v = self.varint()?;
+        if v & 1 == 0 {
+            let z = v >> 1;
+            let milli = ((z >> 1) as i64) ^ -((z & 1) as i64);
+            Ok(milli as f64 / 1000.0)
+        } else {
+            let raw = self.take(8)?;
+            let mut b = [0u8; 8];
+            b.copy_from_slice(raw);
+            Ok(f64::from_le_bytes(b))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn v2(seq: u32, energy_wh: u64) -> V2Report {
+        V2Report {
+            seq,
+            energy_wh,
+            power_w: Some(1234.5),
+            current_a: Some(5.37),
+            voltage_v: Some(229.9),
+            relay: Some("on".into()),
+            timestamp: Some(1_764_250_000.0),
+        }
+    }
+
+    fn account(seq: u32, energy: i64) -> Account {
+        Account {
+            balance_wh: 48_250,
+            ledger_seq: 412,
+            v2_seq: Some(seq),
+            v2_energy_wh: Some(energy),
+            v1_total_wh: 0,
+            total_consumed_wh: 1_751_750,
+        }
+    }
+
+    #[test]
+    fn a_typical_v2_record_is_small_and_round_trips() {
+        let c = Consumption {
+            report: Report::V2(v2(9_411, 1_751_750)),
+            kind: ReportKind::Debited,
+            debit_wh: 12,
+            account: account(9_411, 1_751_750),
+        };
+        let bytes = c.encode();
+        assert!(bytes.len() <= 40, "{} bytes", bytes.len());
+        assert_eq!(Consumption::decode(&bytes), Ok(c.clone()));
+        let json = c.to_json();
+        assert_eq!(json["powerW"], 1234.5);
+        assert_eq!(json["voltageV"], 229.9);
+        assert_eq!(json["relay"], "on");
+        assert_eq!(json["balanceWh"], 48_250);
+        assert_eq!(json["outcome"], "debited");
+        assert_eq!(json["v"], 2);
+    }
+
+    #[test]
+    fn a_v1_record_keeps_the_floats_exactly() {
+        let c = Consumption {
+            report: Report::V1 {
+                total_consumed_units: 0.1 + 0.2,
+                remaining_balance_units: 48.25,
+                units_consumed: 1.0 / 3.0,
+                timestamp: 123_456.0,
+            },
+            kind: ReportKind::Reboot,
+            debit_wh: 300,
+            account: Account {
+                balance_wh: 48_250,
+                ledger_seq: 3,
+                v2_seq: None,
+                v2_energy_wh: None,
+                v1_total_wh: 300,
+                total_consumed_wh: 900,
+            },
+        };
+        let back = Consumption::decode(&c.encode()).expect("decodes");
+        assert_eq!(back, c);
+        assert_eq!(back.to_json()["totalConsumed"], 0.1 + 0.2);
+    }
+
+    #[test]
+    fn damaged_records_are_errors() {
+        let bytes = Consumption {
+            report: Report::V2(v2(1, 2)),
+            kind: ReportKind::Baseline,
+            debit_wh: 0,
+            account: account(1, 2),
+        }
+        .encode();
+        for n in 0..bytes.len() {
+            assert!(Consumption::decode(&bytes[..n]).is_err(), "prefix {n}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(Consumption::decode(&longer), Err(DecodeError::BadField));
+        let mut other = bytes;
+        other[0] = 9;
+        assert_eq!(Consumption::decode(&other), Err(DecodeError::Format(9)));
+    }
+
+    fn any_float() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            (-1_000_000_000i64..1_000_000_000).prop_map(|m| m as f64 / 1000.0),
+            any::<f64>().prop_filter("finite", |x| x.is_finite()),
+            Just(-0.0),
+        ]
+    }
+
+    fn any_report() -> impl Strategy<Value = Report> {
+        prop_oneof![
+            (any_float(), any_float(), any_float(), any_float()).prop_map(|(a, b, c, d)| {
+                Report::V1 {
+                    total_consumed_units: a,
+                    remaining_balance_units: b,
+                    units_consumed: c,
+                    timestamp: d,
+                }
+            }),
+            (
+                any::<u32>(),
+                0u64..(1 << 53),
+                proptest::option::of(any_float()),
+                proptest::option::of(any_float()),
+                proptest::option::of(any_float()),
+                proptest::option::of("[a-z]{0,5}"),
+                proptest::option::of(any_float()),
+            )
+                .prop_map(|(seq, energy_wh, p, c, v, relay, t)| {
+                    Report::V2(V2Report {
+                        seq,
+                        energy_wh,
+                        power_w: p,
+                        current_a: c,
+                        voltage_v: v,
+                        relay,
+                        timestamp: t,
+                    })
+                }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_record_round_trips(
+            report in any_report(),
+            kind in 0u8..6,
+            debit in any::<i64>(),
+            balance in any::<i64>(),
+            ledger_seq in any::<i64>(),
+            v1_total in any::<i64>(),
+            total in any::<i64>(),
+            v2_seq in proptest::option::of(any::<u32>()),
+            v2_energy in proptest::option::of(any::<i64>()),
+            same_as_report in any::<bool>(),
+        ) {
+            let (v2_seq, v2_energy) = match (&report, same_as_report) {
+                (Report::V2(r), true) => (Some(r.seq), Some(r.energy_wh as i64)),
+                _ => (v2_seq, v2_energy),
+            };
+            let c = Consumption {
+                report,
+                kind: kind_from(kind).expect("kind"),
+                debit_wh: debit,
+                account: Account {
+                    balance_wh: balance,
+                    ledger_seq,
+                    v2_seq,
+                    v2_energy_wh: v2_energy,
+                    v1_total_wh: v1_total,
+                    total_consumed_wh: total,
+                },
+            };
+            let back = Consumption::decode(&c.encode()).expect("decodes");
+            // Compare bit for bit: -0.0 and 0.0 must stay apart.
+            prop_assert_eq!(format!("{back:?}"), format!("{c:?}"));
+            prop_assert_eq!(back.to_json(), c.to_json());
+        }
+    }
+}
