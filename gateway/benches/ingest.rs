@@ -19,45 +19,34 @@
 //! configuration instead of a measurement. The table goes to stdout, progress and the
 //! gateway's warnings (`RUST_LOG`, default `warn`) to stderr.
 
+mod common;
+
+use common::*;
+
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish};
-use rumqttc::mqttbytes::{self, QoS};
-use rusqlite::params;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use rumqttc::mqttbytes::v4::{Packet, Publish};
+use rumqttc::mqttbytes::QoS;
 use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, timeout, timeout_at};
 use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
-use umeme_gateway::auth;
 use umeme_gateway::config::Config;
 use umeme_gateway::daemon::Gateway;
-use umeme_gateway::ledger::Rules;
-use umeme_gateway::meter::MeterId;
 use umeme_gateway::metrics::Metrics;
-use umeme_gateway::store;
-use umeme_gateway::writer::{apply_now, Credit, LedgerSettings, Op};
 
 const USAGE: &str = "usage: cargo bench -p umeme-gateway --bench ingest \
 [-- --meters N --seconds S --window W --baseline-seconds B]";
-/// Every meter gets its own row but the same secret, so argon2 hashes it only once.
-const SECRET: &str = "bench-meter-secret";
 const TOPIC_PREFIX: &str = "smartmeter";
-const MAX_PACKET: usize = 4096;
-/// Long enough that meters connected early stay connected while the rest authenticate.
-const KEEP_ALIVE_S: u16 = 60;
 /// Longest wait for every meter to connect (each first CONNECT costs one argon2 check).
 const CONNECT_PHASE_LIMIT: Duration = Duration::from_secs(60);
 /// Longest wait for the PUBACKs still outstanding when the load window closes.
@@ -67,11 +56,6 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// Each report adds this much to the meter's cumulative register.
 const WH_PER_REPORT: u64 = 3;
-/// 10 000 KES per meter: 500 kWh at the default tariff, far more than a run consumes.
-const CREDIT_CENTS: i64 = 1_000_000;
-const BASELINE_BATCH: usize = 500;
-/// Bounds the baseline loops by count as well as by time.
-const MAX_BASELINE_TXS: u64 = 1_000_000;
 /// The kernel's USER_HZ: the unit of utime and stime in /proc/*/stat.
 const USER_HZ: f64 = 100.0;
 /// Thread name of the load generator's runtime; its CPU is not the gateway's.
@@ -106,7 +90,7 @@ fn run() -> Result<()> {
     let config_path = write_config(dir.path(), opts.meters)?;
     let config = Config::load(Some(&config_path)).context("loading the benchmark configuration")?;
     let meters: Vec<String> = (1..=opts.meters).map(|i| format!("BENCH{i:05}")).collect();
-    provision(&config, &meters)?;
+    provision(&config, meters.iter())?;
     // fsync latency on a shared VM drifts; the 1-row baseline brackets the load in time.
     let single_before = sqlite_baseline(dir.path(), "before", &meters, 1, opts.baseline())?;
 
@@ -260,18 +244,6 @@ enum Setting {
     BaselineSeconds,
 }
 
-fn in_range<T>(v: &str, lo: T, hi: T) -> Result<T>
-where
-    T: FromStr + PartialOrd + std::fmt::Display + Copy,
-    T::Err: std::fmt::Display,
-{
-    let x: T = v.parse().map_err(|e| anyhow!("{v:?}: {e}"))?;
-    if x < lo || x > hi {
-        bail!("{x} is out of range: expected {lo} to {hi}");
-    }
-    Ok(x)
-}
-
 // ---- set-up ----
 
 fn write_config(dir: &Path, meters: usize) -> Result<PathBuf> {
@@ -285,51 +257,6 @@ fn write_config(dir: &Path, meters: usize) -> Result<PathBuf> {
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
-}
-
-/// Adds and credits every meter through the ledger's own ops, before the gateway starts.
-fn provision(config: &Config, meters: &[String]) -> Result<()> {
-    let started = Instant::now();
-    let mut conn = store::open(&config.db_path(), config.gateway.id.as_str())
-        .context("opening the gateway database for provisioning")?;
-    let settings = LedgerSettings {
-        rules: Rules {
-            low_balance_wh: config.ledger.low_balance_wh,
-        },
-        tariff: config.ledger.tariff,
-    };
-    let secret_hash = auth::hash_secret(SECRET);
-    let mut next_report = started + PROGRESS_EVERY;
-    for (i, id) in meters.iter().enumerate() {
-        let meter = MeterId::parse(id)?;
-        let at = store::now_ms();
-        let add = Op::AddMeter {
-            meter: meter.clone(),
-            name: None,
-            phone: None,
-            secret_hash: secret_hash.clone(),
-            at,
-        };
-        apply_now(&mut conn, &add, &settings).with_context(|| format!("adding {id}"))?;
-        let credit = Op::Credit(Credit {
-            meter,
-            source: "bench".into(),
-            reference: format!("bench-{id}"),
-            amount_cents: CREDIT_CENTS,
-            at,
-        });
-        apply_now(&mut conn, &credit, &settings).with_context(|| format!("crediting {id}"))?;
-        if Instant::now() >= next_report {
-            eprintln!("[provision] {}/{} meters", i + 1, meters.len());
-            next_report += PROGRESS_EVERY;
-        }
-    }
-    eprintln!(
-        "[provision] {} meters added and credited in {:.1} s",
-        meters.len(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
 }
 
 fn runtime(name: &str) -> Result<tokio::runtime::Runtime> {
@@ -400,63 +327,6 @@ impl ClientStats {
     }
 }
 
-/// An MQTT connection from the meter's side, framed with rumqtt's codec.
-struct MqttStream {
-    stream: TcpStream,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
-}
-
-impl MqttStream {
-    fn queue(&mut self, packet: Packet) -> Result<()> {
-        packet
-            .write(&mut self.wbuf, MAX_PACKET)
-            .map_err(|e| anyhow!("encoding a packet: {e}"))?;
-        Ok(())
-    }
-
-    async fn flush(&mut self) -> Result<()> {
-        self.stream
-            .write_all(&self.wbuf)
-            .await
-            .context("writing to the gateway")?;
-        self.wbuf.clear();
-        Ok(())
-    }
-
-    async fn read_more(&mut self) -> Result<()> {
-        let n = self
-            .stream
-            .read_buf(&mut self.rbuf)
-            .await
-            .context("reading from the gateway")?;
-        if n == 0 {
-            bail!("the gateway closed the connection");
-        }
-        Ok(())
-    }
-
-    fn next_buffered(&mut self) -> Result<Option<Packet>> {
-        if self.rbuf.is_empty() {
-            return Ok(None);
-        }
-        match Packet::read(&mut self.rbuf, MAX_PACKET) {
-            Ok(p) => Ok(Some(p)),
-            Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-            Err(e) => Err(anyhow!("malformed packet from the gateway: {e}")),
-        }
-    }
-
-    async fn next_packet(&mut self) -> Result<Packet> {
-        loop {
-            if let Some(p) = self.next_buffered()? {
-                return Ok(p);
-            }
-            self.read_more().await?;
-        }
-    }
-}
-
 /// One meter: connect, wait for the start, publish until the window closes, drain.
 async fn run_meter(
     addr: SocketAddr,
@@ -465,7 +335,7 @@ async fn run_meter(
     progress: Arc<Progress>,
     mut start: watch::Receiver<Option<LoadWindow>>,
 ) -> Result<ClientStats> {
-    let mut conn = match connect_meter(addr, &meter).await {
+    let mut conn = match MqttStream::connect(addr, &meter, true, CONNECT_PHASE_LIMIT).await {
         Ok(c) => {
             progress.connected.fetch_add(1, Ordering::Relaxed);
             c
@@ -488,32 +358,6 @@ async fn wait_for_start(start: &mut watch::Receiver<Option<LoadWindow>>) -> Resu
     .context("no start signal")?
     .map_err(|_| anyhow!("the benchmark stopped before the load phase"))?;
     (*started).ok_or_else(|| anyhow!("start signal without a load window"))
-}
-
-async fn connect_meter(addr: SocketAddr, meter: &str) -> Result<MqttStream> {
-    let stream = timeout(Duration::from_secs(10), TcpStream::connect(addr))
-        .await
-        .context("TCP connect timed out")?
-        .context("TCP connect")?;
-    stream.set_nodelay(true).context("TCP_NODELAY")?;
-    let mut conn = MqttStream {
-        stream,
-        rbuf: BytesMut::with_capacity(1024),
-        wbuf: BytesMut::with_capacity(1024),
-    };
-    let mut connect = rumqttc::mqttbytes::v4::Connect::new(meter);
-    connect.keep_alive = KEEP_ALIVE_S;
-    connect.set_login(meter, SECRET);
-    conn.queue(Packet::Connect(connect))?;
-    conn.flush().await?;
-    let reply = timeout(CONNECT_PHASE_LIMIT, conn.next_packet())
-        .await
-        .context("no CONNACK in time")??;
-    match reply {
-        Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok(conn),
-        Packet::ConnAck(ack) => bail!("CONNECT refused: {:?}", ack.code),
-        other => bail!("expected CONNACK, got {other:?}"),
-    }
 }
 
 async fn publish_reports(
@@ -771,18 +615,10 @@ impl Snapshot {
             at: Instant::now(),
             commits: metrics.get("umeme_ledger_commits_total", &[]),
             ops: metrics.get("umeme_ledger_ops_total", &[]),
-            write_bytes: write_bytes(),
+            write_bytes: own_write_bytes(),
             cpu: Cpu::read(),
         }
     }
-}
-
-/// Bytes this process caused to be written to storage (`write_bytes` of /proc/self/io).
-fn write_bytes() -> Option<u64> {
-    let io = std::fs::read_to_string("/proc/self/io").ok()?;
-    io.lines()
-        .find_map(|l| l.strip_prefix("write_bytes:"))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// A numeric field of /proc/self/status (`Threads:`, `VmHWM:` in KiB).
@@ -913,123 +749,13 @@ impl<S: tracing::Subscriber> Layer<S> for LogCounts {
 
 // ---- the baseline ----
 
-struct Baseline {
-    /// When it ran: `before` or `after` the gateway load.
-    when: &'static str,
-    rows_per_tx: usize,
-    rows: u64,
-    txs: u64,
-    elapsed: Duration,
-    write_bytes: Option<u64>,
-    /// Time of each transaction, BEGIN to COMMIT, in µs; sorted.
-    tx_us: Vec<u32>,
-}
-
 struct Baselines {
     single_before: Baseline,
     single_after: Baseline,
     batch: Baseline,
 }
 
-impl Baseline {
-    fn rows_per_s(&self) -> f64 {
-        self.rows as f64 / self.elapsed.as_secs_f64()
-    }
-
-    fn txs_per_s(&self) -> f64 {
-        self.txs as f64 / self.elapsed.as_secs_f64()
-    }
-}
-
-/// Inserts report-like rows into a fresh database in `dir` with the gateway's durability
-/// settings, `rows_per_tx` rows per transaction, for `duration`.
-fn sqlite_baseline(
-    dir: &Path,
-    when: &'static str,
-    meters: &[String],
-    rows_per_tx: usize,
-    duration: Duration,
-) -> Result<Baseline> {
-    eprintln!(
-        "[baseline] SQLite {when} the load, {rows_per_tx} row(s) per transaction, {:.1} s",
-        duration.as_secs_f64()
-    );
-    let path = dir.join(format!("baseline-{rows_per_tx}-{when}.db"));
-    let mut conn =
-        rusqlite::Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.execute_batch(
-        "CREATE TABLE readings (
-            id INTEGER PRIMARY KEY,
-            meter TEXT NOT NULL,
-            seq INTEGER NOT NULL,
-            energy INTEGER NOT NULL,
-            payload TEXT NOT NULL
-        ) STRICT;",
-    )?;
-    let io_before = write_bytes();
-    let started = Instant::now();
-    let mut next_report = started + PROGRESS_EVERY;
-    let (mut rows, mut txs) = (0u64, 0u64);
-    let mut tx_us = Vec::new();
-    while started.elapsed() < duration && txs < MAX_BASELINE_TXS {
-        let t0 = Instant::now();
-        let tx = conn.transaction()?;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO readings (meter, seq, energy, payload) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for _ in 0..rows_per_tx {
-                let meter = &meters[rows as usize % meters.len()];
-                let seq = rows / meters.len() as u64 + 1;
-                let energy = 10_000 + seq * WH_PER_REPORT;
-                let payload = format!(
-                    r#"{{"v":2,"meterNo":"{meter}","seq":{seq},"energyWh":{energy},"powerW":100.0}}"#
-                );
-                insert.execute(params![meter, seq, energy, payload])?;
-                rows += 1;
-            }
-        }
-        tx.commit()?;
-        txs += 1;
-        tx_us.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
-        if Instant::now() >= next_report {
-            eprintln!("[baseline] {rows} rows in {txs} transactions");
-            next_report += PROGRESS_EVERY;
-        }
-    }
-    let elapsed = started.elapsed();
-    let write_bytes = write_bytes()
-        .zip(io_before)
-        .map(|(after, before)| after.saturating_sub(before));
-    tx_us.sort_unstable();
-    Ok(Baseline {
-        when,
-        rows_per_tx,
-        rows,
-        txs,
-        elapsed,
-        write_bytes,
-        tx_us,
-    })
-}
-
 // ---- the report ----
-
-fn percentile(sorted: &[u32], p: f64) -> Option<u32> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
-fn ms(us: Option<u32>) -> String {
-    us.map_or("n/a".into(), |us| {
-        format!("{:.1} ms", f64::from(us) / 1000.0)
-    })
-}
 
 fn render_report(
     opts: &Options,
@@ -1265,34 +991,4 @@ fn render_report(
         let _ = writeln!(w, "| `{series}` | {v} |");
     }
     out
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or("?".into(), |kib| format!("{:.1}", kib / 1024.0 / 1024.0));
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map_or_else(|_| "?".into(), |s| s.trim().to_string());
-    format!("{cpu}, nproc {nproc}, {mem_gib} GiB RAM, Linux {kernel}")
-}
-
-/// The current UTC time as `YYYY-MM-DD HH:MM:SS UTC`.
-fn utc_now() -> String {
-    let iso = umeme_gateway::api::iso8601(umeme_gateway::store::now_ms());
-    format!("{} {} UTC", &iso[..10], &iso[11..19])
 }

@@ -14,17 +14,23 @@
 //!    every 10 s (real time, phases spread over the interval), while payments go through
 //!    `POST /daraja/simulate` to probe meters that do not report: publish→PUBACK and
 //!    payment→`command/balance` latency;
-//! 4. the same flat-out load against Debian's mosquitto (no auth, no persistence) with one
+//! 4. the paced load again, reports only, on the gateway restarted with each
+//!    `[ledger] commit_delay` of `--commit-delays`: bytes written per report against latency;
+//! 5. the same flat-out load against Debian's mosquitto (no auth, no persistence) with one
 //!    subscriber that only counts: the relay ceiling;
-//! 5. the SQLite insert loop again, one row and 500 rows per transaction.
+//! 6. the SQLite insert loop again, one row and 500 rows per transaction.
 //!
 //! ```text
-//! cargo bench -p umeme-gateway --bench suite [-- --full | --sizes 100,1000 --seconds S --paced-seconds P]
+//! cargo bench -p umeme-gateway --bench suite [-- --full | --sizes 100,1000 --seconds S --paced-seconds P --commit-delays 0,200]
 //! ```
 //!
 //! Without `--bench` (as under `cargo test --benches`) it does a 4-meter smoke run that is not
 //! a measurement. Tables go to stdout as markdown, progress to stderr. Every child process is
 //! killed on every path: on drop, and by the kernel (`PR_SET_PDEATHSIG`) if this process dies.
+
+mod common;
+
+use common::*;
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -37,32 +43,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, PubAck, Publish, Subscribe};
-use rumqttc::mqttbytes::{self, QoS};
-use rusqlite::params;
+use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
+use rumqttc::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::{sleep, sleep_until, timeout, timeout_at};
 
-use umeme_gateway::auth;
 use umeme_gateway::config::Config;
-use umeme_gateway::ledger::Rules;
-use umeme_gateway::meter::MeterId;
-use umeme_gateway::store;
-use umeme_gateway::writer::{apply_now, Credit, LedgerSettings, Op};
 
 const USAGE: &str = "usage: cargo bench -p umeme-gateway --bench suite \
 [-- --full | --sizes 100,1000,5000 --seconds S --paced-seconds P --baseline-seconds B \
 --commit-delays 0,20,200,500|none]";
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_umeme-gateway");
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-/// Every meter has its own row but the same secret, so argon2 hashes it only once.
-const SECRET: &str = "bench-meter-secret";
 const TOPIC_PREFIX: &str = "smartmeter";
-const MAX_PACKET: usize = 64 * 1024;
-const KEEP_ALIVE_S: u16 = 300;
 /// Unacknowledged QoS 1 publishes per meter in the flat-out runs.
 const WINDOW: usize = 4;
 /// CONNECTs in flight at once. The gateway's verifier queue holds 1024 checks and refuses
@@ -81,10 +76,6 @@ const PROBES: usize = 5;
 const PAYMENT_EVERY: Duration = Duration::from_millis(250);
 const PAYMENT_LIMIT: Duration = Duration::from_secs(5);
 const WH_PER_REPORT: u64 = 3;
-/// 10 000 KES per meter: far more than a run consumes.
-const CREDIT_CENTS: i64 = 1_000_000;
-const BASELINE_BATCH: usize = 500;
-const MAX_BASELINE_TXS: u64 = 1_000_000;
 const USER_HZ: f64 = 100.0;
 
 fn main() {
@@ -266,18 +257,6 @@ impl Options {
     }
 }
 
-fn in_range<T>(v: &str, lo: T, hi: T) -> Result<T>
-where
-    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
-    T::Err: std::fmt::Display,
-{
-    let x: T = v.parse().map_err(|e| anyhow!("{v:?}: {e}"))?;
-    if x < lo || x > hi {
-        bail!("{x} is out of range: expected {lo} to {hi}");
-    }
-    Ok(x)
-}
-
 /// Raises this process's open-file limit (inherited by the gateway and mosquitto) so every
 /// meter's socket fits: each process holds one side of every connection.
 fn raise_fd_limit(needed: usize) -> Result<u64> {
@@ -356,50 +335,6 @@ fn loopback(port: u16) -> SocketAddr {
 fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
     Ok(l.local_addr()?.port())
-}
-
-/// Adds and credits every meter through the ledger's own ops before the gateway starts. The
-/// provisioning connection alone runs with `synchronous = OFF`: it is set-up, not measured.
-fn provision<'a>(config: &Config, meters: impl Iterator<Item = &'a String>) -> Result<()> {
-    let started = Instant::now();
-    let mut conn = store::open(&config.db_path(), config.gateway.id.as_str())
-        .context("opening the gateway database for provisioning")?;
-    conn.pragma_update(None, "synchronous", "OFF")?;
-    let settings = LedgerSettings {
-        rules: Rules {
-            low_balance_wh: config.ledger.low_balance_wh,
-        },
-        tariff: config.ledger.tariff,
-    };
-    let secret_hash = auth::hash_secret(SECRET);
-    let mut n = 0;
-    for id in meters {
-        let meter = MeterId::parse(id)?;
-        let at = store::now_ms();
-        let add = Op::AddMeter {
-            meter: meter.clone(),
-            name: None,
-            phone: None,
-            secret_hash: secret_hash.clone(),
-            at,
-        };
-        apply_now(&mut conn, &add, &settings).with_context(|| format!("adding {id}"))?;
-        let credit = Op::Credit(Credit {
-            meter,
-            source: "bench".into(),
-            reference: format!("bench-{id}"),
-            amount_cents: CREDIT_CENTS,
-            at,
-        });
-        apply_now(&mut conn, &credit, &settings).with_context(|| format!("crediting {id}"))?;
-        n += 1;
-    }
-    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
-    eprintln!(
-        "[provision] {n} meters added and credited in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
 }
 
 // ---- child processes ----
@@ -596,123 +531,6 @@ async fn settle(api: Option<SocketAddr>) {
 }
 
 // ---- the MQTT client side ----
-
-struct MqttStream {
-    stream: TcpStream,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
-}
-
-impl MqttStream {
-    async fn connect(addr: SocketAddr, client_id: &str, login: bool) -> Result<MqttStream> {
-        let stream = timeout(Duration::from_secs(10), TcpStream::connect(addr))
-            .await
-            .context("TCP connect timed out")?
-            .context("TCP connect")?;
-        stream.set_nodelay(true).context("TCP_NODELAY")?;
-        let mut conn = MqttStream {
-            stream,
-            rbuf: BytesMut::with_capacity(1024),
-            wbuf: BytesMut::with_capacity(1024),
-        };
-        let mut connect = rumqttc::mqttbytes::v4::Connect::new(client_id);
-        connect.keep_alive = KEEP_ALIVE_S;
-        if login {
-            connect.set_login(client_id, SECRET);
-        }
-        conn.queue(Packet::Connect(connect))?;
-        conn.flush().await?;
-        match timeout(CONNECT_LIMIT, conn.next_packet())
-            .await
-            .context("no CONNACK in time")??
-        {
-            Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok(conn),
-            Packet::ConnAck(ack) => bail!("CONNECT refused: {:?}", ack.code),
-            other => bail!("expected CONNACK, got {other:?}"),
-        }
-    }
-
-    /// Subscribes to `filter` at QoS 1 and waits for the SUBACK, acknowledging what comes first.
-    async fn subscribe(&mut self, filter: &str) -> Result<()> {
-        let mut sub = Subscribe::new(filter, QoS::AtLeastOnce);
-        sub.pkid = 1;
-        self.queue(Packet::Subscribe(sub))?;
-        self.flush().await?;
-        let until = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            while let Some(p) = self.next_buffered()? {
-                match p {
-                    Packet::SubAck(_) => return self.flush().await,
-                    Packet::Publish(p) if p.qos == QoS::AtLeastOnce => {
-                        self.queue(Packet::PubAck(PubAck::new(p.pkid)))?;
-                    }
-                    _ => {}
-                }
-            }
-            self.read_until(until).await.context("no SUBACK")?;
-        }
-    }
-
-    fn queue(&mut self, packet: Packet) -> Result<()> {
-        packet
-            .write(&mut self.wbuf, MAX_PACKET)
-            .map_err(|e| anyhow!("encoding a packet: {e}"))?;
-        Ok(())
-    }
-
-    async fn flush(&mut self) -> Result<()> {
-        if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await.context("writing")?;
-            self.wbuf.clear();
-        }
-        Ok(())
-    }
-
-    async fn read_more(&mut self) -> Result<()> {
-        if self
-            .stream
-            .read_buf(&mut self.rbuf)
-            .await
-            .context("reading")?
-            == 0
-        {
-            bail!("the server closed the connection");
-        }
-        Ok(())
-    }
-
-    async fn read_until(&mut self, until: tokio::time::Instant) -> Result<()> {
-        timeout_at(until, self.read_more())
-            .await
-            .map_err(|_| anyhow!("timed out"))?
-    }
-
-    fn next_buffered(&mut self) -> Result<Option<Packet>> {
-        if self.rbuf.is_empty() {
-            return Ok(None);
-        }
-        match Packet::read(&mut self.rbuf, MAX_PACKET) {
-            Ok(p) => Ok(Some(p)),
-            Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-            Err(e) => Err(anyhow!("malformed packet: {e}")),
-        }
-    }
-
-    async fn next_packet(&mut self) -> Result<Packet> {
-        loop {
-            if let Some(p) = self.next_buffered()? {
-                return Ok(p);
-            }
-            self.read_more().await?;
-        }
-    }
-
-    async fn goodbye(mut self) {
-        if self.queue(Packet::Disconnect).is_ok() {
-            let _ = self.flush().await;
-        }
-    }
-}
 
 /// What the meters do once connected.
 #[derive(Debug, Clone, Copy)]
@@ -921,7 +739,7 @@ async fn meter_task(
     } = spec;
     let connected = async {
         let _permit = gate.acquire().await?;
-        let mut conn = MqttStream::connect(target.broker, &id, target.login).await?;
+        let mut conn = MqttStream::connect(target.broker, &id, target.login, CONNECT_LIMIT).await?;
         if subscribe {
             conn.subscribe(&format!("{TOPIC_PREFIX}/{id}/command/balance"))
                 .await?;
@@ -1028,7 +846,7 @@ async fn probe_task(
     seen: Arc<Mutex<Vec<(Instant, i64)>>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let mut conn = MqttStream::connect(target.broker, &id, target.login).await?;
+    let mut conn = MqttStream::connect(target.broker, &id, target.login, CONNECT_LIMIT).await?;
     conn.subscribe(&format!("{TOPIC_PREFIX}/{id}/command/balance"))
         .await?;
     loop {
@@ -1118,10 +936,6 @@ async fn pay_until(api: SocketAddr, probes: &[Probe], deadline: Instant) -> Paym
     stats.to_balance_us.sort_unstable();
     stats.http_us.sort_unstable();
     stats
-}
-
-fn micros(d: Duration) -> u32 {
-    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
 /// What one load phase runs beside the meters.
@@ -1622,10 +1436,10 @@ async fn counting_subscriber(
     ready: tokio::sync::oneshot::Sender<()>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let mut conn = MqttStream::connect(addr, "bench-counter", false).await?;
+    let mut conn = MqttStream::connect(addr, "bench-counter", false, CONNECT_LIMIT).await?;
     conn.subscribe(&format!("{TOPIC_PREFIX}/+/consumption"))
         .await?;
-    conn.rbuf.reserve(256 * 1024);
+    conn.reserve_read(256 * 1024);
     let _ = ready.send(());
     loop {
         tokio::select! {
@@ -1648,112 +1462,13 @@ async fn counting_subscriber(
 
 // ---- the SQLite baseline ----
 
-struct Baseline {
-    when: &'static str,
-    rows_per_tx: usize,
-    rows: u64,
-    txs: u64,
-    elapsed: Duration,
-    write_bytes: Option<u64>,
-    /// BEGIN to COMMIT of each transaction, µs; sorted.
-    tx_us: Vec<u32>,
-}
-
-impl Baseline {
-    fn rows_per_s(&self) -> f64 {
-        self.rows as f64 / self.elapsed.as_secs_f64()
-    }
-
-    fn txs_per_s(&self) -> f64 {
-        self.txs as f64 / self.elapsed.as_secs_f64()
-    }
-}
-
 struct Baselines {
     single_before: Baseline,
     single_after: Baseline,
     batch: Baseline,
 }
 
-/// Inserts report-like rows into a fresh database with the gateway's durability settings
-/// (WAL, `synchronous = FULL`), `rows_per_tx` rows per transaction, for `duration`.
-fn sqlite_baseline(
-    dir: &Path,
-    when: &'static str,
-    meters: &[String],
-    rows_per_tx: usize,
-    duration: Duration,
-) -> Result<Baseline> {
-    eprintln!(
-        "[baseline] SQLite {when}, {rows_per_tx} row(s) per transaction, {:.1} s",
-        duration.as_secs_f64()
-    );
-    let path = dir.join(format!("baseline-{rows_per_tx}-{when}.db"));
-    let mut conn =
-        rusqlite::Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.execute_batch(
-        "CREATE TABLE readings (id INTEGER PRIMARY KEY, meter TEXT NOT NULL, seq INTEGER NOT NULL,
-         energy INTEGER NOT NULL, payload TEXT NOT NULL) STRICT;",
-    )?;
-    let io_before = ProcSample::of(std::process::id()).write_bytes;
-    let started = Instant::now();
-    let (mut rows, mut txs, mut tx_us) = (0u64, 0u64, Vec::new());
-    while started.elapsed() < duration && txs < MAX_BASELINE_TXS {
-        let t0 = Instant::now();
-        let tx = conn.transaction()?;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO readings (meter, seq, energy, payload) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for _ in 0..rows_per_tx {
-                let meter = &meters[rows as usize % meters.len()];
-                let seq = rows / meters.len() as u64 + 1;
-                let energy = 10_000 + seq * WH_PER_REPORT;
-                let payload = format!(
-                    r#"{{"v":2,"meterNo":"{meter}","seq":{seq},"energyWh":{energy},"powerW":100.0}}"#
-                );
-                insert.execute(params![meter, seq, energy, payload])?;
-                rows += 1;
-            }
-        }
-        tx.commit()?;
-        txs += 1;
-        tx_us.push(micros(t0.elapsed()));
-    }
-    let elapsed = started.elapsed();
-    let write_bytes = ProcSample::of(std::process::id())
-        .write_bytes
-        .zip(io_before)
-        .map(|(a, b)| a.saturating_sub(b));
-    tx_us.sort_unstable();
-    Ok(Baseline {
-        when,
-        rows_per_tx,
-        rows,
-        txs,
-        elapsed,
-        write_bytes,
-        tx_us,
-    })
-}
-
 // ---- the report ----
-
-fn percentile(sorted: &[u32], p: f64) -> Option<u32> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
-fn ms(us: Option<u32>) -> String {
-    us.map_or("n/a".into(), |us| {
-        format!("{:.1} ms", f64::from(us) / 1000.0)
-    })
-}
 
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
@@ -2080,29 +1795,4 @@ fn render(
         let _ = writeln!(w, "| ↳ | `{}` |", l.replace('|', "\\|"));
     }
     out
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map_or_else(|_| "?".into(), |s| s.trim().to_string());
-    let load = std::fs::read_to_string("/proc/loadavg").map_or_else(
-        |_| "?".into(),
-        |s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
-    );
-    format!("{cpu}, nproc {nproc}, Linux {kernel}, load average at the end {load}")
-}
-
-fn utc_now() -> String {
-    let iso = umeme_gateway::api::iso8601(store::now_ms());
-    format!("{} {} UTC", &iso[..10], &iso[11..19])
 }

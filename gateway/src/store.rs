@@ -31,7 +31,21 @@ const SCHEMA_VERSION: i64 = 2;
 /// (one report per commit) small pages mean fewer bytes per report.
 const PAGE_SIZE: u32 = 1024;
 
-const SCHEMA: &str = r#"
+/// The `events` table's columns: [`SCHEMA`] creates it and [`migrate_v1`] rebuilds it.
+macro_rules! events_columns {
+    () => {
+        "(
+    seq INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    meter TEXT,
+    at INTEGER NOT NULL,
+    data ANY NOT NULL
+) STRICT"
+    };
+}
+
+const SCHEMA: &str = concat!(
+    r#"
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
 CREATE TABLE IF NOT EXISTS meters (
     id TEXT PRIMARY KEY,
@@ -62,13 +76,9 @@ CREATE TABLE IF NOT EXISTS payments (
     PRIMARY KEY (source, reference)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS payments_by_meter ON payments (meter, at);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,
-    meter TEXT,
-    at INTEGER NOT NULL,
-    data ANY NOT NULL
-) STRICT;
+CREATE TABLE IF NOT EXISTS events "#,
+    events_columns!(),
+    r#";
 CREATE TABLE IF NOT EXISTS sink_cursors (
     sink TEXT PRIMARY KEY,
     delivered_seq INTEGER NOT NULL DEFAULT 0,
@@ -93,7 +103,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     at INTEGER NOT NULL,
     PRIMARY KEY (sink, seq)
 ) STRICT;
-"#;
+"#
+);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -187,19 +198,15 @@ fn migrate_v1(tx: &Connection) -> Result<(), StoreError> {
         events = count,
         "upgrading the database from schema 1 to 2 (one time)"
     );
-    tx.execute_batch(
+    tx.execute_batch(concat!(
         "ALTER TABLE meters ADD COLUMN state_seq INTEGER NOT NULL DEFAULT 0;
-         CREATE TABLE events_v2 (
-             seq INTEGER PRIMARY KEY,
-             kind TEXT NOT NULL,
-             meter TEXT,
-             at INTEGER NOT NULL,
-             data ANY NOT NULL
-         ) STRICT;
+         CREATE TABLE events_v2 ",
+        events_columns!(),
+        ";
          INSERT INTO events_v2 (seq, kind, meter, at, data) SELECT seq, kind, meter, at, data FROM events;
          DROP TABLE events;
-         ALTER TABLE events_v2 RENAME TO events;",
-    )?;
+         ALTER TABLE events_v2 RENAME TO events;"
+    ))?;
     set_meta(tx, "event_seq_floor", last)?;
     set_meta(tx, "folded_seq", last)?;
     set_meta(tx, "schema_version", SCHEMA_VERSION)?;
