@@ -354,7 +354,7 @@ fn settings(config: &Config) -> LedgerSettings {
 }
 
 fn open(config: &Config) -> Result<rusqlite::Connection, Failure> {
-    store::open(&config.db_path(), config.gateway.id.as_str())
+    store::open_without_upgrade(&config.db_path(), config.gateway.id.as_str())
         .with_context(|| format!("opening {}", config.db_path().display()))
         .map_err(Failure::from)
 }

@@ -50,6 +50,7 @@ pub struct Gateway {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     runners: Vec<SinkRunner>,
     sources: Vec<SourceSupervisor>,
+    writer: Writer,
 }
 
 impl Gateway {
@@ -266,6 +267,7 @@ impl Gateway {
             tasks,
             runners,
             sources,
+            writer,
         })
     }
 
@@ -280,6 +282,14 @@ impl Gateway {
         }
         for s in self.sources {
             let _ = tokio::task::spawn_blocking(move || s.stop()).await;
+        }
+        // Leave the meters' rows up to date (a restart would fold anyway; this keeps the file
+        // complete for anyone reading it while the daemon is down).
+        let fold = tokio::time::timeout(std::time::Duration::from_secs(10), self.writer.fold());
+        if !matches!(fold.await, Ok(Ok(()))) {
+            tracing::warn!(
+                "the final fold of recent reports did not finish; the next start does it"
+            );
         }
     }
 }

@@ -8,9 +8,9 @@
 //! A meter's account is its `meters` row **plus** any consumption events newer than the row
 //! (`seq > max(meta.folded_seq, meters.state_seq)`): a report appends its compact event
 //! ([`crate::consumption`]), which carries the account after it, and does not rewrite the row.
-//! [`fold`] brings the rows up to date (the daemon does it about once a second, every opener
-//! at [`open`]); every reader here overlays the newer events, so nobody sees a stale balance.
-//! This halves what an SD card is written per report.
+//! [`fold`] brings the rows up to date (the daemon every 2 minutes or 100,000 reports, every
+//! opener at [`open`]); every reader here overlays the newer events, so nobody sees a stale
+//! balance. A report thus writes one small row, not that row plus its meter's.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -121,10 +121,25 @@ pub enum StoreError {
         "database schema version {0} is newer than this gateway understands ({SCHEMA_VERSION})"
     )]
     NewerSchema(i64),
+    #[error(
+        "database schema version {0} is older than this gateway's ({SCHEMA_VERSION}): start the \
+         daemon once (`umeme-gateway run`, or restart the service) to upgrade it"
+    )]
+    OlderSchema(i64),
 }
 
 /// Opens (creating when needed) the database at `path` for gateway `gateway_id`.
 pub fn open(path: &Path, gateway_id: &str) -> Result<Connection, StoreError> {
+    open_with(path, gateway_id, true)
+}
+
+/// [`open`] for one-off commands (the CLI): an older schema is an error, not upgraded, since a
+/// daemon of the older version may still be running on it.
+pub fn open_without_upgrade(path: &Path, gateway_id: &str) -> Result<Connection, StoreError> {
+    open_with(path, gateway_id, false)
+}
+
+fn open_with(path: &Path, gateway_id: &str, upgrade: bool) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
             path: dir.display().to_string(),
@@ -150,7 +165,8 @@ pub fn open(path: &Path, gateway_id: &str) -> Result<Connection, StoreError> {
         .and_then(|v| v.parse().ok());
     match version {
         Some(v) if v > SCHEMA_VERSION => return Err(StoreError::NewerSchema(v)),
-        Some(1) => migrate_v1(&tx)?,
+        Some(1) if upgrade => migrate_v1(&tx)?,
+        Some(v) if v < SCHEMA_VERSION => return Err(StoreError::OlderSchema(v)),
         Some(_) => {}
         None => {
             tx.execute(
@@ -462,10 +478,12 @@ pub fn set_presence(
         == 1)
 }
 
-/// Moves a meter's `last_seen` forward to `at` (never back).
+/// Moves a meter's `last_seen` forward to `at` (never back; never to before the meter was
+/// added, so a meter added again does not inherit the old one's).
 pub fn touch(tx: &Connection, id: &str, at: i64) -> Result<(), StoreError> {
     tx.prepare_cached(
-        "UPDATE meters SET last_seen = MAX(COALESCE(last_seen, 0), ?2) WHERE id = ?1",
+        "UPDATE meters SET last_seen = MAX(COALESCE(last_seen, 0), ?2)
+         WHERE id = ?1 AND created_at <= ?2",
     )?
     .execute(params![id, at])?;
     Ok(())
@@ -995,7 +1013,7 @@ pub struct Pruned {
 }
 
 /// Removes delivered events older than `retain_after` (ms timestamp; oldest first, up to the
-/// first event that is not, so an out-of-order timestamp waits for its elders) and, while the database
+/// first event within its retention) and, while the database
 /// uses more than `max_bytes`, the oldest telemetry. `sinks` are the configured sinks' names;
 /// with none, every event counts as delivered. At most `budget` rows go per call so the
 /// writer is never held long.
@@ -1017,21 +1035,26 @@ pub fn prune(
             |r| r.get(0),
         )?
     };
-    // Never the newest event (it numbers the next one) and never an unfolded one (it may hold
-    // a meter's only record of its balance).
-    let removable = folded_seq(tx)?.min(last_event_seq(tx)? - 1);
+    // Never the newest event (it numbers the next one) and never an unfolded consumption event
+    // (it may hold a meter's only record of its balance).
+    let newest = last_event_seq(tx)? - 1;
+    let folded = folded_seq(tx)?;
     // Oldest first, up to the first event still within its retention: a pass reads only what
-    // it removes (plus one row), never the whole table.
+    // it removes (plus one row), never the whole table. A timestamp from the future (a clock
+    // that ran ahead) does not hold up the events after it.
+    let now = now_ms();
     let mut expire_through = 0;
     {
-        let mut st =
-            tx.prepare_cached("SELECT seq, at FROM events WHERE seq <= ?1 ORDER BY seq LIMIT ?2")?;
-        let mut rows = st.query(params![delivered.min(removable), budget])?;
+        let mut st = tx.prepare_cached(
+            "SELECT seq, at, kind = 'consumption' FROM events WHERE seq <= ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let mut rows = st.query(params![delivered.min(newest), budget])?;
         while let Some(r) = rows.next()? {
-            if r.get::<_, i64>(1)? >= retain_after {
+            let (seq, at, consumption): (i64, i64, bool) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            if (retain_after..=now).contains(&at) || (consumption && seq > folded) {
                 break;
             }
-            expire_through = r.get(0)?;
+            expire_through = seq;
         }
     }
     let mut p = Pruned {
@@ -1042,15 +1065,17 @@ pub fn prune(
     while (used_bytes(tx)? as u64) > max_bytes && p.dropped < budget {
         let undelivered: i64 = tx.query_row(
             "SELECT COUNT(*) FROM (SELECT seq FROM events WHERE kind IN ('consumption', 'status', 'balance')
-               AND seq <= ?3 ORDER BY seq LIMIT ?1) WHERE seq > ?2",
-            params![chunk, delivered, removable],
+               AND seq <= ?3 AND (kind <> 'consumption' OR seq <= ?4) ORDER BY seq LIMIT ?1)
+             WHERE seq > ?2",
+            params![chunk, delivered, newest, folded],
             |r| r.get(0),
         )?;
         let n = tx.execute(
             "DELETE FROM events WHERE seq IN (SELECT seq FROM events
                WHERE kind IN ('consumption', 'status', 'balance') AND seq <= ?2
+                 AND (kind <> 'consumption' OR seq <= ?3)
                ORDER BY seq LIMIT ?1)",
-            params![chunk, removable],
+            params![chunk, newest, folded],
         )? as i64;
         if n == 0 {
             p.full = true;

@@ -563,6 +563,8 @@ enum Msg {
     Job(Job),
     /// Look for changes other processes (the CLI) committed.
     Tick,
+    /// Fold now and say when done (a clean stop).
+    Fold(oneshot::Sender<()>),
 }
 
 /// The handle through which the daemon changes the ledger.
@@ -593,6 +595,7 @@ impl Writer {
                 while let Some(first) = rx.blocking_recv() {
                     let arrived = std::time::Instant::now();
                     let mut tick = false;
+                    let mut fold_requests = Vec::new();
                     let mut next = Some(first);
                     let mut waited = options.commit_delay.is_zero() || !load.light();
                     loop {
@@ -600,6 +603,7 @@ impl Writer {
                             match msg {
                                 Msg::Job(job) => batch.push(job),
                                 Msg::Tick => tick = true,
+                                Msg::Fold(done) => fold_requests.push(done),
                             }
                             if batch.len() < MAX_BATCH {
                                 next = rx.try_recv().ok();
@@ -628,18 +632,25 @@ impl Writer {
                         watch.check(&conn, &notify);
                         ticks += 1;
                         if ticks % FOLD_EVERY_TICKS == 0 {
-                            live.fold(&mut conn, &metrics);
+                            // Even with no report since the last fold: `folded_seq` then
+                            // catches up with the other events, which housekeeping waits for.
+                            live.fold(&mut conn, &metrics, true);
                         }
                         if ticks % HOUSEKEEPING_EVERY_TICKS == 1 {
                             keep_house(&mut conn, &options, &metrics, &mut live);
                         }
                     }
                     if live.unfolded >= FOLD_AT {
-                        live.fold(&mut conn, &metrics);
+                        live.fold(&mut conn, &metrics, false);
+                    }
+                    if !fold_requests.is_empty() {
+                        live.fold(&mut conn, &metrics, true);
+                        for done in fold_requests {
+                            let _ = done.send(());
+                        }
                     }
                 }
-                // A clean stop leaves every row up to date.
-                live.fold(&mut conn, &metrics);
+                live.fold(&mut conn, &metrics, false);
             })
             .expect("spawn ledger writer thread");
         (Writer { jobs }, handle)
@@ -657,6 +668,17 @@ impl Writer {
             .await
             .map_err(|_| LedgerError::Stopped)?;
         Ok(rx)
+    }
+
+    /// Folds the reports held in memory into the meters' rows now (a clean stop does this, so
+    /// the database is up to date without the daemon).
+    pub async fn fold(&self) -> Result<(), LedgerError> {
+        let (done, rx) = oneshot::channel();
+        self.jobs
+            .send(Msg::Fold(done))
+            .await
+            .map_err(|_| LedgerError::Stopped)?;
+        rx.await.map_err(|_| LedgerError::Stopped)
     }
 
     /// Asks the writer to pick up changes committed by other processes; the daemon calls this
@@ -702,9 +724,10 @@ impl Live {
         }
     }
 
-    /// Writes the newer accounts into the meters' rows ([`store::fold`]), in its own commit.
-    fn fold(&mut self, conn: &mut Connection, metrics: &Metrics) {
-        if self.unfolded == 0 && self.seen.is_empty() {
+    /// Writes the newer accounts into the meters' rows ([`store::fold`]), in its own commit;
+    /// with nothing held here, only when `always`.
+    fn fold(&mut self, conn: &mut Connection, metrics: &Metrics, always: bool) {
+        if self.unfolded == 0 && self.seen.is_empty() && !always {
             return;
         }
         let folded = (|| -> Result<store::Folded, StoreError> {
@@ -840,7 +863,7 @@ impl ExternalWatch {
 fn keep_house(conn: &mut Connection, h: &WriterOptions, metrics: &Metrics, live: &mut Live) {
     // Housekeeping never removes unfolded events: fold first when space is needed.
     if store::used_bytes(conn).is_ok_and(|b| b as u64 > h.max_bytes) {
-        live.fold(conn, metrics);
+        live.fold(conn, metrics, true);
     }
     let retain_after = store::now_ms() - h.retention.as_millis() as i64;
     let pruned = (|| -> Result<store::Pruned, StoreError> {

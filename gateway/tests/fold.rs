@@ -182,36 +182,7 @@ fn a_meter_added_again_does_not_inherit_the_old_meters_reports() {
 fn a_schema_1_database_is_upgraded_in_place_and_keeps_numbering_its_events() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("g.db");
-    {
-        // The tables as the first release created them, with events 1..=3 of which the
-        // newest was already removed (so only the AUTOINCREMENT counter remembers 3).
-        let db = Connection::open(&path).unwrap();
-        db.execute_batch(
-            r#"PRAGMA journal_mode = WAL;
-            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
-            CREATE TABLE meters (
-                id TEXT PRIMARY KEY, name TEXT, phone TEXT, secret_hash TEXT NOT NULL,
-                balance_wh INTEGER NOT NULL DEFAULT 0, ledger_seq INTEGER NOT NULL DEFAULT 0,
-                v2_seq INTEGER, v2_energy_wh INTEGER, v1_total_wh INTEGER NOT NULL DEFAULT 0,
-                total_consumed_wh INTEGER NOT NULL DEFAULT 0, status TEXT,
-                online INTEGER NOT NULL DEFAULT 0, last_seen INTEGER, created_at INTEGER NOT NULL
-            ) STRICT;
-            CREATE TABLE events (
-                seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, meter TEXT,
-                at INTEGER NOT NULL, data TEXT NOT NULL
-            ) STRICT;
-            INSERT INTO meta VALUES ('schema_version', '1'), ('gateway_id', 'site');
-            INSERT INTO meters (id, secret_hash, balance_wh, ledger_seq, v2_seq, v2_energy_wh,
-                                total_consumed_wh, created_at)
-                VALUES ('M1', 'unused', 4200, 7, 12, 800, 800, 1);
-            INSERT INTO events (kind, meter, at, data) VALUES
-                ('payment', 'M1', 1, '{"amountCents":10000}'),
-                ('consumption', 'M1', 2, '{"seq":12,"debitWh":800}'),
-                ('status', 'M1', 3, '{"status":"online"}');
-            DELETE FROM events WHERE seq = 3;"#,
-        )
-        .unwrap();
-    }
+    make_v1_database(&path, "site");
     let mut conn = store::open(&path, "site").unwrap();
     let old = store::events_after(&conn, "site", 0, 10).unwrap();
     assert_eq!(old.len(), 2);
@@ -286,4 +257,107 @@ fn the_daemon_keeps_unfolded_reports_and_cli_payments_across_a_kill() {
     let mut m = gw.connect("METER001", "fold-secret-001");
     m.publish_acked(topic, &v2_payload("METER001", 6, 700), 6);
     assert_eq!(gw.balance_wh("METER001"), 5_300);
+}
+
+/// A database as the first release (schema 1) left it: meter M1 at 4 200 Wh, events 1..=3 of
+/// which the newest was already removed (so only the AUTOINCREMENT counter remembers 3).
+fn make_v1_database(path: &std::path::Path, gateway: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let db = Connection::open(path).unwrap();
+    db.execute_batch(
+        r#"PRAGMA journal_mode = WAL;
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+            CREATE TABLE meters (
+                id TEXT PRIMARY KEY, name TEXT, phone TEXT, secret_hash TEXT NOT NULL,
+                balance_wh INTEGER NOT NULL DEFAULT 0, ledger_seq INTEGER NOT NULL DEFAULT 0,
+                v2_seq INTEGER, v2_energy_wh INTEGER, v1_total_wh INTEGER NOT NULL DEFAULT 0,
+                total_consumed_wh INTEGER NOT NULL DEFAULT 0, status TEXT,
+                online INTEGER NOT NULL DEFAULT 0, last_seen INTEGER, created_at INTEGER NOT NULL
+            ) STRICT;
+            CREATE TABLE events (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, meter TEXT,
+                at INTEGER NOT NULL, data TEXT NOT NULL
+            ) STRICT;
+            INSERT INTO meta VALUES ('schema_version', '1');
+            INSERT INTO meters (id, secret_hash, balance_wh, ledger_seq, v2_seq, v2_energy_wh,
+                                total_consumed_wh, created_at)
+                VALUES ('M1', 'unused', 4200, 7, 12, 800, 800, 1);
+            INSERT INTO events (kind, meter, at, data) VALUES
+                ('payment', 'M1', 1, '{"amountCents":10000}'),
+                ('consumption', 'M1', 2, '{"seq":12,"debitWh":800}'),
+                ('status', 'M1', 3, '{"status":"online"}');
+            DELETE FROM events WHERE seq = 3;"#,
+    )
+    .unwrap();
+    db.execute("INSERT INTO meta VALUES ('gateway_id', ?1)", [gateway])
+        .unwrap();
+}
+
+#[test]
+fn the_cli_leaves_an_older_database_to_the_daemon_to_upgrade() {
+    let mut gw = Gateway::new("");
+    make_v1_database(&gw.db_path(), "test-site");
+    // An older daemon may still be running on it (an upgrade whose restart was refused).
+    let out = gw.cli(&["meter", "list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("older than this gateway") && err.contains("umeme-gateway run"),
+        "{err}"
+    );
+    gw.start();
+    gw.assert_log("upgrading the database from schema 1 to 2");
+    assert_eq!(gw.balance_wh("M1"), 4_200);
+    let out = gw.cli(&["meter", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn housekeeping_expires_past_a_future_timestamp_and_drops_status_without_a_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = store::open(&dir.path().join("g.db"), "site").unwrap();
+    add(&mut conn, "M1");
+    let now = store::now_ms();
+    let day = 86_400_000;
+    let presence = |conn: &mut Connection, at: i64| {
+        let op = Op::Presence {
+            meter: id("M1"),
+            online: true,
+            at,
+        };
+        let tx = conn.transaction().unwrap();
+        apply(&tx, &op, &settings())
+            .map_err(|e| e.to_string())
+            .unwrap();
+        tx.commit().unwrap();
+    };
+    // A clock that ran a day ahead for one event, then old events after it.
+    presence(&mut conn, now + day);
+    for _ in 0..5 {
+        presence(&mut conn, now - 10 * day);
+    }
+    let tx = conn.transaction().unwrap();
+    let p = store::prune(&tx, &[], now - day, u64::MAX, 1_000).unwrap();
+    tx.commit().unwrap();
+    // Everything but the newest event (it numbers the next one): the "meter added" event and
+    // five presences, the future-dated one included.
+    assert_eq!(p.expired, 6, "{p:?}");
+
+    // Reports not yet folded are never dropped, but status events are, folded or not.
+    report(&mut conn, "M1", 1, 0);
+    report(&mut conn, "M1", 2, 10);
+    for _ in 0..50 {
+        presence(&mut conn, now);
+    }
+    let tx = conn.transaction().unwrap();
+    let p = store::prune(&tx, &[], 0, 1, 1_000).unwrap();
+    tx.commit().unwrap();
+    // The 51 status events but the newest; the two reports stay.
+    assert_eq!(p.dropped, 50, "{p:?}");
+    assert!(p.full);
+    assert_eq!(balance(&conn, "M1"), -10);
 }
