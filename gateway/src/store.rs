@@ -439,28 +439,31 @@ pub fn account(conn: &Connection, id: &MeterId) -> Result<Option<Account>, Store
     })
 }
 
-/// Writes an account to the meter's row as of event `state_seq` (a payment's).
+/// Writes an account to the meter's row as of event `state_seq` (a payment's, or a folded
+/// report's), unless the row is already as new; `Ok(false)` then.
 pub fn save_account(
     tx: &Connection,
-    id: &MeterId,
+    id: &str,
     a: &Account,
     state_seq: i64,
-) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "UPDATE meters SET balance_wh = ?2, ledger_seq = ?3, v2_seq = ?4, v2_energy_wh = ?5,
-         v1_total_wh = ?6, total_consumed_wh = ?7, state_seq = MAX(state_seq, ?8) WHERE id = ?1",
-    )?
-    .execute(params![
-        id.as_str(),
-        a.balance_wh,
-        a.ledger_seq,
-        a.v2_seq,
-        a.v2_energy_wh,
-        a.v1_total_wh,
-        a.total_consumed_wh,
-        state_seq
-    ])?;
-    Ok(())
+) -> Result<bool, StoreError> {
+    let n = tx
+        .prepare_cached(
+            "UPDATE meters SET balance_wh = ?2, ledger_seq = ?3, v2_seq = ?4, v2_energy_wh = ?5,
+             v1_total_wh = ?6, total_consumed_wh = ?7, state_seq = ?8
+             WHERE id = ?1 AND state_seq < ?8",
+        )?
+        .execute(params![
+            id,
+            a.balance_wh,
+            a.ledger_seq,
+            a.v2_seq,
+            a.v2_energy_wh,
+            a.v1_total_wh,
+            a.total_consumed_wh,
+            state_seq
+        ])?;
+    Ok(n == 1)
 }
 
 pub fn set_presence(
@@ -699,23 +702,8 @@ pub fn fold<'a>(
     seen: impl IntoIterator<Item = (&'a str, i64)>,
 ) -> Result<Folded, StoreError> {
     let newest = unfolded(tx)?;
-    let mut save = tx.prepare_cached(
-        "UPDATE meters SET balance_wh = ?2, ledger_seq = ?3, v2_seq = ?4, v2_energy_wh = ?5,
-         v1_total_wh = ?6, total_consumed_wh = ?7, state_seq = ?8
-         WHERE id = ?1 AND state_seq < ?8",
-    )?;
     for (meter, n) in &newest {
-        let a = &n.record.account;
-        save.execute(params![
-            meter,
-            a.balance_wh,
-            a.ledger_seq,
-            a.v2_seq,
-            a.v2_energy_wh,
-            a.v1_total_wh,
-            a.total_consumed_wh,
-            n.seq
-        ])?;
+        save_account(tx, meter, &n.record.account, n.seq)?;
         touch(tx, meter, n.at)?;
     }
     for (meter, at) in seen {

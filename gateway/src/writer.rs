@@ -515,7 +515,7 @@ fn apply_credit(
     let event_seq = store::append_event(tx, "payment", Some(&c.meter), c.at, &data)?;
     // A payment writes the row at once, as of its event: older consumption events never
     // overwrite it.
-    store::save_account(tx, &c.meter, &account, event_seq)?;
+    store::save_account(tx, c.meter.as_str(), &account, event_seq)?;
     let payment = PaymentRow {
         source: c.source.clone(),
         reference: c.reference.clone(),
