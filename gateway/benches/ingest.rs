@@ -112,17 +112,7 @@ fn run() -> Result<()> {
     let load = load?;
     let counters = gateway_counters(&metrics);
 
-    let baselines = Baselines {
-        single_before,
-        single_after: sqlite_baseline(dir.path(), "after", &meters, 1, opts.baseline())?,
-        batch: sqlite_baseline(
-            dir.path(),
-            "after",
-            &meters,
-            BASELINE_BATCH,
-            opts.baseline(),
-        )?,
-    };
+    let baselines = Baselines::finish(dir.path(), &meters, single_before, opts.baseline())?;
     print!(
         "{}",
         render_report(&opts, dir.path(), &load, &counters, &log, &baselines)
@@ -749,12 +739,6 @@ impl<S: tracing::Subscriber> Layer<S> for LogCounts {
 
 // ---- the baseline ----
 
-struct Baselines {
-    single_before: Baseline,
-    single_after: Baseline,
-    batch: Baseline,
-}
-
 // ---- the report ----
 
 fn render_report(
@@ -896,33 +880,12 @@ fn render_report(
         w,
         "\n### Baseline: plain SQLite insert loop, same file system, WAL, synchronous=FULL\n"
     );
-    let _ = writeln!(
-        w,
-        "| loop | rows/s | commits (fsyncs)/s | disk bytes per row | commit p50 | commit p99 |"
-    );
-    let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|");
+    baselines.write_table(w, "the load");
     let Baselines {
         single_before: before,
         single_after: after,
         batch,
     } = baselines;
-    for b in [before, after, batch] {
-        let _ = writeln!(
-            w,
-            "| {} row(s) per transaction, {} the load: {} rows | {:.0} | {:.0} | {} | {} | {} |",
-            b.rows_per_tx,
-            b.when,
-            b.rows,
-            b.rows_per_s(),
-            b.txs_per_s(),
-            b.write_bytes.map_or("n/a".into(), |x| format!(
-                "{:.0}",
-                x as f64 / b.rows.max(1) as f64
-            )),
-            ms(percentile(&b.tx_us, 50.0)),
-            ms(percentile(&b.tx_us, 99.0)),
-        );
-    }
 
     let _ = writeln!(w, "\n### Ratios\n");
     let _ = writeln!(w, "| ratio | value |\n|---|---:|");

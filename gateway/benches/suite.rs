@@ -119,17 +119,7 @@ fn run() -> Result<()> {
         false => None,
     };
     drop(rt);
-    let baselines = Baselines {
-        single_before,
-        single_after: sqlite_baseline(dir.path(), "after", &meters, 1, opts.baseline())?,
-        batch: sqlite_baseline(
-            dir.path(),
-            "after",
-            &meters,
-            BASELINE_BATCH,
-            opts.baseline(),
-        )?,
-    };
+    let baselines = Baselines::finish(dir.path(), &meters, single_before, opts.baseline())?;
     print!(
         "{}",
         render(&opts, fd_limit, &gateway, mosquitto.as_ref(), &baselines)
@@ -1462,12 +1452,6 @@ async fn counting_subscriber(
 
 // ---- the SQLite baseline ----
 
-struct Baselines {
-    single_before: Baseline,
-    single_after: Baseline,
-    batch: Baseline,
-}
-
 // ---- the report ----
 
 fn mib(kib: u64) -> String {
@@ -1713,27 +1697,7 @@ fn render(
         w,
         "\n### Baseline: plain SQLite insert loop, WAL, synchronous=FULL, same file system\n"
     );
-    let _ = writeln!(
-        w,
-        "| loop | rows/s | commits (fsyncs)/s | disk bytes per row | commit p50 | commit p99 |"
-    );
-    let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|");
-    for x in [&b.single_before, &b.single_after, &b.batch] {
-        let _ = writeln!(
-            w,
-            "| {} row(s) per transaction, {} the gateway and mosquitto runs | {:.0} | {:.0} | {} | {} | {} |",
-            x.rows_per_tx,
-            x.when,
-            x.rows_per_s(),
-            x.txs_per_s(),
-            x.write_bytes.map_or("n/a".into(), |v| format!(
-                "{:.0}",
-                v as f64 / x.rows.max(1) as f64
-            )),
-            ms(percentile(&x.tx_us, 50.0)),
-            ms(percentile(&x.tx_us, 99.0)),
-        );
-    }
+    b.write_table(w, "the gateway and mosquitto runs");
     let _ = writeln!(w, "\n| gateway committed reports/s ÷ | 1-row loop (before / after) | {BASELINE_BATCH}-row loop |\n|---:|---:|---:|");
     for g in &gw.runs {
         let r = g.acked_per_s();

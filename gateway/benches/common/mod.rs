@@ -141,6 +141,57 @@ impl Baseline {
     }
 }
 
+/// The baseline loops of one bench run: one row per transaction before and after the load,
+/// and `BASELINE_BATCH` rows per transaction after it.
+pub struct Baselines {
+    pub single_before: Baseline,
+    pub single_after: Baseline,
+    pub batch: Baseline,
+}
+
+impl Baselines {
+    /// Runs the loops that follow the load.
+    pub fn finish(
+        dir: &Path,
+        meters: &[String],
+        single_before: Baseline,
+        duration: Duration,
+    ) -> Result<Baselines> {
+        Ok(Baselines {
+            single_before,
+            single_after: sqlite_baseline(dir, "after", meters, 1, duration)?,
+            batch: sqlite_baseline(dir, "after", meters, BASELINE_BATCH, duration)?,
+        })
+    }
+
+    /// The loops as a markdown table; `what` names the load they ran before or after.
+    pub fn write_table(&self, w: &mut String, what: &str) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            w,
+            "| loop | rows/s | commits (fsyncs)/s | disk bytes per row | commit p50 | commit p99 |"
+        );
+        let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|");
+        for b in [&self.single_before, &self.single_after, &self.batch] {
+            let _ = writeln!(
+                w,
+                "| {} row(s) per transaction, {} {what}: {} rows | {:.0} | {:.0} | {} | {} | {} |",
+                b.rows_per_tx,
+                b.when,
+                b.rows,
+                b.rows_per_s(),
+                b.txs_per_s(),
+                b.write_bytes.map_or("n/a".into(), |x| format!(
+                    "{:.0}",
+                    x as f64 / b.rows.max(1) as f64
+                )),
+                ms(percentile(&b.tx_us, 50.0)),
+                ms(percentile(&b.tx_us, 99.0)),
+            );
+        }
+    }
+}
+
 /// Inserts report-like rows for `duration`, `rows_per_tx` per transaction, into a fresh database
 /// in `dir` with the gateway's durability settings (WAL, `synchronous = FULL`): the ceiling for
 /// storing reports on this disk.
