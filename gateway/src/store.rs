@@ -8,9 +8,9 @@
 //! A meter's account is its `meters` row **plus** any consumption events newer than the row
 //! (`seq > max(meta.folded_seq, meters.state_seq)`): a report appends its compact event
 //! ([`crate::consumption`]), which carries the account after it, and does not rewrite the row.
-//! [`fold`] brings the rows up to date (the daemon every 2 minutes or 100,000 reports, every
-//! opener at [`open`]); every reader here overlays the newer events, so nobody sees a stale
-//! balance. A report thus writes one small row, not that row plus its meter's.
+//! [`fold`] brings the rows up to date (the daemon's writer when it starts and then every 2
+//! minutes or 100,000 reports, the CLI before it changes anything); every reader here overlays
+//! the newer events, so nobody sees a stale balance. A report thus writes one small row, not that row plus its meter's.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -195,7 +195,6 @@ fn open_with(path: &Path, gateway_id: &str, upgrade: bool) -> Result<Connection,
             )?;
         }
     }
-    fold(&tx, std::iter::empty())?;
     tx.commit()?;
     Ok(conn)
 }

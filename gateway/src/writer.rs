@@ -591,6 +591,9 @@ impl Writer {
                 let mut watch = ExternalWatch::new(&conn);
                 let mut ticks: u64 = 0;
                 let mut live = Live::default();
+                // Rows must be current for every meter `live` does not hold: catch up with
+                // what an earlier run (killed before its fold) left unfolded.
+                live.fold(&mut conn, &metrics, true);
                 let mut load = Load::new();
                 while let Some(first) = rx.blocking_recv() {
                     let arrived = std::time::Instant::now();
