@@ -65,7 +65,11 @@ impl PaymentSource for Testkit {
             umeme_plugin_sdk::log::info!("testkit source submitted {} payments", payments.len());
             let out = serde_json::json!({"payments": payments, "accounts": accounts,
                 "kv_before": kv_before, "kv_put": put, "kv_after": kv_after});
-            let _ = std::fs::write(config.dir.join("results.json"), out.to_string());
+            // Written whole, then renamed: a reader never sees a half-written file.
+            let partial = config.dir.join("results.json.partial");
+            if std::fs::write(&partial, out.to_string()).is_ok() {
+                let _ = std::fs::rename(partial, config.dir.join("results.json"));
+            }
         }));
         Ok(())
     }
