@@ -44,3 +44,7 @@ pub mod payload;
 pub mod plugin;
 pub mod store;
 pub mod writer;
+
+/// Untrusted text in log lines: [`untrusted::Untrusted`] escapes control characters and caps
+/// the length (shared with the plugins through the SDK).
+pub use umeme_plugin_sdk::untrusted;

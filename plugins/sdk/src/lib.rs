@@ -38,6 +38,7 @@
 pub mod abi;
 mod ffi;
 pub mod testing;
+pub mod untrusted;
 
 use std::ffi::CStr;
 use std::time::Duration;
