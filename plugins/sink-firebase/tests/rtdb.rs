@@ -69,14 +69,32 @@ fn seeded() -> Value {
     })
 }
 
-fn fake() -> FakeRtdb {
+/// The `.indexOn` rules the plugin README asks for (`users`/`meter_no`), and the ones the
+/// original backend's queries use (`user_id`, `mpesa_receipt`), so replayed reads work too.
+fn indexes() -> Vec<(String, String)> {
+    [
+        ("users", "meter_no"),
+        ("transactions", "user_id"),
+        ("transactions", "mpesa_receipt"),
+        ("unit_consumption", "user_id"),
+    ]
+    .map(|(p, c)| (p.to_string(), c.to_string()))
+    .to_vec()
+}
+
+fn fake_with(tree: Value, indexes: Vec<(String, String)>) -> FakeRtdb {
     FakeRtdb::start(State {
-        tree: seeded(),
+        tree,
         public_key: Some(key().public_der.clone()),
         client_email: EMAIL.into(),
         secret: Some("legacy-secret".into()),
+        indexes,
         ..State::default()
     })
+}
+
+fn fake() -> FakeRtdb {
+    fake_with(seeded(), indexes())
 }
 
 struct Setup {
@@ -191,6 +209,7 @@ fn expected_tree() -> Value {
                 "last_seen": at(9),
                 "last_update": at(9),
                 "online": true,
+                "relay": "on",
                 "status": {"status": "online", "message": "relay on", "last_seen": at(3)},
             },
             "METER002": {
@@ -273,12 +292,18 @@ fn a_batch_lands_in_the_layout_the_dashboard_reads_with_one_patch() {
             ("POST", "/token"),
             ("GET", "/meters/METER001/user_id.json"),
             ("GET", "/meters/METER002/user_id.json"),
+            ("GET", "/users.json"),
             ("PATCH", "/.json"),
         ]
         .map(|(m, p)| (m.to_string(), p.to_string())),
-        "one token, one GET per meter's user link, one PATCH"
+        "one token, one GET per meter's user link, a query by meter_no for the unlinked \
+         meter, one PATCH"
     );
-    assert_eq!(reqs[3].query, "print=silent");
+    assert_eq!(
+        reqs[3].query,
+        "orderBy=%22meter_no%22&equalTo=%22METER002%22"
+    );
+    assert_eq!(reqs[4].query, "print=silent");
     assert!(reqs.iter().all(|r| r.status == 200 || r.status == 204));
     assert!(s.sink.health().ok);
 }
@@ -512,6 +537,7 @@ fn an_access_token_is_renewed_before_it_expires() {
         public_key: Some(key().public_der.clone()),
         client_email: EMAIL.into(),
         token_lifetime_secs: 1,
+        indexes: indexes(),
         ..State::default()
     });
     let mut s = with_service_account(fake);
