@@ -283,7 +283,9 @@ pub fn apply_with(
         Op::Report { meter, report, at } => apply_report(tx, meter, report, *at, s, accounts),
         Op::Credit(c) => apply_credit(tx, c, s, accounts),
         Op::Status { meter, status, at } => {
-            let online = !matches!(status.status.as_str(), "offline" | "disconnected");
+            // `disconnected` is the firmware's relay-off-for-no-credit, sent over a live
+            // connection; only `offline` (its Last Will) says the meter is gone.
+            let online = status.status != "offline";
             if !store::set_presence(tx, meter, Some(&status.status), online, *at)? {
                 return Err(LedgerError::UnknownMeter(meter.clone()));
             }
