@@ -60,7 +60,12 @@ impl FakeDb {
             .args(["--email", EMAIL, "--secret", SECRET, "--public-key"])
             .arg(public_key)
             .args(["--seed", &seed.to_string()])
-            .args(["--index", "users:meter_no", "--index", "transactions:user_id"])
+            .args([
+                "--index",
+                "users:meter_no",
+                "--index",
+                "transactions:user_id",
+            ])
             .args(["--index", "unit_consumption:user_id"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -85,7 +90,11 @@ impl FakeDb {
 
     /// A read as the dashboard or the original backend makes it (`?orderBy=…` allowed).
     fn read(&self, path_and_query: &str) -> Value {
-        let sep = if path_and_query.contains('?') { '&' } else { '?' };
+        let sep = if path_and_query.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
         let (status, v) = http(
             self.addr,
             "GET",

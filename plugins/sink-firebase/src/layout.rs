@@ -288,7 +288,13 @@ mod tests {
     #[test]
     fn only_receipt_shaped_references_count_as_mpesa_receipts() {
         assert!(is_mpesa_receipt("QGH1ABC2DE"));
-        for not in ["SIM-1764230400123-ab", "cash-001", "QGH1ABC", "qgh1abc2de", "1234567890"] {
+        for not in [
+            "SIM-1764230400123-ab",
+            "cash-001",
+            "QGH1ABC",
+            "qgh1abc2de",
+            "1234567890",
+        ] {
             assert!(!is_mpesa_receipt(not), "{not}");
         }
     }

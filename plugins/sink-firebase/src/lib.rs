@@ -251,7 +251,11 @@ impl Firebase {
     }
 
     /// `users?orderBy="meter_no"&equalTo="{meter}"`: the tenant the dashboard registered.
-    fn user_by_meter_no(&mut self, meter: &str, deadline: Instant) -> Result<Option<User>, Failure> {
+    fn user_by_meter_no(
+        &mut self,
+        meter: &str,
+        deadline: Instant,
+    ) -> Result<Option<User>, Failure> {
         let found = self.authorized(deadline, |db, cred, budget| {
             db.query_equal("users", "meter_no", meter, cred, budget)
         });
@@ -272,7 +276,10 @@ impl Firebase {
         };
         // Several users claiming one meter is the dashboard's data error; pick one the same
         // way every time and say so.
-        let mut uids: Vec<&String> = users.keys().filter(|uid| usable_uid(uid, "users")).collect();
+        let mut uids: Vec<&String> = users
+            .keys()
+            .filter(|uid| usable_uid(uid, "users"))
+            .collect();
         uids.sort();
         let Some(uid) = uids.first() else {
             return Ok(None);

@@ -606,7 +606,11 @@ fn dashboard_registered() -> Value {
 /// A GET on the fake with the legacy secret, as a reader of the database would make it.
 fn read(fake: &FakeRtdb, path_and_query: &str) -> Value {
     use std::io::{Read, Write};
-    let sep = if path_and_query.contains('?') { '&' } else { '?' };
+    let sep = if path_and_query.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
     let mut conn = std::net::TcpStream::connect(fake.addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(
@@ -632,7 +636,10 @@ fn a_tenant_the_dashboard_registered_by_meter_no_gets_the_balance_and_linked_rec
     let bob = "-Nbob000000000001";
 
     // The dashboard's own read: `users/{uid}/balance` (useRealtimeBalance).
-    assert_eq!(read(&s.fake, &format!("/users/{bob}/balance.json")), json!(3.8));
+    assert_eq!(
+        read(&s.fake, &format!("/users/{bob}/balance.json")),
+        json!(3.8)
+    );
     // The original backend's reads behind the dashboard's transaction list and chart.
     let q = |child: &str, v: &str| format!("?orderBy=%22{child}%22&equalTo=%22{v}%22");
     let txs = read(&s.fake, &format!("/transactions.json{}", q("user_id", bob)));
@@ -697,7 +704,10 @@ fn without_the_meter_no_index_the_batch_is_held_and_the_error_names_the_rule_to_
 
 #[test]
 fn a_tenant_registered_after_the_meter_was_first_seen_is_found_on_a_later_batch() {
-    let fake = fake_with(json!({"users": {"uid-x": {"meter_no": "OTHER"}}}), indexes());
+    let fake = fake_with(
+        json!({"users": {"uid-x": {"meter_no": "OTHER"}}}),
+        indexes(),
+    );
     let dir = tempfile::tempdir().unwrap();
     let sa = service_account_file(dir.path(), &fake, key());
     let mut sink = SinkHarness::<Firebase>::new(json!({
@@ -734,7 +744,8 @@ fn a_meter_without_a_user_is_looked_up_at_most_once_per_user_miss_secs() {
     let mut s = with_service_account(fake_with(json!(null), indexes()));
     for seq in 1..=5 {
         assert_eq!(
-            s.sink.deliver(&[consumption(seq, "METER009", 10, 1000 - seq * 10, seq * 10)]),
+            s.sink
+                .deliver(&[consumption(seq, "METER009", 10, 1000 - seq * 10, seq * 10)]),
             Delivery::Delivered
         );
     }
@@ -760,7 +771,8 @@ fn firmware_status(seq: i64, meter: &str, status: &str, load_on: bool) -> Event 
 fn a_disconnected_status_over_a_live_connection_keeps_the_meter_online_with_the_relay_off() {
     let mut s = with_service_account(fake());
     assert_eq!(
-        s.sink.deliver(&[firmware_status(1, "METER001", "disconnected", false)]),
+        s.sink
+            .deliver(&[firmware_status(1, "METER001", "disconnected", false)]),
         Delivery::Delivered
     );
     let m = &s.fake.tree()["meters"]["METER001"];
@@ -795,7 +807,11 @@ fn a_payment_carrying_the_payers_phone_records_it_over_the_registered_one() {
     let txs = &s.fake.tree()["transactions"];
     let first = &txs["test-site-000000000001"];
     assert_eq!(first["phone_number"], json!("254700000001"));
-    assert_eq!(first.get("mpesa_receipt"), None, "a simulated reference is no receipt");
+    assert_eq!(
+        first.get("mpesa_receipt"),
+        None,
+        "a simulated reference is no receipt"
+    );
     // A masked MSISDN is not a number: the registered one is used.
     assert_eq!(
         txs["test-site-000000000002"]["phone_number"],
