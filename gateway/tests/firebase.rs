@@ -264,24 +264,32 @@ fn a_tenant_registered_through_the_dashboard_sees_the_ledgers_balance_and_transa
     file["token_uri"] = json!(format!("http://{}/token", fake.addr));
     std::fs::write(&sa, file.to_string()).unwrap();
     let lib = "libumeme_sink_firebase.so";
-    let plugins = install_plugins(scratch.path(), &[target_debug().join(lib)]);
+    // A payment source (the test kit's) pays 20 KES by M-Pesa, with the payer's phone.
+    let source = built_plugin("umeme-testkit-source");
+    let plugins = install_plugins(scratch.path(), &[target_debug().join(lib), source]);
+    let work = scratch.path().join("srcwork");
+    std::fs::create_dir_all(&work).unwrap();
     let cfg = format!(
-        "[[sink]]\nname = \"firebase\"\nplugin = \"{lib}\"\nevents = [\"consumption\", \"payment\", \"status\", \"alert\"]\n[sink.config]\ndatabase_url = \"http://{}\"\nservice_account_file = {:?}\n",
+        "[[sink]]\nname = \"firebase\"\nplugin = \"{lib}\"\nevents = [\"consumption\", \"payment\", \"status\", \"alert\"]\n[sink.config]\ndatabase_url = \"http://{}\"\nservice_account_file = {:?}\n\n[[source]]\nname = \"mpesa\"\nplugin = \"libumeme_testkit_source.so\"\n[source.config]\ndir = {:?}\npayments = [{{ meter = \"METER007\", amount_cents = 2000, reference = \"QKJ7XYZ123\", phone = \"254700000001\" }}]\n",
         fake.addr,
-        sa.display().to_string()
+        sa.display().to_string(),
+        work.display().to_string()
     );
     let mut gw = Gateway::with_plugins(&plugins, &cfg);
     gw.add_meter("METER007", "firebase-test-secret-7");
     gw.start();
+    eventually("the source's payment", || {
+        std::fs::metadata(work.join("results.json")).ok()
+    });
 
-    // 100 KES buys 5 units; the meter uses all of them, its relay goes off and the firmware
-    // says `disconnected` over its live connection; then 50 KES more.
+    // 20 + 100 KES buy 6 units; the meter uses all of them, its relay goes off and the
+    // firmware says `disconnected` over its live connection; then 50 KES more.
     gw.simulate("METER007", 100.0);
     let mut m = gw.connect("METER007", "firebase-test-secret-7");
     let topic = "smartmeter/METER007/consumption";
     m.publish_acked(topic, &v2_payload("METER007", 1, 0), 1);
     m.publish_acked(topic, &v2_payload("METER007", 2, 1200), 2);
-    m.publish_acked(topic, &v2_payload("METER007", 3, 5000), 3);
+    m.publish_acked(topic, &v2_payload("METER007", 3, 6000), 3);
     let out_of_credit = r#"{"meterNo":"METER007","status":"disconnected","message":"Balance exhausted","balance":0,"wifi_rssi":-61,"loadOn":false,"timestamp":99000}"#;
     m.publish_acked("smartmeter/METER007/status", out_of_credit, 4);
     let row = gw.meter("METER007");
@@ -294,7 +302,7 @@ fn a_tenant_registered_through_the_dashboard_sees_the_ledgers_balance_and_transa
     eventually("the sink to deliver both payments and the reports", || {
         let t = fake.tree();
         (t["users"][bob]["balance"] == json!(2.5)
-            && t["transactions"].as_object().map_or(0, |o| o.len()) == 3
+            && t["transactions"].as_object().map_or(0, |o| o.len()) == 4
             && t["meters"]["METER007"]["relay"] == "off")
             .then_some(())
     });
@@ -322,11 +330,25 @@ fn a_tenant_registered_through_the_dashboard_sees_the_ledgers_balance_and_transa
             )
         })
         .collect();
-    assert_eq!(shown, [(50.0, 2.5, "SUCCESS"), (100.0, 5.0, "SUCCESS")]);
+    assert_eq!(
+        shown,
+        [
+            (50.0, 2.5, "SUCCESS"),
+            (100.0, 5.0, "SUCCESS"),
+            (20.0, 1.0, "SUCCESS")
+        ]
+    );
     for t in &txs {
         assert_eq!(t["meter_no"], "METER007");
-        assert_eq!(t["phone_number"], "254712345678", "the registered number");
         assert!(t["timestamp"].as_str().unwrap().ends_with('Z'), "{t}");
+    }
+    // The M-Pesa payment: the payer's phone and the receipt the original duplicate check reads.
+    assert_eq!(txs[2]["phone_number"], "254700000001");
+    assert_eq!(txs[2]["mpesa_receipt"], "QKJ7XYZ123");
+    // Simulated ones: no receipt, the number the tenant registered with.
+    for t in &txs[..2] {
+        assert_eq!(t["phone_number"], "254712345678", "{t}");
+        assert_eq!(t.get("mpesa_receipt"), None, "{t}");
     }
     // GET /analytics/consumption/:userId: `unit_consumption` by `user_id`.
     let used = fake.read(&format!(
@@ -338,7 +360,7 @@ fn a_tenant_registered_through_the_dashboard_sees_the_ledgers_balance_and_transa
         .values()
         .map(|c| c["units_consumed"].as_f64().unwrap())
         .sum();
-    assert!((used - 5.0).abs() < 1e-9, "5 units used, got {used}");
+    assert!((used - 6.0).abs() < 1e-9, "6 units used, got {used}");
     // GET /meters/:m/status reads `meters/{m}`: online, with the relay off for no credit.
     let meter = fake.read("/meters/METER007.json");
     assert_eq!(meter["online"], true, "{meter}");
