@@ -266,7 +266,8 @@ impl Firebase {
                 return Err(Failure::Denied(format!(
                     "finding the user of meter {meter} by users/*/meter_no needs an index: add \
                      \"users\": {{\".indexOn\": [\"meter_no\"]}} to the database rules \
-                     (the database said: {reason})"
+                     (the database said: {})",
+                    Untrusted(&reason)
                 )))
             }
             other => other?,
