@@ -340,6 +340,7 @@ async fn simulate(State(st): St, body: Bytes) -> Response {
         reference,
         amount_cents: cents,
         at: now_ms(),
+        phone: None,
     };
     match st.writer.submit(Op::Credit(credit)).await {
         Ok(Outcome::Credited { payment, duplicate }) => {

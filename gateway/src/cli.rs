@@ -240,6 +240,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 reference: reference.clone(),
                 amount_cents: cents,
                 at: now_ms(),
+                phone: None,
             };
             match apply(&config, Op::Credit(credit))? {
                 Outcome::Credited { payment, duplicate } => {

@@ -462,12 +462,18 @@ impl HostServices {
                 format!("amount_cents {} is out of range", p.amount_cents),
             ));
         }
+        // Only a plausible number travels on to the sinks; a masked or odd one is dropped.
+        let phone = p.phone.filter(|ph| {
+            let digits = ph.strip_prefix('+').unwrap_or(ph);
+            (6..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+        });
         let credit = Credit {
             meter,
             source: self.plugin.clone(),
             reference: p.reference.clone(),
             amount_cents: p.amount_cents,
             at: store::now_ms(),
+            phone,
         };
         match self.submit(Op::Credit(credit))? {
             Outcome::Credited { payment, duplicate } => {

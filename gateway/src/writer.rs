@@ -182,6 +182,9 @@ pub struct Credit {
     pub reference: String,
     pub amount_cents: i64,
     pub at: i64,
+    /// The payer's phone number when the source gave one (digits, optional `+`), carried into
+    /// the payment event for sinks (the original dashboard's `phone_number`).
+    pub phone: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -283,7 +286,9 @@ pub fn apply_with(
         Op::Report { meter, report, at } => apply_report(tx, meter, report, *at, s, accounts),
         Op::Credit(c) => apply_credit(tx, c, s, accounts),
         Op::Status { meter, status, at } => {
-            let online = !matches!(status.status.as_str(), "offline" | "disconnected");
+            // `disconnected` is the firmware's relay-off-for-no-credit, sent over a live
+            // connection; only `offline` (its Last Will) says the meter is gone.
+            let online = status.status != "offline";
             if !store::set_presence(tx, meter, Some(&status.status), online, *at)? {
                 return Err(LedgerError::UnknownMeter(meter.clone()));
             }
@@ -506,12 +511,15 @@ fn apply_credit(
     let mut account = known(tx, &c.meter, accounts)?;
     let credit_wh = s.tariff.credit_wh(c.amount_cents);
     account.credit(credit_wh);
-    let data = json!({
+    let mut data = json!({
         "source": c.source, "reference": c.reference,
         "amount": c.amount_cents as f64 / 100.0, "amountCents": c.amount_cents,
         "creditWh": credit_wh, "units": wh_to_units(credit_wh),
         "balanceWh": account.balance_wh, "balance": wh_to_units(account.balance_wh),
     });
+    if let Some(phone) = &c.phone {
+        data["phone"] = json!(phone);
+    }
     let event_seq = store::append_event(tx, "payment", Some(&c.meter), c.at, &data)?;
     // A payment writes the row at once, as of its event: older consumption events never
     // overwrite it.

@@ -289,6 +289,7 @@ pub fn provision<'a>(config: &Config, meters: impl Iterator<Item = &'a String>) 
             reference: format!("bench-{id}"),
             amount_cents: CREDIT_CENTS,
             at,
+            phone: None,
         });
         apply_now(&mut conn, &credit, &settings).with_context(|| format!("crediting {id}"))?;
         n += 1;
