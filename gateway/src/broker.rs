@@ -470,26 +470,41 @@ impl<'a> Connection<'a> {
             warn!(meter = %s.meter, topic = %Untrusted(&p.topic), "publish outside the meter's own topic tree refused; closing");
             return Err(Close::Abnormal("acl_publish"));
         };
-        let kind = if leaf == "consumption" {
-            MessageKind::Report
-        } else {
-            MessageKind::Status
-        };
-        let admitted = s
-            .guard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .admit(kind, Instant::now());
-        if !admitted {
-            // Acknowledged and dropped, like a poison message: a flooding meter's excess never
-            // becomes an event, and a real meter does not retry it. A report loses nothing:
-            // its register is cumulative, so the next accepted report debits the energy.
-            self.broker.reject("rate_limited");
-            if self.may_warn(s) {
-                warn!(meter = %s.meter, topic = %Untrusted(leaf), "meter over its message rate: publish acknowledged and dropped");
+        if leaf == "consumption" {
+            // Reports carry money: over the rate they are not dropped but handled late. This
+            // connection stops reading meanwhile, so TCP slows the meter down, and a PUBACK
+            // still means "committed".
+            let wait = s
+                .guard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .reserve(MessageKind::Report, Instant::now());
+            if !wait.is_zero() {
+                self.broker
+                    .metrics
+                    .inc("umeme_mqtt_reports_delayed_total", &[]);
+                if self.may_warn(s) {
+                    warn!(meter = %s.meter, wait_ms = wait.as_millis() as u64, "meter over its report rate: its reports are read more slowly");
+                }
+                tokio::time::sleep(wait).await;
             }
-            pending.push_back(Box::pin(ready(pkid)));
-            return Ok(());
+        } else {
+            let admitted = s
+                .guard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .admit(MessageKind::Status, Instant::now());
+            if !admitted {
+                // Acknowledged and dropped, like a poison message: a flooding meter's excess
+                // never becomes an event, and a real meter does not retry it. Nothing here
+                // carries money; the next status says the same or newer.
+                self.broker.reject("rate_limited");
+                if self.may_warn(s) {
+                    warn!(meter = %s.meter, topic = %Untrusted(leaf), "meter over its message rate: publish acknowledged and dropped");
+                }
+                pending.push_back(Box::pin(ready(pkid)));
+                return Ok(());
+            }
         }
         let at = now_ms();
         let meter = s.meter.clone();

@@ -6,8 +6,10 @@
 //! reconnecting does not refill a bucket or reset a warning budget; it is bounded by the
 //! meters provisioned (only authenticated meters get an entry).
 //!
-//! What happens over the limit is decided in [`crate::broker`]: the message is acknowledged
-//! (QoS 1) and dropped, counted as `umeme_mqtt_rejected_total{reason="rate_limited"}`.
+//! Over the limit ([`crate::broker`] decides): a consumption report is not dropped but read
+//! later (the connection waits for its token, so TCP slows the meter down and the PUBACK still
+//! means "committed"); any other message is acknowledged and dropped, counted as
+//! `umeme_mqtt_rejected_total{reason="rate_limited"}`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -68,9 +70,19 @@ impl MeterGuard {
 
     /// Takes one message of `kind` from its bucket; `false` when the meter is over its rate.
     pub fn admit(&mut self, kind: MessageKind, now: Instant) -> bool {
+        self.bucket(kind).take(now)
+    }
+
+    /// Takes one message of `kind` from its bucket even when it is empty, and returns how long
+    /// the caller must wait before handling it: zero within the rate.
+    pub fn reserve(&mut self, kind: MessageKind, now: Instant) -> Duration {
+        self.bucket(kind).reserve(now)
+    }
+
+    fn bucket(&mut self, kind: MessageKind) -> &mut TokenBucket {
         match kind {
-            MessageKind::Report => self.reports.take(now),
-            MessageKind::Status => self.status.take(now),
+            MessageKind::Report => &mut self.reports,
+            MessageKind::Status => &mut self.status,
         }
     }
 }
@@ -129,17 +141,35 @@ impl TokenBucket {
         }
     }
 
-    fn take(&mut self, now: Instant) -> bool {
-        let refill = now.saturating_duration_since(self.last).as_secs_f64()
-            * f64::from(self.rate.per_minute)
-            / 60.0;
+    fn per_second(&self) -> f64 {
+        f64::from(self.rate.per_minute) / 60.0
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.per_second();
         self.tokens = (self.tokens + refill).min(f64::from(self.rate.burst));
         self.last = now;
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {
             false
+        }
+    }
+
+    /// Goes into debt when empty: the debt is paid by waiting, so two connections of one meter
+    /// (a takeover) still share one rate.
+    fn reserve(&mut self, now: Instant) -> Duration {
+        self.refill(now);
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.per_second())
         }
     }
 }
@@ -202,6 +232,20 @@ mod tests {
         let later = t0 + Duration::from_secs(3600);
         assert!((0..3).all(|_| g.admit(MessageKind::Report, later)));
         assert!(!g.admit(MessageKind::Report, later));
+    }
+
+    #[test]
+    fn a_reservation_past_the_burst_waits_for_its_token() {
+        let t0 = Instant::now();
+        let mut g = MeterGuard::new(&limits(), t0);
+        for _ in 0..3 {
+            assert_eq!(g.reserve(MessageKind::Report, t0), Duration::ZERO);
+        }
+        assert_eq!(g.reserve(MessageKind::Report, t0), Duration::from_secs(1));
+        assert_eq!(g.reserve(MessageKind::Report, t0), Duration::from_secs(2));
+        // Having waited, the next one is due a second after the last.
+        let t2 = t0 + Duration::from_secs(2);
+        assert_eq!(g.reserve(MessageKind::Report, t2), Duration::from_secs(1));
     }
 
     #[test]
