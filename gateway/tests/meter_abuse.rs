@@ -299,3 +299,15 @@ fn the_disk_cap_drops_a_flooding_meters_telemetry_before_a_quiet_meters() {
         "{left} of the flood left; {outbox}"
     );
 }
+
+#[test]
+fn check_config_prints_the_meter_limits_an_operator_set() {
+    let gw = gateway("status_per_minute = 12\nmax_subscriptions = 4\n", "");
+    let out = gw.cli(&["check-config"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("meter limits: reports 60/min (burst 120), status 12/min (burst 30), 4 subscriptions of up to 256 bytes, 5 warnings/min"),
+        "{text}"
+    );
+}
