@@ -311,3 +311,49 @@ fn check_config_prints_the_meter_limits_an_operator_set() {
         "{text}"
     );
 }
+
+#[test]
+fn the_disk_cap_finds_the_flooding_meter_among_many_without_reading_the_whole_table() {
+    use umeme_gateway::meter::MeterId;
+    use umeme_gateway::store;
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = store::open(&dir.path().join("g.db"), "site").unwrap();
+    let flood = MeterId::parse("FLOOD5").unwrap();
+    let quiet: Vec<MeterId> = (0..50)
+        .map(|i| MeterId::parse(&format!("QUIET{i}")).unwrap())
+        .collect();
+    let data = serde_json::json!({"status": "online", "message": "x"});
+    // 200,000 status events of one meter with 50 quiet meters' events spread among them.
+    let tx = conn.transaction().unwrap();
+    for i in 0..200_000 {
+        if i % 1000 == 0 {
+            for q in &quiet {
+                store::append_event(&tx, "status", Some(q), i, &data).unwrap();
+            }
+        }
+        store::append_event(&tx, "status", Some(&flood), i, &data).unwrap();
+    }
+    tx.commit().unwrap();
+    let quiet_events = |conn: &rusqlite::Connection| -> i64 {
+        conn.query_row(
+            "SELECT COUNT(*) FROM events WHERE meter <> 'FLOOD5'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let before = quiet_events(&conn);
+
+    let started = std::time::Instant::now();
+    let tx = conn.transaction().unwrap();
+    let p = store::prune(&tx, &[], 0, 1, 20_000).unwrap();
+    tx.commit().unwrap();
+    let took = started.elapsed();
+    println!("one housekeeping pass over 210,000 events: {took:?}, {p:?}");
+    assert_eq!(p.dropped, 20_000);
+    assert_eq!(
+        quiet_events(&conn),
+        before,
+        "only the flooding meter lost events"
+    );
+}
