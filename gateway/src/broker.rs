@@ -298,16 +298,19 @@ impl<'a> Connection<'a> {
                 }
                 match self.next_buffered_packet() {
                     Ok(Some(packet)) => {
-                        deadline = Instant::now() + idle_limit;
                         match self.handle(s, packet, &mut pending).await {
-                            Ok(()) => {}
+                            // From the end of handling: a report held to its meter's rate
+                            // may have waited for its token.
+                            Ok(()) => deadline = Instant::now() + idle_limit,
                             Err(close) => return self.drain(pending, close).await,
                         }
                     }
                     Ok(None) => break,
                     Err(reason) => {
                         self.broker.reject(reason);
-                        warn!(meter = %s.meter, reason, "malformed MQTT packet; closing");
+                        if self.may_warn(s) {
+                            warn!(meter = %s.meter, reason, "malformed MQTT packet; closing");
+                        }
                         return self.drain(pending, Close::Abnormal(reason)).await;
                     }
                 }
@@ -443,7 +446,9 @@ impl<'a> Connection<'a> {
                     _ => "unexpected_packet",
                 };
                 self.broker.reject(reason);
-                warn!(meter = %s.meter, packet = packet_name(&other), "protocol violation; closing");
+                if self.may_warn(s) {
+                    warn!(meter = %s.meter, packet = packet_name(&other), "protocol violation; closing");
+                }
                 Err(Close::Abnormal(reason))
             }
         }
@@ -460,14 +465,19 @@ impl<'a> Connection<'a> {
             QoS::AtLeastOnce => Some(p.pkid),
             QoS::ExactlyOnce => {
                 self.broker.reject("qos2");
-                warn!(meter = %s.meter, "QoS 2 publish refused (meters use QoS 0 or 1); closing");
+                if self.may_warn(s) {
+                    warn!(meter = %s.meter, "QoS 2 publish refused (meters use QoS 0 or 1); closing");
+                }
                 return Err(Close::Abnormal("qos2"));
             }
         };
         let own = format!("{}/{}/", self.prefix(), s.meter);
         let Some(leaf) = p.topic.strip_prefix(&own) else {
             self.broker.reject("acl_publish");
-            warn!(meter = %s.meter, topic = %Untrusted(&p.topic), "publish outside the meter's own topic tree refused; closing");
+            // Closing bounds this per connection; the budget bounds a reconnecting meter.
+            if self.may_warn(s) {
+                warn!(meter = %s.meter, topic = %Untrusted(&p.topic), "publish outside the meter's own topic tree refused; closing");
+            }
             return Err(Close::Abnormal("acl_publish"));
         };
         if leaf == "consumption" {

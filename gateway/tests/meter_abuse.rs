@@ -357,3 +357,25 @@ fn the_disk_cap_finds_the_flooding_meter_among_many_without_reading_the_whole_ta
         "only the flooding meter lost events"
     );
 }
+
+#[test]
+fn a_meter_reconnecting_to_repeat_a_refused_publish_logs_five_warnings_a_minute() {
+    let mut gw = Gateway::new("");
+    gw.start();
+    gw.add_meter("LOUD1", SECRET);
+    for i in 0..12 {
+        let mut m = gw.connect("LOUD1", SECRET);
+        m.publish("smartmeter/OTHER/status", "{}", QoS::AtLeastOnce, i + 1);
+        assert!(m.recv().is_none(), "a foreign topic closes the connection");
+    }
+    assert_eq!(
+        gw.metric(r#"umeme_mqtt_rejected_total{reason="acl_publish"}"#),
+        12.0
+    );
+    gw.wait_log("more warnings about this meter were suppressed");
+    let warned = gw
+        .log_text()
+        .matches("publish outside the meter's own topic tree refused")
+        .count();
+    assert_eq!(warned, 5);
+}
