@@ -207,6 +207,17 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                     }
                 }
             }
+            let l = config.broker.session;
+            println!(
+                "meter limits: reports {}/min (burst {}), status {}/min (burst {}), {} subscriptions of up to {} bytes, {} warnings/min",
+                l.reports.per_minute,
+                l.reports.burst,
+                l.status.per_minute,
+                l.status.burst,
+                l.max_subscriptions,
+                l.max_filter_bytes,
+                l.warnings_per_minute
+            );
             Ok(())
         }
         Command::Meter(m) => meter(&config, m),

@@ -100,6 +100,53 @@ pub struct BrokerConfig {
     pub max_packet_bytes: usize,
     /// Time a new connection has to send CONNECT.
     pub connect_timeout_ms: u64,
+    /// What one authenticated meter may do after CONNACK.
+    pub session: SessionLimits,
+}
+
+/// The meter port's limits after CONNACK, all in one place (README "Meters: limits";
+/// `docs/security.md` "Meters as attackers"). Rates and the warning budget are per meter,
+/// across its connections, so reconnecting does not refill them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Consumption reports (`…/consumption`).
+    pub reports: MessageRate,
+    /// Everything else a meter publishes (`…/status`, `…/balance`, unknown topics).
+    pub status: MessageRate,
+    /// Filters one session may hold; more get SUBACK failure (0x80).
+    pub max_subscriptions: usize,
+    /// Longest topic filter accepted in a SUBSCRIBE.
+    pub max_filter_bytes: usize,
+    /// Warnings logged per meter per minute; the rest are counted and summarised once a minute.
+    pub warnings_per_minute: u32,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            // A real meter reports every few seconds (contract §4) and replays at most its
+            // outbox (96 reports on the ESP32) at once after an outage.
+            reports: MessageRate {
+                per_minute: 60,
+                burst: 120,
+            },
+            // Status changes and the meter's own balance view: a few a minute at most.
+            status: MessageRate {
+                per_minute: 30,
+                burst: 30,
+            },
+            max_subscriptions: 16,
+            max_filter_bytes: 256,
+            warnings_per_minute: 5,
+        }
+    }
+}
+
+/// A token bucket's size: `burst` messages at once, refilled at `per_minute`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageRate {
+    pub per_minute: u32,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -291,6 +338,25 @@ impl Config {
                     .unwrap_or_else(|| TopicPrefix("smartmeter".into())),
                 max_packet_bytes: b.max_packet_bytes.map_or(4096, |n| n.0),
                 connect_timeout_ms: b.connect_timeout_ms.map_or(5_000, |n| n.0 as u64),
+                session: {
+                    let d = SessionLimits::default();
+                    SessionLimits {
+                        reports: MessageRate {
+                            per_minute: b
+                                .reports_per_minute
+                                .map_or(d.reports.per_minute, |n| n.0 as u32),
+                            burst: b.report_burst.map_or(d.reports.burst, |n| n.0 as u32),
+                        },
+                        status: MessageRate {
+                            per_minute: b
+                                .status_per_minute
+                                .map_or(d.status.per_minute, |n| n.0 as u32),
+                            burst: b.status_burst.map_or(d.status.burst, |n| n.0 as u32),
+                        },
+                        max_subscriptions: b.max_subscriptions.map_or(d.max_subscriptions, |n| n.0),
+                        ..d
+                    }
+                },
             },
             ledger: LedgerConfig {
                 tariff: l
@@ -493,6 +559,11 @@ struct PartialBroker {
     topic_prefix: Option<TopicPrefix>,
     max_packet_bytes: Option<Bounded<256, 1_048_576>>,
     connect_timeout_ms: Option<Bounded<100, 600_000>>,
+    reports_per_minute: Option<Bounded<1, 6_000_000>>,
+    report_burst: Option<Bounded<1, 1_000_000>>,
+    status_per_minute: Option<Bounded<1, 6_000_000>>,
+    status_burst: Option<Bounded<1, 1_000_000>>,
+    max_subscriptions: Option<Bounded<1, 1_000>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -534,6 +605,11 @@ impl PartialConfig {
             merge_opt(&mut s.topic_prefix, b.topic_prefix);
             merge_opt(&mut s.max_packet_bytes, b.max_packet_bytes);
             merge_opt(&mut s.connect_timeout_ms, b.connect_timeout_ms);
+            merge_opt(&mut s.reports_per_minute, b.reports_per_minute);
+            merge_opt(&mut s.report_burst, b.report_burst);
+            merge_opt(&mut s.status_per_minute, b.status_per_minute);
+            merge_opt(&mut s.status_burst, b.status_burst);
+            merge_opt(&mut s.max_subscriptions, b.max_subscriptions);
         }
         if let Some(l) = o.ledger {
             let s = self.ledger.get_or_insert_with(Default::default);
@@ -1001,10 +1077,38 @@ mod tests {
         assert_eq!(c.gateway.data_dir, d.gateway.data_dir);
         assert_eq!(c.broker.listen, d.broker.listen);
         assert_eq!(c.broker.max_packet_bytes, d.broker.max_packet_bytes);
+        assert_eq!(c.broker.session, d.broker.session);
         assert_eq!(c.ledger.tariff, d.ledger.tariff);
         assert_eq!(c.ledger.low_balance_wh, d.ledger.low_balance_wh);
         assert_eq!(c.api.listen, d.api.listen);
         assert!(!c.api.allow_simulate);
+    }
+
+    #[test]
+    fn meter_session_limits_parse_and_a_zero_rate_is_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[broker]\nreports_per_minute = 600\nreport_burst = 1000\nstatus_per_minute = 6\nstatus_burst = 3\nmax_subscriptions = 4\n",
+        );
+        let s = Config::load(Some(&p)).unwrap().broker.session;
+        assert_eq!((s.reports.per_minute, s.reports.burst), (600, 1000));
+        assert_eq!((s.status.per_minute, s.status.burst), (6, 3));
+        assert_eq!(s.max_subscriptions, 4);
+        assert_eq!(
+            s.max_filter_bytes,
+            SessionLimits::default().max_filter_bytes
+        );
+        let p = write(dir.path(), "g.toml", "[broker]\nstatus_per_minute = 0\n");
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((2, 21)), "{e}");
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[broker]\nmax_subscriptions = 100000\n",
+        );
+        assert!(Config::load(Some(&p)).is_err());
     }
 
     #[test]

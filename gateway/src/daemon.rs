@@ -212,6 +212,7 @@ impl Gateway {
             verifier: Arc::new(Verifier::new(reader.clone())),
             reader: reader.clone(),
             metrics: metrics.clone(),
+            guards: Default::default(),
         });
         let mut tasks = vec![tokio::spawn(broker::serve(
             broker_listener,

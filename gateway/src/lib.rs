@@ -22,6 +22,7 @@
 //! - [`auth`]: meter secrets.
 //! - [`hub`]: connected meter sessions and commands to them.
 //! - [`broker`]: the meter-facing MQTT 3.1.1 listener.
+//! - [`meter_limits`]: per-meter message rates and warning budgets after CONNECT.
 //! - [`api`]: the admin HTTP API.
 //! - [`metrics`]: counters for `/metrics`.
 //! - [`daemon`]: wiring for `run`.
@@ -38,6 +39,7 @@ pub mod hub;
 pub mod jsonl;
 pub mod ledger;
 pub mod meter;
+pub mod meter_limits;
 pub mod metrics;
 pub mod outbox;
 pub mod payload;

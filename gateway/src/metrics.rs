@@ -30,6 +30,16 @@ const HELP: &[(&str, &str, &str)] = &[
         "Meter packets refused or dropped, by reason.",
     ),
     (
+        "umeme_mqtt_reports_delayed_total",
+        "counter",
+        "Consumption reports over their meter's rate, handled late instead of dropped.",
+    ),
+    (
+        "umeme_mqtt_warnings_suppressed_total",
+        "counter",
+        "Warnings about a meter not logged (over its per-minute budget); summarised in the log.",
+    ),
+    (
         "umeme_mqtt_reports_total",
         "counter",
         "Consumption reports applied, by firmware version and outcome.",

@@ -1000,8 +1000,9 @@ pub struct Pruned {
 }
 
 /// Removes delivered events older than `retain_after` (ms timestamp; oldest first, up to the
-/// first event within its retention) and, while the database
-/// uses more than `max_bytes`, the oldest telemetry. `sinks` are the configured sinks' names;
+/// first event within its retention) and, while the database uses more than `max_bytes`,
+/// telemetry: first of the meters holding the most (estimated by [`telemetry_shares`]), oldest
+/// first within a meter, then the oldest of anyone's. `sinks` are the configured sinks' names;
 /// with none, every event counts as delivered. At most `budget` rows go per call so the
 /// writer is never held long.
 pub fn prune(
@@ -1049,27 +1050,62 @@ pub fn prune(
         ..Pruned::default()
     };
     let chunk = 1000.min(budget);
+    let mut shares: Option<Vec<Share>> = None;
     while (used_bytes(tx)? as u64) > max_bytes && p.dropped < budget {
-        let undelivered: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM (SELECT seq FROM events WHERE kind IN ('consumption', 'status', 'balance')
-               AND seq <= ?3 AND (kind <> 'consumption' OR seq <= ?4) ORDER BY seq LIMIT ?1)
-             WHERE seq > ?2",
-            params![chunk, delivered, newest, folded],
-            |r| r.get(0),
-        )?;
-        let n = tx.execute(
-            "DELETE FROM events WHERE seq IN (SELECT seq FROM events
-               WHERE kind IN ('consumption', 'status', 'balance') AND seq <= ?2
-                 AND (kind <> 'consumption' OR seq <= ?3)
-               ORDER BY seq LIMIT ?1)",
-            params![chunk, newest, folded],
-        )? as i64;
-        if n == 0 {
+        // The meters holding the most telemetry lose theirs first, so one flooding meter
+        // drops its own before anyone else's; the rest goes oldest first as before.
+        let shares = match &mut shares {
+            Some(s) => s,
+            None => shares.insert(telemetry_shares(tx, newest, folded)?),
+        };
+        let victim = shares
+            .iter_mut()
+            .filter(|s| s.estimate > 0)
+            .max_by_key(|s| s.estimate);
+        let by_meter = victim.is_some();
+        let seqs: Vec<i64> = match victim {
+            Some(v) => {
+                let seqs: Vec<i64> = tx
+                    .prepare_cached(
+                        "SELECT seq FROM events WHERE meter = ?1 AND seq > ?2
+                           AND kind IN ('consumption', 'status', 'balance') AND seq <= ?3
+                           AND (kind <> 'consumption' OR seq <= ?4)
+                         ORDER BY seq LIMIT ?5",
+                    )?
+                    .query_map(params![v.meter, v.after, newest, folded, chunk], |r| {
+                        r.get(0)
+                    })?
+                    .collect::<Result<_, _>>()?;
+                v.estimate -= seqs.len().max(1) as i64;
+                match seqs.last() {
+                    Some(&last) => v.after = last,
+                    None => v.estimate = 0,
+                }
+                seqs
+            }
+            None => tx
+                .prepare_cached(
+                    "SELECT seq FROM events WHERE kind IN ('consumption', 'status', 'balance')
+                       AND seq <= ?2 AND (kind <> 'consumption' OR seq <= ?3)
+                     ORDER BY seq LIMIT ?1",
+                )?
+                .query_map(params![chunk, newest, folded], |r| r.get(0))?
+                .collect::<Result<_, _>>()?,
+        };
+        if seqs.is_empty() {
+            // An estimate was off: that meter is out of the running; try the next.
+            if by_meter {
+                continue;
+            }
             p.full = true;
             break;
         }
-        p.dropped += n;
-        p.undelivered += undelivered;
+        let mut delete = tx.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
+        for seq in &seqs {
+            delete.execute([seq])?;
+        }
+        p.dropped += seqs.len() as i64;
+        p.undelivered += seqs.iter().filter(|&&s| s > delivered).count() as i64;
     }
     if p.dropped > 0 {
         tx.execute(
@@ -1079,6 +1115,57 @@ pub fn prune(
         )?;
     }
     Ok(p)
+}
+
+/// One meter's estimated count of droppable telemetry, and how far its oldest were dropped.
+struct Share {
+    meter: Option<String>,
+    estimate: i64,
+    after: i64,
+}
+
+/// Probes spread over the events table to estimate which meters hold the most telemetry.
+/// Without an index by meter (one more page written per report), an exact count would read
+/// the whole table while the writer waits; these probes read a few thousand rows at most.
+const CAP_PROBES: i64 = 512;
+/// Rows one probe looks at for a droppable event before giving up on its stretch.
+const CAP_PROBE_ROWS: i64 = 16;
+
+/// Estimated droppable telemetry per meter: each probe finds the first droppable event in its
+/// stretch of `seq`s and counts the stretch for that event's meter (exact for small tables).
+fn telemetry_shares(tx: &Connection, newest: i64, folded: i64) -> Result<Vec<Share>, StoreError> {
+    let first: Option<i64> = tx.query_row("SELECT MIN(seq) FROM events", [], |r| r.get(0))?;
+    let Some(first) = first.filter(|&f| f <= newest) else {
+        return Ok(Vec::new());
+    };
+    let step = ((newest - first + 1) / CAP_PROBES).max(1);
+    let mut probe = tx.prepare_cached(
+        "SELECT seq, meter FROM events WHERE seq >= ?1 AND seq < ?2 AND seq <= ?3
+           AND kind IN ('consumption', 'status', 'balance') AND (kind <> 'consumption' OR seq <= ?4)
+         ORDER BY seq LIMIT 1",
+    )?;
+    let mut counts: HashMap<Option<String>, i64> = HashMap::new();
+    let mut at = first;
+    while at <= newest {
+        let hit: Option<(i64, Option<String>)> = probe
+            .query_row(
+                params![at, at + step.min(CAP_PROBE_ROWS), newest, folded],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((_, meter)) = hit {
+            *counts.entry(meter).or_default() += step;
+        }
+        at += step;
+    }
+    Ok(counts
+        .into_iter()
+        .map(|(meter, estimate)| Share {
+            meter,
+            estimate,
+            after: 0,
+        })
+        .collect())
 }
 
 // ---- plugins' key-value stores ----

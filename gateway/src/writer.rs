@@ -903,7 +903,7 @@ fn keep_house(conn: &mut Connection, h: &WriterOptions, metrics: &Metrics, live:
                     dropped = p.dropped,
                     undelivered = p.undelivered,
                     max_bytes = h.max_bytes,
-                    "outbox over its disk cap: oldest telemetry dropped"
+                    "outbox over its disk cap: telemetry dropped, biggest holders first"
                 );
                 metrics.add("umeme_outbox_dropped_total", &[], p.dropped as u64);
                 metrics.add(

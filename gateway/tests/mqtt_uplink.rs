@@ -549,7 +549,7 @@ fn thousands_of_events_reach_a_subscriber_across_two_broker_restarts_with_duplic
         GATEWAY_PASSWORD,
         "reconnect_min_ms = 250\nreconnect_max_secs = 2",
     );
-    let mut gw = gateway(scratch.path(), &sink);
+    let mut gw = gateway(scratch.path(), &sink).with_broker_keys(UNLIMITED_REPORTS);
     gw.start();
     gw.add_meter("METER001", "uplink-test-secret");
 

@@ -15,6 +15,9 @@ use rumqttc::mqttbytes::{self, QoS};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_umeme-gateway");
 pub const WAIT: Duration = Duration::from_secs(15);
+/// `[broker]` keys lifting the per-meter report rate, for tests that stream reports flat out
+/// to test something else (durability, the outbox); `meter_abuse.rs` tests the limits.
+pub const UNLIMITED_REPORTS: &str = "reports_per_minute = 6000000\nreport_burst = 1000000\n";
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
@@ -135,6 +138,16 @@ impl Gateway {
             log,
             log_path,
         }
+    }
+
+    /// Adds `keys` to the `[broker]` table through a `conf.d` file, as an operator would (the
+    /// main file already has that table).
+    pub fn with_broker_keys(self, keys: &str) -> Gateway {
+        let conf_d = self.dir.path().join("conf.d");
+        std::fs::create_dir_all(&conf_d).expect("conf.d");
+        std::fs::write(conf_d.join("50-broker.toml"), format!("[broker]\n{keys}"))
+            .expect("write conf.d file");
+        self
     }
 
     pub fn db_path(&self) -> PathBuf {
