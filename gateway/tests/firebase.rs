@@ -42,6 +42,7 @@ fn service_account(dir: &Path, token_uri: &str) -> PathBuf {
         "token_uri": token_uri,
     });
     std::fs::write(&file, sa.to_string()).unwrap();
+    private(&file);
     file
 }
 
@@ -207,4 +208,10 @@ fn the_gateway_keeps_the_dashboards_firebase_tree_in_step_with_its_ledger() {
         "{}",
         gw.log_text()
     );
+}
+
+/// Secret files are read only at mode 0600 (`umeme_plugin_sdk::read_secret_file`).
+fn private(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
