@@ -205,7 +205,10 @@ pub enum ElfError {
          machine's target"
     )]
     WrongMachine { found: String, expected: String },
-    #[error("not an umeme plugin: it does not export {} as a defined global function", abi::DECLARE_SYMBOL)]
+    #[error(
+        "not an umeme plugin: it does not export {} as a defined global function",
+        abi::DECLARE_SYMBOL
+    )]
     NoDeclaration,
 }
 
@@ -235,7 +238,10 @@ fn host_elf() -> (Option<object::Architecture>, bool, object::Endianness) {
 }
 
 fn describe_elf(arch: Option<object::Architecture>, is_64: bool, e: object::Endianness) -> String {
-    let arch = arch.map_or_else(|| "this machine".into(), |a| format!("{a:?}").to_lowercase());
+    let arch = arch.map_or_else(
+        || "this machine".into(),
+        |a| format!("{a:?}").to_lowercase(),
+    );
     let bits = if is_64 { 64 } else { 32 };
     let endian = match e {
         object::Endianness::Little => "little-endian",
@@ -270,7 +276,9 @@ pub fn check_elf(bytes: &[u8]) -> Result<(), ElfError> {
         });
     }
     if file.kind() != ObjectKind::Dynamic {
-        return Err(ElfError::NotShared(format!("{:?}", file.kind()).to_lowercase()));
+        return Err(ElfError::NotShared(
+            format!("{:?}", file.kind()).to_lowercase(),
+        ));
     }
     let declared = file.dynamic_symbols().any(|s| {
         s.name_bytes() == Ok(abi::DECLARE_SYMBOL.as_bytes())
@@ -1187,7 +1195,10 @@ mod tests {
     fn garbage_and_truncated_files_are_errors_not_panics() {
         assert!(matches!(check_elf(b""), Err(ElfError::NotElf(_))));
         assert!(matches!(check_elf(b"\x7fELF"), Err(ElfError::NotElf(_))));
-        assert!(matches!(check_elf(b"#!/bin/sh\n"), Err(ElfError::NotElf(_))));
+        assert!(matches!(
+            check_elf(b"#!/bin/sh\n"),
+            Err(ElfError::NotElf(_))
+        ));
         let whole = own_elf();
         for len in [16, 52, 64, 200, 4096, whole.len() / 2] {
             let _ = check_elf(&whole[..len.min(whole.len())]);

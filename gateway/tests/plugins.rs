@@ -376,11 +376,17 @@ fn a_library_without_the_declaration_is_refused_before_dlopen_could_run_its_cons
     c_library(&plugins, "sneaky", &marker, false);
     let (code, err) = check(&plugins, "sink", "libsneaky.so", None);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("does not export umeme_plugin_declare"), "{err}");
+    assert!(
+        err.contains("does not export umeme_plugin_declare"),
+        "{err}"
+    );
     assert!(err.contains("gateway.toml:"), "{err}");
     let (code, _, err) = inspect(&plugins.join("libsneaky.so"));
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("does not export umeme_plugin_declare"), "{err}");
+    assert!(
+        err.contains("does not export umeme_plugin_declare"),
+        "{err}"
+    );
     assert!(
         !marker.exists(),
         "the library's constructor ran: it was dlopened"
@@ -426,7 +432,10 @@ fn check_config_refuses_a_plugin_secret_file_other_users_can_read_at_its_key() {
         err.contains("gateway.toml:9:1"),
         "located at the key: {err}"
     );
-    assert!(err.contains("mode 644") && err.contains("chmod 600"), "{err}");
+    assert!(
+        err.contains("mode 644") && err.contains("chmod 600"),
+        "{err}"
+    );
     assert!(!err.contains("hunter2"), "the secret is never shown: {err}");
 
     std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();

@@ -151,7 +151,11 @@ mod tests {
         let p = secret(dir.path(), "s", b" pass word \r\n", 0o600);
         assert_eq!(read_secret_file(&p).unwrap(), " pass word ");
         let p = secret(dir.path(), "g", b"tok\n\n", 0o640);
-        assert_eq!(read_secret_file(&p).unwrap(), "tok", "group-readable is allowed");
+        assert_eq!(
+            read_secret_file(&p).unwrap(),
+            "tok",
+            "group-readable is allowed"
+        );
     }
 
     #[test]
