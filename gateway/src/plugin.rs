@@ -5,10 +5,11 @@
 //! Loading, in order: the name must be a bare `*.so` file name; `plugin_dir` must be a real
 //! directory owned by root (or the daemon's user) and not group/world-writable; the file is
 //! opened with `O_NOFOLLOW` (no symlinks) and checked on that descriptor (a regular file, same
-//! owners, not group/world-writable), hashed (SHA-256, compared when the config gives one), and
-//! loaded from that same descriptor (`/proc/self/fd/N`, `RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE`)
-//! so the code loaded is the code checked. Then the one exported symbol is read and the
-//! declaration checked (magic, ABI major, sizes, kind).
+//! owners, not group/world-writable), hashed (SHA-256, compared when the config gives one), its
+//! ELF headers checked ([`check_elf`]: this machine, and `umeme_plugin_declare` exported; before
+//! `dlopen`, which runs constructors), and loaded from that same descriptor (`/proc/self/fd/N`,
+//! `RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE`) so the code loaded is the code checked. Then the one
+//! exported symbol is read and the declaration checked (magic, ABI major, sizes, kind).
 //!
 //! Architecture invariants: a plugin library is never unloaded; a plugin function is never
 //! called on a tokio worker thread (sinks run on the outbox's threads, sources on their own);
@@ -1199,9 +1200,20 @@ mod tests {
             check_elf(b"#!/bin/sh\n"),
             Err(ElfError::NotElf(_))
         ));
-        let whole = own_elf();
+        let mut whole = own_elf();
         for len in [16, 52, 64, 200, 4096, whole.len() / 2] {
             let _ = check_elf(&whole[..len.min(whole.len())]);
+        }
+        // Headers with random bytes changed (bounded, seeded: the fuzz target goes further).
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        let head = whole.len().min(4096);
+        for _ in 0..500 {
+            let at = rng.gen_range(0..head);
+            let (was, now) = (whole[at], rng.gen::<u8>());
+            whole[at] = now;
+            let _ = check_elf(&whole);
+            whole[at] = was;
         }
     }
 
