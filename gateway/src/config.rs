@@ -74,7 +74,14 @@ pub struct Config {
     pub sinks: Vec<SinkConfig>,
     pub sources: Vec<SourceConfig>,
     /// Secret files named by `*_file` keys, with where they were named, for `check_files`.
-    secret_files: Vec<Located<PathBuf>>,
+    secret_files: Vec<Located<SecretFile>>,
+}
+
+/// A secret file and the key that names it (`token_file`, `password_file`, …).
+#[derive(Debug, Clone)]
+struct SecretFile {
+    key: String,
+    path: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -253,7 +260,10 @@ impl Config {
             secret_files.extend(plugin_secret_files(file, &text));
             if let Some(tf) = part.api.as_ref().and_then(|a| a.token_file.as_ref()) {
                 secret_files.push(Located {
-                    value: tf.get_ref().clone(),
+                    value: SecretFile {
+                        key: "token_file".into(),
+                        path: tf.get_ref().clone(),
+                    },
                     file: file.clone(),
                     position: line_col(&text, tf.span().start),
                 });
@@ -323,10 +333,10 @@ impl Config {
     /// [`umeme_plugin_sdk::read_secret_file`], the function the plugins read them with.
     pub fn check_files(&self) -> Result<(), ConfigError> {
         for s in &self.secret_files {
-            umeme_plugin_sdk::read_secret_file(&s.value).map_err(|e| ConfigError {
+            umeme_plugin_sdk::read_secret_file(&s.value.path).map_err(|e| ConfigError {
                 file: Some(s.file.clone()),
                 position: Some(s.position),
-                message: e.to_string(),
+                message: format!("{}: {e}", s.value.key),
             })?;
         }
         Ok(())
@@ -366,9 +376,9 @@ const PUBLIC_FILE_KEYS: [&str; 1] = ["ca_file"];
 /// Every `*_file` key (string value) inside the `[sink.config]` and `[source.config]` tables of
 /// one file, nested tables and arrays too, located at the key. The gateway cannot know a
 /// plugin's keys; the naming rule (README: secrets are `*_file` keys) is what it checks.
-fn plugin_secret_files(file: &Path, text: &str) -> Vec<Located<PathBuf>> {
+fn plugin_secret_files(file: &Path, text: &str) -> Vec<Located<SecretFile>> {
     use toml::de::{DeTable, DeValue};
-    fn walk(value: &DeValue<'_>, file: &Path, text: &str, out: &mut Vec<Located<PathBuf>>) {
+    fn walk(value: &DeValue<'_>, file: &Path, text: &str, out: &mut Vec<Located<SecretFile>>) {
         match value {
             DeValue::Table(t) => {
                 for (key, v) in t.iter() {
@@ -378,7 +388,10 @@ fn plugin_secret_files(file: &Path, text: &str) -> Vec<Located<PathBuf>> {
                             if name.ends_with("_file") && !PUBLIC_FILE_KEYS.contains(&name) =>
                         {
                             out.push(Located {
-                                value: PathBuf::from(path.as_ref()),
+                                value: SecretFile {
+                                    key: name.to_string(),
+                                    path: PathBuf::from(path.as_ref()),
+                                },
                                 file: file.to_path_buf(),
                                 position: line_col(text, key.span().start),
                             })
@@ -1190,6 +1203,10 @@ mod tests {
                     assert_eq!(e.position, Some(at), "{e}\n{text}");
                     assert!(e.message.contains("chmod 600"), "{e}");
                     assert!(e.message.contains("mode 644"), "{e}");
+                    assert!(
+                        e.message.contains("_file: secret file"),
+                        "names the key: {e}"
+                    );
                 }
                 None => c.check_files().unwrap(),
             }

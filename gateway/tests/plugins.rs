@@ -433,6 +433,10 @@ fn check_config_refuses_a_plugin_secret_file_other_users_can_read_at_its_key() {
         "located at the key: {err}"
     );
     assert!(
+        err.contains("password_file: secret file") && err.contains(password.to_str().unwrap()),
+        "{err}"
+    );
+    assert!(
         err.contains("mode 644") && err.contains("chmod 600"),
         "{err}"
     );
