@@ -59,7 +59,8 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum PluginCommand {
-    /// Load a plugin library and show its name, kind, ABI, versions, sha256 and glibc need.
+    /// Check a plugin file as the loader does (symlink, owner, mode, ELF; not its folder), load
+    /// it and show its name, kind, ABI, versions, sha256 and glibc need.
     Inspect { path: PathBuf },
 }
 

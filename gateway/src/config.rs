@@ -74,7 +74,14 @@ pub struct Config {
     pub sinks: Vec<SinkConfig>,
     pub sources: Vec<SourceConfig>,
     /// Secret files named by `*_file` keys, with where they were named, for `check_files`.
-    secret_files: Vec<Located<PathBuf>>,
+    secret_files: Vec<Located<SecretFile>>,
+}
+
+/// A secret file and the key that names it (`token_file`, `password_file`, …).
+#[derive(Debug, Clone)]
+struct SecretFile {
+    key: String,
+    path: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -297,9 +304,13 @@ impl Config {
                 let (line, col) = line_col(&text, span.start);
                 sources.push(s.resolve((file.clone(), line, col)).map_err(at)?);
             }
+            secret_files.extend(plugin_secret_files(file, &text));
             if let Some(tf) = part.api.as_ref().and_then(|a| a.token_file.as_ref()) {
                 secret_files.push(Located {
-                    value: tf.get_ref().clone(),
+                    value: SecretFile {
+                        key: "token_file".into(),
+                        path: tf.get_ref().clone(),
+                    },
                     file: file.clone(),
                     position: line_col(&text, tf.span().start),
                 });
@@ -383,28 +394,16 @@ impl Config {
         }
     }
 
-    /// Checks what the configuration names on disk without touching state: secret files exist,
-    /// are regular files, and are not readable or writable by other users.
+    /// Checks what the configuration names on disk without touching state: every secret file
+    /// (`[api] token_file`, and each `*_file` key of a plugin's config) passes the SDK's
+    /// [`umeme_plugin_sdk::read_secret_file`], the function the plugins read them with.
     pub fn check_files(&self) -> Result<(), ConfigError> {
-        use std::os::unix::fs::PermissionsExt;
         for s in &self.secret_files {
-            let err = |message: String| ConfigError {
+            umeme_plugin_sdk::read_secret_file(&s.value.path).map_err(|e| ConfigError {
                 file: Some(s.file.clone()),
                 position: Some(s.position),
-                message,
-            };
-            let meta = std::fs::metadata(&s.value)
-                .map_err(|e| err(format!("secret file {}: {e}", s.value.display())))?;
-            if !meta.is_file() {
-                return Err(err(format!("{} is not a regular file", s.value.display())));
-            }
-            if meta.permissions().mode() & 0o007 != 0 {
-                return Err(err(format!(
-                    "secret file {} is accessible to other users (mode {:o}); chmod o-rwx it",
-                    s.value.display(),
-                    meta.permissions().mode() & 0o777
-                )));
-            }
+                message: format!("{}: {e}", s.value.key),
+            })?;
         }
         Ok(())
     }
@@ -414,7 +413,12 @@ impl Config {
         let Some(path) = &self.api.token_file else {
             return Ok(None);
         };
-        let token = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
+        let token = umeme_plugin_sdk::read_secret_file(path).map_err(|e| ConfigError {
+            file: Some(path.clone()),
+            position: None,
+            message: e.to_string(),
+        })?;
+        // Surrounding blanks are never part of a bearer token.
         let token = token.trim().to_string();
         if token.is_empty() {
             return Err(ConfigError {
@@ -429,6 +433,61 @@ impl Config {
     pub fn db_path(&self) -> PathBuf {
         self.gateway.data_dir.join("gateway.db")
     }
+}
+
+/// `*_file` keys that name public files rather than secrets: a CA certificate is meant to be
+/// world-readable (and is often a symlink into `/etc/ssl/certs`).
+const PUBLIC_FILE_KEYS: [&str; 1] = ["ca_file"];
+
+/// Every `*_file` key (string value) inside the `[sink.config]` and `[source.config]` tables of
+/// one file, nested tables and arrays too, located at the key. The gateway cannot know a
+/// plugin's keys; the naming rule (README: secrets are `*_file` keys) is what it checks.
+fn plugin_secret_files(file: &Path, text: &str) -> Vec<Located<SecretFile>> {
+    use toml::de::{DeTable, DeValue};
+    fn walk(value: &DeValue<'_>, file: &Path, text: &str, out: &mut Vec<Located<SecretFile>>) {
+        match value {
+            DeValue::Table(t) => {
+                for (key, v) in t.iter() {
+                    let name = key.get_ref().as_ref();
+                    match v.get_ref() {
+                        DeValue::String(path)
+                            if name.ends_with("_file") && !PUBLIC_FILE_KEYS.contains(&name) =>
+                        {
+                            out.push(Located {
+                                value: SecretFile {
+                                    key: name.to_string(),
+                                    path: PathBuf::from(path.as_ref()),
+                                },
+                                file: file.to_path_buf(),
+                                position: line_col(text, key.span().start),
+                            })
+                        }
+                        other => walk(other, file, text, out),
+                    }
+                }
+            }
+            DeValue::Array(a) => a.iter().for_each(|v| walk(v.get_ref(), file, text, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    // The text already parsed as a `PartialConfig`; this second parse keeps every key's span.
+    let Ok(doc) = DeTable::parse(text) else {
+        return out;
+    };
+    for section in ["sink", "source"] {
+        let Some(DeValue::Array(entries)) = doc.get_ref().get(section).map(|v| v.get_ref()) else {
+            continue;
+        };
+        for entry in entries.iter() {
+            if let DeValue::Table(t) = entry.get_ref() {
+                if let Some(config) = t.get("config") {
+                    walk(config.get_ref(), file, text, &mut out);
+                }
+            }
+        }
+    }
+    out
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> ConfigError {
@@ -1208,5 +1267,53 @@ mod tests {
         std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o600)).unwrap();
         c.check_files().unwrap();
         assert_eq!(c.api_token().unwrap().as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn every_file_key_of_a_plugin_config_is_a_secret_checked_at_the_key_nested_too() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let private = write(dir.path(), "private", "pw\n");
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let open = write(dir.path(), "open", "pw\n");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (private, open) = (private.display().to_string(), open.display().to_string());
+        let cases = [
+            // (config, where the 0644 file is named, or None when it must pass)
+            (
+                format!("[[sink]]\nname = \"up\"\nplugin = \"libx.so\"\n[sink.config]\nhost = \"h\"\npassword_file = {open:?}\n"),
+                Some((6, 1)),
+            ),
+            (
+                format!("[[source]]\nname = \"m\"\nplugin = \"libd.so\"\n[source.config]\nconsumer_key_file = {private:?}\n[source.config.stk]\n  passkey_file = {open:?}\n"),
+                Some((7, 3)),
+            ),
+            (
+                format!("[[sink]]\nname = \"up\"\nplugin = \"libx.so\"\nconfig = {{ creds = [{{ key_file = {open:?} }}] }}\n"),
+                Some((4, 23)),
+            ),
+            // A CA certificate is public; other keys are not paths to check.
+            (
+                format!("[[sink]]\nname = \"up\"\nplugin = \"libx.so\"\n[sink.config]\nca_file = {open:?}\npassword_file = {private:?}\nfile = {open:?}\n"),
+                None,
+            ),
+        ];
+        for (text, want) in cases {
+            let p = write(dir.path(), "g.toml", &text);
+            let c = Config::load(Some(&p)).unwrap();
+            match want {
+                Some(at) => {
+                    let e = c.check_files().unwrap_err();
+                    assert_eq!(e.position, Some(at), "{e}\n{text}");
+                    assert!(e.message.contains("chmod 600"), "{e}");
+                    assert!(e.message.contains("mode 644"), "{e}");
+                    assert!(
+                        e.message.contains("_file: secret file"),
+                        "names the key: {e}"
+                    );
+                }
+                None => c.check_files().unwrap(),
+            }
+        }
     }
 }

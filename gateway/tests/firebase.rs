@@ -42,6 +42,7 @@ fn service_account(dir: &Path, token_uri: &str) -> PathBuf {
         "token_uri": token_uri,
     });
     std::fs::write(&file, sa.to_string()).unwrap();
+    private(&file);
     file
 }
 
@@ -372,4 +373,10 @@ fn a_tenant_registered_through_the_dashboard_sees_the_ledgers_balance_and_transa
     let tree = fake.tree();
     assert_eq!(tree["transactions"]["-Nold0000000000001"]["amount"], 50);
     assert_eq!(tree["users"]["-Nann000000000001"]["balance"], json!(1.5));
+}
+
+/// Secret files are read only at mode 0600 (`umeme_plugin_sdk::read_secret_file`).
+fn private(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }

@@ -37,8 +37,11 @@
 
 pub mod abi;
 mod ffi;
+pub mod secret;
 pub mod testing;
 pub mod untrusted;
+
+pub use secret::{read_secret_file, SecretFileError};
 
 use std::ffi::CStr;
 use std::time::Duration;

@@ -58,6 +58,7 @@ fn service_account_file(dir: &Path, fake: &FakeRtdb, key: &TestKey) -> PathBuf {
         "token_uri": format!("{}/token", fake.url()),
     });
     std::fs::write(&path, sa.to_string()).unwrap();
+    private(&path);
     path
 }
 
@@ -344,6 +345,7 @@ fn the_legacy_database_secret_authenticates_with_the_auth_parameter() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "legacy-secret\n").unwrap();
+    private(&secret);
     let mut sink = SinkHarness::<Firebase>::new(json!({
         "database_url": format!("{}/", fake.url()),
         "database_secret_file": secret,
@@ -476,6 +478,7 @@ fn a_wrong_database_secret_is_bad_config() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "not-the-secret").unwrap();
+    private(&secret);
     let mut sink = SinkHarness::<Firebase>::new(json!({
         "database_url": fake.url(), "database_secret_file": secret,
     }))
@@ -558,8 +561,10 @@ fn bad_configuration_is_refused_at_create() {
     let sa = service_account_file(dir.path(), &fake, key());
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "s").unwrap();
+    private(&secret);
     let not_sa = dir.path().join("not-sa.json");
     std::fs::write(&not_sa, r#"{"type":"authorized_user"}"#).unwrap();
+    private(&not_sa);
     let cases = [
         (json!({"database_url": fake.url()}), "exactly one"),
         (
@@ -817,4 +822,10 @@ fn a_payment_carrying_the_payers_phone_records_it_over_the_registered_one() {
         txs["test-site-000000000002"]["phone_number"],
         json!("254712345678")
     );
+}
+
+/// Secret files are read only at mode 0600 (`umeme_plugin_sdk::read_secret_file`).
+fn private(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }

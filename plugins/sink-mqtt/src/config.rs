@@ -204,14 +204,9 @@ fn check_level(key: &str, s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Reads a secret file with the SDK's checks (mode, no symlink, size).
 pub fn read_secret(key: &str, path: &Path) -> Result<String, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
-    let secret = text.trim().to_string();
-    if secret.is_empty() {
-        return Err(format!("{key} {} is empty", path.display()));
-    }
-    Ok(secret)
+    umeme_plugin_sdk::read_secret_file(path).map_err(|e| format!("{key}: {e}"))
 }
 
 /// The topics of one gateway.

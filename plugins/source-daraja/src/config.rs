@@ -133,30 +133,9 @@ pub struct Settings {
     pub max_pending: usize,
 }
 
+/// Reads a secret file with the SDK's checks (mode, no symlink, size), like every plugin.
 fn read_secret(key: &str, path: &Path) -> Result<String, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
-    let value = text.trim().to_string();
-    if value.is_empty() {
-        return Err(format!("{key} {} is empty", path.display()));
-    }
-    // Like the gateway's own secrets: not for other users' eyes.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .map_err(|e| format!("{key} {}: {e}", path.display()))?
-            .permissions()
-            .mode();
-        if mode & 0o007 != 0 {
-            return Err(format!(
-                "{key} {} is accessible to other users (mode {:o}); chmod o-rwx it",
-                path.display(),
-                mode & 0o777
-            ));
-        }
-    }
-    Ok(value)
+    umeme_plugin_sdk::read_secret_file(path).map_err(|e| format!("{key}: {e}"))
 }
 
 fn http_url(key: &str, url: &str) -> Result<String, String> {
