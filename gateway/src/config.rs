@@ -38,13 +38,52 @@ impl fmt::Display for ConfigError {
 }
 
 impl ConfigError {
+    /// An error at `span` of `text`; the message ends with the offending line and a caret, so
+    /// a syntax error ("string values must be quoted") shows what the parser saw.
     fn in_file(file: &Path, text: &str, span: Option<std::ops::Range<usize>>, msg: String) -> Self {
+        let position = span.map(|s| line_col(text, s.start));
+        let message = match position {
+            Some((line, col)) => format!("{msg}{}", excerpt(text, line, col)),
+            None => msg,
+        };
         ConfigError {
             file: Some(file.to_path_buf()),
-            position: span.map(|s| line_col(text, s.start)),
-            message: msg,
+            position,
+            message,
         }
     }
+}
+
+impl ConfigError {
+    /// An error found after parsing (a plugin's checks), at a remembered `(file, line, col)`.
+    pub fn at(location: &(PathBuf, usize, usize), message: String) -> Self {
+        ConfigError {
+            file: Some(location.0.clone()),
+            position: Some((location.1, location.2)),
+            message,
+        }
+    }
+}
+
+/// `\n  12 | listen = 0.0.0.0:1883\n     |          ^`: line `line` of `text` with a caret
+/// under column `col` (both 1-based). Control characters are shown as `?` so the excerpt
+/// cannot garble the terminal.
+fn excerpt(text: &str, line: usize, col: usize) -> String {
+    let Some(src) = text.lines().nth(line - 1) else {
+        return String::new();
+    };
+    let shown: String = src
+        .chars()
+        .take(200)
+        .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+        .collect();
+    let pad: String = shown
+        .chars()
+        .take(col.saturating_sub(1))
+        .map(|c| if c == '\t' { '\t' } else { ' ' })
+        .collect();
+    let gutter = " ".repeat(line.to_string().len());
+    format!("\n  {line} | {shown}\n  {gutter} | {pad}^")
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -144,6 +183,8 @@ pub struct SinkConfig {
     pub config: serde_json::Value,
     /// Where the sink was declared, for errors found later (its own config's validation).
     pub declared_at: (PathBuf, usize, usize),
+    /// Where its `sha256` value stands, for a plugin file that does not match it.
+    pub sha256_at: Option<(PathBuf, usize, usize)>,
 }
 
 /// What delivers a sink's events.
@@ -167,6 +208,8 @@ pub struct SourceConfig {
     /// `[source.config]`, passed to the plugin as JSON.
     pub config: serde_json::Value,
     pub declared_at: (PathBuf, usize, usize),
+    /// Where its `sha256` value stands, for a plugin file that does not match it.
+    pub sha256_at: Option<(PathBuf, usize, usize)>,
 }
 
 /// The event kinds of contract §6.
@@ -226,6 +269,8 @@ impl Config {
             for s in part.sink.drain(..) {
                 let span = s.name.span();
                 let at = |msg: String| ConfigError::in_file(file, &text, Some(span.clone()), msg);
+                let sha256_at =
+                    locate_sha256(file, &text, s.sha256.as_ref(), "sink", &s.name.get_ref().0)?;
                 if sinks.iter().any(|o| o.name == s.name.get_ref().0) {
                     return Err(at(format!(
                         "a sink named {:?} is already configured",
@@ -233,11 +278,15 @@ impl Config {
                     )));
                 }
                 let (line, col) = line_col(&text, span.start);
-                sinks.push(s.resolve((file.clone(), line, col)).map_err(at)?);
+                let mut sink = s.resolve((file.clone(), line, col)).map_err(at)?;
+                sink.sha256_at = sha256_at;
+                sinks.push(sink);
             }
             for s in part.source.drain(..) {
                 let span = s.name.span();
                 let at = |msg: String| ConfigError::in_file(file, &text, Some(span.clone()), msg);
+                let sha256_at =
+                    locate_sha256(file, &text, s.sha256.as_ref(), "source", &s.name.get_ref().0)?;
                 if sources
                     .iter()
                     .any(|o: &SourceConfig| o.name == s.name.get_ref().0)
@@ -248,7 +297,9 @@ impl Config {
                     )));
                 }
                 let (line, col) = line_col(&text, span.start);
-                sources.push(s.resolve((file.clone(), line, col)).map_err(at)?);
+                let mut source = s.resolve((file.clone(), line, col)).map_err(at)?;
+                source.sha256_at = sha256_at;
+                sources.push(source);
             }
             if let Some(tf) = part.api.as_ref().and_then(|a| a.token_file.as_ref()) {
                 secret_files.push(Located {
@@ -365,6 +416,23 @@ impl Config {
     }
 }
 
+/// Checks a plugin's `sha256` value where it stands and returns where it stands, so a wrong
+/// value and, later, a file that does not match both point at the `sha256` line.
+fn locate_sha256(
+    file: &Path,
+    text: &str,
+    sha256: Option<&Spanned<String>>,
+    what: &str,
+    name: &str,
+) -> Result<Option<(PathBuf, usize, usize)>, ConfigError> {
+    let Some(h) = sha256 else { return Ok(None) };
+    check_sha256(h.get_ref()).map_err(|e| {
+        ConfigError::in_file(file, text, Some(h.span()), format!("{what} {name:?}: {e}"))
+    })?;
+    let (line, col) = line_col(text, h.span().start);
+    Ok(Some((file.to_path_buf(), line, col)))
+}
+
 fn io_error(path: &Path, e: std::io::Error) -> ConfigError {
     ConfigError {
         file: Some(path.to_path_buf()),
@@ -402,7 +470,7 @@ struct PartialSink {
     name: Spanned<SinkName>,
     builtin: Option<String>,
     plugin: Option<String>,
-    sha256: Option<String>,
+    sha256: Option<Spanned<String>>,
     events: Option<Vec<EventKind>>,
     batch_size: Option<Bounded<1, 10_000>>,
     max_events_per_second: Option<Bounded<1, 1_000_000>>,
@@ -415,7 +483,8 @@ struct PartialSink {
 impl PartialSink {
     fn resolve(self, declared_at: (PathBuf, usize, usize)) -> Result<SinkConfig, String> {
         let name = self.name.into_inner().0;
-        let implementation = match (self.builtin, self.plugin, self.sha256) {
+        let sha256 = self.sha256.map(Spanned::into_inner);
+        let implementation = match (self.builtin, self.plugin, sha256) {
             (Some(b), None, None) if b == "jsonl" => SinkImplementation::Builtin(b),
             (Some(b), None, None) => {
                 return Err(format!(
@@ -470,6 +539,7 @@ impl PartialSink {
             retry_max,
             config,
             declared_at,
+            sha256_at: None,
         };
         crate::outbox::check_sink_config(&sink)
             .map_err(|e| format!("sink {:?}: {e}", sink.name))?;
@@ -644,7 +714,7 @@ impl TryFrom<PathBuf> for NonEmptyPath {
 struct PartialSource {
     name: Spanned<SinkName>,
     plugin: String,
-    sha256: Option<String>,
+    sha256: Option<Spanned<String>>,
     #[serde(default)]
     config: toml::Table,
 }
@@ -656,12 +726,13 @@ impl PartialSource {
             plugin: plugin_file(&self.plugin).map_err(|e| format!("source {name:?}: {e}"))?,
             sha256: self
                 .sha256
-                .map(|h| check_sha256(&h))
+                .map(|h| check_sha256(h.get_ref()))
                 .transpose()
                 .map_err(|e| format!("source {name:?}: {e}"))?,
             config: toml_to_json(&toml::Value::Table(self.config)),
             name,
             declared_at,
+            sha256_at: None,
         })
     }
 }

@@ -807,19 +807,23 @@ impl Reader {
 
 /// `(seq, kind, meter)` of payments and of meter removals and secret changes after `after`,
 /// oldest first.
+/// `(seq, kind, meter, payment source)` of the payment and meter events after `after`.
 pub fn meter_changes_after(
     conn: &Connection,
     after: i64,
-) -> Result<Vec<(i64, String, String)>, StoreError> {
+) -> Result<Vec<(i64, String, String, Option<String>)>, StoreError> {
     let mut st = conn.prepare_cached(
-        "SELECT seq, kind, meter FROM events
+        "SELECT seq, kind, meter,
+                CASE WHEN kind = 'payment' AND typeof(data) = 'text'
+                     THEN json_extract(data, '$.source') END
+         FROM events
          WHERE seq > ?1 AND meter IS NOT NULL
            AND (kind = 'payment' OR (kind = 'meter' AND typeof(data) = 'text'
                 AND json_extract(data, '$.action') IN ('removed', 'secret_changed')))
          ORDER BY seq",
     )?;
     let rows = st
-        .query_map([after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .query_map([after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
