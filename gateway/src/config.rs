@@ -1149,6 +1149,42 @@ mod tests {
     }
 
     #[test]
+    fn a_malformed_sha256_points_at_the_sha256_line_and_remembers_where_it_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[[source]]\nname = \"m\"\nplugin = \"libd.so\"\nsha256 = \"abc\"\n",
+        );
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((4, 10)), "{e}");
+        assert!(e.message.contains("64 hexadecimal"), "{e}");
+        let good = "ab".repeat(32);
+        let p = write(
+            dir.path(),
+            "g.toml",
+            &format!("[[sink]]\nname = \"a\"\nplugin = \"libx.so\"\n\nsha256 = \"{good}\"\n"),
+        );
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.sinks[0].sha256_at, Some((p.clone(), 5, 10)));
+        assert_eq!(c.sinks[0].declared_at, (p, 2, 8));
+    }
+
+    #[test]
+    fn a_located_error_shows_its_line_with_a_caret_under_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "g.toml", "[ledger]\n\tunits_per_kes = -1.0\n");
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((2, 18)), "{e}");
+        assert!(
+            e.message.ends_with("\n  2 | \tunits_per_kes = -1.0\n    | \t                ^"),
+            "{e}"
+        );
+        assert_eq!(excerpt("a\x1b[2Jb", 1, 2), "\n  1 | a?[2Jb\n    |  ^");
+        assert_eq!(excerpt("x", 3, 1), "", "no line, no excerpt");
+    }
+
+    #[test]
     fn tariff_credits_exact_whole_wh() {
         let t = Tariff::try_from(0.05).unwrap();
         assert_eq!(t.credit_wh(100 * 100), 5_000);

@@ -957,3 +957,65 @@ fn keep_house(conn: &mut Connection, h: &WriterOptions, metrics: &Metrics, live:
         Err(e) => tracing::warn!(error = %e, "outbox housekeeping failed"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn credit(meter: &MeterId, reference: &str) -> Op {
+        Op::Credit(Credit {
+            meter: meter.clone(),
+            source: "manual".into(),
+            reference: reference.into(),
+            amount_cents: 100,
+            at: 1,
+        })
+    }
+
+    #[test]
+    fn the_external_watch_announces_outside_payments_once_and_never_the_writers_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.db");
+        let mut own = store::open(&path, "site").unwrap();
+        let mut cli = store::open_without_upgrade(&path, "site").unwrap();
+        let s = LedgerSettings {
+            rules: Rules { low_balance_wh: 0 },
+            tariff: Tariff::try_from(0.05).unwrap(),
+        };
+        let meter = MeterId::parse("M1").unwrap();
+        let add = Op::AddMeter {
+            meter: meter.clone(),
+            name: None,
+            phone: None,
+            secret_hash: crate::auth::hash_secret("secret-123"),
+            at: 1,
+        };
+        apply_now(&mut cli, &add, &s).unwrap();
+        let mut watch = ExternalWatch::new(&own);
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let h = heard.clone();
+        let notify: Notify = Arc::new(move |_, n| h.lock().unwrap().push(n));
+        let metrics = Metrics::default();
+        // The writer's own payment, between two from outside: only those two are news.
+        let own_payment = |conn: &mut Connection, watch: &mut ExternalWatch, r: &str| {
+            let before = store::last_event_seq(conn).unwrap();
+            apply_now(conn, &credit(&meter, r), &s).unwrap();
+            watch.made(before + 1..=store::last_event_seq(conn).unwrap());
+        };
+        apply_now(&mut cli, &credit(&meter, "CLI-1"), &s).unwrap();
+        own_payment(&mut own, &mut watch, "OWN-1");
+        apply_now(&mut cli, &credit(&meter, "CLI-2"), &s).unwrap();
+        own_payment(&mut own, &mut watch, "OWN-2");
+        watch.check(&own, &notify, &metrics);
+        assert_eq!(heard.lock().unwrap().len(), 2);
+        let counted = [("source", "manual"), ("outcome", "credited")];
+        assert_eq!(metrics.get("umeme_payments_total", &counted), 2.0);
+        assert!(watch.own.is_empty(), "ranges behind the watch are forgotten");
+        // Nothing new: nothing announced, nothing counted again.
+        own_payment(&mut own, &mut watch, "OWN-3");
+        watch.check(&own, &notify, &metrics);
+        assert_eq!(heard.lock().unwrap().len(), 2);
+        assert_eq!(metrics.get("umeme_payments_total", &counted), 2.0);
+    }
+}
