@@ -224,7 +224,8 @@ pub const EVENT_KINDS: [&str; 6] = [
 
 impl Config {
     /// The configuration the daemon runs on when no file exists: everything on loopback,
-    /// data in `./umeme-data`, the simulate endpoint enabled for trying the gateway out.
+    /// data in `umeme-data` (the CLI places it at the checkout's root), the simulate endpoint
+    /// enabled for trying the gateway out.
     pub fn development_defaults() -> Config {
         let mut c = Config::from_partial(PartialConfig::default(), ConfigSource::BuiltInDefaults);
         c.gateway.data_dir = PathBuf::from("umeme-data");
@@ -285,8 +286,13 @@ impl Config {
             for s in part.source.drain(..) {
                 let span = s.name.span();
                 let at = |msg: String| ConfigError::in_file(file, &text, Some(span.clone()), msg);
-                let sha256_at =
-                    locate_sha256(file, &text, s.sha256.as_ref(), "source", &s.name.get_ref().0)?;
+                let sha256_at = locate_sha256(
+                    file,
+                    &text,
+                    s.sha256.as_ref(),
+                    "source",
+                    &s.name.get_ref().0,
+                )?;
                 if sources
                     .iter()
                     .any(|o: &SourceConfig| o.name == s.name.get_ref().0)
@@ -1177,7 +1183,8 @@ mod tests {
         let e = Config::load(Some(&p)).unwrap_err();
         assert_eq!(e.position, Some((2, 18)), "{e}");
         assert!(
-            e.message.ends_with("\n  2 | \tunits_per_kes = -1.0\n    | \t                ^"),
+            e.message
+                .ends_with("\n  2 | \tunits_per_kes = -1.0\n    | \t                ^"),
             "{e}"
         );
         assert_eq!(excerpt("a\x1b[2Jb", 1, 2), "\n  1 | a?[2Jb\n    |  ^");

@@ -156,7 +156,8 @@ impl Gateway {
                         Kind::Sink,
                     )
                     .map_err(|e| {
-                        let at = plugin::error_location(&e, &sink.declared_at, sink.sha256_at.as_ref());
+                        let at =
+                            plugin::error_location(&e, &sink.declared_at, sink.sha256_at.as_ref());
                         StartError::Config(ConfigError::at(at, e.to_string()))
                     })?;
                     let services = HostServices::new(

@@ -106,16 +106,28 @@ const EXPOSED_AT_ZERO: &[(&str, &[(&str, &str)])] = &[
     ("umeme_ledger_errors_total", &[("reason", "commit")]),
     ("umeme_ledger_errors_total", &[("reason", "store")]),
     ("umeme_ledger_alerts_total", &[("alert", "low_balance")]),
-    ("umeme_ledger_alerts_total", &[("alert", "balance_exhausted")]),
+    (
+        "umeme_ledger_alerts_total",
+        &[("alert", "balance_exhausted")],
+    ),
     ("umeme_mqtt_rejected_total", &[("reason", "acl_publish")]),
     ("umeme_mqtt_rejected_total", &[("reason", "acl_subscribe")]),
     ("umeme_mqtt_rejected_total", &[("reason", "malformed")]),
     ("umeme_mqtt_rejected_total", &[("reason", "out_of_range")]),
     ("umeme_mqtt_rejected_total", &[("reason", "oversize")]),
     ("umeme_mqtt_rejected_total", &[("reason", "implausible")]),
-    ("umeme_mqtt_connect_refused_total", &[("reason", "bad_credentials")]),
-    ("umeme_payments_total", &[("source", "simulate"), ("outcome", "credited")]),
-    ("umeme_payments_total", &[("source", "manual"), ("outcome", "credited")]),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "bad_credentials")],
+    ),
+    (
+        "umeme_payments_total",
+        &[("source", "simulate"), ("outcome", "credited")],
+    ),
+    (
+        "umeme_payments_total",
+        &[("source", "manual"), ("outcome", "credited")],
+    ),
 ];
 
 impl Default for Metrics {

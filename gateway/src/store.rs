@@ -823,7 +823,9 @@ pub fn meter_changes_after(
          ORDER BY seq",
     )?;
     let rows = st
-        .query_map([after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map([after], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }

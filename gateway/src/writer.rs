@@ -1011,7 +1011,10 @@ mod tests {
         assert_eq!(heard.lock().unwrap().len(), 2);
         let counted = [("source", "manual"), ("outcome", "credited")];
         assert_eq!(metrics.get("umeme_payments_total", &counted), 2.0);
-        assert!(watch.own.is_empty(), "ranges behind the watch are forgotten");
+        assert!(
+            watch.own.is_empty(),
+            "ranges behind the watch are forgotten"
+        );
         // Nothing new: nothing announced, nothing counted again.
         own_payment(&mut own, &mut watch, "OWN-3");
         watch.check(&own, &notify, &metrics);

@@ -66,7 +66,9 @@ fn a_taken_meter_port_names_the_port_and_points_at_another_mqtt_broker() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains(&format!("cannot listen on 127.0.0.1:{port} (broker.listen)")),
+        err.contains(&format!(
+            "cannot listen on 127.0.0.1:{port} (broker.listen)"
+        )),
         "{err}"
     );
     assert!(
@@ -252,11 +254,25 @@ fn development_defaults_outside_a_checkout_refuse_to_create_a_data_dir_unless_gi
     let data = tmp.path().join("my-data");
     let out = dev_cli(
         tmp.path(),
-        &["meter", "add", "DEV2", "--secret", "dev-secret-2", "--data-dir"],
+        &[
+            "meter",
+            "add",
+            "DEV2",
+            "--secret",
+            "dev-secret-2",
+            "--data-dir",
+        ],
     );
     assert_eq!(out.status.code(), Some(2), "--data-dir needs a value");
     let out = Command::new(BIN)
-        .args(["meter", "add", "DEV2", "--secret", "dev-secret-2", "--data-dir"])
+        .args([
+            "meter",
+            "add",
+            "DEV2",
+            "--secret",
+            "dev-secret-2",
+            "--data-dir",
+        ])
         .arg(&data)
         .current_dir(tmp.path())
         .output()
@@ -390,7 +406,11 @@ fn a_wrong_sha256_points_at_the_sha256_line() {
         let out = run_bounded(Command::new(BIN).args([cmd, "--config"]).arg(&cfg));
         assert_eq!(out.status.code(), Some(2), "{cmd}: {}", stderr(&out));
         let want = format!("{}:9:10:", cfg.display());
-        assert!(stderr(&out).contains(&want), "{cmd}: want {want} in {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&want),
+            "{cmd}: want {want} in {}",
+            stderr(&out)
+        );
         assert!(stderr(&out).contains("sha256 is"), "{}", stderr(&out));
     }
 }
@@ -400,7 +420,11 @@ fn a_toml_syntax_error_names_file_line_and_column_and_shows_the_line() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("gateway.toml");
     std::fs::write(&cfg, "[gateway]\nid = site-001\n").unwrap();
-    let out = run_bounded(Command::new(BIN).args(["check-config", "--config"]).arg(&cfg));
+    let out = run_bounded(
+        Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&cfg),
+    );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(

@@ -45,10 +45,9 @@ fn the_example_copied_out_of_the_checkout_builds_after_the_readmes_one_line_rewr
         "README.md no longer shows the rewrite this test applies"
     );
 
-    let tmp = TempDir(std::env::temp_dir().join(format!(
-        "umeme-example-copy-out-{}",
-        std::process::id()
-    )));
+    let tmp = TempDir(
+        std::env::temp_dir().join(format!("umeme-example-copy-out-{}", std::process::id())),
+    );
     let copy = tmp.0.join("site-webhook");
     copy_dir(&here.join("src"), &copy.join("src"));
     std::fs::copy(here.join("Cargo.toml"), copy.join("Cargo.toml")).unwrap();
@@ -81,6 +80,9 @@ fn the_example_copied_out_of_the_checkout_builds_after_the_readmes_one_line_rewr
         std::thread::sleep(Duration::from_millis(200));
     };
     let err = std::fs::read_to_string(tmp.0.join("build.log")).unwrap_or_default();
-    assert!(status.success(), "the copied-out example does not build:\n{err}");
+    assert!(
+        status.success(),
+        "the copied-out example does not build:\n{err}"
+    );
     assert!(target.join("debug/libumeme_example_sink.so").exists());
 }
