@@ -805,13 +805,17 @@ impl Reader {
     }
 }
 
-/// `(seq, kind, meter)` of payments and of meter removals and secret changes after `after`,
-/// oldest first.
-/// `(seq, kind, meter, payment source)` of the payment and meter events after `after`.
-pub fn meter_changes_after(
-    conn: &Connection,
-    after: i64,
-) -> Result<Vec<(i64, String, String, Option<String>)>, StoreError> {
+/// A payment or meter event, as the daemon's watch for other processes' changes sees it.
+pub struct MeterChange {
+    pub seq: i64,
+    pub kind: String,
+    pub meter: String,
+    /// A payment's source (`manual` for the CLI's credits).
+    pub source: Option<String>,
+}
+
+/// Payments and meter removals and secret changes after `after`, oldest first.
+pub fn meter_changes_after(conn: &Connection, after: i64) -> Result<Vec<MeterChange>, StoreError> {
     let mut st = conn.prepare_cached(
         "SELECT seq, kind, meter,
                 CASE WHEN kind = 'payment' AND typeof(data) = 'text'
@@ -824,7 +828,12 @@ pub fn meter_changes_after(
     )?;
     let rows = st
         .query_map([after], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            Ok(MeterChange {
+                seq: r.get(0)?,
+                kind: r.get(1)?,
+                meter: r.get(2)?,
+                source: r.get(3)?,
+            })
         })?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)

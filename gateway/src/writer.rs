@@ -873,7 +873,13 @@ impl ExternalWatch {
                 return;
             }
         };
-        for (seq, kind, meter, source) in changes {
+        for store::MeterChange {
+            seq,
+            kind,
+            meter,
+            source,
+        } in changes
+        {
             if seq > newest || self.own.iter().any(|r| r.contains(&seq)) {
                 continue;
             }
