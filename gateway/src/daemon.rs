@@ -33,11 +33,12 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("state database {path}: {source}")]
     Store { path: String, source: StoreError },
-    #[error("cannot listen on {addr} ({what}): {source}{}", listen_hint(.what, .addr, .source))]
+    // `error` is not a `source`: the message already carries it, and the CLI prints the chain.
+    #[error("cannot listen on {addr} ({what}): {error}{}", listen_hint(.what, .addr, .error))]
     Listen {
         what: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -212,7 +213,7 @@ impl Gateway {
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartError::Listen { what, addr, source })
+                .map_err(|error| StartError::Listen { what, addr, error })
         };
         let broker_listener = bind("broker.listen", config.broker.listen).await?;
         let api_listener = bind("api.listen", config.api.listen).await?;
