@@ -436,3 +436,55 @@ fn a_toml_syntax_error_names_file_line_and_column_and_shows_the_line() {
     );
     assert!(err.contains("\n  2 | id = site-001\n    |      ^"), "{err}");
 }
+
+/// The README's try-it with the real `mosquitto_sub`: the retained balance when it subscribes,
+/// then exactly one line for the payment. `-W` ends the subscriber after a fixed time, the
+/// window in which a duplicate would show (the daemon looks at outside changes every second).
+#[test]
+fn the_readmes_mosquitto_sub_prints_the_retained_balance_then_one_line_per_payment() {
+    use std::io::BufRead;
+    let sub = require_tool("mosquitto_sub");
+    let mut gw = Gateway::new("");
+    gw.start();
+    gw.add_meter("METER001", "meter-001-secret");
+    let port = gw.broker.port().to_string();
+    let mut child = KillOnDrop(
+        Command::new(sub)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-i",
+                "METER001",
+                "-u",
+                "METER001",
+            ])
+            .args(["-P", "meter-001-secret", "-q", "1", "-v", "-W", "6"])
+            .args(["-t", "smartmeter/METER001/command/#"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto_sub"),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let retained = rx.recv_timeout(WAIT).expect("the retained balance");
+    assert!(retained.starts_with(BALANCE), "{retained}");
+    gw.simulate("METER001", 100.0);
+    let mut lines = Vec::new();
+    // Ends when mosquitto_sub's -W window closes its stdout.
+    while let Ok(line) = rx.recv_timeout(WAIT) {
+        lines.push(line);
+    }
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("\"balance\":5.0"), "{lines:?}");
+}
