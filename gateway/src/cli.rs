@@ -25,6 +25,10 @@ pub struct Cli {
     /// defaults when it does not exist). conf.d/*.toml beside it is merged in name order.
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// Data directory (the ledger database), instead of `[gateway] data_dir`. On development
+    /// defaults it is otherwise `umeme-data` at the root of the source checkout.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub data_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -181,7 +185,23 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn dispatch(cli: Cli) -> Result<(), Failure> {
-    let config = Config::load(cli.config.as_deref())?;
+    let mut config = Config::load(cli.config.as_deref())?;
+    let uses_data = !matches!(cli.command, Command::CheckConfig | Command::Plugin(_));
+    if let Some(dir) = cli.data_dir {
+        config.gateway.data_dir = dir;
+    } else if uses_data && config.source == ConfigSource::BuiltInDefaults {
+        config.gateway.data_dir = development_data_dir()?;
+    }
+    if uses_data && config.source == ConfigSource::BuiltInDefaults {
+        // Said on every command: a second, empty ledger must never go unnoticed.
+        let dir = std::path::absolute(&config.gateway.data_dir)
+            .unwrap_or_else(|_| config.gateway.data_dir.clone());
+        eprintln!(
+            "umeme-gateway: using data dir {} (development defaults: no configuration file)",
+            dir.display()
+        );
+        config.gateway.data_dir = dir;
+    }
     match cli.command {
         Command::Run => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -277,6 +297,28 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// `umeme-data` at the root of the source checkout around the working directory, so the CLI
+/// run from a sub-folder finds the daemon's ledger instead of creating a second, empty one.
+/// Outside a checkout there is no obvious place: refuse rather than guess.
+fn development_data_dir() -> Result<PathBuf, Failure> {
+    let cwd = std::env::current_dir().context("reading the working directory")?;
+    for dir in cwd.ancestors() {
+        let is_root = dir.join("gateway/Cargo.toml").is_file()
+            && std::fs::read_to_string(dir.join("Cargo.toml"))
+                .is_ok_and(|t| t.lines().any(|l| l.trim() == "[workspace]"));
+        if is_root {
+            return Ok(dir.join("umeme-data"));
+        }
+    }
+    Err(usage(format!(
+        "no configuration file ({}) and {} is not inside an umeme-gateway source checkout, \
+         so the development defaults have no data directory: pass --config PATH or \
+         --data-dir PATH, or run from the checkout",
+        crate::config::DEFAULT_CONFIG_PATH,
+        cwd.display()
+    )))
+}
+
 /// Loads every configured plugin with all the checks `run` makes (ABI, kind, sha256, file
 /// and folder permissions); creates no instance.
 fn check_plugins(config: &Config) -> Result<(), Failure> {
@@ -284,22 +326,19 @@ fn check_plugins(config: &Config) -> Result<(), Failure> {
     use crate::plugin::Kind;
     let sinks = config.sinks.iter().filter_map(|s| match &s.implementation {
         SinkImplementation::Plugin { file, sha256 } => {
-            Some((file, sha256, Kind::Sink, &s.declared_at))
+            Some((file, sha256, Kind::Sink, &s.declared_at, &s.sha256_at))
         }
         SinkImplementation::Builtin(_) => None,
     });
-    let sources = config
-        .sources
-        .iter()
-        .map(|s| (&s.plugin, &s.sha256, Kind::Source, &s.declared_at));
-    for (file, sha256, kind, at) in sinks.chain(sources) {
+    let sources = config.sources.iter().map(|s| {
+        let at = (&s.declared_at, &s.sha256_at);
+        (&s.plugin, &s.sha256, Kind::Source, at.0, at.1)
+    });
+    for (file, sha256, kind, at, sha256_at) in sinks.chain(sources) {
         let lib = crate::plugin::load(&config.gateway.plugin_dir, file, sha256.as_deref(), kind)
             .map_err(|e| {
-                Failure::from(ConfigError {
-                    file: Some(at.0.clone()),
-                    position: Some((at.1, at.2)),
-                    message: e.to_string(),
-                })
+                let at = crate::plugin::error_location(&e, at, sha256_at.as_ref());
+                Failure::from(ConfigError::at(at, e.to_string()))
             })?;
         println!(
             "ok: plugin {} ({} {}, ABI {}) from {}",

@@ -38,13 +38,52 @@ impl fmt::Display for ConfigError {
 }
 
 impl ConfigError {
+    /// An error at `span` of `text`; the message ends with the offending line and a caret, so
+    /// a syntax error ("string values must be quoted") shows what the parser saw.
     fn in_file(file: &Path, text: &str, span: Option<std::ops::Range<usize>>, msg: String) -> Self {
+        let position = span.map(|s| line_col(text, s.start));
+        let message = match position {
+            Some((line, col)) => format!("{msg}{}", excerpt(text, line, col)),
+            None => msg,
+        };
         ConfigError {
             file: Some(file.to_path_buf()),
-            position: span.map(|s| line_col(text, s.start)),
-            message: msg,
+            position,
+            message,
         }
     }
+}
+
+impl ConfigError {
+    /// An error found after parsing (a plugin's checks), at a remembered `(file, line, col)`.
+    pub fn at(location: &(PathBuf, usize, usize), message: String) -> Self {
+        ConfigError {
+            file: Some(location.0.clone()),
+            position: Some((location.1, location.2)),
+            message,
+        }
+    }
+}
+
+/// `\n  12 | listen = 0.0.0.0:1883\n     |          ^`: line `line` of `text` with a caret
+/// under column `col` (both 1-based). Control characters are shown as `?` so the excerpt
+/// cannot garble the terminal.
+fn excerpt(text: &str, line: usize, col: usize) -> String {
+    let Some(src) = text.lines().nth(line - 1) else {
+        return String::new();
+    };
+    let shown: String = src
+        .chars()
+        .take(200)
+        .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+        .collect();
+    let pad: String = shown
+        .chars()
+        .take(col.saturating_sub(1))
+        .map(|c| if c == '\t' { '\t' } else { ' ' })
+        .collect();
+    let gutter = " ".repeat(line.to_string().len());
+    format!("\n  {line} | {shown}\n  {gutter} | {pad}^")
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -198,6 +237,8 @@ pub struct SinkConfig {
     pub config: serde_json::Value,
     /// Where the sink was declared, for errors found later (its own config's validation).
     pub declared_at: (PathBuf, usize, usize),
+    /// Where its `sha256` value stands, for a plugin file that does not match it.
+    pub sha256_at: Option<(PathBuf, usize, usize)>,
 }
 
 /// What delivers a sink's events.
@@ -221,6 +262,8 @@ pub struct SourceConfig {
     /// `[source.config]`, passed to the plugin as JSON.
     pub config: serde_json::Value,
     pub declared_at: (PathBuf, usize, usize),
+    /// Where its `sha256` value stands, for a plugin file that does not match it.
+    pub sha256_at: Option<(PathBuf, usize, usize)>,
 }
 
 /// The event kinds of contract §6.
@@ -235,7 +278,8 @@ pub const EVENT_KINDS: [&str; 6] = [
 
 impl Config {
     /// The configuration the daemon runs on when no file exists: everything on loopback,
-    /// data in `./umeme-data`, the simulate endpoint enabled for trying the gateway out.
+    /// data in `umeme-data` (the CLI places it at the checkout's root), the simulate endpoint
+    /// enabled for trying the gateway out.
     pub fn development_defaults() -> Config {
         let mut c = Config::from_partial(PartialConfig::default(), ConfigSource::BuiltInDefaults);
         c.gateway.data_dir = PathBuf::from("umeme-data");
@@ -280,6 +324,8 @@ impl Config {
             for s in part.sink.drain(..) {
                 let span = s.name.span();
                 let at = |msg: String| ConfigError::in_file(file, &text, Some(span.clone()), msg);
+                let sha256_at =
+                    locate_sha256(file, &text, s.sha256.as_ref(), "sink", &s.name.get_ref().0)?;
                 if sinks.iter().any(|o| o.name == s.name.get_ref().0) {
                     return Err(at(format!(
                         "a sink named {:?} is already configured",
@@ -287,11 +333,20 @@ impl Config {
                     )));
                 }
                 let (line, col) = line_col(&text, span.start);
-                sinks.push(s.resolve((file.clone(), line, col)).map_err(at)?);
+                let mut sink = s.resolve((file.clone(), line, col)).map_err(at)?;
+                sink.sha256_at = sha256_at;
+                sinks.push(sink);
             }
             for s in part.source.drain(..) {
                 let span = s.name.span();
                 let at = |msg: String| ConfigError::in_file(file, &text, Some(span.clone()), msg);
+                let sha256_at = locate_sha256(
+                    file,
+                    &text,
+                    s.sha256.as_ref(),
+                    "source",
+                    &s.name.get_ref().0,
+                )?;
                 if sources
                     .iter()
                     .any(|o: &SourceConfig| o.name == s.name.get_ref().0)
@@ -302,7 +357,9 @@ impl Config {
                     )));
                 }
                 let (line, col) = line_col(&text, span.start);
-                sources.push(s.resolve((file.clone(), line, col)).map_err(at)?);
+                let mut source = s.resolve((file.clone(), line, col)).map_err(at)?;
+                source.sha256_at = sha256_at;
+                sources.push(source);
             }
             secret_files.extend(plugin_secret_files(file, &text));
             if let Some(tf) = part.api.as_ref().and_then(|a| a.token_file.as_ref()) {
@@ -490,6 +547,23 @@ fn plugin_secret_files(file: &Path, text: &str) -> Vec<Located<SecretFile>> {
     out
 }
 
+/// Checks a plugin's `sha256` value where it stands and returns where it stands, so a wrong
+/// value and, later, a file that does not match both point at the `sha256` line.
+fn locate_sha256(
+    file: &Path,
+    text: &str,
+    sha256: Option<&Spanned<String>>,
+    what: &str,
+    name: &str,
+) -> Result<Option<(PathBuf, usize, usize)>, ConfigError> {
+    let Some(h) = sha256 else { return Ok(None) };
+    check_sha256(h.get_ref()).map_err(|e| {
+        ConfigError::in_file(file, text, Some(h.span()), format!("{what} {name:?}: {e}"))
+    })?;
+    let (line, col) = line_col(text, h.span().start);
+    Ok(Some((file.to_path_buf(), line, col)))
+}
+
 fn io_error(path: &Path, e: std::io::Error) -> ConfigError {
     ConfigError {
         file: Some(path.to_path_buf()),
@@ -527,7 +601,7 @@ struct PartialSink {
     name: Spanned<SinkName>,
     builtin: Option<String>,
     plugin: Option<String>,
-    sha256: Option<String>,
+    sha256: Option<Spanned<String>>,
     events: Option<Vec<EventKind>>,
     batch_size: Option<Bounded<1, 10_000>>,
     max_events_per_second: Option<Bounded<1, 1_000_000>>,
@@ -540,7 +614,8 @@ struct PartialSink {
 impl PartialSink {
     fn resolve(self, declared_at: (PathBuf, usize, usize)) -> Result<SinkConfig, String> {
         let name = self.name.into_inner().0;
-        let implementation = match (self.builtin, self.plugin, self.sha256) {
+        let sha256 = self.sha256.map(Spanned::into_inner);
+        let implementation = match (self.builtin, self.plugin, sha256) {
             (Some(b), None, None) if b == "jsonl" => SinkImplementation::Builtin(b),
             (Some(b), None, None) => {
                 return Err(format!(
@@ -595,6 +670,7 @@ impl PartialSink {
             retry_max,
             config,
             declared_at,
+            sha256_at: None,
         };
         crate::outbox::check_sink_config(&sink)
             .map_err(|e| format!("sink {:?}: {e}", sink.name))?;
@@ -779,7 +855,7 @@ impl TryFrom<PathBuf> for NonEmptyPath {
 struct PartialSource {
     name: Spanned<SinkName>,
     plugin: String,
-    sha256: Option<String>,
+    sha256: Option<Spanned<String>>,
     #[serde(default)]
     config: toml::Table,
 }
@@ -791,12 +867,13 @@ impl PartialSource {
             plugin: plugin_file(&self.plugin).map_err(|e| format!("source {name:?}: {e}"))?,
             sha256: self
                 .sha256
-                .map(|h| check_sha256(&h))
+                .map(|h| check_sha256(h.get_ref()))
                 .transpose()
                 .map_err(|e| format!("source {name:?}: {e}"))?,
             config: toml_to_json(&toml::Value::Table(self.config)),
             name,
             declared_at,
+            sha256_at: None,
         })
     }
 }
@@ -1238,6 +1315,43 @@ mod tests {
         let p = write(dir.path(), "g.toml", "[ledger]\ncommit_delay = \"150ms\"\n");
         let c = Config::load(Some(&p)).unwrap();
         assert_eq!(c.ledger.commit_delay, std::time::Duration::from_millis(150));
+    }
+
+    #[test]
+    fn a_malformed_sha256_points_at_the_sha256_line_and_remembers_where_it_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[[source]]\nname = \"m\"\nplugin = \"libd.so\"\nsha256 = \"abc\"\n",
+        );
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((4, 10)), "{e}");
+        assert!(e.message.contains("64 hexadecimal"), "{e}");
+        let good = "ab".repeat(32);
+        let p = write(
+            dir.path(),
+            "g.toml",
+            &format!("[[sink]]\nname = \"a\"\nplugin = \"libx.so\"\n\nsha256 = \"{good}\"\n"),
+        );
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.sinks[0].sha256_at, Some((p.clone(), 5, 10)));
+        assert_eq!(c.sinks[0].declared_at, (p, 2, 8));
+    }
+
+    #[test]
+    fn a_located_error_shows_its_line_with_a_caret_under_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "g.toml", "[ledger]\n\tunits_per_kes = -1.0\n");
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((2, 18)), "{e}");
+        assert!(
+            e.message
+                .ends_with("\n  2 | \tunits_per_kes = -1.0\n    | \t                ^"),
+            "{e}"
+        );
+        assert_eq!(excerpt("a\x1b[2Jb", 1, 2), "\n  1 | a?[2Jb\n    |  ^");
+        assert_eq!(excerpt("x", 3, 1), "", "no line, no excerpt");
     }
 
     #[test]

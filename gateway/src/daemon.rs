@@ -33,12 +33,35 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("state database {path}: {source}")]
     Store { path: String, source: StoreError },
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    // `error` is not a `source`: the message already carries it, and the CLI prints the chain.
+    #[error("cannot listen on {addr} ({what}): {error}{}", listen_hint(.what, .addr, .error))]
     Listen {
         what: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+}
+
+/// What to do about a port that is taken: on a developer's machine the usual culprit is
+/// Debian's mosquitto service (scripts/test-all installs the package) holding 1883.
+fn listen_hint(what: &str, addr: &SocketAddr, e: &std::io::Error) -> String {
+    if e.kind() != std::io::ErrorKind::AddrInUse {
+        return String::new();
+    }
+    let port = addr.port();
+    let (who, section) = match what {
+        "broker.listen" => ("another MQTT broker (mosquitto?)", "[broker] listen"),
+        _ => ("another program", "[api] listen"),
+    };
+    let stop = if what == "broker.listen" {
+        " (`sudo systemctl disable --now mosquitto`)"
+    } else {
+        ""
+    };
+    format!(
+        ". Port {port} is taken: {who} is listening: stop it{stop} or set {section}; \
+         `ss -ltnp 'sport = :{port}'` shows which program holds it"
+    )
 }
 
 /// A running gateway: its listening addresses and a way to stop it.
@@ -133,7 +156,11 @@ impl Gateway {
                         sha256.as_deref(),
                         Kind::Sink,
                     )
-                    .map_err(|e| at(e.to_string()))?;
+                    .map_err(|e| {
+                        let at =
+                            plugin::error_location(&e, &sink.declared_at, sink.sha256_at.as_ref());
+                        StartError::Config(ConfigError::at(at, e.to_string()))
+                    })?;
                     let services = HostServices::new(
                         sink.name.clone(),
                         Kind::Sink,
@@ -158,20 +185,16 @@ impl Gateway {
         }
         let mut sources = Vec::new();
         for src in &config.sources {
-            let at = |message: String| {
-                StartError::Config(ConfigError {
-                    file: Some(src.declared_at.0.clone()),
-                    position: Some((src.declared_at.1, src.declared_at.2)),
-                    message,
-                })
-            };
             let lib = plugin::load(
                 &config.gateway.plugin_dir,
                 &src.plugin,
                 src.sha256.as_deref(),
                 Kind::Source,
             )
-            .map_err(|e| at(e.to_string()))?;
+            .map_err(|e| {
+                let at = plugin::error_location(&e, &src.declared_at, src.sha256_at.as_ref());
+                StartError::Config(ConfigError::at(at, e.to_string()))
+            })?;
             let services = HostServices::new(
                 src.name.clone(),
                 Kind::Source,
@@ -190,7 +213,7 @@ impl Gateway {
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartError::Listen { what, addr, source })
+                .map_err(|error| StartError::Listen { what, addr, error })
         };
         let broker_listener = bind("broker.listen", config.broker.listen).await?;
         let api_listener = bind("api.listen", config.api.listen).await?;

@@ -106,9 +106,50 @@ const HELP: &[(&str, &str, &str)] = &[
     ),
 ];
 
-#[derive(Default)]
 pub struct Metrics {
     series: Mutex<BTreeMap<String, (String, f64)>>,
+}
+
+/// Series rendered from the start, at 0: README lists them "to watch", and an alert rule on a
+/// series that does not exist yet never fires (nor can `rate()` see its first increment).
+const EXPOSED_AT_ZERO: &[(&str, &[(&str, &str)])] = &[
+    ("umeme_ledger_errors_total", &[("reason", "commit")]),
+    ("umeme_ledger_errors_total", &[("reason", "store")]),
+    ("umeme_ledger_alerts_total", &[("alert", "low_balance")]),
+    (
+        "umeme_ledger_alerts_total",
+        &[("alert", "balance_exhausted")],
+    ),
+    ("umeme_mqtt_rejected_total", &[("reason", "acl_publish")]),
+    ("umeme_mqtt_rejected_total", &[("reason", "acl_subscribe")]),
+    ("umeme_mqtt_rejected_total", &[("reason", "malformed")]),
+    ("umeme_mqtt_rejected_total", &[("reason", "out_of_range")]),
+    ("umeme_mqtt_rejected_total", &[("reason", "oversize")]),
+    ("umeme_mqtt_rejected_total", &[("reason", "implausible")]),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "bad_credentials")],
+    ),
+    (
+        "umeme_payments_total",
+        &[("source", "simulate"), ("outcome", "credited")],
+    ),
+    (
+        "umeme_payments_total",
+        &[("source", "manual"), ("outcome", "credited")],
+    ),
+];
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let m = Metrics {
+            series: Mutex::new(BTreeMap::new()),
+        };
+        for (name, labels) in EXPOSED_AT_ZERO {
+            m.add(name, labels, 0);
+        }
+        m
+    }
 }
 
 fn series_key(name: &str, labels: &[(&str, &str)]) -> String {

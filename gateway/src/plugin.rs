@@ -55,6 +55,19 @@ impl Kind {
     }
 }
 
+/// The configuration line a load error belongs to: a file that does not match its `sha256`
+/// points at the `sha256` line, everything else at the entry's `name`.
+pub fn error_location<'a>(
+    e: &PluginError,
+    declared_at: &'a (PathBuf, usize, usize),
+    sha256_at: Option<&'a (PathBuf, usize, usize)>,
+) -> &'a (PathBuf, usize, usize) {
+    match (e, sha256_at) {
+        (PluginError::Sha256 { .. }, Some(at)) => at,
+        _ => declared_at,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     #[error("plugin {0:?} must be a bare file name ending in .so, inside plugin_dir")]

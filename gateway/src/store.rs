@@ -805,21 +805,36 @@ impl Reader {
     }
 }
 
-/// `(seq, kind, meter)` of payments and of meter removals and secret changes after `after`,
-/// oldest first.
-pub fn meter_changes_after(
-    conn: &Connection,
-    after: i64,
-) -> Result<Vec<(i64, String, String)>, StoreError> {
+/// A payment or meter event, as the daemon's watch for other processes' changes sees it.
+pub struct MeterChange {
+    pub seq: i64,
+    pub kind: String,
+    pub meter: String,
+    /// A payment's source (`manual` for the CLI's credits).
+    pub source: Option<String>,
+}
+
+/// Payments and meter removals and secret changes after `after`, oldest first.
+pub fn meter_changes_after(conn: &Connection, after: i64) -> Result<Vec<MeterChange>, StoreError> {
     let mut st = conn.prepare_cached(
-        "SELECT seq, kind, meter FROM events
+        "SELECT seq, kind, meter,
+                CASE WHEN kind = 'payment' AND typeof(data) = 'text'
+                     THEN json_extract(data, '$.source') END
+         FROM events
          WHERE seq > ?1 AND meter IS NOT NULL
            AND (kind = 'payment' OR (kind = 'meter' AND typeof(data) = 'text'
                 AND json_extract(data, '$.action') IN ('removed', 'secret_changed')))
          ORDER BY seq",
     )?;
     let rows = st
-        .query_map([after], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .query_map([after], |r| {
+            Ok(MeterChange {
+                seq: r.get(0)?,
+                kind: r.get(1)?,
+                meter: r.get(2)?,
+                source: r.get(3)?,
+            })
+        })?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }

@@ -16,7 +16,8 @@ use rusqlite::{Connection, TransactionBehavior};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::ops::RangeInclusive;
 
 use crate::config::Tariff;
 use crate::consumption::Consumption;
@@ -634,13 +635,15 @@ impl Writer {
                     }
                     load.add(batch.len());
                     if !batch.is_empty() {
-                        commit_batch(
+                        if let Some(own) = commit_batch(
                             &mut conn, &mut batch, &settings, &notify, &metrics, &mut live,
-                        );
+                        ) {
+                            watch.made(own);
+                        }
                         bell.ring();
                     }
                     if tick {
-                        watch.check(&conn, &notify);
+                        watch.check(&conn, &notify, &metrics);
                         ticks += 1;
                         if ticks % FOLD_EVERY_TICKS == 0 {
                             // Even with no report since the last fold: `folded_seq` then
@@ -771,10 +774,13 @@ fn commit_batch(
     notify: &Notify,
     metrics: &Metrics,
     live: &mut Live,
-) {
+) -> Option<RangeInclusive<i64>> {
     let mut results: Vec<Result<Applied, LedgerError>> = Vec::with_capacity(batch.len());
-    let committed = (|| -> Result<(), LedgerError> {
+    let committed = (|| -> Result<RangeInclusive<i64>, LedgerError> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Nobody else writes during an immediate transaction: the events numbered between
+        // these two reads are this batch's own (the external watch skips them).
+        let before = store::last_event_seq(&tx)?;
         // Accounts this batch changed; they join `live` only once the batch is committed.
         let mut staged: HashMap<MeterId, Versioned> = HashMap::new();
         for job in batch.iter() {
@@ -790,11 +796,12 @@ fn commit_batch(
             }
             results.push(r);
         }
+        let after = store::last_event_seq(&tx)?;
         tx.commit()?;
-        Ok(())
+        Ok(before + 1..=after)
     })();
     match committed {
-        Ok(()) => {
+        Ok(own) => {
             metrics.inc("umeme_ledger_commits_total", &[]);
             for (job, result) in batch.drain(..).zip(results) {
                 let reply = match result {
@@ -813,6 +820,7 @@ fn commit_batch(
                 };
                 let _ = job.reply.send(reply);
             }
+            Some(own)
         }
         Err(e) => {
             tracing::error!(error = %e, ops = batch.len(), "ledger commit failed; nothing in this batch was applied");
@@ -825,48 +833,89 @@ fn commit_batch(
             for job in batch.drain(..) {
                 let _ = job.reply.send(Err(LedgerError::CommitFailed(msg.clone())));
             }
+            None
         }
     }
 }
 
 /// Notices for payments and meter changes that another process (the CLI) committed, so a
-/// `umeme-gateway credit` reaches a connected meter within about a second. Each tick re-reads the
-/// payment and meter events since the previous tick, the daemon's own included: a meter may get
-/// the same balance command twice, which is harmless (same `ledgerSeq`), and nothing is missed.
+/// `umeme-gateway credit` reaches a connected meter within about a second, and such payments
+/// count in `umeme_payments_total`. Events the writer made itself were already announced after
+/// their commit: they are skipped, so one balance change is one `command/balance`.
 struct ExternalWatch {
     last_seq: i64,
+    /// Event seqs committed by this writer and not yet passed by `last_seq`.
+    own: VecDeque<RangeInclusive<i64>>,
 }
 
 impl ExternalWatch {
     fn new(conn: &Connection) -> ExternalWatch {
         ExternalWatch {
             last_seq: store::last_event_seq(conn).unwrap_or(0),
+            own: VecDeque::new(),
         }
     }
 
-    fn check(&mut self, conn: &Connection, notify: &Notify) {
-        let changes = match store::meter_changes_after(conn, self.last_seq) {
-            Ok(c) => c,
+    /// Records the seqs of a batch this writer committed.
+    fn made(&mut self, seqs: RangeInclusive<i64>) {
+        if seqs.is_empty() {
+            return;
+        }
+        if self.own.is_empty() && *seqs.start() == self.last_seq + 1 {
+            // Nothing from outside came in between: no need to remember the range.
+            self.last_seq = *seqs.end();
+        } else {
+            self.own.push_back(seqs);
+        }
+    }
+
+    fn check(&mut self, conn: &Connection, notify: &Notify, metrics: &Metrics) {
+        // The newest seq first: the CLI may commit between the two reads, and what it adds
+        // after `newest` is left for the next tick.
+        let read = store::last_event_seq(conn)
+            .and_then(|newest| Ok((newest, store::meter_changes_after(conn, self.last_seq)?)));
+        let (newest, changes) = match read {
+            Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "could not read recent meter changes");
                 return;
             }
         };
-        for (seq, kind, meter) in changes {
-            self.last_seq = self.last_seq.max(seq);
+        for store::MeterChange {
+            seq,
+            kind,
+            meter,
+            source,
+        } in changes
+        {
+            if seq > newest || self.own.iter().any(|r| r.contains(&seq)) {
+                continue;
+            }
             let Ok(meter) = MeterId::parse(&meter) else {
                 continue;
             };
             let account = store::account(conn, &meter).ok().flatten();
             match (kind.as_str(), account) {
-                ("payment", Some(a)) => notify(
-                    &meter,
-                    Notice::Balance(balance_command_for(&a, store::now_ms())),
-                ),
+                ("payment", Some(a)) => {
+                    metrics.inc(
+                        "umeme_payments_total",
+                        &[
+                            ("source", source.as_deref().unwrap_or("unknown")),
+                            ("outcome", "credited"),
+                        ],
+                    );
+                    notify(
+                        &meter,
+                        Notice::Balance(balance_command_for(&a, store::now_ms())),
+                    )
+                }
                 ("meter", _) => notify(&meter, Notice::Revoked),
                 _ => {}
             }
         }
+        self.last_seq = self.last_seq.max(newest);
+        let seen = self.last_seq;
+        self.own.retain(|r| *r.end() > seen);
     }
 }
 
@@ -920,5 +969,71 @@ fn keep_house(conn: &mut Connection, h: &WriterOptions, metrics: &Metrics, live:
             metrics.set("umeme_outbox_full", &[], if p.full { 1.0 } else { 0.0 });
         }
         Err(e) => tracing::warn!(error = %e, "outbox housekeeping failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn credit(meter: &MeterId, reference: &str) -> Op {
+        Op::Credit(Credit {
+            meter: meter.clone(),
+            source: "manual".into(),
+            reference: reference.into(),
+            amount_cents: 100,
+            at: 1,
+            phone: None,
+        })
+    }
+
+    #[test]
+    fn the_external_watch_announces_outside_payments_once_and_never_the_writers_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.db");
+        let mut own = store::open(&path, "site").unwrap();
+        let mut cli = store::open_without_upgrade(&path, "site").unwrap();
+        let s = LedgerSettings {
+            rules: Rules { low_balance_wh: 0 },
+            tariff: Tariff::try_from(0.05).unwrap(),
+        };
+        let meter = MeterId::parse("M1").unwrap();
+        let add = Op::AddMeter {
+            meter: meter.clone(),
+            name: None,
+            phone: None,
+            secret_hash: crate::auth::hash_secret("secret-123"),
+            at: 1,
+        };
+        apply_now(&mut cli, &add, &s).unwrap();
+        let mut watch = ExternalWatch::new(&own);
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let h = heard.clone();
+        let notify: Notify = Arc::new(move |_, n| h.lock().unwrap().push(n));
+        let metrics = Metrics::default();
+        // The writer's own payment, between two from outside: only those two are news.
+        let own_payment = |conn: &mut Connection, watch: &mut ExternalWatch, r: &str| {
+            let before = store::last_event_seq(conn).unwrap();
+            apply_now(conn, &credit(&meter, r), &s).unwrap();
+            watch.made(before + 1..=store::last_event_seq(conn).unwrap());
+        };
+        apply_now(&mut cli, &credit(&meter, "CLI-1"), &s).unwrap();
+        own_payment(&mut own, &mut watch, "OWN-1");
+        apply_now(&mut cli, &credit(&meter, "CLI-2"), &s).unwrap();
+        own_payment(&mut own, &mut watch, "OWN-2");
+        watch.check(&own, &notify, &metrics);
+        assert_eq!(heard.lock().unwrap().len(), 2);
+        let counted = [("source", "manual"), ("outcome", "credited")];
+        assert_eq!(metrics.get("umeme_payments_total", &counted), 2.0);
+        assert!(
+            watch.own.is_empty(),
+            "ranges behind the watch are forgotten"
+        );
+        // Nothing new: nothing announced, nothing counted again.
+        own_payment(&mut own, &mut watch, "OWN-3");
+        watch.check(&own, &notify, &metrics);
+        assert_eq!(heard.lock().unwrap().len(), 2);
+        assert_eq!(metrics.get("umeme_payments_total", &counted), 2.0);
     }
 }

@@ -533,7 +533,7 @@ pub fn require_tool(name: &str) -> PathBuf {
         }
     }
     panic!(
-        "{name} is not installed; run the README's test command (it installs mosquitto-clients)"
+        "{name} is not installed; run scripts/test-all (it installs mosquitto, mosquitto-clients and the rest)"
     );
 }
 
