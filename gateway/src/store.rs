@@ -76,6 +76,9 @@ CREATE TABLE IF NOT EXISTS payments (
     PRIMARY KEY (source, reference)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS payments_by_meter ON payments (meter, at);
+-- A reference credits once per site whatever its source, compared without ASCII case: the
+-- primary key (source, reference) cannot answer that lookup, this index does.
+CREATE INDEX IF NOT EXISTS payments_by_reference ON payments (reference COLLATE NOCASE);
 CREATE TABLE IF NOT EXISTS events "#,
     events_columns!(),
     r#";
@@ -531,6 +534,24 @@ pub fn payment(
         .query_row(
             &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE source = ?1 AND reference = ?2"),
             [source, reference],
+            payment_row,
+        )
+        .optional()?)
+}
+
+/// The first payment with this reference from any source, ASCII case ignored
+/// (`payments_by_reference`).
+pub fn payment_by_reference(
+    conn: &Connection,
+    reference: &str,
+) -> Result<Option<PaymentRow>, StoreError> {
+    Ok(conn
+        .query_row(
+            &format!(
+                "SELECT {PAYMENT_COLUMNS} FROM payments WHERE reference = ?1 COLLATE NOCASE \
+                 ORDER BY event_seq LIMIT 1"
+            ),
+            [reference],
             payment_row,
         )
         .optional()?)
