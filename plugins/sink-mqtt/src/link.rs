@@ -61,6 +61,9 @@ pub struct Stats {
     pub published: u64,
     pub acked: u64,
     pub commands: u64,
+    /// Commands answered `ok:false` (unsigned, bad signature, expired, out of bounds, over a
+    /// cap, refused by the gateway).
+    pub commands_refused: u64,
 }
 
 enum Request {
@@ -613,8 +616,9 @@ impl Controller {
 
     fn on_done(&mut self, d: Done) {
         if d.connection != self.connection || self.phase != Phase::Up {
-            // The broker sends the command again on the next connection; it runs again
-            // (credits are idempotent by reference) and is acknowledged then.
+            // The broker sends the command again on the next connection and it is acknowledged
+            // then: answered from its nonce's stored result, or run again if that was not
+            // stored (credits are idempotent by reference).
             log::info!(
                 "mqtt: a command from {} finished after its connection closed; the broker redelivers it",
                 Untrusted(&d.publish.topic)
@@ -633,7 +637,12 @@ impl Controller {
                     payload: a.result.to_string().into_bytes(),
                 },
             ));
-            self.stats().commands += 1;
+            let mut st = self.stats();
+            st.commands += 1;
+            if !a.ok() {
+                st.commands_refused += 1;
+            }
+            drop(st);
         }
         self.outbound.push_back(Out::Ack(d.publish));
     }
