@@ -3,8 +3,13 @@
 //! meter or amount is an error that says nothing of the first payment.
 
 mod common;
+#[path = "../../plugins/source-daraja/tests/fake_daraja/mod.rs"]
+mod fake_daraja;
+
+use std::net::SocketAddr;
 
 use common::*;
+use fake_daraja::*;
 
 fn site() -> Gateway {
     let mut gw = Gateway::new("");
@@ -97,4 +102,51 @@ fn a_reference_credited_by_one_source_is_a_conflict_from_another_source_for_anot
         gw.balance_wh("METER001"),
         first["balance_wh"].as_i64().unwrap()
     );
+}
+
+#[test]
+fn an_mpesa_receipt_credited_by_the_daraja_source_is_a_conflict_for_another_meter_from_any_source()
+{
+    let scratch = tempfile::tempdir().unwrap();
+    let plugins = install_plugins(scratch.path(), &[built_plugin("umeme-source-daraja")]);
+    let daraja = FakeDaraja::start();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = plugin_config(scratch.path(), &daraja, listen);
+    let table: String = config
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| format!("{k} = {v}\n"))
+        .collect();
+    let mut gw = Gateway::with_plugins(
+        &plugins,
+        &format!("[[source]]\nname = \"mpesa\"\nplugin = \"libumeme_source_daraja.so\"\n[source.config]\n{table}"),
+    );
+    gw.add_meter("METER001", "meter-001-secret");
+    gw.add_meter("METER002", "meter-002-secret");
+    gw.start();
+    gw.assert_log("Daraja source listening");
+
+    let paid = c2b_body("RKTQDM7W6S", "10.00", "METER001", true);
+    let (status, _) = post(listen, &path("c2b/confirmation"), &paid);
+    assert_eq!(status, 200);
+    let balance_1 = eventually("the M-Pesa credit", || {
+        Some(gw.balance_wh("METER001")).filter(|b| *b > 0)
+    });
+
+    // The operator (source `manual`) types the same receipt for another meter: refused.
+    let out = gw.cli(&["credit", "METER002", "--kes", "10", "--ref", "RKTQDM7W6S"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already used for another payment"), "{err}");
+    assert!(!err.contains("METER001"), "{err}");
+    assert_eq!(gw.balance_wh("METER002"), 0);
+    // The same receipt, meter and amount, in lower case with a space: the same payment.
+    let out = gw.cli(&["credit", "METER001", "--kes", "10", "--ref", "rktqdm7w6s "]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("already credited"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(gw.balance_wh("METER001"), balance_1);
 }
