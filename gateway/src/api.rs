@@ -371,6 +371,13 @@ async fn simulate(State(st): St, body: Bytes) -> Response {
             error(StatusCode::NOT_FOUND, format!("unknown meter {m}"))
         }
         Err(e @ LedgerError::BadReference) => bad_request(&st, "bad_reference", e.to_string()),
+        Err(e @ LedgerError::ReferenceConflict) => {
+            st.metrics.inc(
+                "umeme_payments_total",
+                &[("source", "simulate"), ("outcome", "conflict")],
+            );
+            error(StatusCode::CONFLICT, e.to_string())
+        }
         Err(e) => internal(e),
     }
 }

@@ -560,6 +560,9 @@ impl HostServices {
         }
         self.writer.submit_blocking(op).map_err(|e| match e {
             LedgerError::UnknownMeter(m) => (abi::REJECTED, format!("unknown meter {m}")),
+            // A documented answer (plugins/sdk README): `reference_conflict: …`, nothing of
+            // the first payment.
+            LedgerError::ReferenceConflict => (abi::REJECTED, format!("{}: {e}", e.reason())),
             LedgerError::BadReference => (abi::REJECTED, e.to_string()),
             other => (abi::BUSY, other.to_string()),
         })
@@ -590,7 +593,7 @@ impl HostServices {
         };
         match self.submit(Op::Credit(credit))? {
             Outcome::Credited { payment, duplicate } => {
-                info!(plugin = %self.plugin, meter = %payment.meter, reference = %payment.reference, duplicate, "payment credited");
+                info!(plugin = %self.plugin, meter = %payment.meter, reference = %crate::untrusted::Untrusted(&payment.reference), duplicate, "payment credited");
                 let r = umeme_plugin_sdk::PaymentResult {
                     duplicate,
                     credit_wh: payment.credit_wh,

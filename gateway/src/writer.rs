@@ -21,12 +21,13 @@ use std::ops::RangeInclusive;
 
 use crate::config::Tariff;
 use crate::consumption::Consumption;
-use crate::ledger::{Account, ReportApplied, ReportKind, ReportRefused, Rules};
+use crate::ledger::{self, Account, ReportApplied, ReportKind, ReportRefused, Rules};
 use crate::meter::{wh_to_units, MeterId};
 use crate::metrics::Metrics;
 use crate::outbox::Bell;
 use crate::payload::{BalanceCommand, Report, StatusReport};
 use crate::store::{self, PaymentRow, StoreError};
+use crate::untrusted::Untrusted;
 
 /// Outbox housekeeping runs on every this many ticks (about seconds), starting with the first.
 const HOUSEKEEPING_EVERY_TICKS: u64 = 5;
@@ -174,7 +175,7 @@ pub enum Op {
     },
 }
 
-/// A payment: credits once per (source, reference).
+/// A payment: a reference credits once per site (see [`ledger::payment_reference`]).
 #[derive(Debug, Clone)]
 pub struct Credit {
     pub meter: MeterId,
@@ -208,6 +209,10 @@ pub enum LedgerError {
     Refused(#[from] ReportRefused),
     #[error("payment reference must be 1 to 100 printable characters")]
     BadReference,
+    /// The reference was credited before for another meter or amount. Carries nothing of
+    /// that payment: the caller may be anyone who can submit a payment.
+    #[error("payment reference already used for another payment")]
+    ReferenceConflict,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the ledger commit failed, nothing was applied: {0}")]
@@ -229,6 +234,7 @@ impl LedgerError {
             LedgerError::MeterExists(_) => "meter_exists",
             LedgerError::Refused(_) => "implausible",
             LedgerError::BadReference => "bad_reference",
+            LedgerError::ReferenceConflict => "reference_conflict",
             LedgerError::Store(_) => "store",
             LedgerError::CommitFailed(_) => "commit",
             LedgerError::Stopped => "stopped",
@@ -492,13 +498,25 @@ fn apply_credit(
     s: &LedgerSettings,
     accounts: Accounts<'_>,
 ) -> Result<Applied, LedgerError> {
-    let reference_ok = !c.reference.is_empty()
-        && c.reference.len() <= 100
-        && !c.reference.chars().any(char::is_control);
-    if !reference_ok {
-        return Err(LedgerError::BadReference);
-    }
-    if let Some(first) = store::payment(tx, &c.source, &c.reference)? {
+    let reference = ledger::payment_reference(&c.reference).ok_or(LedgerError::BadReference)?;
+    if let Some(first) = store::payment_by_reference(tx, reference)? {
+        if !ledger::same_payment(
+            &first.meter,
+            first.amount_cents,
+            c.meter.as_str(),
+            c.amount_cents,
+        ) {
+            // The answer says nothing of the first payment; the journal says which one it was.
+            tracing::warn!(
+                source = %Untrusted(&c.source),
+                reference = %Untrusted(reference),
+                meter = %c.meter,
+                amount_cents = c.amount_cents,
+                first_event_seq = first.event_seq,
+                "payment refused: its reference was already used for another meter or amount"
+            );
+            return Err(LedgerError::ReferenceConflict);
+        }
         return Ok(Applied {
             outcome: Outcome::Credited {
                 payment: first,
@@ -513,7 +531,7 @@ fn apply_credit(
     let credit_wh = s.tariff.credit_wh(c.amount_cents);
     account.credit(credit_wh);
     let mut data = json!({
-        "source": c.source, "reference": c.reference,
+        "source": c.source, "reference": reference,
         "amount": c.amount_cents as f64 / 100.0, "amountCents": c.amount_cents,
         "creditWh": credit_wh, "units": wh_to_units(credit_wh),
         "balanceWh": account.balance_wh, "balance": wh_to_units(account.balance_wh),
@@ -527,7 +545,7 @@ fn apply_credit(
     store::save_account(tx, c.meter.as_str(), &account, event_seq)?;
     let payment = PaymentRow {
         source: c.source.clone(),
-        reference: c.reference.clone(),
+        reference: reference.to_string(),
         meter: c.meter.to_string(),
         amount_cents: c.amount_cents,
         credit_wh,
