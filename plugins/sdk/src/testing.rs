@@ -45,6 +45,10 @@ pub struct FakeHost {
     pub balances_wh: Mutex<HashMap<String, i64>>,
     pub commands: Mutex<Vec<Command>>,
     pub kv: Mutex<HashMap<String, String>>,
+    /// Payments handed to `record_unapplied`, one per reference.
+    pub unapplied: Mutex<Vec<crate::Unapplied>>,
+    /// Set to emulate a gateway of ABI minor 0 (no `record_unapplied`).
+    pub minor_0: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -175,6 +179,27 @@ unsafe extern "C" fn fake_kv_put(
     abi::OK
 }
 
+unsafe extern "C" fn fake_record_unapplied(
+    ctx: *mut c_void,
+    unapplied: Str,
+    out: *mut Writer,
+) -> Status {
+    let h = unsafe { host(ctx) };
+    if h.minor_0.load(std::sync::atomic::Ordering::Relaxed) {
+        return abi::UNSUPPORTED;
+    }
+    match serde_json::from_str::<crate::Unapplied>(&unsafe { text(unapplied) }) {
+        Ok(u) => {
+            let mut kept = lock(&h.unapplied);
+            if !kept.iter().any(|k| k.reference == u.reference) {
+                kept.push(u);
+            }
+            abi::OK
+        }
+        Err(e) => unsafe { reply(out, abi::REJECTED, &format!("bad record: {e}")) },
+    }
+}
+
 /// The fake host's function table and the host it points to. Both are leaked, as the gateway
 /// does: the plugin's global logger may still hold the table after its instance is destroyed
 /// (another test's harness, a thread of the plugin), so freeing it could be a use after free.
@@ -199,6 +224,7 @@ impl FakeTable {
             submit_command: fake_submit_command,
             kv_get: fake_kv_get,
             kv_put: fake_kv_put,
+            record_unapplied: fake_record_unapplied,
         }));
         FakeTable { api, host }
     }
