@@ -128,6 +128,10 @@ pub struct HostApi {
         unsafe extern "C" fn(ctx: *mut c_void, unapplied: Str, out: *mut Writer) -> Status,
 }
 
+/// The size of a minor-0 host table: the least a plugin accepts. Fields past it are read only
+/// after checking `struct_size` (so a plugin built on a newer SDK loads into an older gateway).
+pub const HOST_API_MINOR_0_SIZE: usize = std::mem::offset_of!(HostApi, record_unapplied);
+
 impl HostApi {
     /// Whether the host's table reaches `record_unapplied` (minor 1 or later).
     pub fn has_record_unapplied(&self) -> bool {

@@ -247,21 +247,37 @@ fn a_confirmation_for_an_unknown_account_is_acknowledged_kept_for_reconciliation
 
 #[test]
 fn with_a_gateway_of_abi_minor_0_an_unapplied_payment_is_kept_in_the_plugins_store_as_before() {
-    let s = setup();
-    s.plugin
-        .host()
-        .minor_0
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let dir = tempfile::tempdir().unwrap();
+    let daraja = FakeDaraja::start();
+    let config = plugin_config(dir.path(), &daraja, "127.0.0.1:0".parse().unwrap());
+    let mut plugin = SourceHarness::<DarajaSource>::on_minor_0(config, &[METER]).unwrap();
+    plugin.start().unwrap();
+    let addr = plugin.health().detail["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let (status, _) = post(
-        s.addr,
+        addr,
         &path("c2b/confirmation"),
         &c2b_body("RKTQDM7W6Z", "50.00", "NOSUCH", true),
     );
     assert_eq!(status, 200);
+    let kept = plugin.host().kv.lock().unwrap()["c2b-unapplied/RKTQDM7W6Z"].clone();
+    let kept: Value = serde_json::from_str(&kept).unwrap();
     assert_eq!(
-        s.kv("c2b-unapplied/RKTQDM7W6Z").unwrap()["account"],
-        "NOSUCH"
+        (kept["account"].clone(), kept["amount_cents"].clone()),
+        (json!("NOSUCH"), json!(5000))
     );
+    assert!(plugin.host().unapplied.lock().unwrap().is_empty());
+    // Credits work as before.
+    let (status, _) = post(
+        addr,
+        &path("c2b/confirmation"),
+        &c2b_body("RKTQDM7W6Y", "5", METER, true),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(plugin.host().payments.lock().unwrap().len(), 1);
 }
 
 #[test]
