@@ -422,6 +422,29 @@ fn a_buy_goods_payment_without_an_account_is_kept_listed_and_credited_exactly_on
     );
     let (_, all, _) = site.cli(&["payment", "list"]);
     assert!(all.contains("RKTQDM7WA1") && all.contains(METER), "{all}");
+
+    // The admin API shows and applies them too.
+    let (status, v) = site.gw.http("GET", "/api/payments/unapplied", None);
+    assert_eq!(status, 200, "{v}");
+    let open: Vec<&str> = v["unapplied"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["reference"].as_str().unwrap())
+        .collect();
+    assert_eq!(open, vec!["RKTQDM7WA2"]);
+    let apply = "/api/payments/unapplied/RKTQDM7WA2/apply";
+    let body = json!({ "meter": METER }).to_string();
+    let (status, v) = site.gw.http("POST", apply, Some(&body));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["payment"]["amount_cents"], 2000);
+    let (status, v) = site.gw.http("POST", apply, Some(&body));
+    assert_eq!(status, 409, "{v}");
+    assert!(v["error"]
+        .as_str()
+        .unwrap()
+        .contains("already applied to meter METER001"));
+    assert_eq!(site.references().len(), 2);
 }
 
 #[test]

@@ -69,7 +69,12 @@ fn a_sources_unapplied_payments_stop_at_the_cap_and_the_next_is_refused_with_not
     assert_eq!(kept(&conn), cap as usize, "nothing written");
     // A reference already kept is still answered (Daraja's retries), and other sources are
     // not held up by this one.
-    writer::apply_now(&mut conn, &unapplied("mpesa", "JUNK000000", now), &settings()).unwrap();
+    writer::apply_now(
+        &mut conn,
+        &unapplied("mpesa", "JUNK000000", now),
+        &settings(),
+    )
+    .unwrap();
     writer::apply_now(&mut conn, &unapplied("cloud", "JUNKOVER", now), &settings()).unwrap();
     assert_eq!(kept(&conn), cap as usize + 1);
 }
@@ -109,10 +114,17 @@ fn a_plugins_store_refuses_a_new_key_past_its_limits_while_overwrites_and_delete
         (0..store::KV_MAX_KEYS).map(|i| put(&format!("stk/{i}"), Some("{}"))),
     );
     let full = writer::apply_now(&mut conn, &put("stk/new", Some("{}")), &settings());
-    assert!(matches!(full, Err(LedgerError::Full(_))), "a new key is refused");
+    assert!(
+        matches!(full, Err(LedgerError::Full(_))),
+        "a new key is refused"
+    );
     assert_eq!(store::kv_get(&conn, "mpesa", "stk/new").unwrap(), None);
-    writer::apply_now(&mut conn, &put("stk/1", Some("{\"state\":\"credited\"}")), &settings())
-        .expect("an existing key may be rewritten");
+    writer::apply_now(
+        &mut conn,
+        &put("stk/1", Some("{\"state\":\"credited\"}")),
+        &settings(),
+    )
+    .expect("an existing key may be rewritten");
     writer::apply_now(&mut conn, &put("stk/2", None), &settings()).expect("a delete always works");
     writer::apply_now(&mut conn, &put("stk/new", Some("{}")), &settings())
         .expect("room again after the delete");
@@ -133,7 +145,10 @@ fn a_plugins_store_refuses_a_new_key_past_its_limits_while_overwrites_and_delete
         (0..fits).map(|i| put(&format!("b/{i:04}"), Some(&big))),
     );
     let full = writer::apply_now(&mut conn, &put("b/more", Some(&big)), &settings());
-    assert!(matches!(full, Err(LedgerError::Full(_))), "past the byte budget");
+    assert!(
+        matches!(full, Err(LedgerError::Full(_))),
+        "past the byte budget"
+    );
     writer::apply_now(&mut conn, &put("b/0001", Some("small")), &settings())
         .expect("shrinking a value always works");
 }
