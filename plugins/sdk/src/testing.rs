@@ -47,6 +47,8 @@ pub struct FakeHost {
     pub kv: Mutex<HashMap<String, String>>,
     /// Payments handed to `record_unapplied`, one per reference.
     pub unapplied: Mutex<Vec<crate::Unapplied>>,
+    /// When set, `record_unapplied` refuses with this reason (a full store).
+    pub refuse_unapplied: Mutex<Option<String>>,
     /// A gateway of ABI minor 0: its table ends before `record_unapplied`.
     pub minor_0: bool,
 }
@@ -185,6 +187,9 @@ unsafe extern "C" fn fake_record_unapplied(
     out: *mut Writer,
 ) -> Status {
     let h = unsafe { host(ctx) };
+    if let Some(why) = lock(&h.refuse_unapplied).clone() {
+        return unsafe { reply(out, abi::REJECTED, &why) };
+    }
     match serde_json::from_str::<crate::Unapplied>(&unsafe { text(unapplied) }) {
         Ok(u) => {
             let mut kept = lock(&h.unapplied);

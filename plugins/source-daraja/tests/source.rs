@@ -281,6 +281,41 @@ fn with_a_gateway_of_abi_minor_0_an_unapplied_payment_is_kept_in_the_plugins_sto
 }
 
 #[test]
+fn when_the_gateway_cannot_keep_more_unapplied_payments_daraja_is_told_to_retry_and_nothing_is_written(
+) {
+    let mut s = setup();
+    *s.plugin.host().refuse_unapplied.lock().unwrap() =
+        Some("1000 unapplied payments of mpesa wait for the operator".into());
+    let (status, v) = post(
+        s.addr,
+        &path("c2b/confirmation"),
+        &c2b_body("RKTQDM7W6Z", "50.00", "NOSUCH", true),
+    );
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"], "cannot record the payment now");
+    let (status, _) = post(
+        s.addr,
+        &path("stk/callback"),
+        &stk_paid("ws_CO_unknown", "NLJ7RT61SW", 15.0),
+    );
+    assert_eq!(status, 503);
+    assert!(
+        s.plugin.host().kv.lock().unwrap().is_empty(),
+        "no fallback write"
+    );
+    assert!(s.credits().is_empty());
+    assert_eq!(s.plugin.health().detail["unapplied_not_kept"], 2);
+    assert!(s.logs_containing("could not be kept") >= 2);
+    // A payment for a known meter is not held up.
+    let (status, _) = post(
+        s.addr,
+        &path("c2b/confirmation"),
+        &c2b_body("RKTQDM7W6Y", "50.00", METER, true),
+    );
+    assert_eq!(status, 200);
+}
+
+#[test]
 fn a_buy_goods_payment_without_an_account_is_accepted_kept_as_unapplied_and_not_lost() {
     let s = setup();
     let mut till = c2b_body("RKTQDM7W70", "100", "", false);
