@@ -554,6 +554,9 @@ impl HostServices {
     }
 }
 
+/// The largest original body kept with an unapplied payment.
+const UNAPPLIED_MAX_RAW_BYTES: usize = 8 * 1024;
+
 impl HostServices {
     fn record_unapplied(&self, json: &[u8]) -> Result<String, (Status, String)> {
         let u: umeme_plugin_sdk::Unapplied = serde_json::from_slice(json)
@@ -568,10 +571,13 @@ impl HostServices {
             ));
         }
         let short = |s: &str, n: usize| s.chars().take(n).collect::<String>();
-        let raw = u.raw.as_ref().map(|v| v.to_string());
-        if raw.as_ref().is_some_and(|r| r.len() > 64 * 1024) {
-            return Err((abi::REJECTED, "raw is larger than 64 KiB".into()));
-        }
+        // A real Daraja body is under 1 KiB; a bigger one is kept without it, so the cap on
+        // records also bounds their bytes.
+        let raw = u
+            .raw
+            .as_ref()
+            .map(|v| v.to_string())
+            .filter(|r| r.len() <= UNAPPLIED_MAX_RAW_BYTES);
         let row = store::UnappliedRow {
             source: self.plugin.clone(),
             reference: u.reference.clone(),

@@ -486,6 +486,42 @@ fn with_the_default_allow_list_a_caller_outside_safaricoms_addresses_writes_noth
 }
 
 #[test]
+fn forged_junk_with_the_token_from_an_allowed_address_grows_the_database_only_by_bounded_records() {
+    let site = Site::start();
+    let before = site.db_bytes();
+    let started = std::time::Instant::now();
+    let mut padded = c2b_body("X", "1.00", "NOSUCH", true);
+    // Fields the plugin does not read, to make each request as large as the body limit allows.
+    padded["FirstName"] = json!("x".repeat(14 * 1024));
+    for i in 0..400 {
+        let id = format!("JUNK{i:06}");
+        let (endpoint, body) = if i % 2 == 0 {
+            let mut b = padded.clone();
+            b["TransID"] = json!(id);
+            ("c2b/confirmation", b)
+        } else {
+            let cb = stk_failed(&format!("ws_CO_{id}"), 1032, &"x".repeat(14 * 1024));
+            ("stk/callback", cb)
+        };
+        assert_eq!(post(site.plugin, &path(endpoint), &body).0, 200);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "bounded"
+        );
+    }
+    let (_, listed, _) = site.cli(&["payment", "list", "--unapplied"]);
+    assert_eq!(
+        listed.matches("JUNK").count(),
+        200,
+        "the confirmations, nothing else"
+    );
+    let grown = site.db_bytes().saturating_sub(before);
+    println!("400 forged callbacks (200 unknown-account confirmations, 200 unpaid STK callbacks for unknown pushes, ~14 KiB each): database + WAL grew {grown} bytes in {:?}", started.elapsed());
+    // 200 records without their oversized bodies; before the limits this was 6.2 MB.
+    assert!(grown < 1024 * 1024, "grew {grown} bytes");
+}
+
+#[test]
 fn a_meter_number_over_12_characters_is_warned_at_meter_add_and_refused_for_stk_push() {
     let site = Site::start();
     let (ok, _, warning) = site.cli(&[
