@@ -374,9 +374,10 @@ pub fn apply_with(
             let retention = store::UNAPPLIED_RETENTION.as_millis() as i64;
             store::prune_unapplied(tx, &u.source, u.received_at - retention)?;
             let open = store::unapplied_open(tx, &u.source)?;
-            let known = !store::unapplied_by_reference(tx, &u.reference)?
+            // A reference already kept is a retry: answered, and not counted against the cap.
+            let known = store::unapplied_by_reference(tx, &u.reference)?
                 .iter()
-                .all(|k| k.source != u.source);
+                .any(|k| k.source == u.source);
             if !known && open >= store::UNAPPLIED_MAX_OPEN_PER_SOURCE {
                 return Err(LedgerError::Full(format!(
                     "{open} unapplied payments of {} wait for the operator (at most {}); apply or wait for them to age out",
