@@ -57,7 +57,12 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/meters", get(list_meters).post(add_meter))
         .route("/api/meters/{id}", get(show_meter))
         .route("/api/meters/{id}/payments", get(meter_payments))
-        .route("/api/outbox", get(outbox));
+        .route("/api/outbox", get(outbox))
+        .route("/api/payments/unapplied", get(unapplied_payments))
+        .route(
+            "/api/payments/unapplied/{reference}/apply",
+            post(apply_unapplied),
+        );
     if state.config.allow_simulate {
         app = app.route("/daraja/simulate", post(simulate));
     }
@@ -283,6 +288,54 @@ async fn meter_payments(State(st): St, Path(id): Path<String>) -> Response {
     match r {
         Ok((Some(_), payments)) => Json(json!({"meter": id, "payments": payments})).into_response(),
         Ok((None, _)) => error(StatusCode::NOT_FOUND, format!("unknown meter {id}")),
+        Err(e) => internal(e),
+    }
+}
+
+/// Payments a source kept because they credited no meter, not applied yet (oldest first).
+async fn unapplied_payments(State(st): St) -> Response {
+    match st.reader.run(|c| store::unapplied(c, true)).await {
+        Ok(rows) => Json(json!({ "unapplied": rows })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// `POST /api/payments/unapplied/{reference}/apply {"meter","source"?}`: the CLI's
+/// `payment apply`, credited once under the payment's own (source, reference).
+async fn apply_unapplied(State(st): St, Path(reference): Path<String>, body: Bytes) -> Response {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        meter: String,
+        #[serde(default)]
+        source: Option<String>,
+    }
+    let b: Body = match parse_body(&st, &body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let meter = match parse_meter(&st, &b.meter) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let op = Op::ApplyUnapplied {
+        reference,
+        source: b.source,
+        meter,
+        at: now_ms(),
+    };
+    match st.writer.submit(op).await {
+        Ok(Outcome::Credited { payment, .. }) => {
+            Json(json!({"applied": true, "payment": payment})).into_response()
+        }
+        Ok(_) => internal("unexpected ledger outcome"),
+        Err(e @ (LedgerError::NotUnapplied(_) | LedgerError::UnknownMeter(_))) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Err(e @ LedgerError::AlreadyApplied { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ LedgerError::AmbiguousReference { .. }) => {
+            bad_request(&st, "ambiguous_reference", e.to_string())
+        }
         Err(e) => internal(e),
     }
 }

@@ -48,6 +48,9 @@ pub enum Command {
     /// Plugin libraries.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Payments, and M-Pesa payments that credited no meter (unapplied).
+    #[command(subcommand)]
+    Payment(PaymentCommand),
     /// Manual or cash top-up; crediting the same --ref twice credits once.
     Credit {
         /// Meter number.
@@ -58,6 +61,28 @@ pub enum Command {
         /// Receipt or reference; the idempotency key.
         #[arg(long = "ref")]
         reference: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PaymentCommand {
+    /// Payments a source kept because they credited no meter (unknown or missing account, a
+    /// removed meter), with where each was applied.
+    List {
+        /// Only those not applied yet.
+        #[arg(long)]
+        unapplied: bool,
+    },
+    /// Credits a kept payment to a meter, once: under the payment's own source and reference,
+    /// so a second apply, or the same payment arriving again, credits nothing.
+    Apply {
+        /// The payment's reference (the M-Pesa TransID or receipt).
+        reference: String,
+        /// Meter number to credit.
+        meter: String,
+        /// The source that kept it, when several kept the same reference.
+        #[arg(long)]
+        source: Option<String>,
     },
 }
 
@@ -243,6 +268,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Meter(m) => meter(&config, m),
         Command::Outbox(OutboxCommand::Status) => outbox_status(&config),
+        Command::Payment(p) => payment(&config, p),
         Command::Plugin(PluginCommand::Inspect { path }) => {
             let lib = crate::plugin::inspect(&path).map_err(|e| Failure {
                 code: 1,
@@ -388,6 +414,69 @@ fn outbox_status(config: &Config) -> Result<(), Failure> {
     Ok(())
 }
 
+fn payment(config: &Config, cmd: PaymentCommand) -> Result<(), Failure> {
+    match cmd {
+        PaymentCommand::List { unapplied } => {
+            let conn = open(config)?;
+            let rows = store::unapplied(&conn, unapplied).context("reading unapplied payments")?;
+            if rows.is_empty() {
+                println!("no unapplied payments");
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<10} {:<24} {:>12} {:<16} {:<16} REASON",
+                "RECEIVED", "SOURCE", "REFERENCE", "KES", "ACCOUNT", "APPLIED TO"
+            );
+            for u in rows {
+                // The account and reason are what a payer typed or a plugin said: escaped.
+                println!(
+                    "{:<24} {:<10} {:<24} {:>12} {:<16} {:<16} {}",
+                    crate::api::iso8601(u.received_at),
+                    u.source,
+                    crate::untrusted::Untrusted(&u.reference).to_string(),
+                    format_cents(u.amount_cents),
+                    if u.account.is_empty() {
+                        "-".to_string()
+                    } else {
+                        crate::untrusted::Untrusted(&u.account).to_string()
+                    },
+                    u.applied_meter.as_deref().unwrap_or("-"),
+                    crate::untrusted::Untrusted(&u.reason)
+                );
+            }
+            Ok(())
+        }
+        PaymentCommand::Apply {
+            reference,
+            meter,
+            source,
+        } => {
+            let meter = parse_meter(&meter)?;
+            let op = Op::ApplyUnapplied {
+                reference,
+                source,
+                meter,
+                at: now_ms(),
+            };
+            match apply(config, op)? {
+                Outcome::Credited { payment, .. } => {
+                    println!(
+                        "applied: {} KES to {} = {:.3} units ({}:{}); balance {:.3} units",
+                        format_cents(payment.amount_cents),
+                        payment.meter,
+                        wh_to_units(payment.credit_wh),
+                        payment.source,
+                        payment.reference,
+                        wh_to_units(payment.balance_after_wh)
+                    );
+                    Ok(())
+                }
+                _ => Err(anyhow!("unexpected ledger outcome").into()),
+            }
+        }
+    }
+}
+
 fn parse_meter(id: &str) -> Result<MeterId, Failure> {
     MeterId::parse(id).map_err(|e| usage(e.to_string()))
 }
@@ -418,7 +507,10 @@ fn apply(config: &Config, op: Op) -> Result<Outcome, Failure> {
         Err(
             e @ (LedgerError::UnknownMeter(_)
             | LedgerError::MeterExists(_)
-            | LedgerError::BadReference),
+            | LedgerError::BadReference
+            | LedgerError::NotUnapplied(_)
+            | LedgerError::AmbiguousReference { .. }
+            | LedgerError::AlreadyApplied { .. }),
         ) => Err(Failure {
             code: 1,
             error: e.into(),
@@ -456,6 +548,13 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             };
             apply(config, op)?;
             println!("added meter {meter}");
+            let reference_max = 12;
+            if meter.as_str().chars().count() > reference_max {
+                // M-Pesa's STK AccountReference limit; the Daraja source refuses such pushes.
+                eprintln!(
+                    "warning: meter number {meter} is longer than {reference_max} characters: M-Pesa STK push cannot pay it (PayBill payments with the full number still work)"
+                );
+            }
             if generated {
                 println!("secret: {secret}");
                 println!("(shown once; configure it in the meter as its MQTT password)");

@@ -31,6 +31,7 @@ use crate::hub::{Hub, Outgoing};
 use crate::meter::MeterId;
 use crate::outbox::Delivery;
 use crate::store::{self, Event};
+use crate::untrusted::Untrusted;
 use crate::writer::{Credit, LedgerError, Op, Outcome, Writer as LedgerWriter};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -563,7 +564,7 @@ impl HostServices {
             // A documented answer (plugins/sdk README): `reference_conflict: …`, nothing of
             // the first payment.
             LedgerError::ReferenceConflict => (abi::REJECTED, format!("{}: {e}", e.reason())),
-            LedgerError::BadReference => (abi::REJECTED, e.to_string()),
+            LedgerError::BadReference | LedgerError::Full(_) => (abi::REJECTED, e.to_string()),
             other => (abi::BUSY, other.to_string()),
         })
     }
@@ -673,6 +674,63 @@ impl HostServices {
         })?;
         Ok(String::new())
     }
+}
+
+/// The largest original body kept with an unapplied payment.
+const UNAPPLIED_MAX_RAW_BYTES: usize = 8 * 1024;
+
+impl HostServices {
+    fn record_unapplied(&self, json: &[u8]) -> Result<String, (Status, String)> {
+        let u: umeme_plugin_sdk::Unapplied = serde_json::from_slice(json)
+            .map_err(|e| (abi::REJECTED, format!("unapplied payment JSON: {e}")))?;
+        let reference_ok = !u.reference.is_empty()
+            && u.reference.len() <= 100
+            && !u.reference.chars().any(char::is_control);
+        if !reference_ok || u.amount_cents <= 0 || u.amount_cents > 100_000_000 {
+            return Err((
+                abi::REJECTED,
+                "an unapplied payment needs a reference of 1 to 100 printable characters and an amount of 1 to 100000000 cents".into(),
+            ));
+        }
+        let short = |s: &str, n: usize| s.chars().take(n).collect::<String>();
+        // A real Daraja body is under 1 KiB; a bigger one is kept without it, so the cap on
+        // records also bounds their bytes.
+        let raw = u
+            .raw
+            .as_ref()
+            .map(|v| v.to_string())
+            .filter(|r| r.len() <= UNAPPLIED_MAX_RAW_BYTES);
+        let row = store::UnappliedRow {
+            source: self.plugin.clone(),
+            reference: u.reference.clone(),
+            amount_cents: u.amount_cents,
+            account: short(&u.account, 100),
+            phone: u.phone.as_deref().map(|p| short(p, 100)),
+            reason: short(&u.reason, 500),
+            raw,
+            received_at: store::now_ms(),
+            applied_meter: None,
+            applied_at: None,
+        };
+        // A refusal is counted by the writer (`umeme_ledger_errors_total{reason="store_full"}`).
+        self.submit(Op::RecordUnapplied(row))
+            .inspect_err(|(_, why)| {
+                warn!(plugin = %self.plugin, reference = %Untrusted(&u.reference), "unapplied payment not kept: {}", Untrusted(why));
+            })?;
+        warn!(plugin = %self.plugin, reference = %Untrusted(&u.reference), amount_cents = u.amount_cents,
+              account = %Untrusted(&u.account), "payment kept as unapplied: `umeme-gateway payment apply REF METER` credits it");
+        Ok(String::new())
+    }
+}
+
+unsafe extern "C" fn host_record_unapplied(
+    ctx: *mut c_void,
+    unapplied: Str,
+    out: *mut Writer,
+) -> Status {
+    answer(out, || {
+        unsafe { services(ctx) }.record_unapplied(unsafe { unapplied.as_bytes() })
+    })
 }
 
 /// Runs a host callback: a panic in the host must not unwind into the plugin's frames.
@@ -787,6 +845,7 @@ impl Table {
             submit_command: host_submit_command,
             kv_get: host_kv_get,
             kv_put: host_kv_put,
+            record_unapplied: host_record_unapplied,
         }));
         Table { api }
     }

@@ -99,6 +99,19 @@ CREATE TABLE IF NOT EXISTS plugin_kv (
     value TEXT NOT NULL,
     PRIMARY KEY (plugin, key)
 ) STRICT;
+CREATE TABLE IF NOT EXISTS unapplied_payments (
+    source TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    amount_cents INTEGER NOT NULL,
+    account TEXT NOT NULL,
+    phone TEXT,
+    reason TEXT NOT NULL,
+    raw TEXT,
+    received_at INTEGER NOT NULL,
+    applied_meter TEXT,
+    applied_at INTEGER,
+    PRIMARY KEY (source, reference)
+) STRICT;
 CREATE TABLE IF NOT EXISTS dead_letters (
     sink TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -569,6 +582,133 @@ pub fn insert_payment(tx: &Connection, p: &PaymentRow) -> Result<(), StoreError>
             p.at,
             p.event_seq
         ],
+    )?;
+    Ok(())
+}
+
+// ---- unapplied payments ----
+
+/// Limits of the unapplied-payments store (one place): at most this many not yet applied per
+/// source (more are refused, nothing written, so forged callbacks cannot fill the disk), and
+/// records older than the retention are pruned when the source records a new one.
+pub const UNAPPLIED_MAX_OPEN_PER_SOURCE: i64 = 1_000;
+pub const UNAPPLIED_RETENTION: Duration = Duration::from_secs(180 * 24 * 3600);
+
+/// A payment that moved money but credited no meter, kept for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnappliedRow {
+    pub source: String,
+    pub reference: String,
+    pub amount_cents: i64,
+    /// What the payer gave as the account (empty for a till payment).
+    pub account: String,
+    pub phone: Option<String>,
+    pub reason: String,
+    pub raw: Option<String>,
+    pub received_at: i64,
+    /// Set once `payment apply` credited it.
+    pub applied_meter: Option<String>,
+    pub applied_at: Option<i64>,
+}
+
+const UNAPPLIED_COLUMNS: &str = "source, reference, amount_cents, account, phone, reason, raw, \
+    received_at, applied_meter, applied_at";
+
+fn unapplied_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UnappliedRow> {
+    Ok(UnappliedRow {
+        source: r.get(0)?,
+        reference: r.get(1)?,
+        amount_cents: r.get(2)?,
+        account: r.get(3)?,
+        phone: r.get(4)?,
+        reason: r.get(5)?,
+        raw: r.get(6)?,
+        received_at: r.get(7)?,
+        applied_meter: r.get(8)?,
+        applied_at: r.get(9)?,
+    })
+}
+
+/// Keeps `u` unless its (source, reference) is already kept; `false` when it was.
+pub fn insert_unapplied(tx: &Connection, u: &UnappliedRow) -> Result<bool, StoreError> {
+    let n = tx.execute(
+        &format!(
+            "INSERT INTO unapplied_payments ({UNAPPLIED_COLUMNS})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL, NULL)
+             ON CONFLICT (source, reference) DO NOTHING"
+        ),
+        params![
+            u.source,
+            u.reference,
+            u.amount_cents,
+            u.account,
+            u.phone,
+            u.reason,
+            u.raw,
+            u.received_at
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+/// How many of `source`'s records wait for the operator.
+pub fn unapplied_open(tx: &Connection, source: &str) -> Result<i64, StoreError> {
+    Ok(tx.query_row(
+        "SELECT COUNT(*) FROM unapplied_payments WHERE source = ?1 AND applied_meter IS NULL",
+        [source],
+        |r| r.get(0),
+    )?)
+}
+
+/// Deletes `source`'s records received before `before`; returns how many.
+pub fn prune_unapplied(tx: &Connection, source: &str, before: i64) -> Result<usize, StoreError> {
+    Ok(tx.execute(
+        "DELETE FROM unapplied_payments WHERE source = ?1 AND received_at < ?2",
+        params![source, before],
+    )?)
+}
+
+/// Every kept record (only those not applied yet with `open_only`), oldest first.
+pub fn unapplied(conn: &Connection, open_only: bool) -> Result<Vec<UnappliedRow>, StoreError> {
+    let filter = if open_only {
+        "WHERE applied_meter IS NULL"
+    } else {
+        ""
+    };
+    let mut st = conn.prepare(&format!(
+        "SELECT {UNAPPLIED_COLUMNS} FROM unapplied_payments {filter} ORDER BY received_at, reference"
+    ))?;
+    let rows = st
+        .query_map([], unapplied_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// The records with this reference (one per source that has it).
+pub fn unapplied_by_reference(
+    conn: &Connection,
+    reference: &str,
+) -> Result<Vec<UnappliedRow>, StoreError> {
+    let mut st = conn.prepare(&format!(
+        "SELECT {UNAPPLIED_COLUMNS} FROM unapplied_payments WHERE reference = ?1 ORDER BY source"
+    ))?;
+    let rows = st
+        .query_map([reference], unapplied_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+pub fn mark_unapplied_applied(
+    tx: &Connection,
+    source: &str,
+    reference: &str,
+    meter: &str,
+    at: i64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE unapplied_payments SET applied_meter = ?3, applied_at = ?4
+         WHERE source = ?1 AND reference = ?2",
+        params![source, reference, meter, at],
     )?;
     Ok(())
 }
@@ -1192,6 +1332,35 @@ fn telemetry_shares(tx: &Connection, newest: i64, folded: i64) -> Result<Vec<Sha
 }
 
 // ---- plugins' key-value stores ----
+
+/// Limits of what plugins may store (one place): a plugin's key-value store holds at most
+/// this many keys and bytes (keys plus values); a write that would grow it past either is
+/// refused, nothing written. Overwriting within the limits and deleting always work.
+pub const KV_MAX_KEYS: i64 = 10_000;
+pub const KV_MAX_BYTES: i64 = 16 * 1024 * 1024;
+
+/// `(keys, bytes)` of a plugin's store, and the size of `key`'s current value if any.
+pub fn kv_usage(
+    conn: &Connection,
+    plugin: &str,
+    key: &str,
+) -> Result<(i64, i64, Option<i64>), StoreError> {
+    let (keys, bytes) = conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(length(CAST(key AS BLOB)) + length(CAST(value AS BLOB))), 0)
+         FROM plugin_kv WHERE plugin = ?1",
+        [plugin],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let current = conn
+        .query_row(
+            "SELECT length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)) FROM plugin_kv
+             WHERE plugin = ?1 AND key = ?2",
+            [plugin, key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok((keys, bytes, current))
+}
 
 pub fn kv_get(conn: &Connection, plugin: &str, key: &str) -> Result<Option<String>, StoreError> {
     Ok(conn

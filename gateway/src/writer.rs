@@ -173,6 +173,18 @@ pub enum Op {
         key: String,
         value: Option<String>,
     },
+    /// A payment source's payment that credits no meter, kept for the operator (a
+    /// reference already kept or already credited is left as it is).
+    RecordUnapplied(store::UnappliedRow),
+    /// The operator credits a kept payment to `meter` under its own (source, reference), so it
+    /// credits once however often this is asked. `source` is needed only when two sources
+    /// kept the same reference.
+    ApplyUnapplied {
+        reference: String,
+        source: Option<String>,
+        meter: MeterId,
+        at: i64,
+    },
 }
 
 /// A payment: a reference credits once per site (see [`ledger::payment_reference`]).
@@ -219,6 +231,17 @@ pub enum LedgerError {
     CommitFailed(String),
     #[error("the ledger writer has stopped")]
     Stopped,
+    /// A plugin's store or the unapplied payments of a source reached its limit.
+    #[error("{0}")]
+    Full(String),
+    #[error("no unapplied payment has the reference {0}")]
+    NotUnapplied(String),
+    #[error(
+        "the reference {reference} is kept by several sources ({sources}); name one with --source"
+    )]
+    AmbiguousReference { reference: String, sources: String },
+    #[error("payment {reference} was already applied to meter {meter}")]
+    AlreadyApplied { reference: String, meter: String },
 }
 
 impl From<rusqlite::Error> for LedgerError {
@@ -238,6 +261,10 @@ impl LedgerError {
             LedgerError::Store(_) => "store",
             LedgerError::CommitFailed(_) => "commit",
             LedgerError::Stopped => "stopped",
+            LedgerError::Full(_) => "store_full",
+            LedgerError::NotUnapplied(_) => "not_unapplied",
+            LedgerError::AmbiguousReference { .. } => "ambiguous_reference",
+            LedgerError::AlreadyApplied { .. } => "already_applied",
         }
     }
 }
@@ -334,9 +361,54 @@ pub fn apply_with(
             done()
         }
         Op::KvPut { plugin, key, value } => {
+            if let Some(v) = value {
+                let (keys, bytes, current) = store::kv_usage(tx, plugin, key)?;
+                let new_size = (key.len() + v.len()) as i64;
+                let grown_keys = keys + i64::from(current.is_none());
+                let grown_bytes = bytes - current.unwrap_or(0) + new_size;
+                if (current.is_none() && grown_keys > store::KV_MAX_KEYS)
+                    || (grown_bytes > bytes && grown_bytes > store::KV_MAX_BYTES)
+                {
+                    return Err(LedgerError::Full(format!(
+                        "the plugin's store is full ({keys} keys, {bytes} bytes; at most {} keys, {} bytes)",
+                        store::KV_MAX_KEYS,
+                        store::KV_MAX_BYTES
+                    )));
+                }
+            }
             store::kv_put(tx, plugin, key, value.as_deref())?;
             done()
         }
+        Op::RecordUnapplied(u) => {
+            // Credited already (references are unique per site, whatever the source): nothing
+            // is left to apply.
+            let reference = crate::ledger::payment_reference(&u.reference).unwrap_or(&u.reference);
+            if store::payment_by_reference(tx, reference)?.is_some() {
+                return done();
+            }
+            let retention = store::UNAPPLIED_RETENTION.as_millis() as i64;
+            store::prune_unapplied(tx, &u.source, u.received_at - retention)?;
+            let open = store::unapplied_open(tx, &u.source)?;
+            // A reference already kept is a retry: answered, and not counted against the cap.
+            let known = store::unapplied_by_reference(tx, &u.reference)?
+                .iter()
+                .any(|k| k.source == u.source);
+            if !known && open >= store::UNAPPLIED_MAX_OPEN_PER_SOURCE {
+                return Err(LedgerError::Full(format!(
+                    "{open} unapplied payments of {} wait for the operator (at most {}); apply or wait for them to age out",
+                    u.source,
+                    store::UNAPPLIED_MAX_OPEN_PER_SOURCE
+                )));
+            }
+            store::insert_unapplied(tx, u)?;
+            done()
+        }
+        Op::ApplyUnapplied {
+            reference,
+            source,
+            meter,
+            at,
+        } => apply_unapplied(tx, reference, source.as_deref(), meter, *at, s, accounts),
         Op::AddMeter {
             meter,
             name,
@@ -563,6 +635,62 @@ fn apply_credit(
         state: None,
         seen: None,
     })
+}
+
+fn apply_unapplied(
+    tx: &Connection,
+    reference: &str,
+    source: Option<&str>,
+    meter: &MeterId,
+    at: i64,
+    s: &LedgerSettings,
+    accounts: Accounts<'_>,
+) -> Result<Applied, LedgerError> {
+    let mut kept = store::unapplied_by_reference(tx, reference)?;
+    kept.retain(|k| source.is_none_or(|s| s == k.source));
+    let k = match kept.as_slice() {
+        [] => return Err(LedgerError::NotUnapplied(reference.to_string())),
+        [one] => one.clone(),
+        many => {
+            return Err(LedgerError::AmbiguousReference {
+                reference: reference.to_string(),
+                sources: many
+                    .iter()
+                    .map(|k| k.source.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+        }
+    };
+    if let Some(m) = &k.applied_meter {
+        return Err(LedgerError::AlreadyApplied {
+            reference: k.reference,
+            meter: m.clone(),
+        });
+    }
+    // The source's own (source, reference): if the payment reaches the ledger some other way
+    // too (a Daraja retry after the meter was added), it still credits once.
+    let credit = Credit {
+        meter: meter.clone(),
+        source: k.source.clone(),
+        reference: k.reference.clone(),
+        amount_cents: k.amount_cents,
+        at,
+        phone: None,
+    };
+    let applied = apply_credit(tx, &credit, s, accounts)?;
+    if let Outcome::Credited {
+        payment,
+        duplicate: true,
+    } = &applied.outcome
+    {
+        return Err(LedgerError::AlreadyApplied {
+            reference: k.reference,
+            meter: payment.meter.clone(),
+        });
+    }
+    store::mark_unapplied_applied(tx, &k.source, &k.reference, meter.as_str(), at)?;
+    Ok(applied)
 }
 
 /// Applies one op in its own transaction on `conn` (the CLI's path).

@@ -45,6 +45,62 @@ fn default_max_pending() -> usize {
     500
 }
 
+/// Safaricom's callback (egress) addresses: the list Safaricom gives integrators for
+/// allow-listing, as published in its go-live notes and repeated by the Daraja SDKs (pesafy
+/// `SAFARICOM_IPS`, mpesakit `is_mpesa_ip_allowed`, daraja-mcp). It changes now and then:
+/// widen it in the config, or turn the check off with `allowed_ips = ["any"]` (dangerous).
+pub const SAFARICOM_CALLBACK_IPS: [&str; 12] = [
+    "196.201.214.200",
+    "196.201.214.206",
+    "196.201.213.114",
+    "196.201.214.207",
+    "196.201.214.208",
+    "196.201.213.44",
+    "196.201.212.127",
+    "196.201.212.138",
+    "196.201.212.129",
+    "196.201.212.136",
+    "196.201.212.74",
+    "196.201.212.69",
+];
+
+fn default_allowed_ips() -> Vec<String> {
+    SAFARICOM_CALLBACK_IPS
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// The `allowed_ips` word that turns the source-address check off.
+const ANY_ADDRESS: &str = "any";
+
+/// `allowed_ips` checked: `None` is the explicit `["any"]`.
+fn allowed_ips(list: &[String]) -> Result<Option<Vec<IpAddr>>, String> {
+    if list.iter().any(|s| s == ANY_ADDRESS) {
+        if list.len() > 1 {
+            return Err(format!(
+                "allowed_ips: \"{ANY_ADDRESS}\" turns the check off and cannot be mixed with addresses"
+            ));
+        }
+        return Ok(None);
+    }
+    if list.is_empty() {
+        return Err(format!(
+            "allowed_ips is empty, which would refuse every callback; list Safaricom's addresses, or [\"{ANY_ADDRESS}\"] to accept any address (dangerous: anyone who learns the callback token can then post payments)"
+        ));
+    }
+    list.iter()
+        .map(|s| {
+            s.parse::<IpAddr>()
+                .map(|ip| ip.to_canonical())
+                .map_err(|_| {
+                    format!("allowed_ips: {s:?} is not an IP address (or \"{ANY_ADDRESS}\")")
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -72,9 +128,10 @@ pub struct Config {
     /// What M-Pesa does when the validation URL does not answer in time.
     #[serde(default = "default_response_type")]
     pub response_type: String,
-    /// Source addresses allowed to call the callback endpoints; empty = any.
-    #[serde(default)]
-    pub allowed_ips: Vec<IpAddr>,
+    /// Source addresses allowed to call the callback endpoints: Safaricom's by default,
+    /// `["any"]` to turn the check off.
+    #[serde(default = "default_allowed_ips")]
+    pub allowed_ips: Vec<String>,
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
     /// `CustomerPayBillOnline` or `CustomerBuyGoodsOnline`.
@@ -121,7 +178,8 @@ pub struct Settings {
     pub register_urls: bool,
     pub register_path: String,
     pub response_type: String,
-    pub allowed_ips: Vec<IpAddr>,
+    /// `None`: any address (the operator's explicit `["any"]`).
+    pub allowed_ips: Option<Vec<IpAddr>>,
     pub max_body_bytes: usize,
     pub transaction_type: String,
     pub party_b: String,
@@ -194,6 +252,12 @@ impl Settings {
         if c.stk_query_interval_secs == 0 || c.http_timeout_secs == 0 || c.max_pending_pushes == 0 {
             return Err("stk_query_interval_secs, http_timeout_secs and max_pending_pushes must be positive".into());
         }
+        let allowed_ips = allowed_ips(&c.allowed_ips)?;
+        if allowed_ips.is_none() {
+            log::warn!(
+                "allowed_ips = [\"any\"]: callbacks are accepted from every address; the callback token is the only guard"
+            );
+        }
         let secrets = Secrets {
             consumer_key: read_secret("consumer_key_file", &c.consumer_key_file)?,
             consumer_secret: read_secret("consumer_secret_file", &c.consumer_secret_file)?,
@@ -229,7 +293,7 @@ impl Settings {
             register_urls: c.register_urls,
             register_path,
             response_type: c.response_type,
-            allowed_ips: c.allowed_ips,
+            allowed_ips,
             max_body_bytes: c.max_body_bytes,
             transaction_type: c.transaction_type,
             validation_timeout: Duration::from_millis(c.validation_timeout_ms),

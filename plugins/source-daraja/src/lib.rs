@@ -5,6 +5,7 @@
 //! - [`client`]: the Daraja API (OAuth token, C2B URL registration, STK push and query).
 //! - [`listener`]: the plugin's own HTTP listener: C2B validation and confirmation, the STK
 //!   callback, and `/stkpush` for the site.
+//! - [`unapplied`]: payments that credit no meter, handed to the gateway for the operator.
 //! - [`stk`]: pushes kept in the durable key-value store, and the poller that settles those
 //!   whose callback never came.
 //!
@@ -18,6 +19,7 @@ pub mod client;
 pub mod config;
 pub mod listener;
 pub mod stk;
+pub mod unapplied;
 pub mod wire;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +39,8 @@ pub struct Stats {
     pub credited: AtomicU64,
     pub duplicates: AtomicU64,
     pub unapplied: AtomicU64,
+    /// Unapplied payments the gateway could not keep (its store full or busy).
+    pub not_kept: AtomicU64,
     pub rejected_requests: AtomicU64,
     pub stk_started: AtomicU64,
     pub stk_failed: AtomicU64,
@@ -148,6 +152,7 @@ impl PaymentSource for DarajaSource {
                 "credited": n(&s.credited),
                 "duplicates": n(&s.duplicates),
                 "unapplied": n(&s.unapplied),
+                "unapplied_not_kept": n(&s.not_kept),
                 "rejected_requests": n(&s.rejected_requests),
                 "stk_started": n(&s.stk_started),
                 "stk_failed": n(&s.stk_failed),
