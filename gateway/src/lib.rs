@@ -22,7 +22,8 @@
 //! - [`auth`]: meter secrets.
 //! - [`hub`]: connected meter sessions and commands to them.
 //! - [`broker`]: the meter-facing MQTT 3.1.1 listener.
-//! - [`api`]: the admin HTTP API.
+//! - [`api`]: the admin HTTP API and the original firmware's legacy listener.
+//! - [`fds`]: the file-descriptor budget shared by the listeners.
 //! - [`metrics`]: counters for `/metrics`.
 //! - [`daemon`]: wiring for `run`.
 //! - [`cli`]: the command line.
@@ -34,6 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod consumption;
 pub mod daemon;
+pub mod fds;
 pub mod hub;
 pub mod jsonl;
 pub mod ledger;

@@ -90,6 +90,21 @@ const HELP: &[(&str, &str, &str)] = &[
         "Admin API requests refused, by reason.",
     ),
     (
+        "umeme_http_connections_refused_total",
+        "counter",
+        "HTTP connections closed at once by a connection cap, by listener and reason.",
+    ),
+    (
+        "umeme_http_timeouts_total",
+        "counter",
+        "HTTP connections closed (header) or requests answered 408 (request) by a timeout, by listener.",
+    ),
+    (
+        "umeme_http_accept_errors_total",
+        "counter",
+        "Failed accepts on an HTTP listener (EMFILE and the like), by listener.",
+    ),
+    (
         "umeme_events_last_seq",
         "gauge",
         "Sequence number of the newest stored event.",

@@ -53,6 +53,10 @@ impl Limits {
     pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 16;
 }
 
+/// The most connections a plugin's listener may be configured for: the gateway's descriptor
+/// budget sets this many aside for each payment source.
+pub const PLUGIN_MAX_CONNECTIONS: usize = Limits::DEFAULT_MAX_CONNECTIONS;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
