@@ -96,6 +96,7 @@ impl fmt::Display for FdBudget {
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the soft limit now in force.
+#[allow(clippy::unnecessary_cast)] // rlim_t is 32 bits on 32-bit ARM
 pub fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

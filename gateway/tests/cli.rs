@@ -217,10 +217,7 @@ fn api_token_guards_writes() {
     std::fs::write(&token, "t0ken-for-tests\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut gw = Gateway::new(&format!(
-        "token_file = {:?}\n",
-        token.display().to_string()
-    ));
+    let mut gw = Gateway::new(&format!("token_file = {:?}\n", token.display().to_string()));
     gw.start();
     let body = r#"{"id":"METER001","name":"Wanjiku","phone":"0712000000"}"#;
     let (status, _) = gw.http("POST", "/api/meters", Some(body));

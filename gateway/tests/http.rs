@@ -22,9 +22,20 @@ fn token_file(dir: &Path) -> PathBuf {
     token
 }
 
-fn with_token(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+fn with_token(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
     let auth = format!("Bearer {TOKEN}");
-    http(addr, method, path, body, &[("Authorization", auth.as_str())])
+    http(
+        addr,
+        method,
+        path,
+        body,
+        &[("Authorization", auth.as_str())],
+    )
 }
 
 fn loopback_addr() -> SocketAddr {
@@ -49,12 +60,25 @@ fn with_a_token_file_every_data_read_needs_the_token_and_probes_and_local_metric
         assert_eq!(status, 401, "{path}: {v}");
         assert!(v["error"].is_string(), "{path}: {v}");
         let (status, v) = with_token(gw.api, "GET", path, None);
-        let expected = if path == "/api/nothing-here" { 404 } else { 200 };
+        let expected = if path == "/api/nothing-here" {
+            404
+        } else {
+            200
+        };
         assert_eq!(status, expected, "{path}: {v}");
     }
     let (status, v) = with_token(gw.api, "GET", "/api/meters", None);
-    assert_eq!((status, v["meters"][0]["id"].as_str()), (200, Some("METER001")));
-    let wrong = http(gw.api, "GET", "/api/meters", None, &[("Authorization", "Bearer t0ken")]);
+    assert_eq!(
+        (status, v["meters"][0]["id"].as_str()),
+        (200, Some("METER001"))
+    );
+    let wrong = http(
+        gw.api,
+        "GET",
+        "/api/meters",
+        None,
+        &[("Authorization", "Bearer t0ken")],
+    );
     assert_eq!(wrong.0, 401);
     assert_eq!(gw.http("GET", "/health", None).0, 200);
     assert_eq!(gw.http("GET", "/ready", None).0, 200);
@@ -123,7 +147,13 @@ fn the_original_firmwares_lookups_are_served_on_the_legacy_listener_and_nowhere_
     );
 
     // Nothing of the admin API on the legacy listener, with or without the token.
-    for path in ["/api/meters", "/api/meters/METER001", "/api/outbox", "/metrics", "/health"] {
+    for path in [
+        "/api/meters",
+        "/api/meters/METER001",
+        "/api/outbox",
+        "/metrics",
+        "/health",
+    ] {
         let (status, _) = with_token(legacy, "GET", path, None);
         assert_eq!(status, 404, "{path} on the legacy listener");
     }
@@ -155,7 +185,10 @@ fn by_meter_answers_like_the_original_backend_for_missing_fields_and_unknown_met
     assert_eq!(v["balance"], 0.0);
     let (status, v) = http(legacy, "GET", "/users/by-meter/NOPE1", None, &[]);
     assert_eq!(status, 404);
-    assert_eq!(v, serde_json::json!({"error": "User not found", "meter_no": "NOPE1"}));
+    assert_eq!(
+        v,
+        serde_json::json!({"error": "User not found", "meter_no": "NOPE1"})
+    );
     let (status, v) = http(legacy, "GET", "/users/NOPE1/balance", None, &[]);
     assert_eq!(status, 404);
     assert_eq!(v["error"], "No user found with meter_no: NOPE1");
@@ -171,7 +204,12 @@ fn simulate_answers_what_the_original_payment_dialog_takes_for_success() {
     // `transaction_id || OriginatorCoversationID`.
     assert_eq!(v["ResponseCode"], "0");
     assert_eq!(v["status"], "SUCCESS");
-    assert!(v["transaction_id"].as_str().is_some_and(|t| t.starts_with("SIM-")), "{v}");
+    assert!(
+        v["transaction_id"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("SIM-")),
+        "{v}"
+    );
     assert_eq!(v["transaction_id"], v["reference"]);
     // The gateway's own fields stay.
     assert_eq!(v["units_added"], 5.0);
@@ -184,7 +222,10 @@ fn check_config(text: &str) -> (bool, String, String) {
     let data = dir.path().join("data");
     std::fs::write(
         &path,
-        format!("[gateway]\ndata_dir = {:?}\n{text}", data.display().to_string()),
+        format!(
+            "[gateway]\ndata_dir = {:?}\n{text}",
+            data.display().to_string()
+        ),
     )
     .unwrap();
     let out = Command::new(BIN)
@@ -245,7 +286,10 @@ fn check_config_prints_the_fd_budget_and_every_listeners_limits() {
     ));
     assert!(ok, "{err}");
     assert!(out.contains("fd budget: RLIMIT_NOFILE"), "{out}");
-    assert!(out.contains("admin API on 0.0.0.0:8080: header/idle timeout 10s"), "{out}");
+    assert!(
+        out.contains("admin API on 0.0.0.0:8080: header/idle timeout 10s"),
+        "{out}"
+    );
     assert!(out.contains("legacy listener on 0.0.0.0:8081"), "{out}");
 }
 
@@ -295,7 +339,11 @@ fn a_flood_of_half_open_http_connections_under_a_1024_fd_limit_leaves_meters_con
             flood.push(s);
         }
     }
-    assert!(flood.len() >= FLOOD * 9 / 10, "only {} connections opened", flood.len());
+    assert!(
+        flood.len() >= FLOOD * 9 / 10,
+        "only {} connections opened",
+        flood.len()
+    );
 
     // With the flood held open, meters keep connecting.
     // Bounded: an attempt left when the minute is up counts as failed.
@@ -320,7 +368,8 @@ fn a_flood_of_half_open_http_connections_under_a_1024_fd_limit_leaves_meters_con
     let deadline = Instant::now() + Duration::from_secs(60);
     for s in &mut flood {
         let left = deadline.saturating_duration_since(Instant::now());
-        s.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
         let mut buf = [0u8; 256];
         loop {
             match s.read(&mut buf) {
@@ -332,13 +381,23 @@ fn a_flood_of_half_open_http_connections_under_a_1024_fd_limit_leaves_meters_con
         }
     }
     drop(flood);
-    let refused = gw.metric(r#"umeme_http_connections_refused_total{listener="admin",reason="listener_full"}"#)
-        + gw.metric(r#"umeme_http_connections_refused_total{listener="legacy",reason="listener_full"}"#);
+    let refused = gw
+        .metric(r#"umeme_http_connections_refused_total{listener="admin",reason="listener_full"}"#)
+        + gw.metric(
+            r#"umeme_http_connections_refused_total{listener="legacy",reason="listener_full"}"#,
+        );
     assert!(refused > 0.0, "{}", gw.metrics());
-    assert!(gw.metric(r#"umeme_http_timeouts_total{kind="header",listener="admin"}"#) > 0.0
-        || gw.metric(r#"umeme_http_timeouts_total{listener="admin",kind="header"}"#) > 0.0,
-        "{}", gw.metrics());
-    assert!(!gw.log_text().contains("Too many open files"), "{}", gw.log_text());
+    assert!(
+        gw.metric(r#"umeme_http_timeouts_total{kind="header",listener="admin"}"#) > 0.0
+            || gw.metric(r#"umeme_http_timeouts_total{listener="admin",kind="header"}"#) > 0.0,
+        "{}",
+        gw.metrics()
+    );
+    assert!(
+        !gw.log_text().contains("Too many open files"),
+        "{}",
+        gw.log_text()
+    );
     // And the API answers again.
     assert_eq!(gw.http("GET", "/health", None).0, 200);
 }

@@ -22,6 +22,7 @@ impl Events for AcceptErrors {
     }
 }
 
+#[allow(clippy::unnecessary_cast)] // rlim_t is 32 bits on 32-bit ARM
 fn set_soft_nofile(n: u64) -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -46,7 +47,9 @@ fn get_ok(addr: SocketAddr) -> bool {
         return false;
     };
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    if s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_err() {
+    if s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
         return false;
     }
     let mut out = String::new();

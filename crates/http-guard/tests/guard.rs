@@ -112,7 +112,9 @@ async fn connect_from(source: [u8; 4], to: SocketAddr) -> TcpStream {
 async fn a_connection_that_sends_half_a_header_is_closed_after_the_header_timeout() {
     let srv = Server::start(limits(300, 5_000, 8, 8)).await;
     let mut s = TcpStream::connect(srv.addr).await.unwrap();
-    s.write_all(b"GET /peer HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    s.write_all(b"GET /peer HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let (_, took) = read_to_close(&mut s).await;
     assert!(took >= Duration::from_millis(250), "closed after {took:?}");
     assert_eq!(srv.events.header.load(Ordering::SeqCst), 1);

@@ -241,7 +241,10 @@ impl Settings {
             return Err("header_timeout_ms must be between 100 and 10000".into());
         }
         // A push waits for Safaricom for up to http_timeout_secs inside its request.
-        let min_request_ms = c.http_timeout_secs.saturating_mul(1000).saturating_add(5_000);
+        let min_request_ms = c
+            .http_timeout_secs
+            .saturating_mul(1000)
+            .saturating_add(5_000);
         if !(min_request_ms..=600_000).contains(&c.request_timeout_ms) {
             return Err(format!(
                 "request_timeout_ms must be between {min_request_ms} (http_timeout_secs + 5 s) and 600000"

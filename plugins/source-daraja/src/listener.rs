@@ -52,14 +52,23 @@ impl Events for GuardEvents {
         let stats = &self.shared.stats;
         stats.refused_connections.fetch_add(1, Ordering::Relaxed);
         if let Some(held_back) = self.log.allow() {
-            log::warn!("connection from {peer} closed at once: {} ({held_back} similar lines held back)", why.as_str());
+            log::warn!(
+                "connection from {peer} closed at once: {} ({held_back} similar lines held back)",
+                why.as_str()
+            );
         }
     }
 
     fn timed_out(&self, peer: SocketAddr, what: Timeout) {
-        self.shared.stats.http_timeouts.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .http_timeouts
+            .fetch_add(1, Ordering::Relaxed);
         if let Some(held_back) = self.log.allow() {
-            log::warn!("connection from {peer} too slow: {} timeout ({held_back} similar lines held back)", what.as_str());
+            log::warn!(
+                "connection from {peer} too slow: {} timeout ({held_back} similar lines held back)",
+                what.as_str()
+            );
         }
     }
 
