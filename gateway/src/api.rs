@@ -27,7 +27,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
-use tracing::warn;
+use tracing::{debug, warn};
 use umeme_http_guard::{Events, Refusal, Throttle, Timeout};
 
 use crate::auth;
@@ -137,7 +137,9 @@ impl Events for HttpEvents {
             "umeme_http_timeouts_total",
             &[("listener", listener), ("kind", what.as_str())],
         );
-        if let Some(held_back) = self.timeouts.allow() {
+        if what == Timeout::Idle {
+            debug!(listener, %peer, "idle HTTP keep-alive connection closed");
+        } else if let Some(held_back) = self.timeouts.allow() {
             warn!(listener, %peer, timeout = what.as_str(), held_back, "HTTP client too slow: closed");
         }
     }

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,8 +91,11 @@ impl Refusal {
 /// Which timeout closed a connection or answered a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Timeout {
-    /// No complete request head in time (a new or an idle keep-alive connection).
+    /// No complete request head in time on a new connection.
     Header,
+    /// A keep-alive connection that had served requests sent no complete new head in time:
+    /// usually a client keeping its connection open, so not worth a warning.
+    Idle,
     /// The request's body or its handler took too long; answered 408 and closed.
     Request,
 }
@@ -101,6 +105,7 @@ impl Timeout {
     pub fn as_str(self) -> &'static str {
         match self {
             Timeout::Header => "header",
+            Timeout::Idle => "idle",
             Timeout::Request => "request",
         }
     }
@@ -242,13 +247,13 @@ pub async fn serve(
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            drop(stream);
             events.refused(peer, Refusal::ListenerFull);
+            drop(stream);
             continue;
         };
         let Some(peer_slot) = peers.try_take(peer.ip(), limits.max_connections_per_ip) else {
-            drop(stream);
             events.refused(peer, Refusal::PeerFull);
+            drop(stream);
             continue;
         };
         tokio::spawn(connection(
@@ -280,7 +285,10 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let request_timeout = limits.request_timeout;
     let ev = events.clone();
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        count.fetch_add(1, Ordering::Relaxed);
         req.extensions_mut().insert(ConnectInfo(peer));
         let call = app.clone().oneshot(req);
         let ev = ev.clone();
@@ -310,7 +318,11 @@ async fn connection(
     };
     if let Err(e) = result {
         if e.is_timeout() {
-            events.timed_out(peer, Timeout::Header);
+            let what = match served.load(Ordering::Relaxed) {
+                0 => Timeout::Header,
+                _ => Timeout::Idle,
+            };
+            events.timed_out(peer, what);
         }
     }
 }

@@ -22,6 +22,7 @@ struct Counted {
     listener_full: AtomicUsize,
     peer_full: AtomicUsize,
     header: AtomicUsize,
+    idle: AtomicUsize,
     request: AtomicUsize,
 }
 
@@ -36,6 +37,7 @@ impl Events for Counted {
     fn timed_out(&self, _peer: SocketAddr, what: Timeout) {
         match what {
             Timeout::Header => &self.header,
+            Timeout::Idle => &self.idle,
             Timeout::Request => &self.request,
         }
         .fetch_add(1, Ordering::SeqCst);
@@ -141,6 +143,8 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     assert!(got.ends_with("127.0.0.1"), "{got}");
     assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+    assert_eq!(srv.events.idle.load(Ordering::SeqCst), 1);
+    assert_eq!(srv.events.header.load(Ordering::SeqCst), 0);
     srv.stop().await;
 }
 

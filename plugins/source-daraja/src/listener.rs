@@ -60,6 +60,9 @@ impl Events for GuardEvents {
     }
 
     fn timed_out(&self, peer: SocketAddr, what: Timeout) {
+        if what == Timeout::Idle {
+            return; // a client keeping its connection open: closing it is routine
+        }
         self.shared
             .stats
             .http_timeouts

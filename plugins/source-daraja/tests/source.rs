@@ -545,7 +545,6 @@ fn a_half_open_connection_to_the_listener_is_closed_after_the_header_timeout_and
     eventually("the timeout is counted", || {
         s.plugin.health().detail["http_timeouts"] == json!(1)
     });
-    assert_eq!(s.logs_containing("header timeout"), 1);
 }
 
 #[test]
@@ -558,7 +557,6 @@ fn connections_over_the_listeners_per_address_cap_are_closed_at_once_and_counted
     let took = closed_after(&mut extra);
     assert!(took < Duration::from_secs(2), "closed after {took:?}");
     assert_eq!(s.plugin.health().detail["refused_connections"], json!(1));
-    assert_eq!(s.logs_containing("closed at once: peer_full"), 1);
 }
 
 #[test]
