@@ -1166,6 +1166,41 @@ mod tests {
         assert_eq!(c.ledger.low_balance_wh, d.ledger.low_balance_wh);
         assert_eq!(c.api.listen, d.api.listen);
         assert!(!c.api.allow_simulate);
+        assert_eq!(c.api.limits, d.api.limits);
+        assert_eq!(c.api.legacy_limits, d.api.legacy_limits);
+        assert_eq!(c.api.legacy_listen, None);
+    }
+
+    #[test]
+    fn http_limits_have_their_defaults_and_merge_key_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Config::from_partial(PartialConfig::default(), ConfigSource::BuiltInDefaults);
+        assert_eq!(d.api.limits, HttpLimits::default());
+        assert_eq!(d.api.limits.header_timeout.as_secs(), 10);
+        assert_eq!(d.api.legacy_limits.max_connections, LEGACY_MAX_CONNECTIONS);
+        let main = write(
+            dir.path(),
+            "gateway.toml",
+            "[api]\nheader_timeout = \"2s\"\nmax_connections = 8\n",
+        );
+        std::fs::create_dir_all(dir.path().join("conf.d")).unwrap();
+        write(
+            &dir.path().join("conf.d"),
+            "10-legacy.toml",
+            "[api]\nlegacy_listen = \"0.0.0.0:8081\"\nlegacy_max_connections_per_ip = 2\n",
+        );
+        let c = Config::load(Some(&main)).unwrap();
+        assert_eq!(
+            c.api.limits.header_timeout,
+            std::time::Duration::from_secs(2)
+        );
+        assert_eq!(
+            c.api.legacy_limits.header_timeout,
+            std::time::Duration::from_secs(2)
+        );
+        assert_eq!(c.api.limits.max_connections, 8);
+        assert_eq!(c.api.legacy_limits.max_connections_per_ip, 2);
+        assert_eq!(c.api.legacy_listen, Some(([0, 0, 0, 0], 8081).into()));
     }
 
     #[test]
