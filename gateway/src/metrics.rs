@@ -82,7 +82,7 @@ const HELP: &[(&str, &str, &str)] = &[
     (
         "umeme_http_requests_total",
         "counter",
-        "Admin API requests, by status class.",
+        "HTTP requests of the admin API and the legacy listener, by status class.",
     ),
     (
         "umeme_http_rejected_total",
