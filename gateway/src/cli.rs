@@ -243,6 +243,10 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             config.check_files()?;
             config.api_token()?;
             check_plugins(&config)?;
+            // This shell's limit; the service runs under systemd's LimitNOFILE.
+            let budget = crate::fds::FdBudget::plan(crate::fds::raise_nofile_limit(), &config)?;
+            println!("ok: {budget} (under this shell's open-file limit)");
+            print_http_limits(&config);
             match &config.source {
                 ConfigSource::BuiltInDefaults => {
                     println!("ok: no configuration file; the built-in development defaults apply")
@@ -343,6 +347,21 @@ fn development_data_dir() -> Result<PathBuf, Failure> {
         crate::config::DEFAULT_CONFIG_PATH,
         cwd.display()
     )))
+}
+
+/// The HTTP listeners' limits, so an operator sees what is in force.
+fn print_http_limits(config: &Config) {
+    let api = &config.api;
+    let show = |what: &str, addr: std::net::SocketAddr, l: &crate::config::HttpLimits| {
+        println!(
+            "ok: {what} on {addr}: header/idle timeout {:?}, request timeout {:?}, at most {} connections, {} per address",
+            l.header_timeout, l.request_timeout, l.max_connections, l.max_connections_per_ip
+        )
+    };
+    show("admin API", api.listen, &api.limits);
+    if let Some(addr) = api.legacy_listen {
+        show("legacy listener", addr, &api.legacy_limits);
+    }
 }
 
 /// Loads every configured plugin with all the checks `run` makes (ABI, kind, sha256, file

@@ -207,9 +207,21 @@ pub struct LedgerConfig {
 pub struct ApiConfig {
     pub listen: SocketAddr,
     pub allow_simulate: bool,
-    pub legacy_meter_http: bool,
     pub token_file: Option<PathBuf>,
+    /// The original firmware's boot-time lookups, on a listener of their own.
+    pub legacy_listen: Option<SocketAddr>,
+    /// The admin listener's limits.
+    pub limits: HttpLimits,
+    /// The legacy listener's limits (its timeouts are the admin listener's).
+    pub legacy_limits: HttpLimits,
 }
+
+/// One HTTP listener's timeouts and connection caps (`[api]` keys).
+pub use umeme_http_guard::Limits as HttpLimits;
+
+/// Connection caps of the legacy listener: one connection per meter at boot, quickly done.
+pub const LEGACY_MAX_CONNECTIONS: usize = 128;
+pub const LEGACY_MAX_CONNECTIONS_PER_IP: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
@@ -316,6 +328,7 @@ impl Config {
         let mut secret_files = Vec::new();
         let mut sinks: Vec<SinkConfig> = Vec::new();
         let mut sources: Vec<SourceConfig> = Vec::new();
+        let mut exposure = ApiExposure::default();
         for file in &files {
             let text = std::fs::read_to_string(file).map_err(|e| io_error(file, e))?;
             let mut part: PartialConfig = toml::from_str(&text).map_err(|e| {
@@ -372,9 +385,13 @@ impl Config {
                     position: line_col(&text, tf.span().start),
                 });
             }
+            if let Some(a) = &part.api {
+                exposure.note(a, file, &text);
+            }
             merged.merge(part);
         }
         let mut config = Config::from_partial(merged, ConfigSource::Files(files));
+        exposure.check(&config.api)?;
         config.secret_files = secret_files;
         config.sinks = sinks;
         config.sources = sources;
@@ -433,11 +450,41 @@ impl Config {
                 low_balance_wh: l.low_balance_units.map_or(3_000, |u| u.0),
                 commit_delay: l.commit_delay.map_or(DEFAULT_COMMIT_DELAY, |d| d.0),
             },
-            api: ApiConfig {
-                listen: a.listen.unwrap_or_else(|| ([127, 0, 0, 1], 8080).into()),
-                allow_simulate: a.allow_simulate.unwrap_or(false),
-                legacy_meter_http: a.legacy_meter_http.unwrap_or(false),
-                token_file: a.token_file.map(Spanned::into_inner),
+            api: {
+                let header_timeout = a
+                    .header_timeout
+                    .map_or(HttpLimits::DEFAULT_HEADER_TIMEOUT, |d| d.0);
+                let request_timeout = a
+                    .request_timeout
+                    .map_or(HttpLimits::DEFAULT_REQUEST_TIMEOUT, |d| d.0);
+                ApiConfig {
+                    listen: a
+                        .listen
+                        .map_or_else(|| ([127, 0, 0, 1], 8080).into(), Spanned::into_inner),
+                    allow_simulate: a.allow_simulate.is_some_and(Spanned::into_inner),
+                    token_file: a.token_file.map(Spanned::into_inner),
+                    legacy_listen: a.legacy_listen,
+                    limits: HttpLimits {
+                        header_timeout,
+                        request_timeout,
+                        max_connections: a
+                            .max_connections
+                            .map_or(HttpLimits::DEFAULT_MAX_CONNECTIONS, |n| n.0),
+                        max_connections_per_ip: a
+                            .max_connections_per_ip
+                            .map_or(HttpLimits::DEFAULT_MAX_CONNECTIONS_PER_IP, |n| n.0),
+                    },
+                    legacy_limits: HttpLimits {
+                        header_timeout,
+                        request_timeout,
+                        max_connections: a
+                            .legacy_max_connections
+                            .map_or(LEGACY_MAX_CONNECTIONS, |n| n.0),
+                        max_connections_per_ip: a
+                            .legacy_max_connections_per_ip
+                            .map_or(LEGACY_MAX_CONNECTIONS_PER_IP, |n| n.0),
+                    },
+                }
             },
             outbox: OutboxConfig {
                 max_bytes: o.max_bytes.map_or(512 << 20, |b| b.0),
@@ -712,10 +759,95 @@ struct PartialLedger {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PartialApi {
-    listen: Option<SocketAddr>,
-    allow_simulate: Option<bool>,
-    legacy_meter_http: Option<bool>,
+    listen: Option<Spanned<SocketAddr>>,
+    allow_simulate: Option<Spanned<bool>>,
+    #[allow(dead_code)] // only ever false: true is refused while parsing
+    legacy_meter_http: Option<LegacyMeterHttp>,
     token_file: Option<Spanned<PathBuf>>,
+    legacy_listen: Option<SocketAddr>,
+    header_timeout: Option<BoundedDuration<100, 10_000>>,
+    request_timeout: Option<BoundedDuration<1_000, 600_000>>,
+    max_connections: Option<Bounded<1, 10_000>>,
+    max_connections_per_ip: Option<Bounded<1, 10_000>>,
+    legacy_max_connections: Option<Bounded<1, 10_000>>,
+    legacy_max_connections_per_ip: Option<Bounded<1, 10_000>>,
+}
+
+/// `[api] legacy_meter_http`, kept so an old file gets a pointer to its replacement.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "bool")]
+struct LegacyMeterHttp;
+
+impl TryFrom<bool> for LegacyMeterHttp {
+    type Error = &'static str;
+    fn try_from(on: bool) -> Result<Self, Self::Error> {
+        if on {
+            Err("legacy_meter_http is replaced by legacy_listen = \"ADDRESS:PORT\": the original firmware's lookups now have a listener of their own, apart from the admin API")
+        } else {
+            Ok(LegacyMeterHttp)
+        }
+    }
+}
+
+/// Where `[api] listen` and `allow_simulate` were last set, to refuse an exposed admin API at
+/// the key that exposes it.
+#[derive(Default)]
+struct ApiExposure {
+    listen: Option<Located<SocketAddr>>,
+    simulate: Option<Located<bool>>,
+}
+
+impl ApiExposure {
+    fn note(&mut self, a: &PartialApi, file: &Path, text: &str) {
+        let at = |start: usize| (file.to_path_buf(), line_col(text, start));
+        if let Some(l) = &a.listen {
+            let (file, position) = at(l.span().start);
+            self.listen = Some(Located {
+                value: *l.get_ref(),
+                file,
+                position,
+            });
+        }
+        if let Some(s) = &a.allow_simulate {
+            let (file, position) = at(s.span().start);
+            self.simulate = Some(Located {
+                value: *s.get_ref(),
+                file,
+                position,
+            });
+        }
+    }
+
+    /// The admin API off loopback needs a token for every request, and never takes simulated
+    /// payments.
+    fn check(&self, api: &ApiConfig) -> Result<(), ConfigError> {
+        let Some(listen) = &self.listen else {
+            return Ok(()); // the default is loopback
+        };
+        if listen.value.ip().is_loopback() {
+            return Ok(());
+        }
+        fn err<T>(at: &Located<T>, message: String) -> ConfigError {
+            ConfigError {
+                file: Some(at.file.clone()),
+                position: Some(at.position),
+                message,
+            }
+        }
+        if let Some(sim) = self.simulate.as_ref().filter(|s| s.value) {
+            return Err(err(sim, format!(
+                "allow_simulate = true is refused when [api] listen ({}) is not a loopback address: anyone on the network could credit meters",
+                listen.value
+            )));
+        }
+        if api.token_file.is_none() {
+            return Err(err(listen, format!(
+                "[api] listen = \"{}\" is not a loopback address: set [api] token_file so every request needs the bearer token",
+                listen.value
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Later values win, key by key.
@@ -763,6 +895,16 @@ impl PartialConfig {
             merge_opt(&mut s.allow_simulate, a.allow_simulate);
             merge_opt(&mut s.legacy_meter_http, a.legacy_meter_http);
             merge_opt(&mut s.token_file, a.token_file);
+            merge_opt(&mut s.legacy_listen, a.legacy_listen);
+            merge_opt(&mut s.header_timeout, a.header_timeout);
+            merge_opt(&mut s.request_timeout, a.request_timeout);
+            merge_opt(&mut s.max_connections, a.max_connections);
+            merge_opt(&mut s.max_connections_per_ip, a.max_connections_per_ip);
+            merge_opt(&mut s.legacy_max_connections, a.legacy_max_connections);
+            merge_opt(
+                &mut s.legacy_max_connections_per_ip,
+                a.legacy_max_connections_per_ip,
+            );
         }
     }
 }
@@ -1055,6 +1197,25 @@ impl TryFrom<String> for CommitDelay {
     }
 }
 
+/// A duration of `MIN_MS..=MAX_MS` milliseconds, written as `"10s"`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "String")]
+struct BoundedDuration<const MIN_MS: u64, const MAX_MS: u64>(std::time::Duration);
+
+impl<const MIN_MS: u64, const MAX_MS: u64> TryFrom<String> for BoundedDuration<MIN_MS, MAX_MS> {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let d = HumanDuration::try_from(text.clone())?.0;
+        let ms = d.as_millis();
+        if ms < u128::from(MIN_MS) || ms > u128::from(MAX_MS) {
+            return Err(format!(
+                "{text:?} is out of range: expected {MIN_MS}ms to {MAX_MS}ms"
+            ));
+        }
+        Ok(BoundedDuration(d))
+    }
+}
+
 /// An integer that must lie in `MIN..=MAX`.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(try_from = "i64")]
@@ -1218,6 +1379,41 @@ mod tests {
         assert_eq!(c.ledger.low_balance_wh, d.ledger.low_balance_wh);
         assert_eq!(c.api.listen, d.api.listen);
         assert!(!c.api.allow_simulate);
+        assert_eq!(c.api.limits, d.api.limits);
+        assert_eq!(c.api.legacy_limits, d.api.legacy_limits);
+        assert_eq!(c.api.legacy_listen, None);
+    }
+
+    #[test]
+    fn http_limits_have_their_defaults_and_merge_key_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Config::from_partial(PartialConfig::default(), ConfigSource::BuiltInDefaults);
+        assert_eq!(d.api.limits, HttpLimits::default());
+        assert_eq!(d.api.limits.header_timeout.as_secs(), 10);
+        assert_eq!(d.api.legacy_limits.max_connections, LEGACY_MAX_CONNECTIONS);
+        let main = write(
+            dir.path(),
+            "gateway.toml",
+            "[api]\nheader_timeout = \"2s\"\nmax_connections = 8\n",
+        );
+        std::fs::create_dir_all(dir.path().join("conf.d")).unwrap();
+        write(
+            &dir.path().join("conf.d"),
+            "10-legacy.toml",
+            "[api]\nlegacy_listen = \"0.0.0.0:8081\"\nlegacy_max_connections_per_ip = 2\n",
+        );
+        let c = Config::load(Some(&main)).unwrap();
+        assert_eq!(
+            c.api.limits.header_timeout,
+            std::time::Duration::from_secs(2)
+        );
+        assert_eq!(
+            c.api.legacy_limits.header_timeout,
+            std::time::Duration::from_secs(2)
+        );
+        assert_eq!(c.api.limits.max_connections, 8);
+        assert_eq!(c.api.legacy_limits.max_connections_per_ip, 2);
+        assert_eq!(c.api.legacy_listen, Some(([0, 0, 0, 0], 8081).into()));
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::auth::Verifier;
 use crate::broker::{self, Broker};
 use crate::config::SinkImplementation;
 use crate::config::{Config, ConfigError, ConfigSource};
+use crate::fds::{self, FdBudget};
 use crate::hub::{Hub, Outgoing};
 use crate::jsonl::JsonlSink;
 use crate::ledger::Rules;
@@ -68,6 +69,8 @@ fn listen_hint(what: &str, addr: &SocketAddr, e: &std::io::Error) -> String {
 pub struct Gateway {
     pub broker_addr: SocketAddr,
     pub api_addr: SocketAddr,
+    /// The original firmware's lookups, when `[api] legacy_listen` is set.
+    pub legacy_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -78,9 +81,16 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts every part of the daemon on the current tokio runtime.
-    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+    pub async fn start(mut config: Config) -> Result<Gateway, StartError> {
         config.check_files()?;
         let token = config.api_token()?;
+        let budget = FdBudget::plan(fds::raise_nofile_limit(), &config)?;
+        if budget.clamped() {
+            warn!("{budget}");
+        } else {
+            info!("{budget}");
+        }
+        config.broker.max_connections = budget.meters;
         if config.source == ConfigSource::BuiltInDefaults {
             info!(
                 data_dir = %config.gateway.data_dir.display(),
@@ -217,8 +227,15 @@ impl Gateway {
         };
         let broker_listener = bind("broker.listen", config.broker.listen).await?;
         let api_listener = bind("api.listen", config.api.listen).await?;
+        let legacy_listener = match config.api.legacy_listen {
+            Some(addr) => Some(bind("api.legacy_listen", addr).await?),
+            None => None,
+        };
         let broker_addr = broker_listener.local_addr().expect("bound socket");
         let api_addr = api_listener.local_addr().expect("bound socket");
+        let legacy_addr = legacy_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound socket"));
 
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = move || {
@@ -260,16 +277,22 @@ impl Gateway {
             metrics: metrics.clone(),
             broker_ready,
         });
-        let app = api::router(api_state);
-        let api_stop = stopped();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(api_listener, app)
-                .with_graceful_shutdown(api_stop)
-                .await
-            {
-                warn!(error = %e, "admin API stopped");
-            }
-        }));
+        tasks.push(tokio::spawn(umeme_http_guard::serve(
+            api_listener,
+            api::router(api_state.clone()),
+            config.api.limits,
+            api::HttpEvents::new("admin", metrics.clone()),
+            stopped(),
+        )));
+        if let Some(listener) = legacy_listener {
+            tasks.push(tokio::spawn(umeme_http_guard::serve(
+                listener,
+                api::legacy_router(api_state),
+                config.api.legacy_limits,
+                api::HttpEvents::new("legacy", metrics.clone()),
+                stopped(),
+            )));
+        }
         let ticker = writer.clone();
         let done = stopped();
         tasks.push(tokio::spawn(async move {
@@ -282,10 +305,11 @@ impl Gateway {
                 }
             }
         }));
-        info!(broker = %broker_addr, api = %api_addr, gateway = %config.gateway.id, "umeme-gateway ready");
+        info!(broker = %broker_addr, api = %api_addr, legacy = ?legacy_addr, gateway = %config.gateway.id, "umeme-gateway ready");
         Ok(Gateway {
             broker_addr,
             api_addr,
+            legacy_addr,
             metrics,
             stop,
             tasks,

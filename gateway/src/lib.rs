@@ -23,7 +23,8 @@
 //! - [`hub`]: connected meter sessions and commands to them.
 //! - [`broker`]: the meter-facing MQTT 3.1.1 listener.
 //! - [`meter_limits`]: per-meter message rates and warning budgets after CONNECT.
-//! - [`api`]: the admin HTTP API.
+//! - [`api`]: the admin HTTP API and the original firmware's legacy listener.
+//! - [`fds`]: the file-descriptor budget shared by the listeners.
 //! - [`metrics`]: counters for `/metrics`.
 //! - [`daemon`]: wiring for `run`.
 //! - [`cli`]: the command line.
@@ -35,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod consumption;
 pub mod daemon;
+pub mod fds;
 pub mod hub;
 pub mod jsonl;
 pub mod ledger;

@@ -92,12 +92,27 @@ const HELP: &[(&str, &str, &str)] = &[
     (
         "umeme_http_requests_total",
         "counter",
-        "Admin API requests, by status class.",
+        "HTTP requests of the admin API and the legacy listener, by status class.",
     ),
     (
         "umeme_http_rejected_total",
         "counter",
         "Admin API requests refused, by reason.",
+    ),
+    (
+        "umeme_http_connections_refused_total",
+        "counter",
+        "HTTP connections closed at once by a connection cap, by listener and reason.",
+    ),
+    (
+        "umeme_http_timeouts_total",
+        "counter",
+        "HTTP connections closed (header) or requests answered 408 (request) by a timeout, by listener.",
+    ),
+    (
+        "umeme_http_accept_errors_total",
+        "counter",
+        "Failed accepts on an HTTP listener (EMFILE and the like), by listener.",
     ),
     (
         "umeme_events_last_seq",

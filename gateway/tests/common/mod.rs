@@ -100,6 +100,8 @@ pub struct Gateway {
     child: Option<Child>,
     pub log: mpsc::Receiver<String>,
     log_path: PathBuf,
+    /// `RLIMIT_NOFILE` (soft and hard) the daemon starts under, when set.
+    pub nofile_limit: Option<u64>,
 }
 
 impl Gateway {
@@ -137,6 +139,7 @@ impl Gateway {
             child: None,
             log,
             log_path,
+            nofile_limit: None,
         }
     }
 
@@ -157,14 +160,30 @@ impl Gateway {
     /// Starts the daemon and waits for its "ready" log line.
     pub fn start(&mut self) -> &mut Self {
         assert!(self.child.is_none(), "already running");
-        let mut child = Command::new(BIN)
-            .args(["run", "--config"])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info,umeme_gateway=debug")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn umeme-gateway");
+            .stderr(Stdio::piped());
+        if let Some(n) = self.nofile_limit {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn umeme-gateway");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
         let log_path = self.log_path.clone();

@@ -6,6 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use umeme_http_guard::Limits;
+
 use crate::wire;
 
 fn default_listen() -> SocketAddr {
@@ -43,6 +45,18 @@ fn default_query_attempts() -> u32 {
 }
 fn default_max_pending() -> usize {
     500
+}
+fn default_header_timeout_ms() -> u64 {
+    Limits::DEFAULT_HEADER_TIMEOUT.as_millis() as u64
+}
+fn default_request_timeout_ms() -> u64 {
+    60_000
+}
+fn default_max_connections() -> usize {
+    umeme_http_guard::PLUGIN_MAX_CONNECTIONS
+}
+fn default_max_connections_per_ip() -> usize {
+    Limits::DEFAULT_MAX_CONNECTIONS_PER_IP
 }
 
 /// Safaricom's callback (egress) addresses: the list Safaricom gives integrators for
@@ -156,6 +170,16 @@ pub struct Config {
     /// Pushes waiting for their outcome at most; more are refused with 503.
     #[serde(default = "default_max_pending")]
     pub max_pending_pushes: usize,
+    /// The listener's limits (the shared HTTP guard): time for a request's headers (also the
+    /// keep-alive idle time), for a whole request, and open connections in all and per address.
+    #[serde(default = "default_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
 }
 
 /// Secrets, read once at `create`.
@@ -189,6 +213,7 @@ pub struct Settings {
     pub query_interval: Duration,
     pub query_max_attempts: u32,
     pub max_pending: usize,
+    pub limits: Limits,
 }
 
 /// Reads a secret file with the SDK's checks (mode, no symlink, size), like every plugin.
@@ -249,6 +274,25 @@ impl Settings {
                 "validation_timeout_ms must be between 100 and 7500 (Daraja waits ~8 s)".into(),
             );
         }
+        if !(100..=10_000).contains(&c.header_timeout_ms) {
+            return Err("header_timeout_ms must be between 100 and 10000".into());
+        }
+        // A push waits for Safaricom for up to http_timeout_secs inside its request.
+        let min_request_ms = c
+            .http_timeout_secs
+            .saturating_mul(1000)
+            .saturating_add(5_000);
+        if !(min_request_ms..=600_000).contains(&c.request_timeout_ms) {
+            return Err(format!(
+                "request_timeout_ms must be between {min_request_ms} (http_timeout_secs + 5 s) and 600000"
+            ));
+        }
+        let max = umeme_http_guard::PLUGIN_MAX_CONNECTIONS;
+        if !(1..=max).contains(&c.max_connections)
+            || !(1..=c.max_connections).contains(&c.max_connections_per_ip)
+        {
+            return Err(format!("max_connections must be between 1 and {max} (the gateway's descriptor budget counts {max} per source), max_connections_per_ip between 1 and max_connections"));
+        }
         if c.stk_query_interval_secs == 0 || c.http_timeout_secs == 0 || c.max_pending_pushes == 0 {
             return Err("stk_query_interval_secs, http_timeout_secs and max_pending_pushes must be positive".into());
         }
@@ -302,6 +346,12 @@ impl Settings {
             query_interval: Duration::from_secs(c.stk_query_interval_secs),
             query_max_attempts: c.stk_query_max_attempts,
             max_pending: c.max_pending_pushes,
+            limits: Limits {
+                header_timeout: Duration::from_millis(c.header_timeout_ms),
+                request_timeout: Duration::from_millis(c.request_timeout_ms),
+                max_connections: c.max_connections,
+                max_connections_per_ip: c.max_connections_per_ip,
+            },
         };
         for u in [
             &settings.validation_url,

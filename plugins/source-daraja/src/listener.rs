@@ -19,6 +19,7 @@ use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use umeme_http_guard::{Events, Refusal, Throttle, Timeout};
 use umeme_plugin_sdk::untrusted::Untrusted;
 use umeme_plugin_sdk::{HostError, Payment, Unapplied};
 
@@ -30,6 +31,56 @@ use crate::Shared;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new().fallback(route).with_state(shared)
+}
+
+/// What the shared HTTP guard reports: counted in `health`, logged at most every 10 s.
+pub struct GuardEvents {
+    shared: Arc<Shared>,
+    log: Throttle,
+}
+
+impl GuardEvents {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        GuardEvents {
+            shared,
+            log: Throttle::new(std::time::Duration::from_secs(10)),
+        }
+    }
+}
+
+impl Events for GuardEvents {
+    fn refused(&self, peer: SocketAddr, why: Refusal) {
+        let stats = &self.shared.stats;
+        stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+        if let Some(held_back) = self.log.allow() {
+            log::warn!(
+                "connection from {peer} closed at once: {} ({held_back} similar lines held back)",
+                why.as_str()
+            );
+        }
+    }
+
+    fn timed_out(&self, peer: SocketAddr, what: Timeout) {
+        if what == Timeout::Idle {
+            return; // a client keeping its connection open: closing it is routine
+        }
+        self.shared
+            .stats
+            .http_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(held_back) = self.log.allow() {
+            log::warn!(
+                "connection from {peer} too slow: {} timeout ({held_back} similar lines held back)",
+                what.as_str()
+            );
+        }
+    }
+
+    fn accept_failed(&self, error: &std::io::Error, retry_in: std::time::Duration) {
+        if let Some(held_back) = self.log.allow() {
+            log::warn!("accept failed: {error}; retrying in {retry_in:?} ({held_back} similar lines held back)");
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]

@@ -810,3 +810,64 @@ fn c2b_urls_are_registered_at_start_on_the_configured_path_and_already_registere
     );
     assert_eq!(body["ResponseType"], "Completed");
 }
+
+/// Reads from `s` until the plugin closes it (bounded); how long that took.
+fn closed_after(s: &mut std::net::TcpStream) -> Duration {
+    use std::io::Read;
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return start.elapsed(),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return start.elapsed(),
+            Err(e) => panic!("the listener kept the connection open: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_half_open_connection_to_the_listener_is_closed_after_the_header_timeout_and_counted() {
+    use std::io::Write;
+    let mut s = setup_with(|c| c["header_timeout_ms"] = json!(300));
+    let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
+    conn.write_all(b"POST /daraja/").unwrap();
+    let took = closed_after(&mut conn);
+    assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+    eventually("the timeout is counted", || {
+        s.plugin.health().detail["http_timeouts"] == json!(1)
+    });
+}
+
+#[test]
+fn connections_over_the_listeners_per_address_cap_are_closed_at_once_and_counted() {
+    let mut s = setup_with(|c| c["max_connections_per_ip"] = json!(2));
+    let _held: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(s.addr).unwrap())
+        .collect();
+    let mut extra = std::net::TcpStream::connect(s.addr).unwrap();
+    let took = closed_after(&mut extra);
+    assert!(took < Duration::from_secs(2), "closed after {took:?}");
+    assert_eq!(s.plugin.health().detail["refused_connections"], json!(1));
+}
+
+#[test]
+fn listener_limits_outside_their_bounds_are_refused_at_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let daraja = FakeDaraja::start();
+    let base = plugin_config(dir.path(), &daraja, "127.0.0.1:0".parse().unwrap());
+    for (key, value) in [
+        ("header_timeout_ms", 11_000),
+        ("request_timeout_ms", 1_000),
+        ("max_connections", 65),
+        ("max_connections_per_ip", 0),
+    ] {
+        let mut c = base.clone();
+        c[key] = json!(value);
+        let err = SourceHarness::<DarajaSource>::new(c, &[METER])
+            .err()
+            .unwrap_or_else(|| panic!("{key} = {value} accepted"));
+        assert!(err.contains(key), "{err}");
+    }
+}
