@@ -141,9 +141,13 @@ impl MoneyAccount {
             return StandingApplied::default();
         }
         let period = i64::from(s.every_days) * super::calendar::MS_PER_DAY;
-        let periods = (now_ms - self.standing_due_ms) / period + 1;
-        self.standing_due_ms += periods * period;
-        let cents = periods * s.amount.0;
+        let periods = now_ms.saturating_sub(self.standing_due_ms) / period + 1;
+        self.standing_due_ms = self
+            .standing_due_ms
+            .saturating_add(periods.saturating_mul(period));
+        // Saturating: a clock far in the future must not overflow (the debt is then absurd
+        // but visible, rather than a panic).
+        let cents = periods.saturating_mul(s.amount.0);
         let from_balance = cents.min(self.balance_cents);
         self.balance_cents -= from_balance;
         self.debt.standing += cents - from_balance;
@@ -156,8 +160,11 @@ impl MoneyAccount {
     }
 
     /// Credits a payment: debt first (all of it, or `debt_recovery_percent` of the payment),
-    /// emergency credit, then standing charges, then arrears; the rest to the balance.
+    /// emergency credit, then standing charges, then arrears; the rest to the balance. A
+    /// payment that leaves no emergency debt ends the emergency credit (ask again to re-arm).
+    /// `cents` was validated where the payment entered (positive, bounded).
     pub fn apply_payment(&mut self, tariff: &Tariff, cents: i64) -> PaymentApplied {
+        debug_assert!(cents >= 0, "payments are validated where they enter");
         let cents = cents.max(0);
         let mut budget = match tariff.debt_recovery_percent {
             None => cents,

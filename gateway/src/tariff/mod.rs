@@ -25,6 +25,10 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Decimal<const SCALE: u32>(pub i64);
 
+/// The largest integer a [`Decimal`] holds (10⁷ KES per kWh at four decimals): far beyond any
+/// real price, and it keeps `Wh × price × multiplier × percent` well inside `i128`.
+pub const MAX_DECIMAL: i64 = 100_000_000_000;
+
 /// KES with cents.
 pub type Kes = Decimal<2>;
 /// KES per kWh with four decimals.
@@ -50,8 +54,8 @@ impl<const SCALE: u32> Decimal<SCALE> {
             let d = frac.as_bytes().get(i).map_or(0, |b| i64::from(b - b'0'));
             v = v.checked_mul(10)?.checked_add(d)?;
         }
-        if v > 1_000_000_000_000 {
-            return None; // far beyond any price; keeps every product below i128 limits
+        if v > MAX_DECIMAL {
+            return None;
         }
         Some(Decimal(if neg { -v } else { v }))
     }
@@ -81,7 +85,11 @@ impl<'de, const SCALE: u32> serde::Deserialize<'de> for Decimal<SCALE> {
                 write!(f, "a decimal number with at most {S} decimals")
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Decimal<S>, E> {
-                Decimal::parse(s).ok_or_else(|| E::custom(format!("{s:?} is not {}", Expect(S))))
+                Decimal::parse(s).ok_or_else(|| {
+                    E::custom(format!(
+                        "{s:?} is not a decimal number with at most {S} decimals"
+                    ))
+                })
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Decimal<S>, E> {
                 self.visit_str(&v.to_string())
@@ -95,13 +103,6 @@ impl<'de, const SCALE: u32> serde::Deserialize<'de> for Decimal<SCALE> {
             }
         }
         d.deserialize_any(V::<SCALE>)
-    }
-}
-
-struct Expect(u32);
-impl fmt::Display for Expect {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "a decimal number with at most {} decimals", self.0)
     }
 }
 

@@ -15,6 +15,7 @@
 
 use super::calendar::{MonthKey, SiteZone, MS_PER_DAY};
 use super::{Tariff, ENERGY};
+use crate::ledger::MAX_REPORT_DELTA_WH;
 
 /// 10⁻¹² cent: every product of the tariff's decimals is a whole number of these.
 pub const FINE_PER_CENT: i128 = 1_000_000_000_000;
@@ -53,6 +54,8 @@ impl MonthUsage {
 pub enum PriceError {
     #[error("negative energy ({wh} Wh)")]
     NegativeEnergy { wh: i64 },
+    #[error("{wh} Wh in one report is more than the ledger accepts ({MAX_REPORT_DELTA_WH})")]
+    TooMuchEnergy { wh: i64 },
     #[error("interval ends before it starts ({start_ms} > {end_ms})")]
     Backwards { start_ms: i64, end_ms: i64 },
     #[error("interval of {ms} ms is longer than {MAX_INTERVAL_MS} ms")]
@@ -106,14 +109,18 @@ pub fn price_interval(
     if iv.wh < 0 {
         return Err(PriceError::NegativeEnergy { wh: iv.wh });
     }
+    if iv.wh > MAX_REPORT_DELTA_WH {
+        return Err(PriceError::TooMuchEnergy { wh: iv.wh });
+    }
     if iv.end_ms < iv.start_ms {
         return Err(PriceError::Backwards {
             start_ms: iv.start_ms,
             end_ms: iv.end_ms,
         });
     }
-    let span = iv.end_ms - iv.start_ms;
-    if span > MAX_INTERVAL_MS {
+    // Saturating: a garbage time must become an error, not an overflow.
+    let span = iv.end_ms.saturating_sub(iv.start_ms);
+    if !(0..=MAX_INTERVAL_MS).contains(&span) {
         return Err(PriceError::TooLong { ms: span });
     }
     let mut acc = Accumulator::new(tariff, month_before);

@@ -536,3 +536,62 @@ fn minimum_top_up_is_a_check_before_money_is_taken() {
     assert!(!t.accepts_topup(1_999));
     assert!(t.accepts_topup(2_000));
 }
+
+#[test]
+fn bad_intervals_are_errors_that_leave_the_account_unchanged() {
+    use super::price::PriceError;
+    let t = kplc();
+    let z = SiteZone::NAIROBI;
+    let now = at("2026-03-02", 10);
+    let mut acct = MoneyAccount::new(z, now);
+    acct.apply_payment(&t, 10_000);
+    let before = acct.clone();
+    let bad = [
+        (
+            Interval {
+                start_ms: now,
+                end_ms: now + 1,
+                wh: -1,
+            },
+            PriceError::NegativeEnergy { wh: -1 },
+        ),
+        (
+            Interval {
+                start_ms: now,
+                end_ms: now - 1,
+                wh: 1,
+            },
+            PriceError::Backwards {
+                start_ms: now,
+                end_ms: now - 1,
+            },
+        ),
+        (
+            Interval {
+                start_ms: i64::MIN,
+                end_ms: i64::MAX,
+                wh: 1,
+            },
+            PriceError::TooLong { ms: i64::MAX },
+        ),
+        (
+            Interval {
+                start_ms: now,
+                end_ms: now + 1,
+                wh: i64::MAX,
+            },
+            PriceError::TooMuchEnergy { wh: i64::MAX },
+        ),
+    ];
+    for (iv, err) in bad {
+        assert_eq!(acct.apply_consumption(&t, z, iv), Err(err));
+        assert_eq!(acct, before);
+    }
+    let mut daily = t.clone();
+    daily.standing_charge = Some(StandingCharge {
+        amount: Decimal(MAX_DECIMAL),
+        every_days: 1,
+    });
+    let s = acct.accrue_standing(&daily, i64::MAX);
+    assert_eq!(s.cents, i64::MAX, "saturates instead of overflowing");
+}
