@@ -89,7 +89,8 @@ impl SiteZone {
     }
 
     fn local_ms(self, utc_ms: i64) -> i64 {
-        utc_ms + i64::from(self.offset_minutes) * 60_000
+        // Saturating: times come from outside; a garbage one must not overflow.
+        utc_ms.saturating_add(i64::from(self.offset_minutes) * 60_000)
     }
 
     /// Local day number (days since 1970-01-01 local).
@@ -118,7 +119,7 @@ impl SiteZone {
     /// The first local hour boundary strictly after `utc_ms`.
     pub fn next_hour_start(self, utc_ms: i64) -> i64 {
         let local = self.local_ms(utc_ms);
-        utc_ms + (MS_PER_HOUR - local.rem_euclid(MS_PER_HOUR))
+        utc_ms.saturating_add(MS_PER_HOUR - local.rem_euclid(MS_PER_HOUR))
     }
 
     /// 00:00 local time of `date`, in UTC milliseconds.

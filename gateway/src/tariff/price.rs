@@ -128,7 +128,7 @@ pub fn price_interval(
         return Ok(acc.finish());
     }
     if span == 0 {
-        acc.add_piece(zone, iv.end_ms - 1, iv.wh);
+        acc.add_piece(zone, iv.end_ms.saturating_sub(1), iv.wh);
         return Ok(acc.finish());
     }
     let used_by = |t: i64| -> i64 {

@@ -5,7 +5,7 @@ use super::*;
 
 /// The worked example of `docs/tariffs.md`: KPLC domestic bands for 2025/26 with illustrative
 /// pass-through rates (see the doc for sources and which tax applies to what).
-pub(crate) const KPLC_LIKE: &str = r#"
+const KPLC_LIKE: &str = r#"
 name = "domestic"
 bands = [
   { from_kwh = 0, to_kwh = 30, price = "12.14" },
@@ -586,6 +586,17 @@ fn bad_intervals_are_errors_that_leave_the_account_unchanged() {
     for (iv, err) in bad {
         assert_eq!(acct.apply_consumption(&t, z, iv), Err(err));
         assert_eq!(acct, before);
+    }
+    for edge in [i64::MIN, i64::MAX] {
+        let iv = Interval {
+            start_ms: edge,
+            end_ms: edge,
+            wh: 5,
+        };
+        assert!(
+            acct.clone().apply_consumption(&t, z, iv).is_ok(),
+            "extreme instants price without overflow"
+        );
     }
     let mut daily = t.clone();
     daily.standing_charge = Some(StandingCharge {
