@@ -142,7 +142,7 @@ fn wh_price(t: &Tariff, f: HourFacts, month_wh: i64) -> (i128, Vec<i128>) {
     let multiplier = t
         .tou
         .iter()
-        .find(|w| in_window(&w.hours, f))
+        .find(|w| in_window(&w.hours(), f))
         .map_or(1000, |w| i128::from(w.multiplier.0));
     let energy = i128::from(band.price.0) * multiplier;
     let date = LocalDate {
@@ -336,19 +336,25 @@ fn tou_for(days: Days, a: u8, b: u8, m1: i64, m2: i64) -> Vec<TouWindow> {
     if a == b {
         return vec![TouWindow {
             name: "flat".into(),
-            hours: window(days, 0, 24),
+            days,
+            from_hour: 0,
+            to_hour: 24,
             multiplier: Decimal(m1),
         }];
     }
     vec![
         TouWindow {
             name: "peak".into(),
-            hours: window(days, a, b),
+            days,
+            from_hour: a,
+            to_hour: b,
             multiplier: Decimal(m1),
         },
         TouWindow {
             name: "off-peak".into(),
-            hours: window(days, b, a),
+            days,
+            from_hour: b,
+            to_hour: a,
             multiplier: Decimal(m2),
         },
     ]

@@ -213,9 +213,22 @@ impl HourWindow {
 pub struct TouWindow {
     /// The period's name in itemised records ("peak", "off-peak").
     pub name: String,
-    #[serde(flatten)]
-    pub hours: HourWindow,
+    // The hours are spelt out rather than a flattened `HourWindow`: serde's flatten buffers
+    // the values and loses the spans that config errors will point at.
+    pub days: Days,
+    pub from_hour: u8,
+    pub to_hour: u8,
     pub multiplier: Multiplier,
+}
+
+impl TouWindow {
+    pub fn hours(&self) -> HourWindow {
+        HourWindow {
+            days: self.days,
+            from_hour: self.from_hour,
+            to_hour: self.to_hour,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
@@ -486,7 +499,7 @@ impl Tariff {
         }
         for (i, w) in self.tou.iter().enumerate() {
             let f = format!("tou[{i}]");
-            w.hours.check(&f, e);
+            w.hours().check(&f, e);
             if w.multiplier.0 < 0 {
                 e.push(TariffError::new(format!("{f}.multiplier"), "is negative"));
             }
@@ -499,7 +512,7 @@ impl Tariff {
         for weekend in [false, true] {
             for hour in 0..24u8 {
                 let hits: Vec<usize> = (0..self.tou.len())
-                    .filter(|&i| self.tou[i].hours.contains(weekend, hour))
+                    .filter(|&i| self.tou[i].hours().contains(weekend, hour))
                     .collect();
                 match hits.as_slice() {
                     [] => gaps.push(cell(weekend, hour)),
@@ -526,7 +539,7 @@ impl Tariff {
     pub fn tou_at(&self, weekend: bool, hour: u8) -> Option<usize> {
         self.tou
             .iter()
-            .position(|w| w.hours.contains(weekend, hour))
+            .position(|w| w.hours().contains(weekend, hour))
     }
 
     /// The band holding the kWh after `month_wh` Wh of this month, and the Wh where it ends.

@@ -606,3 +606,12 @@ fn bad_intervals_are_errors_that_leave_the_account_unchanged() {
     let s = acct.accrue_standing(&daily, i64::MAX);
     assert_eq!(s.cents, i64::MAX, "saturates instead of overflowing");
 }
+
+#[test]
+fn a_misspelt_key_in_a_time_of_use_window_is_refused() {
+    let text = r#"name = "x"
+    bands = [{ from_kwh = 0, price = "10" }]
+    tou = [{ name = "all", days = "all", from_hour = 0, to_hour = 24, multiplier = "1", multipler = "2" }]"#;
+    let err = toml::from_str::<Tariff>(text).unwrap_err().to_string();
+    assert!(err.contains("multipler"), "{err}");
+}
