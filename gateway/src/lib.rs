@@ -13,6 +13,8 @@
 //! - [`meter`]: validated domain values (meter numbers, KES, units).
 //! - [`payload`]: the meters' JSON (contract §4).
 //! - [`ledger`]: the prepaid rules, pure.
+//! - [`tariff`]: pricing for the money ledger (bands, time of use, charges, taxes, debt), pure;
+//!   not wired in yet.
 //! - [`store`]: the schema and all SQL.
 //! - [`consumption`]: the compact on-disk record of consumption events.
 //! - [`writer`]: ledger operations and the group-commit writer thread.
@@ -47,6 +49,7 @@ pub mod outbox;
 pub mod payload;
 pub mod plugin;
 pub mod store;
+pub mod tariff;
 pub mod writer;
 
 /// Untrusted text in log lines: [`untrusted::Untrusted`] escapes control characters and caps
