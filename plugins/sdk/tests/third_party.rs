@@ -53,26 +53,23 @@ fn the_example_sink_copied_out_of_the_repository_builds_tests_and_exports_one_sy
     fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The example's manifest with the SDK by absolute path and a `[workspace]` of its own.
+/// The example's manifest after the one-line rewrite its README tells a third party to make
+/// (`path = "../sdk"` → the SDK's absolute path), with a `[workspace]` of its own.
 fn third_party_manifest(manifest: &str, sdk: &Path) -> String {
-    let sdk_line = |line: &str| line.trim_start().starts_with("umeme-plugin-sdk ");
-    assert_eq!(
-        manifest.lines().filter(|l| sdk_line(l)).count(),
-        1,
-        "one umeme-plugin-sdk line in:\n{manifest}"
+    const FROM: &str = r#"path = "../sdk""#;
+    let readme = fs::read_to_string(sdk.join("../example-sink/README.md")).unwrap();
+    let sed = r#"sed -i 's|path = "../sdk"|path = "'"$UMEME"'/plugins/sdk"|' Cargo.toml"#;
+    assert!(
+        readme.contains(sed),
+        "the example's README no longer shows the rewrite this test applies"
     );
-    let mut out: String = manifest
-        .lines()
-        .map(|line| match sdk_line(line) {
-            true => format!(
-                "umeme-plugin-sdk = {{ path = {:?} }}\n",
-                sdk.to_str().unwrap()
-            ),
-            false => format!("{line}\n"),
-        })
-        .collect();
-    out.push_str("\n[workspace]\n");
-    out
+    assert_eq!(
+        manifest.matches(FROM).count(),
+        1,
+        "one SDK path in:\n{manifest}"
+    );
+    let to = format!("path = {:?}", sdk.to_str().unwrap());
+    format!("{}\n[workspace]\n", manifest.replace(FROM, &to))
 }
 
 fn copy_dir(from: &Path, to: &Path) {
