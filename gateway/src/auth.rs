@@ -95,6 +95,19 @@ pub struct Verifier {
     checks: tokio::sync::mpsc::Sender<Check>,
     /// meter → (hash verified against, SHA-256 of the secret that matched it)
     verified: Mutex<HashMap<MeterId, (String, [u8; 32])>>,
+    /// Checked instead when the meter is unknown, so an unknown meter costs the same argon2
+    /// as a wrong secret for a real one and the two cannot be told apart by timing.
+    dummy: String,
+}
+
+/// What [`Verifier::verify_gated`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Good,
+    /// A wrong secret, or an unknown meter.
+    Bad,
+    /// The gate refused the argon2 check (the reason it gave); nothing was computed.
+    Refused(&'static str),
 }
 
 impl Verifier {
@@ -124,45 +137,61 @@ impl Verifier {
             reader,
             checks,
             verified: Mutex::new(HashMap::new()),
+            dummy: hash_secret(&generate_secret()),
         }
     }
 
     /// `Ok(true)` when `secret` is the meter's secret; `Ok(false)` for a wrong secret or an
     /// unknown meter (callers must not tell the two apart to the client).
-    pub async fn verify(&self, meter: &MeterId, secret: &str) -> Result<bool, StoreError> {
+    pub async fn verify(&self, meter: &MeterId, secret: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.verify_gated(meter, secret, || Ok(())).await? == Verdict::Good)
+    }
+
+    /// Like [`Verifier::verify`], but an argon2 check runs only if `gate` lets it (the guard
+    /// it returns is held while the check runs). A secret that matches the one last verified
+    /// for the meter's current hash passes without argon2 and without asking the gate, so a
+    /// meter that has connected before gets in even while its number is under attack.
+    pub async fn verify_gated<G>(
+        &self,
+        meter: &MeterId,
+        secret: &[u8],
+        gate: impl FnOnce() -> Result<G, &'static str>,
+    ) -> Result<Verdict, StoreError> {
         let id = meter.clone();
-        let Some(phc) = self.reader.run(move |c| store::secret_hash(c, &id)).await? else {
-            return Ok(false);
-        };
-        let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
-        {
+        let stored = self.reader.run(move |c| store::secret_hash(c, &id)).await?;
+        let digest: [u8; 32] = Sha256::digest(secret).into();
+        if let Some(phc) = &stored {
             let cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((h, d)) = cache.get(meter) {
-                if *h == phc {
-                    return Ok(bool::from(d.ct_eq(&digest)));
+                // Only a match is answered from the cache: a wrong secret costs argon2 below,
+                // like an unknown meter, or its cheap refusal would mark the meter as real.
+                if h == phc && bool::from(d.ct_eq(&digest)) {
+                    return Ok(Verdict::Good);
                 }
             }
         }
+        let _guard = match gate() {
+            Ok(g) => g,
+            Err(reason) => return Ok(Verdict::Refused(reason)),
+        };
+        let phc = stored.clone().unwrap_or_else(|| self.dummy.clone());
+        // Secrets are printable ASCII; other bytes cannot match and are checked as given.
+        let text = String::from_utf8_lossy(secret).into_owned();
         let (reply, answer) = tokio::sync::oneshot::channel();
         // In a reconnect storm CONNECTs wait here for room (the CONNECT is already read); a
         // full queue must not look like a wrong password, which meters may give up on.
-        if self
-            .checks
-            .send((phc.clone(), secret.to_string(), reply))
-            .await
-            .is_err()
-        {
+        if self.checks.send((phc.clone(), text, reply)).await.is_err() {
             return Err(StoreError::Io {
                 path: "auth threads".into(),
                 source: std::io::Error::other("the password checkers have stopped"),
             });
         }
-        let ok = answer.await.unwrap_or(false);
+        let ok = answer.await.unwrap_or(false) && stored.is_some();
         if ok {
             let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
             cache.insert(meter.clone(), (phc, digest));
         }
-        Ok(ok)
+        Ok(if ok { Verdict::Good } else { Verdict::Bad })
     }
 }
 

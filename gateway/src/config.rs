@@ -100,6 +100,10 @@ pub struct BrokerConfig {
     pub max_packet_bytes: usize,
     /// Time a new connection has to send CONNECT.
     pub connect_timeout_ms: u64,
+    /// Connections one source address may hold open before their CONNACK.
+    pub max_unauthenticated_per_ip: usize,
+    /// Longest wait imposed on a source address or meter number after failed password checks.
+    pub auth_backoff_max_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -291,6 +295,8 @@ impl Config {
                     .unwrap_or_else(|| TopicPrefix("smartmeter".into())),
                 max_packet_bytes: b.max_packet_bytes.map_or(4096, |n| n.0),
                 connect_timeout_ms: b.connect_timeout_ms.map_or(5_000, |n| n.0 as u64),
+                max_unauthenticated_per_ip: b.max_unauthenticated_per_ip.map_or(8, |n| n.0),
+                auth_backoff_max_ms: b.auth_backoff_max_ms.map_or(10_000, |n| n.0 as u64),
             },
             ledger: LedgerConfig {
                 tariff: l
@@ -493,6 +499,8 @@ struct PartialBroker {
     topic_prefix: Option<TopicPrefix>,
     max_packet_bytes: Option<Bounded<256, 1_048_576>>,
     connect_timeout_ms: Option<Bounded<100, 600_000>>,
+    max_unauthenticated_per_ip: Option<Bounded<1, 10_000>>,
+    auth_backoff_max_ms: Option<Bounded<250, 600_000>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -534,6 +542,11 @@ impl PartialConfig {
             merge_opt(&mut s.topic_prefix, b.topic_prefix);
             merge_opt(&mut s.max_packet_bytes, b.max_packet_bytes);
             merge_opt(&mut s.connect_timeout_ms, b.connect_timeout_ms);
+            merge_opt(
+                &mut s.max_unauthenticated_per_ip,
+                b.max_unauthenticated_per_ip,
+            );
+            merge_opt(&mut s.auth_backoff_max_ms, b.auth_backoff_max_ms);
         }
         if let Some(l) = o.ledger {
             let s = self.ledger.get_or_insert_with(Default::default);
@@ -1001,6 +1014,11 @@ mod tests {
         assert_eq!(c.gateway.data_dir, d.gateway.data_dir);
         assert_eq!(c.broker.listen, d.broker.listen);
         assert_eq!(c.broker.max_packet_bytes, d.broker.max_packet_bytes);
+        assert_eq!(
+            c.broker.max_unauthenticated_per_ip,
+            d.broker.max_unauthenticated_per_ip
+        );
+        assert_eq!(c.broker.auth_backoff_max_ms, d.broker.auth_backoff_max_ms);
         assert_eq!(c.ledger.tariff, d.ledger.tariff);
         assert_eq!(c.ledger.low_balance_wh, d.ledger.low_balance_wh);
         assert_eq!(c.api.listen, d.api.listen);

@@ -22,16 +22,20 @@
 //! - [`auth`]: meter secrets.
 //! - [`hub`]: connected meter sessions and commands to them.
 //! - [`broker`]: the meter-facing MQTT 3.1.1 listener.
+//! - [`connect`]: the meter port's CONNECT parser and the original firmwares' client ids.
+//! - [`admission`]: limits before CONNACK (per-IP, backoff after failed passwords).
 //! - [`api`]: the admin HTTP API.
 //! - [`metrics`]: counters for `/metrics`.
 //! - [`daemon`]: wiring for `run`.
 //! - [`cli`]: the command line.
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod consumption;
 pub mod daemon;
 pub mod hub;
