@@ -1,10 +1,10 @@
-//! Who may spend the meter port's resources before CONNACK: per-IP caps on unauthenticated
-//! connections and on password checks in flight, failed-attempt backoff per source address and
-//! per meter, and a rate limit on the refusal log lines themselves.
+//! Who may spend the meter port's resources before CONNACK: a per-IP cap on unauthenticated
+//! connections, a per-IP cap on password checks in flight, failed-attempt backoff per source
+//! address and per meter number, and a rate limit on the refusal log lines themselves.
 //!
 //! Everything here is bounded in memory: the backoff maps hold at most [`MAX_TRACKED`] keys
 //! each and forget the oldest when full, so a flood of new addresses or client ids costs a
-//! fixed amount of RAM.
+//! fixed amount of RAM; the per-IP maps only hold addresses with connections open.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -12,12 +12,18 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 /// Keys remembered per backoff map (source addresses; meter numbers).
 pub const MAX_TRACKED: usize = 4096;
-/// Password checks (argon2) one source address may have running at once; more are refused
-/// with CONNACK 3 and cost nothing. Meters each have their own address on a site's LAN.
-pub const MAX_CHECKS_PER_IP: u32 = 2;
-/// First backoff after a failed password check; it doubles per further failure up to
+/// Password checks (argon2) one source address may have running at once; more wait for one of
+/// these (at most `[broker] connect_timeout_ms`, then CONNACK 3), so one host's storm queues
+/// behind itself instead of in front of every other meter.
+pub const MAX_CHECKS_PER_IP: usize = 2;
+/// Consecutive failed password checks a source address or meter number gets before backoff
+/// starts: a meter with a mistyped secret, or an operator testing, is not slowed at once.
+pub const FREE_FAILURES: u32 = 3;
+/// First backoff after the free failures; it doubles per further failure up to
 /// `[broker] auth_backoff_max_ms`.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
 /// Refusal log lines written per [`LOG_WINDOW`]; the rest are counted and reported with the
@@ -31,6 +37,8 @@ pub struct Admission {
     pending: Arc<Mutex<HashMap<IpAddr, usize>>>,
     by_ip: Mutex<Tracker<IpAddr>>,
     by_meter: Mutex<Tracker<String>>,
+    /// Per address with checks running or waiting; removed when the last one is done.
+    checks: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
     pub log: LogLimiter,
 }
 
@@ -56,26 +64,21 @@ impl Drop for Pending {
 pub struct Checking<'a> {
     admission: &'a Admission,
     ip: IpAddr,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Checking<'_> {
     fn drop(&mut self) {
-        let mut t = self
-            .admission
-            .by_ip
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = t.map.get_mut(&self.ip) {
-            e.in_flight = e.in_flight.saturating_sub(1);
-        }
+        drop(self.permit.take());
+        self.admission.forget_idle(self.ip);
     }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Entry {
     failures: u32,
+    last_failure: Option<Instant>,
     until: Option<Instant>,
-    in_flight: u32,
 }
 
 struct Tracker<K> {
@@ -89,18 +92,19 @@ impl<K: Hash + Eq + Clone> Tracker<K> {
         }
     }
 
-    fn entry(&mut self, k: &K, now: Instant) -> &mut Entry {
+    fn entry(&mut self, k: &K, now: Instant, max: Duration) -> &mut Entry {
         if !self.map.contains_key(k) && self.map.len() >= MAX_TRACKED {
-            // Full: forget entries that no longer hold anything back, else the one freed
-            // soonest. O(n) only when full, over a bounded n.
-            self.map
-                .retain(|_, e| e.in_flight > 0 || e.until.is_some_and(|u| u > now));
+            // Full: forget keys quiet for longer than the longest backoff, else the one
+            // freed soonest. O(n) only when full, over a bounded n.
+            self.map.retain(|_, e| {
+                e.last_failure
+                    .is_some_and(|t| now.saturating_duration_since(t) <= max)
+            });
             if self.map.len() >= MAX_TRACKED {
                 if let Some(victim) = self
                     .map
                     .iter()
-                    .filter(|(_, e)| e.in_flight == 0)
-                    .min_by_key(|(_, e)| e.until)
+                    .min_by_key(|(_, e)| (e.until, e.last_failure))
                     .map(|(k, _)| k.clone())
                 {
                     self.map.remove(&victim);
@@ -118,21 +122,18 @@ impl<K: Hash + Eq + Clone> Tracker<K> {
     }
 
     fn fail(&mut self, k: &K, now: Instant, max: Duration) {
-        let e = self.entry(k, now);
-        e.failures = e.failures.saturating_add(1);
-        let wait = BACKOFF_BASE
-            .saturating_mul(1u32 << (e.failures - 1).min(16))
-            .min(max);
-        e.until = Some(now + wait);
-    }
-
-    fn clear(&mut self, k: &K) {
-        if let Some(e) = self.map.get_mut(k) {
+        let e = self.entry(k, now, max);
+        // A key quiet for longer than the longest backoff starts over.
+        if e.last_failure
+            .is_some_and(|t| now.saturating_duration_since(t) > max)
+        {
             e.failures = 0;
-            e.until = None;
-            if e.in_flight == 0 {
-                self.map.remove(k);
-            }
+        }
+        e.failures = e.failures.saturating_add(1);
+        e.last_failure = Some(now);
+        if e.failures > FREE_FAILURES {
+            let doublings = (e.failures - FREE_FAILURES - 1).min(16);
+            e.until = Some(now + BACKOFF_BASE.saturating_mul(1u32 << doublings).min(max));
         }
     }
 }
@@ -145,6 +146,7 @@ impl Admission {
             pending: Arc::new(Mutex::new(HashMap::new())),
             by_ip: Mutex::new(Tracker::new()),
             by_meter: Mutex::new(Tracker::new()),
+            checks: Mutex::new(HashMap::new()),
             log: LogLimiter::new(LOG_LINES_PER_WINDOW, LOG_WINDOW),
         }
     }
@@ -164,10 +166,15 @@ impl Admission {
         })
     }
 
-    /// May a password check (argon2) run for `meter` from `ip` now? `Err(reason)` when the
-    /// address or the meter is backing off after failures, or the address has too many
-    /// checks running.
-    pub fn check(&self, ip: IpAddr, meter: &str) -> Result<Checking<'_>, &'static str> {
+    /// May a password check (argon2) run for `meter` from `ip`? `Err(reason)` when the address
+    /// or the meter is backing off after failures, or when `ip`'s checks already running did
+    /// not leave room within `wait`.
+    pub async fn check(
+        &self,
+        ip: IpAddr,
+        meter: &str,
+        wait: Duration,
+    ) -> Result<Checking<'_>, &'static str> {
         let now = Instant::now();
         if self
             .by_meter
@@ -177,19 +184,39 @@ impl Admission {
         {
             return Err("auth_backoff_meter");
         }
-        let mut t = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if t.blocked(&ip, now) {
+        if self
+            .by_ip
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .blocked(&ip, now)
+        {
             return Err("auth_backoff_ip");
         }
-        let e = t.entry(&ip, now);
-        if e.in_flight >= MAX_CHECKS_PER_IP {
-            return Err("auth_busy_ip");
-        }
-        e.in_flight += 1;
-        Ok(Checking {
+        let sem = self
+            .checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(ip)
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_CHECKS_PER_IP)))
+            .clone();
+        let permit = tokio::time::timeout(wait, sem.acquire_owned()).await;
+        let checking = Checking {
             admission: self,
             ip,
-        })
+            permit: permit.ok().and_then(Result::ok),
+        };
+        if checking.permit.is_none() {
+            return Err("auth_busy_ip");
+        }
+        Ok(checking)
+    }
+
+    fn forget_idle(&self, ip: IpAddr) {
+        let mut m = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the map's own reference left: nobody is checking or waiting.
+        if m.get(&ip).is_some_and(|s| Arc::strong_count(s) == 1) {
+            m.remove(&ip);
+        }
     }
 
     pub fn failed(&self, ip: IpAddr, meter: &str) {
@@ -204,25 +231,19 @@ impl Admission {
             .fail(&meter.to_string(), now, self.backoff_max);
     }
 
-    pub fn succeeded(&self, ip: IpAddr, meter: &str) {
-        self.by_ip
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear(&ip);
+    /// Clears the meter's failures. The address's are left to expire: one good login of its
+    /// own must not buy a host a fresh run of guesses at other meters.
+    pub fn succeeded(&self, meter: &str) {
         self.by_meter
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clear(&meter.to_string());
+            .map
+            .remove(meter);
     }
 
-    /// Keys currently remembered (for tests of the memory bound).
+    /// Keys currently remembered by the two backoff maps.
     pub fn tracked(&self) -> (usize, usize) {
-        let a = self
-            .by_ip
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map
-            .len();
+        let a = self.by_ip.lock().unwrap_or_else(|e| e.into_inner()).map.len();
         let b = self
             .by_meter
             .lock()
@@ -275,6 +296,8 @@ impl LogLimiter {
 mod tests {
     use super::*;
 
+    const WAIT: Duration = Duration::from_secs(5);
+
     #[test]
     fn unauthenticated_places_per_ip_are_capped_and_given_back() {
         let a = Admission::new(2, Duration::from_secs(1));
@@ -289,31 +312,59 @@ mod tests {
         assert!(a.enter(ip).is_some());
     }
 
-    #[test]
-    fn failures_back_off_per_ip_and_meter_and_success_clears_them() {
+    #[tokio::test]
+    async fn failures_back_off_per_ip_and_meter_after_the_free_ones() {
         let a = Admission::new(8, Duration::from_secs(5));
         let ip: IpAddr = [10, 0, 0, 1].into();
-        drop(a.check(ip, "M1").unwrap());
+        for _ in 0..FREE_FAILURES {
+            drop(a.check(ip, "M1", WAIT).await.unwrap());
+            a.failed(ip, "M1");
+        }
+        assert!(
+            a.check(ip, "M1", WAIT).await.is_ok(),
+            "free failures cost no wait"
+        );
         a.failed(ip, "M1");
-        assert_eq!(a.check(ip, "M2").err(), Some("auth_backoff_ip"));
+        assert_eq!(a.check(ip, "M2", WAIT).await.err(), Some("auth_backoff_ip"));
+        let other: IpAddr = [10, 0, 0, 2].into();
         assert_eq!(
-            a.check([10, 0, 0, 2].into(), "M1").err(),
+            a.check(other, "M1", WAIT).await.err(),
             Some("auth_backoff_meter")
         );
-        a.succeeded(ip, "M1");
-        assert!(a.check(ip, "M1").is_ok());
+        a.succeeded("M1");
+        assert!(a.check(other, "M1", WAIT).await.is_ok());
+        assert_eq!(
+            a.check(ip, "M1", WAIT).await.err(),
+            Some("auth_backoff_ip"),
+            "a success clears the meter, not the address"
+        );
     }
 
-    #[test]
-    fn checks_in_flight_per_ip_are_capped() {
+    #[tokio::test]
+    async fn checks_in_flight_per_ip_wait_for_room_and_give_up_in_time() {
         let a = Admission::new(8, Duration::from_secs(5));
         let ip: IpAddr = [10, 0, 0, 1].into();
-        let held: Vec<_> = (0..MAX_CHECKS_PER_IP)
-            .map(|i| a.check(ip, &format!("M{i}")).unwrap())
-            .collect();
-        assert_eq!(a.check(ip, "MX").err(), Some("auth_busy_ip"));
+        let mut held = Vec::new();
+        for i in 0..MAX_CHECKS_PER_IP {
+            held.push(a.check(ip, &format!("M{i}"), WAIT).await.unwrap());
+        }
+        let short = Duration::from_millis(50);
+        assert_eq!(a.check(ip, "MX", short).await.err(), Some("auth_busy_ip"));
+        assert!(
+            a.check([10, 0, 0, 2].into(), "MX", short).await.is_ok(),
+            "other addresses unaffected"
+        );
+        let (waiting, ()) = tokio::join!(a.check(ip, "MX", WAIT), async {
+            tokio::task::yield_now().await;
+            held.pop();
+        });
+        assert!(waiting.is_ok());
+        drop(waiting);
         drop(held);
-        assert!(a.check(ip, "MX").is_ok());
+        assert!(
+            a.checks.lock().unwrap().is_empty(),
+            "idle addresses forgotten"
+        );
     }
 
     #[test]
@@ -324,10 +375,7 @@ mod tests {
             a.failed(ip, &format!("M{i}"));
         }
         let (ips, meters) = a.tracked();
-        assert!(
-            ips <= MAX_TRACKED && meters <= MAX_TRACKED,
-            "{ips} {meters}"
-        );
+        assert!(ips <= MAX_TRACKED && meters <= MAX_TRACKED, "{ips} {meters}");
     }
 
     #[test]

@@ -144,19 +144,25 @@ impl Verifier {
     /// `Ok(true)` when `secret` is the meter's secret; `Ok(false)` for a wrong secret or an
     /// unknown meter (callers must not tell the two apart to the client).
     pub async fn verify(&self, meter: &MeterId, secret: &[u8]) -> Result<bool, StoreError> {
-        Ok(self.verify_gated(meter, secret, || Ok(())).await? == Verdict::Good)
+        Ok(self
+            .verify_gated(meter, secret, || async { Ok(()) })
+            .await?
+            == Verdict::Good)
     }
 
     /// Like [`Verifier::verify`], but an argon2 check runs only if `gate` lets it (the guard
     /// it returns is held while the check runs). A secret that matches the one last verified
     /// for the meter's current hash passes without argon2 and without asking the gate, so a
     /// meter that has connected before gets in even while its number is under attack.
-    pub async fn verify_gated<G>(
+    pub async fn verify_gated<G, F>(
         &self,
         meter: &MeterId,
         secret: &[u8],
-        gate: impl FnOnce() -> Result<G, &'static str>,
-    ) -> Result<Verdict, StoreError> {
+        gate: impl FnOnce() -> F,
+    ) -> Result<Verdict, StoreError>
+    where
+        F: std::future::Future<Output = Result<G, &'static str>>,
+    {
         let id = meter.clone();
         let stored = self.reader.run(move |c| store::secret_hash(c, &id)).await?;
         let digest: [u8; 32] = Sha256::digest(secret).into();
@@ -170,7 +176,7 @@ impl Verifier {
                 }
             }
         }
-        let _guard = match gate() {
+        let _guard = match gate().await {
             Ok(g) => g,
             Err(reason) => return Ok(Verdict::Refused(reason)),
         };

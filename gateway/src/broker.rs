@@ -309,14 +309,17 @@ impl<'a> Connection<'a> {
         let ip = self.peer.ip().to_canonical();
         let admission = &self.broker.admission;
         let password = c.password.as_deref().unwrap_or_default();
+        let wait = Duration::from_millis(self.broker.config.connect_timeout_ms);
         let verdict = self
             .broker
             .verifier
-            .verify_gated(&meter, password, || admission.check(ip, meter.as_str()))
+            .verify_gated(&meter, password, || {
+                admission.check(ip, meter.as_str(), wait)
+            })
             .await;
         match verdict {
             Ok(Verdict::Good) => {
-                admission.succeeded(ip, meter.as_str());
+                admission.succeeded(meter.as_str());
                 Ok(meter)
             }
             Ok(Verdict::Bad) => {

@@ -295,7 +295,7 @@ impl Config {
                     .unwrap_or_else(|| TopicPrefix("smartmeter".into())),
                 max_packet_bytes: b.max_packet_bytes.map_or(4096, |n| n.0),
                 connect_timeout_ms: b.connect_timeout_ms.map_or(5_000, |n| n.0 as u64),
-                max_unauthenticated_per_ip: b.max_unauthenticated_per_ip.map_or(8, |n| n.0),
+                max_unauthenticated_per_ip: b.max_unauthenticated_per_ip.map_or(32, |n| n.0),
                 auth_backoff_max_ms: b.auth_backoff_max_ms.map_or(10_000, |n| n.0 as u64),
             },
             ledger: LedgerConfig {
