@@ -231,6 +231,17 @@ impl Admission {
             .fail(&meter.to_string(), now, self.backoff_max);
     }
 
+    /// An attempt from an address already backing off: its backoff grows, so a host that keeps
+    /// hammering stays shut out for longer (up to the maximum). Meter numbers do not grow this
+    /// way, or a real meter retrying on its own schedule would never get its turn.
+    pub fn hammering(&self, ip: IpAddr) {
+        self.by_ip.lock().unwrap_or_else(|e| e.into_inner()).fail(
+            &ip,
+            Instant::now(),
+            self.backoff_max,
+        );
+    }
+
     /// Clears the meter's failures. The address's are left to expire: one good login of its
     /// own must not buy a host a fresh run of guesses at other meters.
     pub fn succeeded(&self, meter: &str) {
@@ -243,7 +254,12 @@ impl Admission {
 
     /// Keys currently remembered by the two backoff maps.
     pub fn tracked(&self) -> (usize, usize) {
-        let a = self.by_ip.lock().unwrap_or_else(|e| e.into_inner()).map.len();
+        let a = self
+            .by_ip
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .len();
         let b = self
             .by_meter
             .lock()
@@ -333,6 +349,12 @@ mod tests {
         );
         a.succeeded("M1");
         assert!(a.check(other, "M1", WAIT).await.is_ok());
+        let before = a.by_ip.lock().unwrap().map[&ip].until;
+        a.hammering(ip);
+        assert!(
+            a.by_ip.lock().unwrap().map[&ip].until > before,
+            "hammering grows it"
+        );
         assert_eq!(
             a.check(ip, "M1", WAIT).await.err(),
             Some("auth_backoff_ip"),
@@ -375,7 +397,10 @@ mod tests {
             a.failed(ip, &format!("M{i}"));
         }
         let (ips, meters) = a.tracked();
-        assert!(ips <= MAX_TRACKED && meters <= MAX_TRACKED, "{ips} {meters}");
+        assert!(
+            ips <= MAX_TRACKED && meters <= MAX_TRACKED,
+            "{ips} {meters}"
+        );
     }
 
     #[test]

@@ -224,4 +224,50 @@ mod tests {
         assert!(check_secret("short").is_err());
         assert!(check_secret("has space in it").is_err());
     }
+
+    /// Issue 14 item 3: an unknown meter answered in 0.10 ms and a wrong secret in 7.25 ms.
+    /// Medians of alternating runs, with a wide margin for a busy machine.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn unknown_meters_and_wrong_secrets_cost_the_same_argon2_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        let conn = store::open(&path, "t").unwrap();
+        let (m1, m2) = (MeterId::parse("M1").unwrap(), MeterId::parse("M2").unwrap());
+        for m in [&m1, &m2] {
+            let hash = hash_secret("right-secret-1");
+            let new = store::NewMeter {
+                id: m,
+                name: None,
+                phone: None,
+                secret_hash: &hash,
+                at: 0,
+            };
+            store::insert_meter(&conn, &new).unwrap();
+        }
+        let v = Verifier::new(Reader::open(&path).unwrap());
+        // M2 has connected: its good secret is cached, and a wrong one must still cost argon2.
+        assert!(v.verify(&m2, b"right-secret-1").await.unwrap());
+        let unknown = MeterId::parse("M9").unwrap();
+        let mut times: [Vec<std::time::Duration>; 3] = Default::default();
+        for _ in 0..3 {
+            for (i, m) in [&unknown, &m1, &m2].into_iter().enumerate() {
+                let t = std::time::Instant::now();
+                assert!(!v.verify(m, b"wrong-secret-1").await.unwrap());
+                times[i].push(t.elapsed());
+            }
+        }
+        let median = |v: &mut Vec<std::time::Duration>| {
+            v.sort();
+            v[v.len() / 2]
+        };
+        let [u, k, c] = times.each_mut().map(median);
+        for (what, t) in [("known meter", k), ("connected meter", c)] {
+            assert!(
+                u * 3 >= t && u <= t * 3,
+                "unknown meter {u:?} vs {what} {t:?}"
+            );
+        }
+        // The right secret of a meter that has connected is answered from the cache.
+        assert!(v.verify(&m2, b"right-secret-1").await.unwrap());
+    }
 }

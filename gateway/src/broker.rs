@@ -327,7 +327,12 @@ impl<'a> Connection<'a> {
                 Err((ConnectReturnCode::BadUserNamePassword, "bad_credentials"))
             }
             // Refused without argon2: "come back later", which meters do on their own.
-            Ok(Verdict::Refused(reason)) => Err((ConnectReturnCode::ServiceUnavailable, reason)),
+            Ok(Verdict::Refused(reason)) => {
+                if reason == "auth_backoff_ip" {
+                    admission.hammering(ip);
+                }
+                Err((ConnectReturnCode::ServiceUnavailable, reason))
+            }
             Err(e) => {
                 warn!(error = %e, "credential lookup failed");
                 Err((ConnectReturnCode::ServiceUnavailable, "store"))

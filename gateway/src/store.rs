@@ -869,7 +869,7 @@ impl Reader {
     }
 }
 
-/// `(seq, kind, meter)` of payments and of meter removals and secret changes after `after`,
+/// `(seq, kind, meter)` of payments and of meter removals, secret and legacy changes after `after`,
 /// oldest first.
 pub fn meter_changes_after(
     conn: &Connection,
@@ -879,7 +879,7 @@ pub fn meter_changes_after(
         "SELECT seq, kind, meter FROM events
          WHERE seq > ?1 AND meter IS NOT NULL
            AND (kind = 'payment' OR (kind = 'meter' AND typeof(data) = 'text'
-                AND json_extract(data, '$.action') IN ('removed', 'secret_changed')))
+                AND json_extract(data, '$.action') IN ('removed', 'secret_changed', 'legacy_changed')))
          ORDER BY seq",
     )?;
     let rows = st
