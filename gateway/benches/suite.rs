@@ -292,9 +292,12 @@ impl GatewayFiles {
         let data_dir = toml::Value::String(dir.join("data").display().to_string());
         let text = format!(
             "[gateway]\nid = \"bench\"\ndata_dir = {data_dir}\n\n\
-             [broker]\nlisten = \"{broker}\"\nmax_connections = {}\n\n\
+             [broker]\nlisten = \"{broker}\"\nmax_connections = {}\n\
+             max_unauthenticated_per_ip = {}\n\n\
              {}\
              [api]\nlisten = \"{api}\"\nallow_simulate = true\n",
+            meters + 64,
+            // Every bench meter connects from 127.0.0.1 at once.
             meters + 64,
             commit_delay_ms.map_or(String::new(), |ms| format!(
                 "[ledger]\ncommit_delay = \"{ms}ms\"\n\n"

@@ -1,7 +1,9 @@
 //! The meter-facing MQTT 3.1.1 listener: the gateway's front door.
 //!
-//! Each connection is one task. It reads CONNECT, authenticates the meter (client id =
-//! username = meter number, secret checked by [`crate::auth`]), then checks every PUBLISH and
+//! Each connection is one task. It reads CONNECT ([`crate::connect`]), authenticates the meter
+//! (username = meter number, client id = the username or an original firmware's form around it,
+//! secret checked by [`crate::auth`] within the limits of [`crate::admission`]; or a meter
+//! opted in to the original firmware's anonymous CONNECT), then checks every PUBLISH and
 //! SUBSCRIBE against that identity before anything else sees it:
 //! - a meter may publish only `{prefix}/{meter}/consumption|balance|status`; a publish under
 //!   another meter's tree is a spoofing attempt and closes the connection;
