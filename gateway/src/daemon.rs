@@ -207,7 +207,7 @@ impl Gateway {
         let broker_ready = Arc::new(AtomicBool::new(false));
         // Said at every start: these meters trust the LAN (README, "Original firmware").
         for (id, source) in reader
-            .run(|c| store::legacy_anonymous_meters(c))
+            .run(store::legacy_anonymous_meters)
             .await
             .unwrap_or_default()
         {
