@@ -362,3 +362,24 @@ fn a_schema_2_database_is_upgraded_in_place_with_every_meter_credential_only() {
         .unwrap();
     assert_eq!(version, "3");
 }
+
+#[test]
+fn meter_set_and_add_refuse_legacy_settings_they_cannot_apply() {
+    let gw = Gateway::new("");
+    gw.add_meter("55555", SECRET);
+    for args in [
+        &["meter", "set", "55555"][..],
+        &["meter", "set", "55555", "--legacy-source", "not-an-address"],
+        &["meter", "set", "55555", "--legacy-anonymous", "maybe"],
+        &["meter", "add", "77777", "--legacy-source", "192.168.4.23"],
+    ] {
+        let out = gw.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+    let out = gw.cli(&["meter", "set", "99999", "--legacy-anonymous", "true"]);
+    assert_eq!(out.status.code(), Some(1), "unknown meter");
+    let (shown, _) = cli_ok(&gw, &["meter", "show", "55555"]);
+    assert!(shown.contains("legacy anon:    off"), "{shown}");
+    let (_, err) = cli_ok(&gw, &["meter", "list"]);
+    assert!(!err.contains("warning"));
+}
