@@ -62,6 +62,9 @@ impl Drop for Pending {
 
 /// A password check in flight for one source address, released when dropped.
 pub struct Checking<'a> {
+    /// The address or the meter number failed a password check recently: its check waits
+    /// behind those of clean callers.
+    pub suspect: bool,
     admission: &'a Admission,
     ip: IpAddr,
     permit: Option<OwnedSemaphorePermit>,
@@ -121,6 +124,14 @@ impl<K: Hash + Eq + Clone> Tracker<K> {
             .is_some_and(|u| u > now)
     }
 
+    /// Failed within the longest backoff.
+    fn suspect(&self, k: &K, now: Instant, max: Duration) -> bool {
+        self.map
+            .get(k)
+            .and_then(|e| e.last_failure)
+            .is_some_and(|t| now.saturating_duration_since(t) <= max)
+    }
+
     fn fail(&mut self, k: &K, now: Instant, max: Duration) {
         let e = self.entry(k, now, max);
         // A key quiet for longer than the longest backoff starts over.
@@ -176,22 +187,20 @@ impl Admission {
         wait: Duration,
     ) -> Result<Checking<'_>, &'static str> {
         let now = Instant::now();
-        if self
-            .by_meter
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .blocked(&meter.to_string(), now)
-        {
-            return Err("auth_backoff_meter");
-        }
-        if self
-            .by_ip
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .blocked(&ip, now)
-        {
-            return Err("auth_backoff_ip");
-        }
+        let meter_suspect = {
+            let t = self.by_meter.lock().unwrap_or_else(|e| e.into_inner());
+            if t.blocked(&meter.to_string(), now) {
+                return Err("auth_backoff_meter");
+            }
+            t.suspect(&meter.to_string(), now, self.backoff_max)
+        };
+        let ip_suspect = {
+            let t = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+            if t.blocked(&ip, now) {
+                return Err("auth_backoff_ip");
+            }
+            t.suspect(&ip, now, self.backoff_max)
+        };
         let sem = self
             .checks
             .lock()
@@ -201,6 +210,7 @@ impl Admission {
             .clone();
         let permit = tokio::time::timeout(wait, sem.acquire_owned()).await;
         let checking = Checking {
+            suspect: meter_suspect || ip_suspect,
             admission: self,
             ip,
             permit: permit.ok().and_then(Result::ok),
@@ -336,10 +346,12 @@ mod tests {
             drop(a.check(ip, "M1", WAIT).await.unwrap());
             a.failed(ip, "M1");
         }
-        assert!(
-            a.check(ip, "M1", WAIT).await.is_ok(),
-            "free failures cost no wait"
-        );
+        let free = a.check(ip, "M1", WAIT).await.unwrap();
+        assert!(free.suspect, "free failures cost no wait, but queue later");
+        drop(free);
+        let clean = a.check([10, 0, 0, 3].into(), "M3", WAIT).await.unwrap();
+        assert!(!clean.suspect);
+        drop(clean);
         a.failed(ip, "M1");
         assert_eq!(a.check(ip, "M2", WAIT).await.err(), Some("auth_backoff_ip"));
         let other: IpAddr = [10, 0, 0, 2].into();

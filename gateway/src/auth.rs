@@ -105,13 +105,65 @@ fn verify_in(blocks: &mut Vec<argon2::Block>, phc: &str, secret: &str) -> bool {
 
 type Check = (String, String, tokio::sync::oneshot::Sender<bool>);
 
+/// Password checks waiting for an auth thread. Checks from addresses and meter numbers with no
+/// recent failure go first, so a storm of wrong passwords (from however many addresses) queues
+/// behind real meters rather than in front of them. Its length is bounded by the connections
+/// (`[broker] max_connections`), each waiting for at most one check.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    ready: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    first: std::collections::VecDeque<Check>,
+    later: std::collections::VecDeque<Check>,
+    closed: bool,
+}
+
+impl Queue {
+    fn push(&self, check: Check, later: bool) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.closed {
+            return false;
+        }
+        if later {
+            s.later.push_back(check);
+        } else {
+            s.first.push_back(check);
+        }
+        self.ready.notify_one();
+        true
+    }
+
+    /// The next check, `None` once closed.
+    fn pop(&self) -> Option<Check> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(c) = s.first.pop_front().or_else(|| s.later.pop_front()) {
+                return Some(c);
+            }
+            if s.closed {
+                return None;
+            }
+            s = self.ready.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.ready.notify_all();
+    }
+}
+
 /// Checks meter credentials against the database.
 pub struct Verifier {
     reader: Reader,
     /// Argon2 checks run on a few dedicated threads. Each check takes 8 MiB; on the shared
     /// blocking pool every thread kept its own freed 8 MiB in its own malloc arena, and a
     /// site-wide reconnect grew the process to gigabytes (measured: 3.5 GiB for 500 meters).
-    checks: tokio::sync::mpsc::Sender<Check>,
+    checks: std::sync::Arc<Queue>,
     /// meter → (hash verified against, SHA-256 of the secret that matched it)
     verified: Mutex<HashMap<MeterId, (String, [u8; 32])>>,
     /// Checked instead when the meter is unknown, so an unknown meter costs the same argon2
@@ -129,24 +181,26 @@ pub enum Verdict {
     Refused(&'static str),
 }
 
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        // The auth threads finish the checks queued, then exit.
+        self.checks.close();
+    }
+}
+
 impl Verifier {
     pub fn new(reader: Reader) -> Verifier {
         let threads = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .min(4);
-        let (checks, rx) = tokio::sync::mpsc::channel::<Check>(1024);
-        let rx = std::sync::Arc::new(Mutex::new(rx));
+        let checks = std::sync::Arc::new(Queue::default());
         for i in 0..threads {
-            let rx = rx.clone();
+            let queue = checks.clone();
             std::thread::Builder::new()
                 .name(format!("auth-{i}"))
                 .spawn(move || {
                     let mut blocks = Vec::new();
-                    loop {
-                        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).blocking_recv();
-                        let Some((phc, secret, reply)) = next else {
-                            return;
-                        };
+                    while let Some((phc, secret, reply)) = queue.pop() {
                         let _ = reply.send(verify_in(&mut blocks, &phc, &secret));
                     }
                 })
@@ -164,13 +218,14 @@ impl Verifier {
     /// unknown meter (callers must not tell the two apart to the client).
     pub async fn verify(&self, meter: &MeterId, secret: &[u8]) -> Result<bool, StoreError> {
         Ok(self
-            .verify_gated(meter, secret, || async { Ok(()) })
+            .verify_gated(meter, secret, || async { Ok(((), false)) })
             .await?
             == Verdict::Good)
     }
 
     /// Like [`Verifier::verify`], but an argon2 check runs only if `gate` lets it (the guard
-    /// it returns is held while the check runs). A secret that matches the one last verified
+    /// it returns is held while the check runs; `true` beside it queues the check behind the
+    /// checks of callers without recent failures). A secret that matches the one last verified
     /// for the meter's current hash passes without argon2 and without asking the gate, so a
     /// meter that has connected before gets in even while its number is under attack.
     pub async fn verify_gated<G, F>(
@@ -180,7 +235,7 @@ impl Verifier {
         gate: impl FnOnce() -> F,
     ) -> Result<Verdict, StoreError>
     where
-        F: std::future::Future<Output = Result<G, &'static str>>,
+        F: std::future::Future<Output = Result<(G, bool), &'static str>>,
     {
         let id = meter.clone();
         let stored = self.reader.run(move |c| store::secret_hash(c, &id)).await?;
@@ -195,7 +250,7 @@ impl Verifier {
                 }
             }
         }
-        let _guard = match gate().await {
+        let (_guard, later) = match gate().await {
             Ok(g) => g,
             Err(reason) => return Ok(Verdict::Refused(reason)),
         };
@@ -203,9 +258,7 @@ impl Verifier {
         // Secrets are printable ASCII; other bytes cannot match and are checked as given.
         let text = String::from_utf8_lossy(secret).into_owned();
         let (reply, answer) = tokio::sync::oneshot::channel();
-        // In a reconnect storm CONNECTs wait here for room (the CONNECT is already read); a
-        // full queue must not look like a wrong password, which meters may give up on.
-        if self.checks.send((phc.clone(), text, reply)).await.is_err() {
+        if !self.checks.push((phc.clone(), text, reply), later) {
             return Err(StoreError::Io {
                 path: "auth threads".into(),
                 source: std::io::Error::other("the password checkers have stopped"),
@@ -297,5 +350,22 @@ mod tests {
         }
         // The right secret of a meter that has connected is answered from the cache.
         assert!(v.verify(&m2, b"right-secret-1").await.unwrap());
+    }
+
+    #[test]
+    fn checks_without_recent_failures_jump_the_queue_of_suspect_ones() {
+        let q = Queue::default();
+        let check = |name: &str| {
+            let (tx, _rx) = tokio::sync::oneshot::channel();
+            (name.to_string(), String::new(), tx)
+        };
+        assert!(q.push(check("storm-1"), true));
+        assert!(q.push(check("storm-2"), true));
+        assert!(q.push(check("real"), false));
+        let order: Vec<String> = (0..3).map(|_| q.pop().unwrap().0).collect();
+        assert_eq!(order, ["real", "storm-1", "storm-2"]);
+        q.close();
+        assert!(q.pop().is_none());
+        assert!(!q.push(check("late"), false), "closed");
     }
 }

@@ -315,8 +315,10 @@ impl<'a> Connection<'a> {
         let verdict = self
             .broker
             .verifier
-            .verify_gated(&meter, password, || {
-                admission.check(ip, meter.as_str(), wait)
+            .verify_gated(&meter, password, || async {
+                let checking = admission.check(ip, meter.as_str(), wait).await?;
+                let later = checking.suspect;
+                Ok((checking, later))
             })
             .await;
         match verdict {
