@@ -499,7 +499,7 @@ struct PartialBroker {
     topic_prefix: Option<TopicPrefix>,
     max_packet_bytes: Option<Bounded<256, 1_048_576>>,
     connect_timeout_ms: Option<Bounded<100, 600_000>>,
-    max_unauthenticated_per_ip: Option<Bounded<1, 10_000>>,
+    max_unauthenticated_per_ip: Option<Bounded<1, 100_000>>,
     auth_backoff_max_ms: Option<Bounded<250, 600_000>>,
 }
 
