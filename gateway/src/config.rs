@@ -964,6 +964,28 @@ mod tests {
     }
 
     #[test]
+    fn broker_admission_limits_are_checked_and_located() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, col) in [
+            ("[broker]\nmax_unauthenticated_per_ip = 0\n", 30),
+            ("[broker]\nauth_backoff_max_ms = 10\n", 23),
+        ] {
+            let p = write(dir.path(), "g.toml", text);
+            let e = Config::load(Some(&p)).unwrap_err();
+            assert_eq!(e.position, Some((2, col)), "{e}");
+            assert!(e.message.contains("out of range"), "{e}");
+        }
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[broker]\nmax_unauthenticated_per_ip = 4\nauth_backoff_max_ms = 2000\n",
+        );
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.broker.max_unauthenticated_per_ip, 4);
+        assert_eq!(c.broker.auth_backoff_max_ms, 2000);
+    }
+
+    #[test]
     fn bad_value_is_located_at_the_value() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "g.toml", "[ledger]\nunits_per_kes = -1.0\n");
