@@ -411,7 +411,8 @@ fn warn_legacy_meters(config: &Config) {
     if !path.exists() {
         return;
     }
-    let Ok(conn) = store::open_without_upgrade(&path, config.gateway.id.as_str()) else {
+    // Read-only: check-config changes nothing.
+    let Ok(conn) = store::open_read_only(&path) else {
         return;
     };
     for (id, source) in store::legacy_anonymous_meters(&conn).unwrap_or_default() {
