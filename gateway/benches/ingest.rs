@@ -241,7 +241,10 @@ fn write_config(dir: &Path, meters: usize) -> Result<PathBuf> {
     let text = format!(
         "[gateway]\nid = \"bench\"\ndata_dir = {data_dir}\n\n\
          [broker]\nlisten = \"127.0.0.1:0\"\nmax_connections = {}\n{UNLIMITED_REPORTS}\n\
+         max_unauthenticated_per_ip = {}\n\n\
          [api]\nlisten = \"127.0.0.1:0\"\n",
+        meters + 16,
+        // Every bench meter connects from 127.0.0.1 at once.
         meters + 16
     );
     let path = dir.join("gateway.toml");

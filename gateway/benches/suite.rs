@@ -293,8 +293,11 @@ impl GatewayFiles {
         let text = format!(
             "[gateway]\nid = \"bench\"\ndata_dir = {data_dir}\n\n\
              [broker]\nlisten = \"{broker}\"\nmax_connections = {}\n{UNLIMITED_REPORTS}\n\
+             max_unauthenticated_per_ip = {}\n\n\
              {}\
              [api]\nlisten = \"{api}\"\nallow_simulate = true\n",
+            meters + 64,
+            // Every bench meter connects from 127.0.0.1 at once.
             meters + 64,
             commit_delay_ms.map_or(String::new(), |ms| format!(
                 "[ledger]\ncommit_delay = \"{ms}ms\"\n\n"

@@ -1,7 +1,9 @@
 //! The meter-facing MQTT 3.1.1 listener: the gateway's front door.
 //!
-//! Each connection is one task. It reads CONNECT, authenticates the meter (client id =
-//! username = meter number, secret checked by [`crate::auth`]), then checks every PUBLISH and
+//! Each connection is one task. It reads CONNECT ([`crate::connect`]), authenticates the meter
+//! (username = meter number, client id = the username or an original firmware's form around it,
+//! secret checked by [`crate::auth`] within the limits of [`crate::admission`]; or a meter
+//! opted in to the original firmware's anonymous CONNECT), then checks every PUBLISH and
 //! SUBSCRIBE against that identity before anything else sees it:
 //! - a meter may publish only `{prefix}/{meter}/consumption|balance|status`; a publish under
 //!   another meter's tree is a spoofing attempt and closes the connection;
@@ -31,8 +33,11 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
-use crate::auth::Verifier;
+pub use crate::admission::Admission;
+use crate::admission::Pending;
+use crate::auth::{Verdict, Verifier};
 use crate::config::BrokerConfig;
+use crate::connect::{self, ConnectError, FirmwareForm};
 use crate::hub::{Hub, Outgoing};
 use crate::meter::MeterId;
 use crate::meter_limits::{self, MessageKind, MeterGuard, MeterGuards};
@@ -57,6 +62,8 @@ pub struct Broker {
     pub metrics: Arc<Metrics>,
     /// Per-meter message rates and warning budgets (`config.session`).
     pub guards: MeterGuards,
+    /// Per-IP and per-meter limits before CONNACK, and the refusal log's rate limit.
+    pub admission: Admission,
 }
 
 impl Broker {
@@ -68,6 +75,17 @@ impl Broker {
     fn refuse_connect(&self, reason: &'static str) {
         self.metrics
             .inc("umeme_mqtt_connect_refused_total", &[("reason", reason)]);
+    }
+
+    /// Whether a refusal may be logged now: `Some(lines suppressed since the last one)`. A
+    /// flood of refusals must not become a flood of log lines (the SD card, the journal).
+    fn refusal_log(&self) -> Option<u64> {
+        let r = self.admission.log.allow();
+        if r.is_none() {
+            self.metrics
+                .inc("umeme_mqtt_refusal_logs_suppressed_total", &[]);
+        }
+        r
     }
 }
 
@@ -95,9 +113,20 @@ pub async fn serve(
             },
         };
         broker.metrics.inc("umeme_mqtt_connections_total", &[]);
+        // Checked first: one host's idle sockets must not take the slots real meters need.
+        let Some(pending) = broker.admission.enter(peer.ip().to_canonical()) else {
+            broker.refuse_connect("unauthenticated_per_ip");
+            if let Some(suppressed) = broker.refusal_log() {
+                warn!(%peer, max = broker.config.max_unauthenticated_per_ip, suppressed, "connection refused: broker.max_unauthenticated_per_ip reached for this address");
+            }
+            drop(stream);
+            continue;
+        };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             broker.refuse_connect("max_connections");
-            warn!(%peer, max = broker.config.max_connections, "connection refused: broker.max_connections reached");
+            if let Some(suppressed) = broker.refusal_log() {
+                warn!(%peer, max = broker.config.max_connections, suppressed, "connection refused: broker.max_connections reached");
+            }
             drop(stream);
             continue;
         };
@@ -105,7 +134,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let mut conn = Connection::new(stream, peer, &broker);
-            conn.run().await;
+            conn.run(pending).await;
             drop(permit);
         });
     }
@@ -155,19 +184,28 @@ impl<'a> Connection<'a> {
         self.broker.config.topic_prefix.as_str()
     }
 
-    async fn run(&mut self) {
+    /// `pending` is this connection's place among its address's unauthenticated ones, given
+    /// back once CONNACK is written.
+    async fn run(&mut self, pending: Pending) {
         let limit = Duration::from_millis(self.broker.config.connect_timeout_ms);
-        let connect = match timeout(limit, self.read_packet()).await {
-            Ok(Ok(Some(Packet::Connect(c)))) => c,
-            Ok(Ok(Some(other))) => {
-                self.broker.refuse_connect("not_connect");
-                warn!(peer = %self.peer, packet = ?packet_name(&other), "first packet is not CONNECT; closing");
-                return;
-            }
+        let connect = match timeout(limit, self.read_connect()).await {
+            Ok(Ok(Some(c))) => c,
             Ok(Ok(None)) => return,
-            Ok(Err(reason)) => {
+            Ok(Err(e)) => {
+                let reason = e.reason();
                 self.broker.refuse_connect(reason);
-                warn!(peer = %self.peer, reason, "unreadable CONNECT; closing");
+                if let Some(suppressed) = self.broker.refusal_log() {
+                    warn!(peer = %self.peer, reason, error = %e, suppressed, "CONNECT refused; closing");
+                }
+                if let ConnectError::ProtocolVersion(_) = e {
+                    // MQTT 3.1.1 §3.1.2.2: answer 0x01 so MQTT 3.1/5 clients stop, not retry.
+                    let _ = self
+                        .write(Packet::ConnAck(ConnAck::new(
+                            ConnectReturnCode::RefusedProtocolVersion,
+                            false,
+                        )))
+                        .await;
+                }
                 return;
             }
             Err(_) => {
@@ -201,6 +239,7 @@ impl<'a> Connection<'a> {
                 .unregister(&session.meter, session.conn, session.clean_session);
             return;
         }
+        drop(pending);
         info!(meter = %session.meter, peer = %self.peer, session_present, "meter connected");
         self.presence(&session.meter, true).await;
         if session_present {
@@ -211,41 +250,26 @@ impl<'a> Connection<'a> {
     }
 
     /// Checks CONNECT; answers refusals with the MQTT 3.1.1 return code and returns `None`.
-    async fn authenticate(&mut self, c: rumqttc::Connect) -> Option<Session> {
+    ///
+    /// Identity: the username is the meter number and the client id is the same or one of the
+    /// original firmwares' forms around it (`ESP32_METER_<meter>_<hex>`, `ESP32_<meter>_<hex>`).
+    /// Without credentials, only a meter opted in to legacy-anonymous CONNECT gets in, named
+    /// by its firmware's client id.
+    async fn authenticate(&mut self, c: connect::Connect) -> Option<Session> {
         let refuse = |code, reason: &'static str| (code, reason);
         let verdict = async {
-            if c.protocol != rumqttc::Protocol::V4 {
-                return Err(refuse(
-                    ConnectReturnCode::RefusedProtocolVersion,
-                    "protocol_version",
-                ));
-            }
-            let Some(login) = &c.login else {
-                return Err(refuse(
-                    ConnectReturnCode::BadUserNamePassword,
-                    "no_credentials",
-                ));
+            let anonymous = match (c.username.as_deref(), c.password.as_deref()) {
+                // The Clean firmware sends no credentials at all; the Modified one sends its
+                // empty MQTT_USER / MQTT_PASS constants.
+                (None, None) => Some(FirmwareForm::Clean),
+                (Some(""), None | Some(b"")) => Some(FirmwareForm::Modified),
+                _ => None,
             };
-            if login.username != c.client_id {
-                return Err(refuse(ConnectReturnCode::BadClientId, "client_id_mismatch"));
-            }
-            let Ok(meter) = MeterId::parse(&c.client_id) else {
-                return Err(refuse(ConnectReturnCode::BadClientId, "bad_client_id"));
+            let meter = match anonymous {
+                Some(form) => self.anonymous_meter(form, &c.client_id).await?,
+                None => self.checked_meter(&c).await?,
             };
-            match self.broker.verifier.verify(&meter, &login.password).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Err(refuse(
-                        ConnectReturnCode::BadUserNamePassword,
-                        "bad_credentials",
-                    ))
-                }
-                Err(e) => {
-                    warn!(error = %e, "credential lookup failed");
-                    return Err(refuse(ConnectReturnCode::ServiceUnavailable, "store"));
-                }
-            }
-            if let Some(w) = &c.last_will {
+            if let Some(w) = &c.will {
                 if w.topic != format!("{}/{}/status", self.prefix(), meter) {
                     return Err(refuse(ConnectReturnCode::NotAuthorized, "acl_will"));
                 }
@@ -263,18 +287,108 @@ impl<'a> Connection<'a> {
                 conn: 0,
                 clean_session: c.clean_session,
                 keep_alive: c.keep_alive,
-                will: c.last_will,
+                will: c.will,
                 subscriptions: Vec::new(),
                 next_pkid: 0,
             }),
             Err((code, reason)) => {
                 self.broker.refuse_connect(reason);
-                let user = c.login.as_ref().map(|l| l.username.as_str()).unwrap_or("");
-                warn!(peer = %self.peer, client_id = %Untrusted(&c.client_id), username = %Untrusted(user), reason, "meter CONNECT refused");
+                if let Some(suppressed) = self.broker.refusal_log() {
+                    let user = c.username.as_deref().unwrap_or("");
+                    warn!(peer = %self.peer, client_id = %Untrusted(&c.client_id), username = %Untrusted(user), reason, suppressed, "meter CONNECT refused");
+                }
                 let _ = self.write(Packet::ConnAck(ConnAck::new(code, false))).await;
                 None
             }
         }
+    }
+
+    /// A meter that sent a username: its password checked by argon2 unless the source
+    /// address or the meter number is backing off after failures.
+    async fn checked_meter(
+        &self,
+        c: &connect::Connect,
+    ) -> Result<MeterId, (ConnectReturnCode, &'static str)> {
+        let user = c.username.as_deref().unwrap_or("");
+        if !connect::client_id_fits(&c.client_id, user) {
+            return Err((ConnectReturnCode::BadClientId, "client_id_mismatch"));
+        }
+        let Ok(meter) = MeterId::parse(user) else {
+            return Err((ConnectReturnCode::BadClientId, "bad_client_id"));
+        };
+        let ip = self.peer.ip().to_canonical();
+        let admission = &self.broker.admission;
+        let password = c.password.as_deref().unwrap_or_default();
+        let wait = Duration::from_millis(self.broker.config.connect_timeout_ms);
+        let verdict = self
+            .broker
+            .verifier
+            .verify_gated(&meter, password, || async {
+                let checking = admission.check(ip, meter.as_str(), wait).await?;
+                let later = checking.suspect;
+                Ok((checking, later))
+            })
+            .await;
+        match verdict {
+            Ok(Verdict::Good) => {
+                admission.succeeded(meter.as_str());
+                Ok(meter)
+            }
+            Ok(Verdict::Bad) => {
+                admission.failed(ip, meter.as_str());
+                Err((ConnectReturnCode::BadUserNamePassword, "bad_credentials"))
+            }
+            // Refused without argon2: "come back later", which meters do on their own.
+            Ok(Verdict::Refused(reason)) => {
+                if reason == "auth_backoff_ip" {
+                    admission.hammering(ip);
+                }
+                Err((ConnectReturnCode::ServiceUnavailable, reason))
+            }
+            Err(e) => {
+                warn!(error = %e, "credential lookup failed");
+                Err((ConnectReturnCode::ServiceUnavailable, "store"))
+            }
+        }
+    }
+
+    /// A CONNECT without credentials: the original firmware's, for a meter opted in with
+    /// `meter set METER --legacy-anonymous true` (and from its pinned address, if any).
+    async fn anonymous_meter(
+        &self,
+        form: FirmwareForm,
+        client_id: &str,
+    ) -> Result<MeterId, (ConnectReturnCode, &'static str)> {
+        let no = (ConnectReturnCode::BadUserNamePassword, "no_credentials");
+        let meter = form
+            .meter_in(client_id)
+            .and_then(|m| MeterId::parse(m).ok())
+            .ok_or(no)?;
+        let id = meter.clone();
+        match self
+            .broker
+            .reader
+            .run(move |c| store::legacy_access(c, &id))
+            .await
+        {
+            Ok(Some((true, None))) => {}
+            Ok(Some((true, Some(pin)))) => {
+                let from = self.peer.ip().to_canonical();
+                if pin.parse::<std::net::IpAddr>().ok() != Some(from) {
+                    return Err((ConnectReturnCode::NotAuthorized, "legacy_source"));
+                }
+            }
+            Ok(_) => return Err(no),
+            Err(e) => {
+                warn!(error = %e, "legacy meter lookup failed");
+                return Err((ConnectReturnCode::ServiceUnavailable, "store"));
+            }
+        }
+        self.broker
+            .metrics
+            .inc("umeme_mqtt_legacy_anonymous_connects_total", &[]);
+        info!(meter = %meter, peer = %self.peer, "meter connecting without credentials (legacy anonymous)");
+        Ok(meter)
     }
 
     async fn serve(
@@ -708,11 +822,21 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// Reads until one packet is framed. `Ok(None)` when the peer closed first.
-    async fn read_packet(&mut self) -> Result<Option<Packet>, &'static str> {
+    /// Reads the first packet, which must be a whole CONNECT of at most `max_packet_bytes`.
+    /// `Ok(None)` when the peer closed first.
+    async fn read_connect(&mut self) -> Result<Option<connect::Connect>, ConnectError> {
         loop {
-            if let Some(p) = self.next_buffered_packet()? {
-                return Ok(Some(p));
+            if let Some((start, len)) =
+                connect::frame(&self.buf).map_err(ConnectError::Malformed)?
+            {
+                let total = start + len;
+                if total > self.broker.config.max_packet_bytes {
+                    return Err(ConnectError::Malformed("oversize_packet"));
+                }
+                if self.buf.len() >= total {
+                    let packet = self.buf.split_to(total);
+                    return connect::parse(&packet).map(Some);
+                }
             }
             match self.stream.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return Ok(None),

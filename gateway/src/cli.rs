@@ -110,6 +110,24 @@ pub enum MeterCommand {
         name: Option<String>,
         #[arg(long)]
         phone: Option<String>,
+        /// Let the meter CONNECT without credentials, as the original Clean firmware does
+        /// (client id `ESP32_<meter>_<hex>`). Anyone on the LAN can then act as this meter:
+        /// see the README's "Original firmware" section.
+        #[arg(long)]
+        legacy_anonymous: bool,
+        /// Accept the anonymous CONNECT only from this address.
+        #[arg(long, value_name = "IP")]
+        legacy_source: Option<std::net::IpAddr>,
+    },
+    /// Change a meter's settings.
+    Set {
+        id: String,
+        /// Allow (true) or stop (false) the original firmware's anonymous CONNECT.
+        #[arg(long, value_name = "true|false", action = clap::ArgAction::Set)]
+        legacy_anonymous: Option<bool>,
+        /// Pin the anonymous CONNECT to this source address; `any` removes the pin.
+        #[arg(long, value_name = "IP|any")]
+        legacy_source: Option<String>,
     },
     /// List meters with their balances.
     List,
@@ -247,6 +265,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             let budget = crate::fds::FdBudget::plan(crate::fds::raise_nofile_limit(), &config)?;
             println!("ok: {budget} (under this shell's open-file limit)");
             print_http_limits(&config);
+            warn_legacy_meters(&config);
             match &config.source {
                 ConfigSource::BuiltInDefaults => {
                     println!("ok: no configuration file; the built-in development defaults apply")
@@ -548,6 +567,45 @@ fn secret_or_generated(secret: Option<String>) -> Result<(String, bool), Failure
     }
 }
 
+/// check-config names the meters that CONNECT without credentials (the daemon does too, at
+/// start). A database that is absent or of an older schema has none.
+fn warn_legacy_meters(config: &Config) {
+    let path = config.db_path();
+    if !path.exists() {
+        return;
+    }
+    // Read-only: check-config changes nothing.
+    let Ok(conn) = store::open_read_only(&path) else {
+        return;
+    };
+    for (id, source) in store::legacy_anonymous_meters(&conn).unwrap_or_default() {
+        eprintln!(
+            "warning: meter {id} accepts the original firmware's anonymous CONNECT{}: anyone \
+             on the LAN{} can report as it (umeme-gateway meter set {id} --legacy-anonymous false)",
+            source
+                .as_deref()
+                .map(|s| format!(" from {s}"))
+                .unwrap_or_default(),
+            if source.is_some() {
+                " able to use that address"
+            } else {
+                ""
+            },
+        );
+    }
+}
+
+/// The risk of a legacy-anonymous meter, said where it is switched on.
+fn warn_legacy(meter: &MeterId, source: Option<&str>) {
+    eprintln!(
+        "warning: {meter} now CONNECTs without credentials; anyone on the LAN{} can report \
+         consumption and status as {meter} and read its balance commands",
+        source
+            .map(|s| format!(" who can use address {s}"))
+            .unwrap_or_default()
+    );
+}
+
 fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
     match cmd {
         MeterCommand::Add {
@@ -555,8 +613,13 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             secret,
             name,
             phone,
+            legacy_anonymous,
+            legacy_source,
         } => {
             let meter = parse_meter(&id)?;
+            if legacy_source.is_some() && !legacy_anonymous {
+                return Err(usage("--legacy-source needs --legacy-anonymous"));
+            }
             let (secret, generated) = secret_or_generated(secret)?;
             let op = Op::AddMeter {
                 meter: meter.clone(),
@@ -574,9 +637,74 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
                     "warning: meter number {meter} is longer than {reference_max} characters: M-Pesa STK push cannot pay it (PayBill payments with the full number still work)"
                 );
             }
+            if legacy_anonymous {
+                apply(
+                    config,
+                    Op::SetLegacy {
+                        meter: meter.clone(),
+                        anonymous: Some(true),
+                        source: Some(legacy_source.map(|ip| ip.to_string())),
+                        at: now_ms(),
+                    },
+                )?;
+                warn_legacy(&meter, legacy_source.map(|ip| ip.to_string()).as_deref());
+            }
             if generated {
                 println!("secret: {secret}");
                 println!("(shown once; configure it in the meter as its MQTT password)");
+            }
+            Ok(())
+        }
+        MeterCommand::Set {
+            id,
+            legacy_anonymous,
+            legacy_source,
+        } => {
+            let meter = parse_meter(&id)?;
+            let source = match legacy_source.as_deref() {
+                None => None,
+                Some("any") => Some(None),
+                Some(ip) => Some(Some(
+                    ip.parse::<std::net::IpAddr>()
+                        .map_err(|_| {
+                            usage(format!(
+                                "--legacy-source {ip:?}: not an IP address or `any`"
+                            ))
+                        })?
+                        .to_string(),
+                )),
+            };
+            if legacy_anonymous.is_none() && source.is_none() {
+                return Err(usage(
+                    "nothing to set: give --legacy-anonymous or --legacy-source",
+                ));
+            }
+            apply(
+                config,
+                Op::SetLegacy {
+                    meter: meter.clone(),
+                    anonymous: legacy_anonymous,
+                    source,
+                    at: now_ms(),
+                },
+            )?;
+            let conn = open(config)?;
+            let m = store::meter(&conn, &meter)
+                .context("reading meter")?
+                .ok_or_else(|| Failure {
+                    code: 1,
+                    error: anyhow!("unknown meter {meter}"),
+                })?;
+            println!(
+                "{meter}: legacy anonymous CONNECT {}{}; its current session is closed",
+                if m.legacy_anonymous { "allowed" } else { "off" },
+                m.legacy_source
+                    .as_deref()
+                    .map(|s| format!(" (only from {s})"))
+                    .unwrap_or_default()
+            );
+            if m.legacy_anonymous {
+                warn_legacy(&meter, m.legacy_source.as_deref());
             }
             Ok(())
         }
@@ -628,6 +756,14 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             );
             println!("ledger seq:     {}", m.ledger_seq);
             println!("status:         {}", m.status.as_deref().unwrap_or("-"));
+            println!(
+                "legacy anon:    {}",
+                match (m.legacy_anonymous, m.legacy_source.as_deref()) {
+                    (false, _) => "off".to_string(),
+                    (true, None) => "on (from any address)".to_string(),
+                    (true, Some(ip)) => format!("on (only from {ip})"),
+                }
+            );
             println!(
                 "last seen:      {}",
                 m.last_seen

@@ -146,6 +146,10 @@ pub struct BrokerConfig {
     pub max_packet_bytes: usize,
     /// Time a new connection has to send CONNECT.
     pub connect_timeout_ms: u64,
+    /// Connections one source address may hold open before their CONNACK.
+    pub max_unauthenticated_per_ip: usize,
+    /// Longest wait imposed on a source address or meter number after failed password checks.
+    pub auth_backoff_max_ms: u64,
     /// What one authenticated meter may do after CONNACK.
     pub session: SessionLimits,
 }
@@ -442,6 +446,8 @@ impl Config {
                         ..d
                     }
                 },
+                max_unauthenticated_per_ip: b.max_unauthenticated_per_ip.map_or(32, |n| n.0),
+                auth_backoff_max_ms: b.auth_backoff_max_ms.map_or(10_000, |n| n.0 as u64),
             },
             ledger: LedgerConfig {
                 tariff: l
@@ -746,6 +752,8 @@ struct PartialBroker {
     status_per_minute: Option<Bounded<1, 6_000_000>>,
     status_burst: Option<Bounded<1, 1_000_000>>,
     max_subscriptions: Option<Bounded<1, 1_000>>,
+    max_unauthenticated_per_ip: Option<Bounded<1, 100_000>>,
+    auth_backoff_max_ms: Option<Bounded<250, 600_000>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -877,6 +885,11 @@ impl PartialConfig {
             merge_opt(&mut s.status_per_minute, b.status_per_minute);
             merge_opt(&mut s.status_burst, b.status_burst);
             merge_opt(&mut s.max_subscriptions, b.max_subscriptions);
+            merge_opt(
+                &mut s.max_unauthenticated_per_ip,
+                b.max_unauthenticated_per_ip,
+            );
+            merge_opt(&mut s.auth_backoff_max_ms, b.auth_backoff_max_ms);
         }
         if let Some(l) = o.ledger {
             let s = self.ledger.get_or_insert_with(Default::default);
@@ -1324,6 +1337,28 @@ mod tests {
     }
 
     #[test]
+    fn broker_admission_limits_are_checked_and_located() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, col) in [
+            ("[broker]\nmax_unauthenticated_per_ip = 0\n", 30),
+            ("[broker]\nauth_backoff_max_ms = 10\n", 23),
+        ] {
+            let p = write(dir.path(), "g.toml", text);
+            let e = Config::load(Some(&p)).unwrap_err();
+            assert_eq!(e.position, Some((2, col)), "{e}");
+            assert!(e.message.contains("out of range"), "{e}");
+        }
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[broker]\nmax_unauthenticated_per_ip = 4\nauth_backoff_max_ms = 2000\n",
+        );
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.broker.max_unauthenticated_per_ip, 4);
+        assert_eq!(c.broker.auth_backoff_max_ms, 2000);
+    }
+
+    #[test]
     fn bad_value_is_located_at_the_value() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "g.toml", "[ledger]\nunits_per_kes = -1.0\n");
@@ -1375,6 +1410,11 @@ mod tests {
         assert_eq!(c.broker.listen, d.broker.listen);
         assert_eq!(c.broker.max_packet_bytes, d.broker.max_packet_bytes);
         assert_eq!(c.broker.session, d.broker.session);
+        assert_eq!(
+            c.broker.max_unauthenticated_per_ip,
+            d.broker.max_unauthenticated_per_ip
+        );
+        assert_eq!(c.broker.auth_backoff_max_ms, d.broker.auth_backoff_max_ms);
         assert_eq!(c.ledger.tariff, d.ledger.tariff);
         assert_eq!(c.ledger.low_balance_wh, d.ledger.low_balance_wh);
         assert_eq!(c.api.listen, d.api.listen);

@@ -245,7 +245,19 @@ impl Gateway {
             }
         };
         let broker_ready = Arc::new(AtomicBool::new(false));
+        // Said at every start: these meters trust the LAN (README, "Original firmware").
+        for (id, source) in reader
+            .run(store::legacy_anonymous_meters)
+            .await
+            .unwrap_or_default()
+        {
+            warn!(meter = %id, source = source.as_deref().unwrap_or("any"), "meter accepts the original firmware's anonymous CONNECT: anyone on the LAN can report as it");
+        }
         let broker = Arc::new(Broker {
+            admission: broker::Admission::new(
+                config.broker.max_unauthenticated_per_ip,
+                Duration::from_millis(config.broker.auth_backoff_max_ms),
+            ),
             config: config.broker.clone(),
             hub: hub.clone(),
             writer: writer.clone(),

@@ -25,17 +25,21 @@
 //! - [`hub`]: connected meter sessions and commands to them.
 //! - [`broker`]: the meter-facing MQTT 3.1.1 listener.
 //! - [`meter_limits`]: per-meter message rates and warning budgets after CONNECT.
+//! - [`connect`]: the meter port's CONNECT parser and the original firmwares' client ids.
+//! - [`admission`]: limits before CONNACK (per-IP, backoff after failed passwords).
 //! - [`api`]: the admin HTTP API and the original firmware's legacy listener.
 //! - [`fds`]: the file-descriptor budget shared by the listeners.
 //! - [`metrics`]: counters for `/metrics`.
 //! - [`daemon`]: wiring for `run`.
 //! - [`cli`]: the command line.
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod consumption;
 pub mod daemon;
 pub mod fds;

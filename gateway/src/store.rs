@@ -25,7 +25,7 @@ use crate::meter::MeterId;
 
 pub use rusqlite::Error as DbError;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Page size of new databases. A commit writes whole pages to the WAL, and at a site's pace
 /// (one report per commit) small pages mean fewer bytes per report.
@@ -62,7 +62,9 @@ CREATE TABLE IF NOT EXISTS meters (
     online INTEGER NOT NULL DEFAULT 0,
     last_seen INTEGER,
     created_at INTEGER NOT NULL,
-    state_seq INTEGER NOT NULL DEFAULT 0
+    state_seq INTEGER NOT NULL DEFAULT 0,
+    legacy_anonymous INTEGER NOT NULL DEFAULT 0,
+    legacy_source TEXT
 ) STRICT;
 CREATE TABLE IF NOT EXISTS payments (
     source TEXT NOT NULL,
@@ -182,7 +184,11 @@ fn open_with(path: &Path, gateway_id: &str, upgrade: bool) -> Result<Connection,
         .and_then(|v| v.parse().ok());
     match version {
         Some(v) if v > SCHEMA_VERSION => return Err(StoreError::NewerSchema(v)),
-        Some(1) if upgrade => migrate_v1(&tx)?,
+        Some(1) if upgrade => {
+            migrate_v1(&tx)?;
+            migrate_v2(&tx)?;
+        }
+        Some(2) if upgrade => migrate_v2(&tx)?,
         Some(v) if v < SCHEMA_VERSION => return Err(StoreError::OlderSchema(v)),
         Some(_) => {}
         None => {
@@ -241,6 +247,18 @@ fn migrate_v1(tx: &Connection) -> Result<(), StoreError> {
     ))?;
     set_meta(tx, "event_seq_floor", last)?;
     set_meta(tx, "folded_seq", last)?;
+    set_meta(tx, "schema_version", 2)?;
+    Ok(())
+}
+
+/// Schema 2 → 3: meters learn the opt-in for the original firmware's anonymous CONNECT and
+/// its optional source-address pin. Existing meters stay credential-only.
+fn migrate_v2(tx: &Connection) -> Result<(), StoreError> {
+    tracing::info!("upgrading the database from schema 2 to 3 (one time)");
+    tx.execute_batch(
+        "ALTER TABLE meters ADD COLUMN legacy_anonymous INTEGER NOT NULL DEFAULT 0;
+         ALTER TABLE meters ADD COLUMN legacy_source TEXT;",
+    )?;
     set_meta(tx, "schema_version", SCHEMA_VERSION)?;
     Ok(())
 }
@@ -279,10 +297,14 @@ pub struct MeterRow {
     pub online: bool,
     pub last_seen: Option<i64>,
     pub created_at: i64,
+    /// The meter may CONNECT without credentials (the original Clean firmware).
+    pub legacy_anonymous: bool,
+    /// When set, an anonymous CONNECT must come from this address.
+    pub legacy_source: Option<String>,
 }
 
 const METER_COLUMNS: &str = "id, name, phone, balance_wh, ledger_seq, v2_seq, total_consumed_wh, \
-     status, online, last_seen, created_at, state_seq";
+     status, online, last_seen, created_at, state_seq, legacy_anonymous, legacy_source";
 
 fn meter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(MeterRow, i64)> {
     let id: String = r.get(0)?;
@@ -302,6 +324,8 @@ fn meter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(MeterRow, i64)> {
         online: r.get(8)?,
         last_seen: r.get(9)?,
         created_at: r.get(10)?,
+        legacy_anonymous: r.get(12)?,
+        legacy_source: r.get(13)?,
     };
     Ok((row, r.get(11)?))
 }
@@ -383,6 +407,46 @@ pub fn secret_hash(conn: &Connection, id: &MeterId) -> Result<Option<String>, St
         .prepare_cached("SELECT secret_hash FROM meters WHERE id = ?1")?
         .query_row([id.as_str()], |r| r.get(0))
         .optional()?)
+}
+
+/// `(legacy_anonymous, legacy_source)` of a meter, `None` when it does not exist.
+pub fn legacy_access(
+    conn: &Connection,
+    id: &MeterId,
+) -> Result<Option<(bool, Option<String>)>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT legacy_anonymous, legacy_source FROM meters WHERE id = ?1")?
+        .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?)
+}
+
+/// Meters that may CONNECT without credentials, by id.
+pub fn legacy_anonymous_meters(
+    conn: &Connection,
+) -> Result<Vec<(String, Option<String>)>, StoreError> {
+    let mut st = conn
+        .prepare("SELECT id, legacy_source FROM meters WHERE legacy_anonymous != 0 ORDER BY id")?;
+    let rows = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Changes what is given; `Ok(false)` when the meter does not exist.
+pub fn set_legacy(
+    tx: &Connection,
+    id: &MeterId,
+    anonymous: Option<bool>,
+    source: Option<Option<&str>>,
+) -> Result<bool, StoreError> {
+    let n = tx.execute(
+        "UPDATE meters SET
+             legacy_anonymous = COALESCE(?2, legacy_anonymous),
+             legacy_source = CASE WHEN ?3 THEN ?4 ELSE legacy_source END
+         WHERE id = ?1",
+        params![id.as_str(), anonymous, source.is_some(), source.flatten()],
+    )?;
+    Ok(n == 1)
 }
 
 pub struct NewMeter<'a> {
@@ -962,7 +1026,7 @@ pub struct MeterChange {
     pub source: Option<String>,
 }
 
-/// Payments and meter removals and secret changes after `after`, oldest first.
+/// Payments and meter removals, secret and legacy changes after `after`, oldest first.
 pub fn meter_changes_after(conn: &Connection, after: i64) -> Result<Vec<MeterChange>, StoreError> {
     let mut st = conn.prepare_cached(
         "SELECT seq, kind, meter,
@@ -971,7 +1035,7 @@ pub fn meter_changes_after(conn: &Connection, after: i64) -> Result<Vec<MeterCha
          FROM events
          WHERE seq > ?1 AND meter IS NOT NULL
            AND (kind = 'payment' OR (kind = 'meter' AND typeof(data) = 'text'
-                AND json_extract(data, '$.action') IN ('removed', 'secret_changed')))
+                AND json_extract(data, '$.action') IN ('removed', 'secret_changed', 'legacy_changed')))
          ORDER BY seq",
     )?;
     let rows = st

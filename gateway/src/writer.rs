@@ -152,6 +152,14 @@ pub enum Op {
         secret_hash: String,
         at: i64,
     },
+    /// Opt a meter in or out of the original firmware's anonymous CONNECT; `source`
+    /// `Some(None)` removes the address pin.
+    SetLegacy {
+        meter: MeterId,
+        anonymous: Option<bool>,
+        source: Option<Option<String>>,
+        at: i64,
+    },
     /// A sink took delivery of every event through `through`, except the `dead` ones
     /// (`seq`, event JSON, reason), which go to the dead-letter table.
     SinkProgress {
@@ -447,6 +455,21 @@ pub fn apply_with(
             }
             let data = json!({"action": "secret_changed"});
             store::append_event(tx, "meter", Some(meter), *at, &data)?;
+            revoked(meter)
+        }
+        Op::SetLegacy {
+            meter,
+            anonymous,
+            source,
+            at,
+        } => {
+            let pin = source.as_ref().map(|s| s.as_deref());
+            if !store::set_legacy(tx, meter, *anonymous, pin)? {
+                return Err(LedgerError::UnknownMeter(meter.clone()));
+            }
+            let data = json!({"action": "legacy_changed", "legacy_anonymous": anonymous, "legacy_source": source});
+            store::append_event(tx, "meter", Some(meter), *at, &data)?;
+            // A session that came in anonymously must not outlive the opt-out.
             revoked(meter)
         }
     }

@@ -415,6 +415,25 @@ impl RawMeter {
         }
     }
 
+    /// Sends `connect` (exact bytes, any CONNECT) on `stream`. `Some` with the client and the
+    /// CONNACK's code, `None` when the gateway closed the connection without a CONNACK.
+    pub fn connect_bytes(
+        stream: TcpStream,
+        connect: &[u8],
+    ) -> Option<(RawMeter, rumqttc::ConnectReturnCode)> {
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut m = RawMeter {
+            stream,
+            buf: BytesMut::new(),
+        };
+        m.stream.write_all(connect).ok()?;
+        match m.recv_within(WAIT) {
+            Some(Packet::ConnAck(a)) => Some((m, a.code)),
+            Some(other) => panic!("expected CONNACK, got {other:?}"),
+            None => None,
+        }
+    }
+
     pub fn send(&mut self, p: Packet) {
         let mut out = BytesMut::new();
         p.write(&mut out, usize::MAX).expect("encode");
@@ -541,6 +560,52 @@ pub fn v2_payload(meter: &str, seq: u32, energy_wh: u64) -> String {
 
 pub fn balance_json(p: &Publish) -> serde_json::Value {
     serde_json::from_slice(&p.payload).expect("balance command is JSON")
+}
+
+/// A TCP connection to `addr` from the loopback address `source` (127.0.0.2, …), to play a
+/// second host on the LAN.
+pub fn connect_from(source: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let stream = rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4()?;
+        s.bind(SocketAddr::from((source, 0)))?;
+        s.connect(addr).await?.into_std()
+    })?;
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// The CONNECT the Arduino PubSubClient library (2.8) sends for `connect(id)` and
+/// `connect(id, user, pass)`: MQTT 3.1.1, clean session, keep-alive 60 (the firmwares'
+/// `setKeepAlive(60)`), no Will; the username and password flags are set whenever the
+/// arguments are given, even as empty strings.
+pub fn pubsubclient_connect(client_id: &str, login: Option<(&str, &str)>) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4];
+    body.push(0x02 | if login.is_some() { 0xc0 } else { 0 });
+    body.extend([0, 60]);
+    let mut string = |s: &str| {
+        body.extend((s.len() as u16).to_be_bytes());
+        body.extend(s.as_bytes());
+    };
+    string(client_id);
+    if let Some((user, pass)) = login {
+        string(user);
+        string(pass);
+    }
+    let mut packet = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let byte = (len % 128) as u8;
+        len /= 128;
+        packet.push(if len > 0 { byte | 0x80 } else { byte });
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend(body);
+    packet
 }
 
 /// Fails clearly when a Debian tool the test needs is not installed.
