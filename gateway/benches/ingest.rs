@@ -240,7 +240,7 @@ fn write_config(dir: &Path, meters: usize) -> Result<PathBuf> {
     let data_dir = toml::Value::String(dir.join("data").display().to_string());
     let text = format!(
         "[gateway]\nid = \"bench\"\ndata_dir = {data_dir}\n\n\
-         [broker]\nlisten = \"127.0.0.1:0\"\nmax_connections = {}\n\n\
+         [broker]\nlisten = \"127.0.0.1:0\"\nmax_connections = {}\n{UNLIMITED_REPORTS}\n\
          [api]\nlisten = \"127.0.0.1:0\"\n",
         meters + 16
     );

@@ -292,7 +292,7 @@ impl GatewayFiles {
         let data_dir = toml::Value::String(dir.join("data").display().to_string());
         let text = format!(
             "[gateway]\nid = \"bench\"\ndata_dir = {data_dir}\n\n\
-             [broker]\nlisten = \"{broker}\"\nmax_connections = {}\n\n\
+             [broker]\nlisten = \"{broker}\"\nmax_connections = {}\n{UNLIMITED_REPORTS}\n\
              {}\
              [api]\nlisten = \"{api}\"\nallow_simulate = true\n",
             meters + 64,

@@ -1,18 +1,25 @@
-//! The admin HTTP API (contract §7) and the original firmware's boot-time endpoints.
+//! The admin HTTP API (contract §7) and, on a listener of their own, the original firmware's
+//! boot-time lookups.
 //!
 //! Bodies are parsed by hand from at most [`MAX_BODY`] bytes so that every refusal is a JSON
-//! `{"error": …}` with a fitting status, a `warn` line and a counter. Writes require the bearer
-//! token when `[api] token_file` is set.
+//! `{"error": …}` with a fitting status, a `warn` line and a counter. When `[api] token_file` is
+//! set, every request needs the bearer token except `/health` and `/ready` (no data), and
+//! `/metrics` while the admin API listens on loopback only.
+//!
+//! **Architecture invariant:** the legacy router ([`legacy_router`]) holds the two GETs the
+//! original firmware makes and nothing else; it never serves an admin route.
 
 // Helpers return a ready error `Response` as their `Err`, which is axum's idiom.
 #![allow(clippy::result_large_err)]
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,7 +27,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
-use tracing::warn;
+use tracing::{debug, warn};
+use umeme_http_guard::{Events, Refusal, Throttle, Timeout};
 
 use crate::auth;
 use crate::config::ApiConfig;
@@ -28,6 +36,7 @@ use crate::hub::Hub;
 use crate::meter::{kes_to_cents, wh_to_units, MeterId};
 use crate::metrics::Metrics;
 use crate::store::{self, now_ms, Reader};
+use crate::untrusted::Untrusted;
 use crate::writer::{Credit, LedgerError, Op, Outcome, Writer};
 
 const MAX_BODY: usize = 64 * 1024;
@@ -57,46 +66,136 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/meters", get(list_meters).post(add_meter))
         .route("/api/meters/{id}", get(show_meter))
         .route("/api/meters/{id}/payments", get(meter_payments))
-        .route("/api/outbox", get(outbox));
+        .route("/api/outbox", get(outbox))
+        .route("/api/payments/unapplied", get(unapplied_payments))
+        .route(
+            "/api/payments/unapplied/{reference}/apply",
+            post(apply_unapplied),
+        );
     if state.config.allow_simulate {
         app = app.route("/daraja/simulate", post(simulate));
-    }
-    if state.config.legacy_meter_http {
-        app = app
-            .route("/users/{meter}/balance", get(legacy_balance))
-            .route("/users/by-meter/{meter}", get(legacy_user));
     }
     app.fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         })
         .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(middleware::from_fn_with_state(state.clone(), count))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// The `[api] legacy_listen` listener: the original firmware's two boot-time GETs, no token
+/// (the firmware cannot send one), no body, nothing else.
+pub fn legacy_router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/users/{meter}/balance", get(legacy_balance))
+        .route("/users/by-meter/{meter}", get(legacy_user))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), count))
+        .layer(DefaultBodyLimit::max(0))
+        .with_state(state)
+}
+
+/// What an HTTP listener reports, as metrics and rate-limited `warn` lines.
+pub struct HttpEvents {
+    listener: &'static str,
+    metrics: Arc<Metrics>,
+    refusals: Throttle,
+    timeouts: Throttle,
+    accept_errors: Throttle,
+}
+
+impl HttpEvents {
+    /// At most one log line of each kind per this interval and listener; the metrics count all.
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    pub fn new(listener: &'static str, metrics: Arc<Metrics>) -> Arc<HttpEvents> {
+        Arc::new(HttpEvents {
+            listener,
+            metrics,
+            refusals: Throttle::new(Self::LOG_EVERY),
+            timeouts: Throttle::new(Self::LOG_EVERY),
+            accept_errors: Throttle::new(Self::LOG_EVERY),
+        })
+    }
+}
+
+impl Events for HttpEvents {
+    fn refused(&self, peer: SocketAddr, why: Refusal) {
+        let listener = self.listener;
+        self.metrics.inc(
+            "umeme_http_connections_refused_total",
+            &[("listener", listener), ("reason", why.as_str())],
+        );
+        if let Some(held_back) = self.refusals.allow() {
+            warn!(listener, %peer, reason = why.as_str(), held_back, "HTTP connection closed at once: connection cap reached");
+        }
+    }
+
+    fn timed_out(&self, peer: SocketAddr, what: Timeout) {
+        let listener = self.listener;
+        self.metrics.inc(
+            "umeme_http_timeouts_total",
+            &[("listener", listener), ("kind", what.as_str())],
+        );
+        if what == Timeout::Idle {
+            debug!(listener, %peer, "idle HTTP keep-alive connection closed");
+        } else if let Some(held_back) = self.timeouts.allow() {
+            warn!(listener, %peer, timeout = what.as_str(), held_back, "HTTP client too slow: closed");
+        }
+    }
+
+    fn accept_failed(&self, error: &std::io::Error, retry_in: Duration) {
+        let listener = self.listener;
+        self.metrics
+            .inc("umeme_http_accept_errors_total", &[("listener", listener)]);
+        if let Some(held_back) = self.accept_errors.allow() {
+            warn!(listener, %error, ?retry_in, held_back, "HTTP accept failed; retrying");
+        }
+    }
 }
 
 pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({"error": msg.into()}))).into_response()
 }
 
-/// Counts every response and enforces the bearer token on writes.
+/// Enforces the bearer token (when configured) on every request that reads or changes data.
 async fn guard(State(st): St, req: Request, next: Next) -> Response {
-    let is_write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    if is_write {
-        if let Some(token) = &st.token {
-            if !bearer_matches(req.headers(), token) {
-                st.metrics
-                    .inc("umeme_http_rejected_total", &[("reason", "unauthorized")]);
-                warn!(path = %req.uri().path(), "API write without a valid bearer token refused");
-                let mut r = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
-                r.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    "Bearer".parse().expect("static header"),
-                );
-                return r;
-            }
+    if let Some(token) = &st.token {
+        if needs_token(&st, req.uri().path()) && !bearer_matches(req.headers(), token) {
+            st.metrics
+                .inc("umeme_http_rejected_total", &[("reason", "unauthorized")]);
+            warn!(
+                method = %Untrusted(req.method().as_str()),
+                path = %Untrusted(req.uri().path()),
+                "API request without a valid bearer token refused"
+            );
+            let mut r = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer".parse().expect("static header"),
+            );
+            return r;
         }
     }
+    next.run(req).await
+}
+
+/// Probes carry no data; metrics stay open to a scraper on the same host only.
+fn needs_token(st: &ApiState, path: &str) -> bool {
+    match path {
+        "/health" | "/ready" => false,
+        "/metrics" => !st.config.listen.ip().is_loopback(),
+        _ => true,
+    }
+}
+
+/// Counts every response by status class.
+async fn count(State(st): St, req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
     let class = match resp.status().as_u16() {
         200..=299 => "2xx",
@@ -121,7 +220,7 @@ fn bad_request(st: &ApiState, reason: &'static str, msg: impl Into<String>) -> R
     let msg = msg.into();
     st.metrics
         .inc("umeme_http_rejected_total", &[("reason", reason)]);
-    warn!(reason, error = %msg, "API request refused");
+    warn!(reason, error = %Untrusted(&msg), "API request refused");
     error(StatusCode::BAD_REQUEST, msg)
 }
 
@@ -287,6 +386,54 @@ async fn meter_payments(State(st): St, Path(id): Path<String>) -> Response {
     }
 }
 
+/// Payments a source kept because they credited no meter, not applied yet (oldest first).
+async fn unapplied_payments(State(st): St) -> Response {
+    match st.reader.run(|c| store::unapplied(c, true)).await {
+        Ok(rows) => Json(json!({ "unapplied": rows })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// `POST /api/payments/unapplied/{reference}/apply {"meter","source"?}`: the CLI's
+/// `payment apply`, credited once under the payment's own (source, reference).
+async fn apply_unapplied(State(st): St, Path(reference): Path<String>, body: Bytes) -> Response {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        meter: String,
+        #[serde(default)]
+        source: Option<String>,
+    }
+    let b: Body = match parse_body(&st, &body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let meter = match parse_meter(&st, &b.meter) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let op = Op::ApplyUnapplied {
+        reference,
+        source: b.source,
+        meter,
+        at: now_ms(),
+    };
+    match st.writer.submit(op).await {
+        Ok(Outcome::Credited { payment, .. }) => {
+            Json(json!({"applied": true, "payment": payment})).into_response()
+        }
+        Ok(_) => internal("unexpected ledger outcome"),
+        Err(e @ (LedgerError::NotUnapplied(_) | LedgerError::UnknownMeter(_))) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Err(e @ LedgerError::AlreadyApplied { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ LedgerError::AmbiguousReference { .. }) => {
+            bad_request(&st, "ambiguous_reference", e.to_string())
+        }
+        Err(e) => internal(e),
+    }
+}
+
 async fn outbox_status(st: &ApiState) -> Result<store::OutboxStatus, store::StoreError> {
     let (sinks, max) = (st.sinks.clone(), st.max_bytes);
     st.reader
@@ -340,6 +487,7 @@ async fn simulate(State(st): St, body: Bytes) -> Response {
         reference,
         amount_cents: cents,
         at: now_ms(),
+        phone: None,
     };
     match st.writer.submit(Op::Credit(credit)).await {
         Ok(Outcome::Credited { payment, duplicate }) => {
@@ -350,7 +498,16 @@ async fn simulate(State(st): St, body: Bytes) -> Response {
                     ("outcome", if duplicate { "duplicate" } else { "credited" }),
                 ],
             );
+            // A superset of the original backend's answer (Daraja's C2B simulate answer plus
+            // `transaction_id`, `status`, `balance_updated`): its payment dialog shows success
+            // on `status == "SUCCESS"` or `ResponseCode == "0"`.
             Json(json!({
+                "ResponseCode": "0",
+                "ResponseDescription": "Accept the service request successfully.",
+                "OriginatorCoversationID": payment.reference,
+                "transaction_id": payment.reference,
+                "status": "SUCCESS",
+                "balance_updated": true,
                 "meter_no": meter,
                 "amount": payment.amount_cents as f64 / 100.0,
                 "reference": payment.reference,
@@ -370,41 +527,66 @@ async fn simulate(State(st): St, body: Bytes) -> Response {
             error(StatusCode::NOT_FOUND, format!("unknown meter {m}"))
         }
         Err(e @ LedgerError::BadReference) => bad_request(&st, "bad_reference", e.to_string()),
+        Err(e @ LedgerError::ReferenceConflict) => {
+            st.metrics.inc(
+                "umeme_payments_total",
+                &[("source", "simulate"), ("outcome", "conflict")],
+            );
+            error(StatusCode::CONFLICT, e.to_string())
+        }
         Err(e) => internal(e),
     }
 }
 
+/// The original backend's `GET /users/{meter}/balance`, answers included.
 async fn legacy_balance(State(st): St, Path(id): Path<String>) -> Response {
-    legacy(st, id, |m| {
+    let not_found = json!({ "error": format!("No user found with meter_no: {id}") });
+    legacy(st, id, not_found, |m| {
         json!({
             "meter_no": m.id,
-            "availableUnits": (m.balance_units * 100.0).round() / 100.0,
+            "availableUnits": round2(m.balance_units),
             "timestamp": iso8601(now_ms()),
         })
     })
     .await
 }
 
+/// The original backend's `GET /users/by-meter/{meter}`: `'Unknown User'` and `''` stand for
+/// missing fields, as the original firmware expects; the meter number stands in for the
+/// original's Firebase user id.
 async fn legacy_user(State(st): St, Path(id): Path<String>) -> Response {
-    legacy(
-        st,
-        id,
-        |m| json!({"meter_no": m.id, "name": m.name, "phone_number": m.phone}),
-    )
+    let not_found = json!({"error": "User not found", "meter_no": id});
+    legacy(st, id, not_found, |m| {
+        let text = |v: Option<String>| v.filter(|s| !s.is_empty());
+        json!({
+            "user_id": m.id,
+            "name": text(m.name).unwrap_or_else(|| "Unknown User".into()),
+            "email": "",
+            "phone_number": text(m.phone).unwrap_or_default(),
+            "meter_no": m.id,
+            "balance": round2(m.balance_units),
+        })
+    })
     .await
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 async fn legacy(
     st: Arc<ApiState>,
     id: String,
+    not_found: Value,
     f: impl FnOnce(store::MeterRow) -> Value,
 ) -> Response {
+    let not_found = (StatusCode::NOT_FOUND, Json(not_found)).into_response();
     let Ok(id) = MeterId::parse(&id) else {
-        return error(StatusCode::NOT_FOUND, "meter not found");
+        return not_found;
     };
     match st.reader.run(move |c| store::meter(c, &id)).await {
         Ok(Some(m)) => Json(f(m)).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, "meter not found"),
+        Ok(None) => not_found,
         Err(e) => internal(e),
     }
 }

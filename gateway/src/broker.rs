@@ -16,7 +16,7 @@
 //! identity checks here, and the ledger never learns a meter number from a payload alone.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -35,9 +35,11 @@ use crate::auth::Verifier;
 use crate::config::BrokerConfig;
 use crate::hub::{Hub, Outgoing};
 use crate::meter::MeterId;
+use crate::meter_limits::{self, MessageKind, MeterGuard, MeterGuards};
 use crate::metrics::Metrics;
 use crate::payload::{self, Report, StatusReport};
 use crate::store::{self, now_ms, Reader};
+use crate::untrusted::Untrusted;
 use crate::writer::{self, LedgerError, Op, Outcome, Writer};
 
 /// Publishes from one meter that may wait for their commit at once; past this the connection
@@ -53,6 +55,8 @@ pub struct Broker {
     pub verifier: Arc<Verifier>,
     pub reader: Reader,
     pub metrics: Arc<Metrics>,
+    /// Per-meter message rates and warning budgets (`config.session`).
+    pub guards: MeterGuards,
 }
 
 impl Broker {
@@ -125,6 +129,7 @@ struct Session {
     will: Option<rumqttc::LastWill>,
     subscriptions: Vec<(String, QoS)>,
     next_pkid: u16,
+    guard: Arc<Mutex<MeterGuard>>,
 }
 
 struct Connection<'a> {
@@ -250,6 +255,10 @@ impl<'a> Connection<'a> {
         .await;
         match verdict {
             Ok(meter) => Some(Session {
+                guard: self
+                    .broker
+                    .guards
+                    .guard(&meter, &self.broker.config.session),
                 meter,
                 conn: 0,
                 clean_session: c.clean_session,
@@ -261,7 +270,7 @@ impl<'a> Connection<'a> {
             Err((code, reason)) => {
                 self.broker.refuse_connect(reason);
                 let user = c.login.as_ref().map(|l| l.username.as_str()).unwrap_or("");
-                warn!(peer = %self.peer, client_id = %truncate(&c.client_id), username = %truncate(user), reason, "meter CONNECT refused");
+                warn!(peer = %self.peer, client_id = %Untrusted(&c.client_id), username = %Untrusted(user), reason, "meter CONNECT refused");
                 let _ = self.write(Packet::ConnAck(ConnAck::new(code, false))).await;
                 None
             }
@@ -289,16 +298,19 @@ impl<'a> Connection<'a> {
                 }
                 match self.next_buffered_packet() {
                     Ok(Some(packet)) => {
-                        deadline = Instant::now() + idle_limit;
                         match self.handle(s, packet, &mut pending).await {
-                            Ok(()) => {}
+                            // From the end of handling: a report held to its meter's rate
+                            // may have waited for its token.
+                            Ok(()) => deadline = Instant::now() + idle_limit,
                             Err(close) => return self.drain(pending, close).await,
                         }
                     }
                     Ok(None) => break,
                     Err(reason) => {
                         self.broker.reject(reason);
-                        warn!(meter = %s.meter, reason, "malformed MQTT packet; closing");
+                        if self.may_warn(s) {
+                            warn!(meter = %s.meter, reason, "malformed MQTT packet; closing");
+                        }
                         return self.drain(pending, Close::Abnormal(reason)).await;
                     }
                 }
@@ -355,10 +367,38 @@ impl<'a> Connection<'a> {
         match packet {
             Packet::Publish(p) => self.on_publish(s, p, pending).await,
             Packet::Subscribe(sub) => {
+                let limits = self.broker.config.session;
                 let mut codes = Vec::with_capacity(sub.filters.len());
                 let mut balance_granted = false;
                 for f in sub.filters {
-                    if self.may_subscribe(&s.meter, &f.path) {
+                    let known = s.subscriptions.iter().any(|(p, _)| *p == f.path);
+                    let refusal = if f.path.len() > limits.max_filter_bytes {
+                        Some((
+                            "filter_too_long",
+                            "topic filter longer than broker limit refused",
+                        ))
+                    } else if !self.may_subscribe(&s.meter, &f.path) {
+                        Some((
+                            "acl_subscribe",
+                            "subscription outside the meter's command tree refused",
+                        ))
+                    } else if !known && s.subscriptions.len() >= limits.max_subscriptions {
+                        // A meter needs a handful; each kept filter costs memory (also after
+                        // a persistent session ends) and a match for every command.
+                        Some((
+                            "max_subscriptions",
+                            "subscription over broker.max_subscriptions refused",
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some((reason, message)) = refusal {
+                        self.broker.reject(reason);
+                        if self.may_warn(s) {
+                            warn!(meter = %s.meter, filter = %Untrusted(&f.path), reason, "{message}");
+                        }
+                        codes.push(SubscribeReasonCode::Failure);
+                    } else {
                         let qos = if f.qos == QoS::AtMostOnce {
                             QoS::AtMostOnce
                         } else {
@@ -369,10 +409,6 @@ impl<'a> Connection<'a> {
                             matches(&self.command_topic(&s.meter, "balance"), &f.path);
                         s.subscriptions.push((f.path, qos));
                         codes.push(SubscribeReasonCode::Success(qos));
-                    } else {
-                        self.broker.reject("acl_subscribe");
-                        warn!(meter = %s.meter, filter = %truncate(&f.path), "subscription outside the meter's command tree refused");
-                        codes.push(SubscribeReasonCode::Failure);
                     }
                 }
                 self.broker
@@ -410,7 +446,9 @@ impl<'a> Connection<'a> {
                     _ => "unexpected_packet",
                 };
                 self.broker.reject(reason);
-                warn!(meter = %s.meter, packet = packet_name(&other), "protocol violation; closing");
+                if self.may_warn(s) {
+                    warn!(meter = %s.meter, packet = packet_name(&other), "protocol violation; closing");
+                }
                 Err(Close::Abnormal(reason))
             }
         }
@@ -427,16 +465,57 @@ impl<'a> Connection<'a> {
             QoS::AtLeastOnce => Some(p.pkid),
             QoS::ExactlyOnce => {
                 self.broker.reject("qos2");
-                warn!(meter = %s.meter, "QoS 2 publish refused (meters use QoS 0 or 1); closing");
+                if self.may_warn(s) {
+                    warn!(meter = %s.meter, "QoS 2 publish refused (meters use QoS 0 or 1); closing");
+                }
                 return Err(Close::Abnormal("qos2"));
             }
         };
         let own = format!("{}/{}/", self.prefix(), s.meter);
         let Some(leaf) = p.topic.strip_prefix(&own) else {
             self.broker.reject("acl_publish");
-            warn!(meter = %s.meter, topic = %truncate(&p.topic), "publish outside the meter's own topic tree refused; closing");
+            // Closing bounds this per connection; the budget bounds a reconnecting meter.
+            if self.may_warn(s) {
+                warn!(meter = %s.meter, topic = %Untrusted(&p.topic), "publish outside the meter's own topic tree refused; closing");
+            }
             return Err(Close::Abnormal("acl_publish"));
         };
+        if leaf == "consumption" {
+            // Reports carry money: over the rate they are not dropped but handled late. This
+            // connection stops reading meanwhile, so TCP slows the meter down, and a PUBACK
+            // still means "committed".
+            let wait = s
+                .guard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .reserve(MessageKind::Report, Instant::now());
+            if !wait.is_zero() {
+                self.broker
+                    .metrics
+                    .inc("umeme_mqtt_reports_delayed_total", &[]);
+                if self.may_warn(s) {
+                    warn!(meter = %s.meter, wait_ms = wait.as_millis() as u64, "meter over its report rate: its reports are read more slowly");
+                }
+                tokio::time::sleep(wait).await;
+            }
+        } else {
+            let admitted = s
+                .guard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .admit(MessageKind::Status, Instant::now());
+            if !admitted {
+                // Acknowledged and dropped, like a poison message: a flooding meter's excess
+                // never becomes an event, and a real meter does not retry it. Nothing here
+                // carries money; the next status says the same or newer.
+                self.broker.reject("rate_limited");
+                if self.may_warn(s) {
+                    warn!(meter = %s.meter, topic = %Untrusted(leaf), "meter over its message rate: publish acknowledged and dropped");
+                }
+                pending.push_back(Box::pin(ready(pkid)));
+                return Ok(());
+            }
+        }
         let at = now_ms();
         let meter = s.meter.clone();
         let parsed: Result<(Op, &'static str), payload::PayloadError> = match leaf {
@@ -477,7 +556,9 @@ impl<'a> Connection<'a> {
             }),
             _ => {
                 self.broker.reject("unknown_topic");
-                warn!(meter = %s.meter, topic = %truncate(&p.topic), "publish to an unknown topic dropped");
+                if self.may_warn(s) {
+                    warn!(meter = %s.meter, topic = %Untrusted(&p.topic), "publish to an unknown topic dropped");
+                }
                 pending.push_back(Box::pin(ready(pkid)));
                 return Ok(());
             }
@@ -492,17 +573,28 @@ impl<'a> Connection<'a> {
                     .map_err(|_| Close::Abnormal("ledger_stopped"))?;
                 let metrics = self.broker.metrics.clone();
                 let meter = s.meter.clone();
-                pending.push_back(Box::pin(committed(pkid, reply, what, meter, metrics)));
+                let guard = s.guard.clone();
+                pending.push_back(Box::pin(committed(
+                    pkid, reply, what, meter, guard, metrics,
+                )));
             }
             Err(e) => {
                 // Acknowledged and dropped: a meter must not retry a payload that can never
                 // be applied. The counter and the log line are how it is noticed.
                 self.broker.reject(e.reason());
-                warn!(meter = %s.meter, topic = leaf, error = %e, "meter payload refused");
+                if self.may_warn(s) {
+                    // The error quotes what the meter sent (a status value, a meter number).
+                    warn!(meter = %s.meter, topic = %Untrusted(leaf), error = %Untrusted(&e.to_string()), "meter payload refused");
+                }
                 pending.push_back(Box::pin(ready(pkid)));
             }
         }
         Ok(())
+    }
+
+    /// Whether a warning about this session's meter may be logged (per-meter budget).
+    fn may_warn(&self, s: &Session) -> bool {
+        meter_limits::may_warn(&s.guard, &s.meter, &self.broker.metrics)
     }
 
     fn command_topic(&self, meter: &MeterId, leaf: &str) -> String {
@@ -590,6 +682,7 @@ impl<'a> Connection<'a> {
         self.broker
             .hub
             .unregister(&s.meter, s.conn, s.clean_session);
+        meter_limits::flush_warnings(&s.guard, &s.meter);
         match close {
             Close::TakenOver => {
                 info!(meter = %s.meter, "meter session taken over by a new connection");
@@ -666,8 +759,10 @@ async fn committed(
     reply: oneshot::Receiver<Result<Outcome, LedgerError>>,
     what: &'static str,
     meter: MeterId,
+    guard: Arc<Mutex<MeterGuard>>,
     metrics: Arc<Metrics>,
 ) -> Result<Option<u16>, &'static str> {
+    let may_warn = || meter_limits::may_warn(&guard, &meter, &metrics);
     match reply.await {
         Ok(Ok(Outcome::Report(applied))) => {
             metrics.inc(
@@ -680,7 +775,9 @@ async fn committed(
             }
             if let Some(drift) = applied.balance_drift_wh {
                 metrics.inc("umeme_ledger_v1_balance_drift_total", &[]);
-                warn!(%meter, drift_wh = drift, "v1 remainingBalance disagrees with the ledger");
+                if may_warn() {
+                    warn!(%meter, drift_wh = drift, "v1 remainingBalance disagrees with the ledger");
+                }
             }
             debug!(%meter, debit_wh = applied.debit_wh, kind = ?applied.kind, "report applied");
             Ok(pkid)
@@ -688,7 +785,9 @@ async fn committed(
         Ok(Ok(_)) => Ok(pkid),
         Ok(Err(e @ (LedgerError::Refused(_) | LedgerError::UnknownMeter(_)))) => {
             metrics.inc("umeme_mqtt_rejected_total", &[("reason", e.reason())]);
-            warn!(%meter, what, error = %e, "meter publish refused by the ledger");
+            if may_warn() {
+                warn!(%meter, what, error = %e, "meter publish refused by the ledger");
+            }
             Ok(pkid)
         }
         Ok(Err(e)) => {
@@ -728,9 +827,4 @@ fn packet_name(p: &Packet) -> &'static str {
         Packet::PingResp => "PINGRESP",
         Packet::Disconnect => "DISCONNECT",
     }
-}
-
-/// Untrusted strings go into logs shortened.
-fn truncate(s: &str) -> String {
-    s.chars().take(80).collect()
 }

@@ -25,6 +25,10 @@ pub struct Cli {
     /// defaults when it does not exist). conf.d/*.toml beside it is merged in name order.
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// Data directory (the ledger database), instead of `[gateway] data_dir`. On development
+    /// defaults it is otherwise `umeme-data` at the root of the source checkout.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub data_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -44,6 +48,9 @@ pub enum Command {
     /// Plugin libraries.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Payments, and M-Pesa payments that credited no meter (unapplied).
+    #[command(subcommand)]
+    Payment(PaymentCommand),
     /// Manual or cash top-up; crediting the same --ref twice credits once.
     Credit {
         /// Meter number.
@@ -58,8 +65,31 @@ pub enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum PaymentCommand {
+    /// Payments a source kept because they credited no meter (unknown or missing account, a
+    /// removed meter), with where each was applied.
+    List {
+        /// Only those not applied yet.
+        #[arg(long)]
+        unapplied: bool,
+    },
+    /// Credits a kept payment to a meter, once: under the payment's own source and reference,
+    /// so a second apply, or the same payment arriving again, credits nothing.
+    Apply {
+        /// The payment's reference (the M-Pesa TransID or receipt).
+        reference: String,
+        /// Meter number to credit.
+        meter: String,
+        /// The source that kept it, when several kept the same reference.
+        #[arg(long)]
+        source: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum PluginCommand {
-    /// Load a plugin library and show its name, kind, ABI, versions, sha256 and glibc need.
+    /// Check a plugin file as the loader does (symlink, owner, mode, ELF; not its folder), load
+    /// it and show its name, kind, ABI, versions, sha256 and glibc need.
     Inspect { path: PathBuf },
 }
 
@@ -180,7 +210,23 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn dispatch(cli: Cli) -> Result<(), Failure> {
-    let config = Config::load(cli.config.as_deref())?;
+    let mut config = Config::load(cli.config.as_deref())?;
+    let uses_data = !matches!(cli.command, Command::CheckConfig | Command::Plugin(_));
+    if let Some(dir) = cli.data_dir {
+        config.gateway.data_dir = dir;
+    } else if uses_data && config.source == ConfigSource::BuiltInDefaults {
+        config.gateway.data_dir = development_data_dir()?;
+    }
+    if uses_data && config.source == ConfigSource::BuiltInDefaults {
+        // Said on every command: a second, empty ledger must never go unnoticed.
+        let dir = std::path::absolute(&config.gateway.data_dir)
+            .unwrap_or_else(|_| config.gateway.data_dir.clone());
+        eprintln!(
+            "umeme-gateway: using data dir {} (development defaults: no configuration file)",
+            dir.display()
+        );
+        config.gateway.data_dir = dir;
+    }
     match cli.command {
         Command::Run => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -197,6 +243,10 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             config.check_files()?;
             config.api_token()?;
             check_plugins(&config)?;
+            // This shell's limit; the service runs under systemd's LimitNOFILE.
+            let budget = crate::fds::FdBudget::plan(crate::fds::raise_nofile_limit(), &config)?;
+            println!("ok: {budget} (under this shell's open-file limit)");
+            print_http_limits(&config);
             match &config.source {
                 ConfigSource::BuiltInDefaults => {
                     println!("ok: no configuration file; the built-in development defaults apply")
@@ -207,10 +257,22 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                     }
                 }
             }
+            let l = config.broker.session;
+            println!(
+                "meter limits: reports {}/min (burst {}), status {}/min (burst {}), {} subscriptions of up to {} bytes, {} warnings/min",
+                l.reports.per_minute,
+                l.reports.burst,
+                l.status.per_minute,
+                l.status.burst,
+                l.max_subscriptions,
+                l.max_filter_bytes,
+                l.warnings_per_minute
+            );
             Ok(())
         }
         Command::Meter(m) => meter(&config, m),
         Command::Outbox(OutboxCommand::Status) => outbox_status(&config),
+        Command::Payment(p) => payment(&config, p),
         Command::Plugin(PluginCommand::Inspect { path }) => {
             let lib = crate::plugin::inspect(&path).map_err(|e| Failure {
                 code: 1,
@@ -240,6 +302,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 reference: reference.clone(),
                 amount_cents: cents,
                 at: now_ms(),
+                phone: None,
             };
             match apply(&config, Op::Credit(credit))? {
                 Outcome::Credited { payment, duplicate } => {
@@ -264,6 +327,43 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// `umeme-data` at the root of the source checkout around the working directory, so the CLI
+/// run from a sub-folder finds the daemon's ledger instead of creating a second, empty one.
+/// Outside a checkout there is no obvious place: refuse rather than guess.
+fn development_data_dir() -> Result<PathBuf, Failure> {
+    let cwd = std::env::current_dir().context("reading the working directory")?;
+    for dir in cwd.ancestors() {
+        let is_root = dir.join("gateway/Cargo.toml").is_file()
+            && std::fs::read_to_string(dir.join("Cargo.toml"))
+                .is_ok_and(|t| t.lines().any(|l| l.trim() == "[workspace]"));
+        if is_root {
+            return Ok(dir.join("umeme-data"));
+        }
+    }
+    Err(usage(format!(
+        "no configuration file ({}) and {} is not inside an umeme-gateway source checkout, \
+         so the development defaults have no data directory: pass --config PATH or \
+         --data-dir PATH, or run from the checkout",
+        crate::config::DEFAULT_CONFIG_PATH,
+        cwd.display()
+    )))
+}
+
+/// The HTTP listeners' limits, so an operator sees what is in force.
+fn print_http_limits(config: &Config) {
+    let api = &config.api;
+    let show = |what: &str, addr: std::net::SocketAddr, l: &crate::config::HttpLimits| {
+        println!(
+            "ok: {what} on {addr}: header/idle timeout {:?}, request timeout {:?}, at most {} connections, {} per address",
+            l.header_timeout, l.request_timeout, l.max_connections, l.max_connections_per_ip
+        )
+    };
+    show("admin API", api.listen, &api.limits);
+    if let Some(addr) = api.legacy_listen {
+        show("legacy listener", addr, &api.legacy_limits);
+    }
+}
+
 /// Loads every configured plugin with all the checks `run` makes (ABI, kind, sha256, file
 /// and folder permissions); creates no instance.
 fn check_plugins(config: &Config) -> Result<(), Failure> {
@@ -271,22 +371,19 @@ fn check_plugins(config: &Config) -> Result<(), Failure> {
     use crate::plugin::Kind;
     let sinks = config.sinks.iter().filter_map(|s| match &s.implementation {
         SinkImplementation::Plugin { file, sha256 } => {
-            Some((file, sha256, Kind::Sink, &s.declared_at))
+            Some((file, sha256, Kind::Sink, &s.declared_at, &s.sha256_at))
         }
         SinkImplementation::Builtin(_) => None,
     });
-    let sources = config
-        .sources
-        .iter()
-        .map(|s| (&s.plugin, &s.sha256, Kind::Source, &s.declared_at));
-    for (file, sha256, kind, at) in sinks.chain(sources) {
+    let sources = config.sources.iter().map(|s| {
+        let at = (&s.declared_at, &s.sha256_at);
+        (&s.plugin, &s.sha256, Kind::Source, at.0, at.1)
+    });
+    for (file, sha256, kind, at, sha256_at) in sinks.chain(sources) {
         let lib = crate::plugin::load(&config.gateway.plugin_dir, file, sha256.as_deref(), kind)
             .map_err(|e| {
-                Failure::from(ConfigError {
-                    file: Some(at.0.clone()),
-                    position: Some((at.1, at.2)),
-                    message: e.to_string(),
-                })
+                let at = crate::plugin::error_location(&e, at, sha256_at.as_ref());
+                Failure::from(ConfigError::at(at, e.to_string()))
             })?;
         println!(
             "ok: plugin {} ({} {}, ABI {}) from {}",
@@ -336,6 +433,69 @@ fn outbox_status(config: &Config) -> Result<(), Failure> {
     Ok(())
 }
 
+fn payment(config: &Config, cmd: PaymentCommand) -> Result<(), Failure> {
+    match cmd {
+        PaymentCommand::List { unapplied } => {
+            let conn = open(config)?;
+            let rows = store::unapplied(&conn, unapplied).context("reading unapplied payments")?;
+            if rows.is_empty() {
+                println!("no unapplied payments");
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<10} {:<24} {:>12} {:<16} {:<16} REASON",
+                "RECEIVED", "SOURCE", "REFERENCE", "KES", "ACCOUNT", "APPLIED TO"
+            );
+            for u in rows {
+                // The account and reason are what a payer typed or a plugin said: escaped.
+                println!(
+                    "{:<24} {:<10} {:<24} {:>12} {:<16} {:<16} {}",
+                    crate::api::iso8601(u.received_at),
+                    u.source,
+                    crate::untrusted::Untrusted(&u.reference).to_string(),
+                    format_cents(u.amount_cents),
+                    if u.account.is_empty() {
+                        "-".to_string()
+                    } else {
+                        crate::untrusted::Untrusted(&u.account).to_string()
+                    },
+                    u.applied_meter.as_deref().unwrap_or("-"),
+                    crate::untrusted::Untrusted(&u.reason)
+                );
+            }
+            Ok(())
+        }
+        PaymentCommand::Apply {
+            reference,
+            meter,
+            source,
+        } => {
+            let meter = parse_meter(&meter)?;
+            let op = Op::ApplyUnapplied {
+                reference,
+                source,
+                meter,
+                at: now_ms(),
+            };
+            match apply(config, op)? {
+                Outcome::Credited { payment, .. } => {
+                    println!(
+                        "applied: {} KES to {} = {:.3} units ({}:{}); balance {:.3} units",
+                        format_cents(payment.amount_cents),
+                        payment.meter,
+                        wh_to_units(payment.credit_wh),
+                        payment.source,
+                        payment.reference,
+                        wh_to_units(payment.balance_after_wh)
+                    );
+                    Ok(())
+                }
+                _ => Err(anyhow!("unexpected ledger outcome").into()),
+            }
+        }
+    }
+}
+
 fn parse_meter(id: &str) -> Result<MeterId, Failure> {
     MeterId::parse(id).map_err(|e| usage(e.to_string()))
 }
@@ -366,7 +526,10 @@ fn apply(config: &Config, op: Op) -> Result<Outcome, Failure> {
         Err(
             e @ (LedgerError::UnknownMeter(_)
             | LedgerError::MeterExists(_)
-            | LedgerError::BadReference),
+            | LedgerError::BadReference
+            | LedgerError::NotUnapplied(_)
+            | LedgerError::AmbiguousReference { .. }
+            | LedgerError::AlreadyApplied { .. }),
         ) => Err(Failure {
             code: 1,
             error: e.into(),
@@ -404,6 +567,13 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             };
             apply(config, op)?;
             println!("added meter {meter}");
+            let reference_max = 12;
+            if meter.as_str().chars().count() > reference_max {
+                // M-Pesa's STK AccountReference limit; the Daraja source refuses such pushes.
+                eprintln!(
+                    "warning: meter number {meter} is longer than {reference_max} characters: M-Pesa STK push cannot pay it (PayBill payments with the full number still work)"
+                );
+            }
             if generated {
                 println!("secret: {secret}");
                 println!("(shown once; configure it in the meter as its MQTT password)");

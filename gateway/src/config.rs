@@ -38,13 +38,52 @@ impl fmt::Display for ConfigError {
 }
 
 impl ConfigError {
+    /// An error at `span` of `text`; the message ends with the offending line and a caret, so
+    /// a syntax error ("string values must be quoted") shows what the parser saw.
     fn in_file(file: &Path, text: &str, span: Option<std::ops::Range<usize>>, msg: String) -> Self {
+        let position = span.map(|s| line_col(text, s.start));
+        let message = match position {
+            Some((line, col)) => format!("{msg}{}", excerpt(text, line, col)),
+            None => msg,
+        };
         ConfigError {
             file: Some(file.to_path_buf()),
-            position: span.map(|s| line_col(text, s.start)),
-            message: msg,
+            position,
+            message,
         }
     }
+}
+
+impl ConfigError {
+    /// An error found after parsing (a plugin's checks), at a remembered `(file, line, col)`.
+    pub fn at(location: &(PathBuf, usize, usize), message: String) -> Self {
+        ConfigError {
+            file: Some(location.0.clone()),
+            position: Some((location.1, location.2)),
+            message,
+        }
+    }
+}
+
+/// `\n  12 | listen = 0.0.0.0:1883\n     |          ^`: line `line` of `text` with a caret
+/// under column `col` (both 1-based). Control characters are shown as `?` so the excerpt
+/// cannot garble the terminal.
+fn excerpt(text: &str, line: usize, col: usize) -> String {
+    let Some(src) = text.lines().nth(line - 1) else {
+        return String::new();
+    };
+    let shown: String = src
+        .chars()
+        .take(200)
+        .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+        .collect();
+    let pad: String = shown
+        .chars()
+        .take(col.saturating_sub(1))
+        .map(|c| if c == '\t' { '\t' } else { ' ' })
+        .collect();
+    let gutter = " ".repeat(line.to_string().len());
+    format!("\n  {line} | {shown}\n  {gutter} | {pad}^")
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -74,7 +113,14 @@ pub struct Config {
     pub sinks: Vec<SinkConfig>,
     pub sources: Vec<SourceConfig>,
     /// Secret files named by `*_file` keys, with where they were named, for `check_files`.
-    secret_files: Vec<Located<PathBuf>>,
+    secret_files: Vec<Located<SecretFile>>,
+}
+
+/// A secret file and the key that names it (`token_file`, `password_file`, …).
+#[derive(Debug, Clone)]
+struct SecretFile {
+    key: String,
+    path: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +146,53 @@ pub struct BrokerConfig {
     pub max_packet_bytes: usize,
     /// Time a new connection has to send CONNECT.
     pub connect_timeout_ms: u64,
+    /// What one authenticated meter may do after CONNACK.
+    pub session: SessionLimits,
+}
+
+/// The meter port's limits after CONNACK, all in one place (README "Meters: limits";
+/// `docs/security.md` "Meters as attackers"). Rates and the warning budget are per meter,
+/// across its connections, so reconnecting does not refill them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Consumption reports (`…/consumption`).
+    pub reports: MessageRate,
+    /// Everything else a meter publishes (`…/status`, `…/balance`, unknown topics).
+    pub status: MessageRate,
+    /// Filters one session may hold; more get SUBACK failure (0x80).
+    pub max_subscriptions: usize,
+    /// Longest topic filter accepted in a SUBSCRIBE.
+    pub max_filter_bytes: usize,
+    /// Warnings logged per meter per minute; the rest are counted and summarised once a minute.
+    pub warnings_per_minute: u32,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            // A real meter reports every few seconds (contract §4) and replays at most its
+            // outbox (96 reports on the ESP32) at once after an outage.
+            reports: MessageRate {
+                per_minute: 60,
+                burst: 120,
+            },
+            // Status changes and the meter's own balance view: a few a minute at most.
+            status: MessageRate {
+                per_minute: 30,
+                burst: 30,
+            },
+            max_subscriptions: 16,
+            max_filter_bytes: 256,
+            warnings_per_minute: 5,
+        }
+    }
+}
+
+/// A token bucket's size: `burst` messages at once, refilled at `per_minute`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageRate {
+    pub per_minute: u32,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -114,9 +207,21 @@ pub struct LedgerConfig {
 pub struct ApiConfig {
     pub listen: SocketAddr,
     pub allow_simulate: bool,
-    pub legacy_meter_http: bool,
     pub token_file: Option<PathBuf>,
+    /// The original firmware's boot-time lookups, on a listener of their own.
+    pub legacy_listen: Option<SocketAddr>,
+    /// The admin listener's limits.
+    pub limits: HttpLimits,
+    /// The legacy listener's limits (its timeouts are the admin listener's).
+    pub legacy_limits: HttpLimits,
 }
+
+/// One HTTP listener's timeouts and connection caps (`[api]` keys).
+pub use umeme_http_guard::Limits as HttpLimits;
+
+/// Connection caps of the legacy listener: one connection per meter at boot, quickly done.
+pub const LEGACY_MAX_CONNECTIONS: usize = 128;
+pub const LEGACY_MAX_CONNECTIONS_PER_IP: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
@@ -144,6 +249,8 @@ pub struct SinkConfig {
     pub config: serde_json::Value,
     /// Where the sink was declared, for errors found later (its own config's validation).
     pub declared_at: (PathBuf, usize, usize),
+    /// Where its `sha256` value stands, for a plugin file that does not match it.
+    pub sha256_at: Option<(PathBuf, usize, usize)>,
 }
 
 /// What delivers a sink's events.
@@ -167,6 +274,8 @@ pub struct SourceConfig {
     /// `[source.config]`, passed to the plugin as JSON.
     pub config: serde_json::Value,
     pub declared_at: (PathBuf, usize, usize),
+    /// Where its `sha256` value stands, for a plugin file that does not match it.
+    pub sha256_at: Option<(PathBuf, usize, usize)>,
 }
 
 /// The event kinds of contract §6.
@@ -181,7 +290,8 @@ pub const EVENT_KINDS: [&str; 6] = [
 
 impl Config {
     /// The configuration the daemon runs on when no file exists: everything on loopback,
-    /// data in `./umeme-data`, the simulate endpoint enabled for trying the gateway out.
+    /// data in `umeme-data` (the CLI places it at the checkout's root), the simulate endpoint
+    /// enabled for trying the gateway out.
     pub fn development_defaults() -> Config {
         let mut c = Config::from_partial(PartialConfig::default(), ConfigSource::BuiltInDefaults);
         c.gateway.data_dir = PathBuf::from("umeme-data");
@@ -218,6 +328,7 @@ impl Config {
         let mut secret_files = Vec::new();
         let mut sinks: Vec<SinkConfig> = Vec::new();
         let mut sources: Vec<SourceConfig> = Vec::new();
+        let mut exposure = ApiExposure::default();
         for file in &files {
             let text = std::fs::read_to_string(file).map_err(|e| io_error(file, e))?;
             let mut part: PartialConfig = toml::from_str(&text).map_err(|e| {
@@ -226,6 +337,8 @@ impl Config {
             for s in part.sink.drain(..) {
                 let span = s.name.span();
                 let at = |msg: String| ConfigError::in_file(file, &text, Some(span.clone()), msg);
+                let sha256_at =
+                    locate_sha256(file, &text, s.sha256.as_ref(), "sink", &s.name.get_ref().0)?;
                 if sinks.iter().any(|o| o.name == s.name.get_ref().0) {
                     return Err(at(format!(
                         "a sink named {:?} is already configured",
@@ -233,11 +346,20 @@ impl Config {
                     )));
                 }
                 let (line, col) = line_col(&text, span.start);
-                sinks.push(s.resolve((file.clone(), line, col)).map_err(at)?);
+                let mut sink = s.resolve((file.clone(), line, col)).map_err(at)?;
+                sink.sha256_at = sha256_at;
+                sinks.push(sink);
             }
             for s in part.source.drain(..) {
                 let span = s.name.span();
                 let at = |msg: String| ConfigError::in_file(file, &text, Some(span.clone()), msg);
+                let sha256_at = locate_sha256(
+                    file,
+                    &text,
+                    s.sha256.as_ref(),
+                    "source",
+                    &s.name.get_ref().0,
+                )?;
                 if sources
                     .iter()
                     .any(|o: &SourceConfig| o.name == s.name.get_ref().0)
@@ -248,18 +370,28 @@ impl Config {
                     )));
                 }
                 let (line, col) = line_col(&text, span.start);
-                sources.push(s.resolve((file.clone(), line, col)).map_err(at)?);
+                let mut source = s.resolve((file.clone(), line, col)).map_err(at)?;
+                source.sha256_at = sha256_at;
+                sources.push(source);
             }
+            secret_files.extend(plugin_secret_files(file, &text));
             if let Some(tf) = part.api.as_ref().and_then(|a| a.token_file.as_ref()) {
                 secret_files.push(Located {
-                    value: tf.get_ref().clone(),
+                    value: SecretFile {
+                        key: "token_file".into(),
+                        path: tf.get_ref().clone(),
+                    },
                     file: file.clone(),
                     position: line_col(&text, tf.span().start),
                 });
             }
+            if let Some(a) = &part.api {
+                exposure.note(a, file, &text);
+            }
             merged.merge(part);
         }
         let mut config = Config::from_partial(merged, ConfigSource::Files(files));
+        exposure.check(&config.api)?;
         config.secret_files = secret_files;
         config.sinks = sinks;
         config.sources = sources;
@@ -291,6 +423,25 @@ impl Config {
                     .unwrap_or_else(|| TopicPrefix("smartmeter".into())),
                 max_packet_bytes: b.max_packet_bytes.map_or(4096, |n| n.0),
                 connect_timeout_ms: b.connect_timeout_ms.map_or(5_000, |n| n.0 as u64),
+                session: {
+                    let d = SessionLimits::default();
+                    SessionLimits {
+                        reports: MessageRate {
+                            per_minute: b
+                                .reports_per_minute
+                                .map_or(d.reports.per_minute, |n| n.0 as u32),
+                            burst: b.report_burst.map_or(d.reports.burst, |n| n.0 as u32),
+                        },
+                        status: MessageRate {
+                            per_minute: b
+                                .status_per_minute
+                                .map_or(d.status.per_minute, |n| n.0 as u32),
+                            burst: b.status_burst.map_or(d.status.burst, |n| n.0 as u32),
+                        },
+                        max_subscriptions: b.max_subscriptions.map_or(d.max_subscriptions, |n| n.0),
+                        ..d
+                    }
+                },
             },
             ledger: LedgerConfig {
                 tariff: l
@@ -299,11 +450,41 @@ impl Config {
                 low_balance_wh: l.low_balance_units.map_or(3_000, |u| u.0),
                 commit_delay: l.commit_delay.map_or(DEFAULT_COMMIT_DELAY, |d| d.0),
             },
-            api: ApiConfig {
-                listen: a.listen.unwrap_or_else(|| ([127, 0, 0, 1], 8080).into()),
-                allow_simulate: a.allow_simulate.unwrap_or(false),
-                legacy_meter_http: a.legacy_meter_http.unwrap_or(false),
-                token_file: a.token_file.map(Spanned::into_inner),
+            api: {
+                let header_timeout = a
+                    .header_timeout
+                    .map_or(HttpLimits::DEFAULT_HEADER_TIMEOUT, |d| d.0);
+                let request_timeout = a
+                    .request_timeout
+                    .map_or(HttpLimits::DEFAULT_REQUEST_TIMEOUT, |d| d.0);
+                ApiConfig {
+                    listen: a
+                        .listen
+                        .map_or_else(|| ([127, 0, 0, 1], 8080).into(), Spanned::into_inner),
+                    allow_simulate: a.allow_simulate.is_some_and(Spanned::into_inner),
+                    token_file: a.token_file.map(Spanned::into_inner),
+                    legacy_listen: a.legacy_listen,
+                    limits: HttpLimits {
+                        header_timeout,
+                        request_timeout,
+                        max_connections: a
+                            .max_connections
+                            .map_or(HttpLimits::DEFAULT_MAX_CONNECTIONS, |n| n.0),
+                        max_connections_per_ip: a
+                            .max_connections_per_ip
+                            .map_or(HttpLimits::DEFAULT_MAX_CONNECTIONS_PER_IP, |n| n.0),
+                    },
+                    legacy_limits: HttpLimits {
+                        header_timeout,
+                        request_timeout,
+                        max_connections: a
+                            .legacy_max_connections
+                            .map_or(LEGACY_MAX_CONNECTIONS, |n| n.0),
+                        max_connections_per_ip: a
+                            .legacy_max_connections_per_ip
+                            .map_or(LEGACY_MAX_CONNECTIONS_PER_IP, |n| n.0),
+                    },
+                }
             },
             outbox: OutboxConfig {
                 max_bytes: o.max_bytes.map_or(512 << 20, |b| b.0),
@@ -317,28 +498,16 @@ impl Config {
         }
     }
 
-    /// Checks what the configuration names on disk without touching state: secret files exist,
-    /// are regular files, and are not readable or writable by other users.
+    /// Checks what the configuration names on disk without touching state: every secret file
+    /// (`[api] token_file`, and each `*_file` key of a plugin's config) passes the SDK's
+    /// [`umeme_plugin_sdk::read_secret_file`], the function the plugins read them with.
     pub fn check_files(&self) -> Result<(), ConfigError> {
-        use std::os::unix::fs::PermissionsExt;
         for s in &self.secret_files {
-            let err = |message: String| ConfigError {
+            umeme_plugin_sdk::read_secret_file(&s.value.path).map_err(|e| ConfigError {
                 file: Some(s.file.clone()),
                 position: Some(s.position),
-                message,
-            };
-            let meta = std::fs::metadata(&s.value)
-                .map_err(|e| err(format!("secret file {}: {e}", s.value.display())))?;
-            if !meta.is_file() {
-                return Err(err(format!("{} is not a regular file", s.value.display())));
-            }
-            if meta.permissions().mode() & 0o007 != 0 {
-                return Err(err(format!(
-                    "secret file {} is accessible to other users (mode {:o}); chmod o-rwx it",
-                    s.value.display(),
-                    meta.permissions().mode() & 0o777
-                )));
-            }
+                message: format!("{}: {e}", s.value.key),
+            })?;
         }
         Ok(())
     }
@@ -348,7 +517,12 @@ impl Config {
         let Some(path) = &self.api.token_file else {
             return Ok(None);
         };
-        let token = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
+        let token = umeme_plugin_sdk::read_secret_file(path).map_err(|e| ConfigError {
+            file: Some(path.clone()),
+            position: None,
+            message: e.to_string(),
+        })?;
+        // Surrounding blanks are never part of a bearer token.
         let token = token.trim().to_string();
         if token.is_empty() {
             return Err(ConfigError {
@@ -363,6 +537,78 @@ impl Config {
     pub fn db_path(&self) -> PathBuf {
         self.gateway.data_dir.join("gateway.db")
     }
+}
+
+/// `*_file` keys that name public files rather than secrets: a CA certificate is meant to be
+/// world-readable (and is often a symlink into `/etc/ssl/certs`).
+const PUBLIC_FILE_KEYS: [&str; 1] = ["ca_file"];
+
+/// Every `*_file` key (string value) inside the `[sink.config]` and `[source.config]` tables of
+/// one file, nested tables and arrays too, located at the key. The gateway cannot know a
+/// plugin's keys; the naming rule (README: secrets are `*_file` keys) is what it checks.
+fn plugin_secret_files(file: &Path, text: &str) -> Vec<Located<SecretFile>> {
+    use toml::de::{DeTable, DeValue};
+    fn walk(value: &DeValue<'_>, file: &Path, text: &str, out: &mut Vec<Located<SecretFile>>) {
+        match value {
+            DeValue::Table(t) => {
+                for (key, v) in t.iter() {
+                    let name = key.get_ref().as_ref();
+                    match v.get_ref() {
+                        DeValue::String(path)
+                            if name.ends_with("_file") && !PUBLIC_FILE_KEYS.contains(&name) =>
+                        {
+                            out.push(Located {
+                                value: SecretFile {
+                                    key: name.to_string(),
+                                    path: PathBuf::from(path.as_ref()),
+                                },
+                                file: file.to_path_buf(),
+                                position: line_col(text, key.span().start),
+                            })
+                        }
+                        other => walk(other, file, text, out),
+                    }
+                }
+            }
+            DeValue::Array(a) => a.iter().for_each(|v| walk(v.get_ref(), file, text, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    // The text already parsed as a `PartialConfig`; this second parse keeps every key's span.
+    let Ok(doc) = DeTable::parse(text) else {
+        return out;
+    };
+    for section in ["sink", "source"] {
+        let Some(DeValue::Array(entries)) = doc.get_ref().get(section).map(|v| v.get_ref()) else {
+            continue;
+        };
+        for entry in entries.iter() {
+            if let DeValue::Table(t) = entry.get_ref() {
+                if let Some(config) = t.get("config") {
+                    walk(config.get_ref(), file, text, &mut out);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Checks a plugin's `sha256` value where it stands and returns where it stands, so a wrong
+/// value and, later, a file that does not match both point at the `sha256` line.
+fn locate_sha256(
+    file: &Path,
+    text: &str,
+    sha256: Option<&Spanned<String>>,
+    what: &str,
+    name: &str,
+) -> Result<Option<(PathBuf, usize, usize)>, ConfigError> {
+    let Some(h) = sha256 else { return Ok(None) };
+    check_sha256(h.get_ref()).map_err(|e| {
+        ConfigError::in_file(file, text, Some(h.span()), format!("{what} {name:?}: {e}"))
+    })?;
+    let (line, col) = line_col(text, h.span().start);
+    Ok(Some((file.to_path_buf(), line, col)))
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> ConfigError {
@@ -402,7 +648,7 @@ struct PartialSink {
     name: Spanned<SinkName>,
     builtin: Option<String>,
     plugin: Option<String>,
-    sha256: Option<String>,
+    sha256: Option<Spanned<String>>,
     events: Option<Vec<EventKind>>,
     batch_size: Option<Bounded<1, 10_000>>,
     max_events_per_second: Option<Bounded<1, 1_000_000>>,
@@ -415,7 +661,8 @@ struct PartialSink {
 impl PartialSink {
     fn resolve(self, declared_at: (PathBuf, usize, usize)) -> Result<SinkConfig, String> {
         let name = self.name.into_inner().0;
-        let implementation = match (self.builtin, self.plugin, self.sha256) {
+        let sha256 = self.sha256.map(Spanned::into_inner);
+        let implementation = match (self.builtin, self.plugin, sha256) {
             (Some(b), None, None) if b == "jsonl" => SinkImplementation::Builtin(b),
             (Some(b), None, None) => {
                 return Err(format!(
@@ -470,6 +717,7 @@ impl PartialSink {
             retry_max,
             config,
             declared_at,
+            sha256_at: None,
         };
         crate::outbox::check_sink_config(&sink)
             .map_err(|e| format!("sink {:?}: {e}", sink.name))?;
@@ -493,6 +741,11 @@ struct PartialBroker {
     topic_prefix: Option<TopicPrefix>,
     max_packet_bytes: Option<Bounded<256, 1_048_576>>,
     connect_timeout_ms: Option<Bounded<100, 600_000>>,
+    reports_per_minute: Option<Bounded<1, 6_000_000>>,
+    report_burst: Option<Bounded<1, 1_000_000>>,
+    status_per_minute: Option<Bounded<1, 6_000_000>>,
+    status_burst: Option<Bounded<1, 1_000_000>>,
+    max_subscriptions: Option<Bounded<1, 1_000>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -506,10 +759,95 @@ struct PartialLedger {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PartialApi {
-    listen: Option<SocketAddr>,
-    allow_simulate: Option<bool>,
-    legacy_meter_http: Option<bool>,
+    listen: Option<Spanned<SocketAddr>>,
+    allow_simulate: Option<Spanned<bool>>,
+    #[allow(dead_code)] // only ever false: true is refused while parsing
+    legacy_meter_http: Option<LegacyMeterHttp>,
     token_file: Option<Spanned<PathBuf>>,
+    legacy_listen: Option<SocketAddr>,
+    header_timeout: Option<BoundedDuration<100, 10_000>>,
+    request_timeout: Option<BoundedDuration<1_000, 600_000>>,
+    max_connections: Option<Bounded<1, 10_000>>,
+    max_connections_per_ip: Option<Bounded<1, 10_000>>,
+    legacy_max_connections: Option<Bounded<1, 10_000>>,
+    legacy_max_connections_per_ip: Option<Bounded<1, 10_000>>,
+}
+
+/// `[api] legacy_meter_http`, kept so an old file gets a pointer to its replacement.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "bool")]
+struct LegacyMeterHttp;
+
+impl TryFrom<bool> for LegacyMeterHttp {
+    type Error = &'static str;
+    fn try_from(on: bool) -> Result<Self, Self::Error> {
+        if on {
+            Err("legacy_meter_http is replaced by legacy_listen = \"ADDRESS:PORT\": the original firmware's lookups now have a listener of their own, apart from the admin API")
+        } else {
+            Ok(LegacyMeterHttp)
+        }
+    }
+}
+
+/// Where `[api] listen` and `allow_simulate` were last set, to refuse an exposed admin API at
+/// the key that exposes it.
+#[derive(Default)]
+struct ApiExposure {
+    listen: Option<Located<SocketAddr>>,
+    simulate: Option<Located<bool>>,
+}
+
+impl ApiExposure {
+    fn note(&mut self, a: &PartialApi, file: &Path, text: &str) {
+        let at = |start: usize| (file.to_path_buf(), line_col(text, start));
+        if let Some(l) = &a.listen {
+            let (file, position) = at(l.span().start);
+            self.listen = Some(Located {
+                value: *l.get_ref(),
+                file,
+                position,
+            });
+        }
+        if let Some(s) = &a.allow_simulate {
+            let (file, position) = at(s.span().start);
+            self.simulate = Some(Located {
+                value: *s.get_ref(),
+                file,
+                position,
+            });
+        }
+    }
+
+    /// The admin API off loopback needs a token for every request, and never takes simulated
+    /// payments.
+    fn check(&self, api: &ApiConfig) -> Result<(), ConfigError> {
+        let Some(listen) = &self.listen else {
+            return Ok(()); // the default is loopback
+        };
+        if listen.value.ip().is_loopback() {
+            return Ok(());
+        }
+        fn err<T>(at: &Located<T>, message: String) -> ConfigError {
+            ConfigError {
+                file: Some(at.file.clone()),
+                position: Some(at.position),
+                message,
+            }
+        }
+        if let Some(sim) = self.simulate.as_ref().filter(|s| s.value) {
+            return Err(err(sim, format!(
+                "allow_simulate = true is refused when [api] listen ({}) is not a loopback address: anyone on the network could credit meters",
+                listen.value
+            )));
+        }
+        if api.token_file.is_none() {
+            return Err(err(listen, format!(
+                "[api] listen = \"{}\" is not a loopback address: set [api] token_file so every request needs the bearer token",
+                listen.value
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Later values win, key by key.
@@ -534,6 +872,11 @@ impl PartialConfig {
             merge_opt(&mut s.topic_prefix, b.topic_prefix);
             merge_opt(&mut s.max_packet_bytes, b.max_packet_bytes);
             merge_opt(&mut s.connect_timeout_ms, b.connect_timeout_ms);
+            merge_opt(&mut s.reports_per_minute, b.reports_per_minute);
+            merge_opt(&mut s.report_burst, b.report_burst);
+            merge_opt(&mut s.status_per_minute, b.status_per_minute);
+            merge_opt(&mut s.status_burst, b.status_burst);
+            merge_opt(&mut s.max_subscriptions, b.max_subscriptions);
         }
         if let Some(l) = o.ledger {
             let s = self.ledger.get_or_insert_with(Default::default);
@@ -552,6 +895,16 @@ impl PartialConfig {
             merge_opt(&mut s.allow_simulate, a.allow_simulate);
             merge_opt(&mut s.legacy_meter_http, a.legacy_meter_http);
             merge_opt(&mut s.token_file, a.token_file);
+            merge_opt(&mut s.legacy_listen, a.legacy_listen);
+            merge_opt(&mut s.header_timeout, a.header_timeout);
+            merge_opt(&mut s.request_timeout, a.request_timeout);
+            merge_opt(&mut s.max_connections, a.max_connections);
+            merge_opt(&mut s.max_connections_per_ip, a.max_connections_per_ip);
+            merge_opt(&mut s.legacy_max_connections, a.legacy_max_connections);
+            merge_opt(
+                &mut s.legacy_max_connections_per_ip,
+                a.legacy_max_connections_per_ip,
+            );
         }
     }
 }
@@ -644,7 +997,7 @@ impl TryFrom<PathBuf> for NonEmptyPath {
 struct PartialSource {
     name: Spanned<SinkName>,
     plugin: String,
-    sha256: Option<String>,
+    sha256: Option<Spanned<String>>,
     #[serde(default)]
     config: toml::Table,
 }
@@ -656,12 +1009,13 @@ impl PartialSource {
             plugin: plugin_file(&self.plugin).map_err(|e| format!("source {name:?}: {e}"))?,
             sha256: self
                 .sha256
-                .map(|h| check_sha256(&h))
+                .map(|h| check_sha256(h.get_ref()))
                 .transpose()
                 .map_err(|e| format!("source {name:?}: {e}"))?,
             config: toml_to_json(&toml::Value::Table(self.config)),
             name,
             declared_at,
+            sha256_at: None,
         })
     }
 }
@@ -843,6 +1197,25 @@ impl TryFrom<String> for CommitDelay {
     }
 }
 
+/// A duration of `MIN_MS..=MAX_MS` milliseconds, written as `"10s"`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "String")]
+struct BoundedDuration<const MIN_MS: u64, const MAX_MS: u64>(std::time::Duration);
+
+impl<const MIN_MS: u64, const MAX_MS: u64> TryFrom<String> for BoundedDuration<MIN_MS, MAX_MS> {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let d = HumanDuration::try_from(text.clone())?.0;
+        let ms = d.as_millis();
+        if ms < u128::from(MIN_MS) || ms > u128::from(MAX_MS) {
+            return Err(format!(
+                "{text:?} is out of range: expected {MIN_MS}ms to {MAX_MS}ms"
+            ));
+        }
+        Ok(BoundedDuration(d))
+    }
+}
+
 /// An integer that must lie in `MIN..=MAX`.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(try_from = "i64")]
@@ -1001,10 +1374,73 @@ mod tests {
         assert_eq!(c.gateway.data_dir, d.gateway.data_dir);
         assert_eq!(c.broker.listen, d.broker.listen);
         assert_eq!(c.broker.max_packet_bytes, d.broker.max_packet_bytes);
+        assert_eq!(c.broker.session, d.broker.session);
         assert_eq!(c.ledger.tariff, d.ledger.tariff);
         assert_eq!(c.ledger.low_balance_wh, d.ledger.low_balance_wh);
         assert_eq!(c.api.listen, d.api.listen);
         assert!(!c.api.allow_simulate);
+        assert_eq!(c.api.limits, d.api.limits);
+        assert_eq!(c.api.legacy_limits, d.api.legacy_limits);
+        assert_eq!(c.api.legacy_listen, None);
+    }
+
+    #[test]
+    fn http_limits_have_their_defaults_and_merge_key_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Config::from_partial(PartialConfig::default(), ConfigSource::BuiltInDefaults);
+        assert_eq!(d.api.limits, HttpLimits::default());
+        assert_eq!(d.api.limits.header_timeout.as_secs(), 10);
+        assert_eq!(d.api.legacy_limits.max_connections, LEGACY_MAX_CONNECTIONS);
+        let main = write(
+            dir.path(),
+            "gateway.toml",
+            "[api]\nheader_timeout = \"2s\"\nmax_connections = 8\n",
+        );
+        std::fs::create_dir_all(dir.path().join("conf.d")).unwrap();
+        write(
+            &dir.path().join("conf.d"),
+            "10-legacy.toml",
+            "[api]\nlegacy_listen = \"0.0.0.0:8081\"\nlegacy_max_connections_per_ip = 2\n",
+        );
+        let c = Config::load(Some(&main)).unwrap();
+        assert_eq!(
+            c.api.limits.header_timeout,
+            std::time::Duration::from_secs(2)
+        );
+        assert_eq!(
+            c.api.legacy_limits.header_timeout,
+            std::time::Duration::from_secs(2)
+        );
+        assert_eq!(c.api.limits.max_connections, 8);
+        assert_eq!(c.api.legacy_limits.max_connections_per_ip, 2);
+        assert_eq!(c.api.legacy_listen, Some(([0, 0, 0, 0], 8081).into()));
+    }
+
+    #[test]
+    fn meter_session_limits_parse_and_a_zero_rate_is_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[broker]\nreports_per_minute = 600\nreport_burst = 1000\nstatus_per_minute = 6\nstatus_burst = 3\nmax_subscriptions = 4\n",
+        );
+        let s = Config::load(Some(&p)).unwrap().broker.session;
+        assert_eq!((s.reports.per_minute, s.reports.burst), (600, 1000));
+        assert_eq!((s.status.per_minute, s.status.burst), (6, 3));
+        assert_eq!(s.max_subscriptions, 4);
+        assert_eq!(
+            s.max_filter_bytes,
+            SessionLimits::default().max_filter_bytes
+        );
+        let p = write(dir.path(), "g.toml", "[broker]\nstatus_per_minute = 0\n");
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((2, 21)), "{e}");
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[broker]\nmax_subscriptions = 100000\n",
+        );
+        assert!(Config::load(Some(&p)).is_err());
     }
 
     #[test]
@@ -1078,6 +1514,43 @@ mod tests {
     }
 
     #[test]
+    fn a_malformed_sha256_points_at_the_sha256_line_and_remembers_where_it_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[[source]]\nname = \"m\"\nplugin = \"libd.so\"\nsha256 = \"abc\"\n",
+        );
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((4, 10)), "{e}");
+        assert!(e.message.contains("64 hexadecimal"), "{e}");
+        let good = "ab".repeat(32);
+        let p = write(
+            dir.path(),
+            "g.toml",
+            &format!("[[sink]]\nname = \"a\"\nplugin = \"libx.so\"\n\nsha256 = \"{good}\"\n"),
+        );
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.sinks[0].sha256_at, Some((p.clone(), 5, 10)));
+        assert_eq!(c.sinks[0].declared_at, (p, 2, 8));
+    }
+
+    #[test]
+    fn a_located_error_shows_its_line_with_a_caret_under_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "g.toml", "[ledger]\n\tunits_per_kes = -1.0\n");
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((2, 18)), "{e}");
+        assert!(
+            e.message
+                .ends_with("\n  2 | \tunits_per_kes = -1.0\n    | \t                ^"),
+            "{e}"
+        );
+        assert_eq!(excerpt("a\x1b[2Jb", 1, 2), "\n  1 | a?[2Jb\n    |  ^");
+        assert_eq!(excerpt("x", 3, 1), "", "no line, no excerpt");
+    }
+
+    #[test]
     fn tariff_credits_exact_whole_wh() {
         let t = Tariff::try_from(0.05).unwrap();
         assert_eq!(t.credit_wh(100 * 100), 5_000);
@@ -1104,5 +1577,53 @@ mod tests {
         std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o600)).unwrap();
         c.check_files().unwrap();
         assert_eq!(c.api_token().unwrap().as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn every_file_key_of_a_plugin_config_is_a_secret_checked_at_the_key_nested_too() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let private = write(dir.path(), "private", "pw\n");
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let open = write(dir.path(), "open", "pw\n");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (private, open) = (private.display().to_string(), open.display().to_string());
+        let cases = [
+            // (config, where the 0644 file is named, or None when it must pass)
+            (
+                format!("[[sink]]\nname = \"up\"\nplugin = \"libx.so\"\n[sink.config]\nhost = \"h\"\npassword_file = {open:?}\n"),
+                Some((6, 1)),
+            ),
+            (
+                format!("[[source]]\nname = \"m\"\nplugin = \"libd.so\"\n[source.config]\nconsumer_key_file = {private:?}\n[source.config.stk]\n  passkey_file = {open:?}\n"),
+                Some((7, 3)),
+            ),
+            (
+                format!("[[sink]]\nname = \"up\"\nplugin = \"libx.so\"\nconfig = {{ creds = [{{ key_file = {open:?} }}] }}\n"),
+                Some((4, 23)),
+            ),
+            // A CA certificate is public; other keys are not paths to check.
+            (
+                format!("[[sink]]\nname = \"up\"\nplugin = \"libx.so\"\n[sink.config]\nca_file = {open:?}\npassword_file = {private:?}\nfile = {open:?}\n"),
+                None,
+            ),
+        ];
+        for (text, want) in cases {
+            let p = write(dir.path(), "g.toml", &text);
+            let c = Config::load(Some(&p)).unwrap();
+            match want {
+                Some(at) => {
+                    let e = c.check_files().unwrap_err();
+                    assert_eq!(e.position, Some(at), "{e}\n{text}");
+                    assert!(e.message.contains("chmod 600"), "{e}");
+                    assert!(e.message.contains("mode 644"), "{e}");
+                    assert!(
+                        e.message.contains("_file: secret file"),
+                        "names the key: {e}"
+                    );
+                }
+                None => c.check_files().unwrap(),
+            }
+        }
     }
 }

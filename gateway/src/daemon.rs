@@ -18,6 +18,7 @@ use crate::auth::Verifier;
 use crate::broker::{self, Broker};
 use crate::config::SinkImplementation;
 use crate::config::{Config, ConfigError, ConfigSource};
+use crate::fds::{self, FdBudget};
 use crate::hub::{Hub, Outgoing};
 use crate::jsonl::JsonlSink;
 use crate::ledger::Rules;
@@ -33,18 +34,43 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("state database {path}: {source}")]
     Store { path: String, source: StoreError },
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    // `error` is not a `source`: the message already carries it, and the CLI prints the chain.
+    #[error("cannot listen on {addr} ({what}): {error}{}", listen_hint(.what, .addr, .error))]
     Listen {
         what: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+}
+
+/// What to do about a port that is taken: on a developer's machine the usual culprit is
+/// Debian's mosquitto service (scripts/test-all installs the package) holding 1883.
+fn listen_hint(what: &str, addr: &SocketAddr, e: &std::io::Error) -> String {
+    if e.kind() != std::io::ErrorKind::AddrInUse {
+        return String::new();
+    }
+    let port = addr.port();
+    let (who, section) = match what {
+        "broker.listen" => ("another MQTT broker (mosquitto?)", "[broker] listen"),
+        _ => ("another program", "[api] listen"),
+    };
+    let stop = if what == "broker.listen" {
+        " (`sudo systemctl disable --now mosquitto`)"
+    } else {
+        ""
+    };
+    format!(
+        ". Port {port} is taken: {who} is listening: stop it{stop} or set {section}; \
+         `ss -ltnp 'sport = :{port}'` shows which program holds it"
+    )
 }
 
 /// A running gateway: its listening addresses and a way to stop it.
 pub struct Gateway {
     pub broker_addr: SocketAddr,
     pub api_addr: SocketAddr,
+    /// The original firmware's lookups, when `[api] legacy_listen` is set.
+    pub legacy_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -55,9 +81,16 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts every part of the daemon on the current tokio runtime.
-    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+    pub async fn start(mut config: Config) -> Result<Gateway, StartError> {
         config.check_files()?;
         let token = config.api_token()?;
+        let budget = FdBudget::plan(fds::raise_nofile_limit(), &config)?;
+        if budget.clamped() {
+            warn!("{budget}");
+        } else {
+            info!("{budget}");
+        }
+        config.broker.max_connections = budget.meters;
         if config.source == ConfigSource::BuiltInDefaults {
             info!(
                 data_dir = %config.gateway.data_dir.display(),
@@ -133,7 +166,11 @@ impl Gateway {
                         sha256.as_deref(),
                         Kind::Sink,
                     )
-                    .map_err(|e| at(e.to_string()))?;
+                    .map_err(|e| {
+                        let at =
+                            plugin::error_location(&e, &sink.declared_at, sink.sha256_at.as_ref());
+                        StartError::Config(ConfigError::at(at, e.to_string()))
+                    })?;
                     let services = HostServices::new(
                         sink.name.clone(),
                         Kind::Sink,
@@ -158,20 +195,16 @@ impl Gateway {
         }
         let mut sources = Vec::new();
         for src in &config.sources {
-            let at = |message: String| {
-                StartError::Config(ConfigError {
-                    file: Some(src.declared_at.0.clone()),
-                    position: Some((src.declared_at.1, src.declared_at.2)),
-                    message,
-                })
-            };
             let lib = plugin::load(
                 &config.gateway.plugin_dir,
                 &src.plugin,
                 src.sha256.as_deref(),
                 Kind::Source,
             )
-            .map_err(|e| at(e.to_string()))?;
+            .map_err(|e| {
+                let at = plugin::error_location(&e, &src.declared_at, src.sha256_at.as_ref());
+                StartError::Config(ConfigError::at(at, e.to_string()))
+            })?;
             let services = HostServices::new(
                 src.name.clone(),
                 Kind::Source,
@@ -190,12 +223,19 @@ impl Gateway {
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartError::Listen { what, addr, source })
+                .map_err(|error| StartError::Listen { what, addr, error })
         };
         let broker_listener = bind("broker.listen", config.broker.listen).await?;
         let api_listener = bind("api.listen", config.api.listen).await?;
+        let legacy_listener = match config.api.legacy_listen {
+            Some(addr) => Some(bind("api.legacy_listen", addr).await?),
+            None => None,
+        };
         let broker_addr = broker_listener.local_addr().expect("bound socket");
         let api_addr = api_listener.local_addr().expect("bound socket");
+        let legacy_addr = legacy_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound socket"));
 
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = move || {
@@ -212,6 +252,7 @@ impl Gateway {
             verifier: Arc::new(Verifier::new(reader.clone())),
             reader: reader.clone(),
             metrics: metrics.clone(),
+            guards: Default::default(),
         });
         let mut tasks = vec![tokio::spawn(broker::serve(
             broker_listener,
@@ -236,16 +277,22 @@ impl Gateway {
             metrics: metrics.clone(),
             broker_ready,
         });
-        let app = api::router(api_state);
-        let api_stop = stopped();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(api_listener, app)
-                .with_graceful_shutdown(api_stop)
-                .await
-            {
-                warn!(error = %e, "admin API stopped");
-            }
-        }));
+        tasks.push(tokio::spawn(umeme_http_guard::serve(
+            api_listener,
+            api::router(api_state.clone()),
+            config.api.limits,
+            api::HttpEvents::new("admin", metrics.clone()),
+            stopped(),
+        )));
+        if let Some(listener) = legacy_listener {
+            tasks.push(tokio::spawn(umeme_http_guard::serve(
+                listener,
+                api::legacy_router(api_state),
+                config.api.legacy_limits,
+                api::HttpEvents::new("legacy", metrics.clone()),
+                stopped(),
+            )));
+        }
         let ticker = writer.clone();
         let done = stopped();
         tasks.push(tokio::spawn(async move {
@@ -258,10 +305,11 @@ impl Gateway {
                 }
             }
         }));
-        info!(broker = %broker_addr, api = %api_addr, gateway = %config.gateway.id, "umeme-gateway ready");
+        info!(broker = %broker_addr, api = %api_addr, legacy = ?legacy_addr, gateway = %config.gateway.id, "umeme-gateway ready");
         Ok(Gateway {
             broker_addr,
             api_addr,
+            legacy_addr,
             metrics,
             stop,
             tasks,

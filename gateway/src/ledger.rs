@@ -177,6 +177,26 @@ impl Account {
     }
 }
 
+/// The longest payment reference kept, in bytes (an M-Pesa receipt is 10 characters).
+pub const MAX_REFERENCE_BYTES: usize = 100;
+
+/// A payment reference as the ledger keeps and compares it: surrounding whitespace removed
+/// (`"QK1234 "` is `"QK1234"`), 1 to [`MAX_REFERENCE_BYTES`] bytes, no control characters.
+/// `None` for anything else. Comparisons between references ignore ASCII case (M-Pesa receipts
+/// are upper case; a person retyping one may not be) and the source they came from: a
+/// reference credits at most once per site.
+pub fn payment_reference(raw: &str) -> Option<&str> {
+    let r = raw.trim();
+    let ok = !r.is_empty() && r.len() <= MAX_REFERENCE_BYTES && !r.chars().any(char::is_control);
+    ok.then_some(r)
+}
+
+/// What a reference seen before means for a new payment: the same payment again (same meter
+/// and amount, from any source) or a conflict.
+pub fn same_payment(first_meter: &str, first_cents: i64, meter: &str, cents: i64) -> bool {
+    first_meter == meter && first_cents == cents
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,5 +312,24 @@ mod tests {
             a.apply_report(&v2(5, 10_600), &RULES).unwrap().alerts,
             [Alert::LowBalance]
         );
+    }
+
+    #[test]
+    fn payment_references_are_trimmed_and_bounded() {
+        assert_eq!(payment_reference(" QK1234\t"), Some("QK1234"));
+        assert_eq!(payment_reference("   "), None);
+        assert_eq!(payment_reference("A\u{7}B"), None);
+        assert_eq!(
+            payment_reference(&"R".repeat(100)),
+            Some("R".repeat(100).as_str())
+        );
+        assert_eq!(payment_reference(&"R".repeat(101)), None);
+    }
+
+    #[test]
+    fn a_reference_seen_before_is_the_same_payment_only_with_the_same_meter_and_amount() {
+        assert!(same_payment("METER001", 500, "METER001", 500));
+        assert!(!same_payment("METER001", 500, "METER002", 500));
+        assert!(!same_payment("METER001", 500, "METER001", 501));
     }
 }

@@ -13,6 +13,8 @@
 //! - [`meter`]: validated domain values (meter numbers, KES, units).
 //! - [`payload`]: the meters' JSON (contract §4).
 //! - [`ledger`]: the prepaid rules, pure.
+//! - [`tariff`]: pricing for the money ledger (bands, time of use, charges, taxes, debt), pure;
+//!   not wired in yet.
 //! - [`store`]: the schema and all SQL.
 //! - [`consumption`]: the compact on-disk record of consumption events.
 //! - [`writer`]: ledger operations and the group-commit writer thread.
@@ -22,7 +24,9 @@
 //! - [`auth`]: meter secrets.
 //! - [`hub`]: connected meter sessions and commands to them.
 //! - [`broker`]: the meter-facing MQTT 3.1.1 listener.
-//! - [`api`]: the admin HTTP API.
+//! - [`meter_limits`]: per-meter message rates and warning budgets after CONNECT.
+//! - [`api`]: the admin HTTP API and the original firmware's legacy listener.
+//! - [`fds`]: the file-descriptor budget shared by the listeners.
 //! - [`metrics`]: counters for `/metrics`.
 //! - [`daemon`]: wiring for `run`.
 //! - [`cli`]: the command line.
@@ -34,15 +38,18 @@ pub mod cli;
 pub mod config;
 pub mod consumption;
 pub mod daemon;
+pub mod fds;
 pub mod hub;
 pub mod jsonl;
 pub mod ledger;
 pub mod meter;
+pub mod meter_limits;
 pub mod metrics;
 pub mod outbox;
 pub mod payload;
 pub mod plugin;
 pub mod store;
+pub mod tariff;
 pub mod writer;
 
 /// Untrusted text in log lines: [`untrusted::Untrusted`] escapes control characters and caps

@@ -30,6 +30,16 @@ const HELP: &[(&str, &str, &str)] = &[
         "Meter packets refused or dropped, by reason.",
     ),
     (
+        "umeme_mqtt_reports_delayed_total",
+        "counter",
+        "Consumption reports over their meter's rate, handled late instead of dropped.",
+    ),
+    (
+        "umeme_mqtt_warnings_suppressed_total",
+        "counter",
+        "Warnings about a meter not logged (over its per-minute budget); summarised in the log.",
+    ),
+    (
         "umeme_mqtt_reports_total",
         "counter",
         "Consumption reports applied, by firmware version and outcome.",
@@ -82,12 +92,27 @@ const HELP: &[(&str, &str, &str)] = &[
     (
         "umeme_http_requests_total",
         "counter",
-        "Admin API requests, by status class.",
+        "HTTP requests of the admin API and the legacy listener, by status class.",
     ),
     (
         "umeme_http_rejected_total",
         "counter",
         "Admin API requests refused, by reason.",
+    ),
+    (
+        "umeme_http_connections_refused_total",
+        "counter",
+        "HTTP connections closed at once by a connection cap, by listener and reason.",
+    ),
+    (
+        "umeme_http_timeouts_total",
+        "counter",
+        "HTTP connections closed (header) or requests answered 408 (request) by a timeout, by listener.",
+    ),
+    (
+        "umeme_http_accept_errors_total",
+        "counter",
+        "Failed accepts on an HTTP listener (EMFILE and the like), by listener.",
     ),
     (
         "umeme_events_last_seq",
@@ -96,9 +121,50 @@ const HELP: &[(&str, &str, &str)] = &[
     ),
 ];
 
-#[derive(Default)]
 pub struct Metrics {
     series: Mutex<BTreeMap<String, (String, f64)>>,
+}
+
+/// Series rendered from the start, at 0: README lists them "to watch", and an alert rule on a
+/// series that does not exist yet never fires (nor can `rate()` see its first increment).
+const EXPOSED_AT_ZERO: &[(&str, &[(&str, &str)])] = &[
+    ("umeme_ledger_errors_total", &[("reason", "commit")]),
+    ("umeme_ledger_errors_total", &[("reason", "store")]),
+    ("umeme_ledger_alerts_total", &[("alert", "low_balance")]),
+    (
+        "umeme_ledger_alerts_total",
+        &[("alert", "balance_exhausted")],
+    ),
+    ("umeme_mqtt_rejected_total", &[("reason", "acl_publish")]),
+    ("umeme_mqtt_rejected_total", &[("reason", "acl_subscribe")]),
+    ("umeme_mqtt_rejected_total", &[("reason", "malformed")]),
+    ("umeme_mqtt_rejected_total", &[("reason", "out_of_range")]),
+    ("umeme_mqtt_rejected_total", &[("reason", "oversize")]),
+    ("umeme_mqtt_rejected_total", &[("reason", "implausible")]),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "bad_credentials")],
+    ),
+    (
+        "umeme_payments_total",
+        &[("source", "simulate"), ("outcome", "credited")],
+    ),
+    (
+        "umeme_payments_total",
+        &[("source", "manual"), ("outcome", "credited")],
+    ),
+];
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let m = Metrics {
+            series: Mutex::new(BTreeMap::new()),
+        };
+        for (name, labels) in EXPOSED_AT_ZERO {
+            m.add(name, labels, 0);
+        }
+        m
+    }
 }
 
 fn series_key(name: &str, labels: &[(&str, &str)]) -> String {

@@ -5,10 +5,11 @@
 //! Loading, in order: the name must be a bare `*.so` file name; `plugin_dir` must be a real
 //! directory owned by root (or the daemon's user) and not group/world-writable; the file is
 //! opened with `O_NOFOLLOW` (no symlinks) and checked on that descriptor (a regular file, same
-//! owners, not group/world-writable), hashed (SHA-256, compared when the config gives one), and
-//! loaded from that same descriptor (`/proc/self/fd/N`, `RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE`)
-//! so the code loaded is the code checked. Then the one exported symbol is read and the
-//! declaration checked (magic, ABI major, sizes, kind).
+//! owners, not group/world-writable), hashed (SHA-256, compared when the config gives one), its
+//! ELF headers checked ([`check_elf`]: this machine, and `umeme_plugin_declare` exported; before
+//! `dlopen`, which runs constructors), and loaded from that same descriptor (`/proc/self/fd/N`,
+//! `RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE`) so the code loaded is the code checked. Then the one
+//! exported symbol is read and the declaration checked (magic, ABI major, sizes, kind).
 //!
 //! Architecture invariants: a plugin library is never unloaded; a plugin function is never
 //! called on a tokio worker thread (sinks run on the outbox's threads, sources on their own);
@@ -30,6 +31,7 @@ use crate::hub::{Hub, Outgoing};
 use crate::meter::MeterId;
 use crate::outbox::Delivery;
 use crate::store::{self, Event};
+use crate::untrusted::Untrusted;
 use crate::writer::{Credit, LedgerError, Op, Outcome, Writer as LedgerWriter};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +53,19 @@ impl Kind {
             Kind::Sink => "sink",
             Kind::Source => "payment source",
         }
+    }
+}
+
+/// The configuration line a load error belongs to: a file that does not match its `sha256`
+/// points at the `sha256` line, everything else at the entry's `name`.
+pub fn error_location<'a>(
+    e: &PluginError,
+    declared_at: &'a (PathBuf, usize, usize),
+    sha256_at: Option<&'a (PathBuf, usize, usize)>,
+) -> &'a (PathBuf, usize, usize) {
+    match (e, sha256_at) {
+        (PluginError::Sha256 { .. }, Some(at)) => at,
+        _ => declared_at,
     }
 }
 
@@ -85,6 +100,8 @@ pub enum PluginError {
         expected: String,
         actual: String,
     },
+    #[error("{path}: {source}")]
+    Elf { path: PathBuf, source: ElfError },
     #[error("{path}: dlopen failed: {reason}")]
     Dlopen { path: PathBuf, reason: String },
     #[error("{path}: not an umeme plugin: {reason}")]
@@ -159,6 +176,137 @@ fn check_owner_and_mode(
     Ok(())
 }
 
+/// Opens a plugin file without following a symlink and checks it on that descriptor (a regular
+/// file, owner, mode); returns the descriptor and the bytes read from it, which are what gets
+/// hashed, ELF-checked and (through the same descriptor) loaded.
+fn open_plugin_file(path: &Path) -> Result<(std::fs::File, Vec<u8>), PluginError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                PluginError::Symlink(path.to_path_buf())
+            } else {
+                PluginError::Io {
+                    path: path.to_path_buf(),
+                    source: e,
+                }
+            }
+        })?;
+    let meta = f.metadata().map_err(io(path))?;
+    if !meta.is_file() {
+        return Err(PluginError::NotAFile(path.to_path_buf()));
+    }
+    check_owner_and_mode(path, &meta, "the plugin file")?;
+    let bytes = {
+        use std::io::Read;
+        let mut b = Vec::with_capacity(meta.len() as usize);
+        (&f).read_to_end(&mut b).map_err(io(path))?;
+        b
+    };
+    Ok((f, bytes))
+}
+
+/// Why a file's ELF headers say it cannot be a plugin for this gateway.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ElfError {
+    #[error("not an ELF shared library: {0}")]
+    NotElf(String),
+    #[error("not a shared library (ELF type {0}); build the plugin as a cdylib")]
+    NotShared(String),
+    #[error(
+        "built for {found}, but this gateway runs on {expected}; build the plugin for this \
+         machine's target"
+    )]
+    WrongMachine { found: String, expected: String },
+    #[error(
+        "not an umeme plugin: it does not export {} as a defined global function",
+        abi::DECLARE_SYMBOL
+    )]
+    NoDeclaration,
+}
+
+/// The ELF machine, class and byte order this gateway was built for (`None` for an
+/// architecture the check does not know: then only class and byte order are compared).
+fn host_elf() -> (Option<object::Architecture>, bool, object::Endianness) {
+    use object::Architecture as A;
+    let arch = if cfg!(target_arch = "x86_64") {
+        Some(A::X86_64)
+    } else if cfg!(target_arch = "aarch64") {
+        Some(A::Aarch64)
+    } else if cfg!(target_arch = "arm") {
+        Some(A::Arm)
+    } else if cfg!(target_arch = "x86") {
+        Some(A::I386)
+    } else if cfg!(target_arch = "riscv64") {
+        Some(A::Riscv64)
+    } else {
+        None
+    };
+    let endian = if cfg!(target_endian = "little") {
+        object::Endianness::Little
+    } else {
+        object::Endianness::Big
+    };
+    (arch, cfg!(target_pointer_width = "64"), endian)
+}
+
+fn describe_elf(arch: Option<object::Architecture>, is_64: bool, e: object::Endianness) -> String {
+    let arch = arch.map_or_else(
+        || "this machine".into(),
+        |a| format!("{a:?}").to_lowercase(),
+    );
+    let bits = if is_64 { 64 } else { 32 };
+    let endian = match e {
+        object::Endianness::Little => "little-endian",
+        object::Endianness::Big => "big-endian",
+    };
+    format!("{arch} ({bits}-bit {endian})")
+}
+
+/// Checks a plugin file's ELF headers before anything of it runs: a shared library for this
+/// gateway's machine, class and byte order, whose dynamic symbol table exports
+/// `umeme_plugin_declare` as a defined global function. `dlopen` runs a library's constructors
+/// before the host can look for that symbol, so a file that fails here is never loaded.
+///
+/// A pure function over the file's bytes (fuzzed as "the plugin declaration reader"). It reads
+/// the section headers' `.dynsym`, which a hand-crafted file could make disagree with what the
+/// dynamic loader uses; it keeps wrong files out, and trust in the file still comes from its
+/// owner, mode and sha256.
+pub fn check_elf(bytes: &[u8]) -> Result<(), ElfError> {
+    use object::{Object, ObjectKind, ObjectSymbol, SymbolKind};
+    let file = object::File::parse(bytes).map_err(|e| ElfError::NotElf(e.to_string()))?;
+    if file.format() != object::BinaryFormat::Elf {
+        return Err(ElfError::NotElf(format!("{:?} file", file.format())));
+    }
+    let (arch, is_64, endian) = host_elf();
+    let machine_ok = arch.is_none_or(|a| a == file.architecture())
+        && file.is_64() == is_64
+        && file.endianness() == endian;
+    if !machine_ok {
+        return Err(ElfError::WrongMachine {
+            found: describe_elf(Some(file.architecture()), file.is_64(), file.endianness()),
+            expected: describe_elf(arch, is_64, endian),
+        });
+    }
+    if file.kind() != ObjectKind::Dynamic {
+        return Err(ElfError::NotShared(
+            format!("{:?}", file.kind()).to_lowercase(),
+        ));
+    }
+    let declared = file.dynamic_symbols().any(|s| {
+        s.name_bytes() == Ok(abi::DECLARE_SYMBOL.as_bytes())
+            && s.is_definition()
+            && s.is_global()
+            && s.kind() == SymbolKind::Text
+    });
+    if !declared {
+        return Err(ElfError::NoDeclaration);
+    }
+    Ok(())
+}
+
 /// The highest `GLIBC_2.N[.M]` version named in the file (its symbol version needs).
 pub fn glibc_required(bytes: &[u8]) -> Option<String> {
     let needle = b"GLIBC_2.";
@@ -208,31 +356,7 @@ pub fn load(
     }
     check_owner_and_mode(dir, &dir_meta, "the plugin directory")?;
     let path = dir.join(file);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                PluginError::Symlink(path.clone())
-            } else {
-                PluginError::Io {
-                    path: path.clone(),
-                    source: e,
-                }
-            }
-        })?;
-    let meta = f.metadata().map_err(io(&path))?;
-    if !meta.is_file() {
-        return Err(PluginError::NotAFile(path));
-    }
-    check_owner_and_mode(&path, &meta, "the plugin file")?;
-    let bytes = {
-        use std::io::Read;
-        let mut b = Vec::with_capacity(meta.len() as usize);
-        (&f).read_to_end(&mut b).map_err(io(&path))?;
-        b
-    };
+    let (f, bytes) = open_plugin_file(&path)?;
     let actual: String = Sha256::digest(&bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -280,6 +404,10 @@ fn open_checked(
         path: path.to_path_buf(),
         reason,
     };
+    check_elf(&bytes).map_err(|source| PluginError::Elf {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let via_fd = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
     let flags = libc::RTLD_NOW | libc::RTLD_LOCAL | libc::RTLD_NODELETE;
     // SAFETY: loading runs the library's initialisers; the file passed every check above, and
@@ -365,33 +493,19 @@ fn open_checked(
     Ok(lib)
 }
 
-/// Loads a library for `plugin inspect`: same file checks except the directory's, no sha256.
+/// Loads a library for `plugin inspect`: the file checks of [`load`] (no symlink, a regular
+/// file, owner, mode, ELF) on the file itself; its folder is not checked (a build folder need
+/// not be root's), and there is no sha256 to compare.
 pub fn inspect(path: &Path) -> Result<Library, PluginError> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
-    let bare_ok = file.ends_with(".so");
-    if !bare_ok {
+    if !file.ends_with(".so") {
         return Err(PluginError::NotBareName(file.to_string()));
     }
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io(path))?;
-    let bytes = {
-        use std::io::Read;
-        let mut b = Vec::new();
-        (&f).read_to_end(&mut b).map_err(io(path))?;
-        b
-    };
+    let (f, bytes) = open_plugin_file(path)?;
     let sha: String = Sha256::digest(&bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let _ = dir;
     open_checked(path, f, bytes, sha)
 }
 
@@ -447,7 +561,10 @@ impl HostServices {
         }
         self.writer.submit_blocking(op).map_err(|e| match e {
             LedgerError::UnknownMeter(m) => (abi::REJECTED, format!("unknown meter {m}")),
-            LedgerError::BadReference => (abi::REJECTED, e.to_string()),
+            // A documented answer (plugins/sdk README): `reference_conflict: …`, nothing of
+            // the first payment.
+            LedgerError::ReferenceConflict => (abi::REJECTED, format!("{}: {e}", e.reason())),
+            LedgerError::BadReference | LedgerError::Full(_) => (abi::REJECTED, e.to_string()),
             other => (abi::BUSY, other.to_string()),
         })
     }
@@ -462,16 +579,22 @@ impl HostServices {
                 format!("amount_cents {} is out of range", p.amount_cents),
             ));
         }
+        // Only a plausible number travels on to the sinks; a masked or odd one is dropped.
+        let phone = p.phone.filter(|ph| {
+            let digits = ph.strip_prefix('+').unwrap_or(ph);
+            (6..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+        });
         let credit = Credit {
             meter,
             source: self.plugin.clone(),
             reference: p.reference.clone(),
             amount_cents: p.amount_cents,
             at: store::now_ms(),
+            phone,
         };
         match self.submit(Op::Credit(credit))? {
             Outcome::Credited { payment, duplicate } => {
-                info!(plugin = %self.plugin, meter = %payment.meter, reference = %payment.reference, duplicate, "payment credited");
+                info!(plugin = %self.plugin, meter = %payment.meter, reference = %crate::untrusted::Untrusted(&payment.reference), duplicate, "payment credited");
                 let r = umeme_plugin_sdk::PaymentResult {
                     duplicate,
                     credit_wh: payment.credit_wh,
@@ -551,6 +674,63 @@ impl HostServices {
         })?;
         Ok(String::new())
     }
+}
+
+/// The largest original body kept with an unapplied payment.
+const UNAPPLIED_MAX_RAW_BYTES: usize = 8 * 1024;
+
+impl HostServices {
+    fn record_unapplied(&self, json: &[u8]) -> Result<String, (Status, String)> {
+        let u: umeme_plugin_sdk::Unapplied = serde_json::from_slice(json)
+            .map_err(|e| (abi::REJECTED, format!("unapplied payment JSON: {e}")))?;
+        let reference_ok = !u.reference.is_empty()
+            && u.reference.len() <= 100
+            && !u.reference.chars().any(char::is_control);
+        if !reference_ok || u.amount_cents <= 0 || u.amount_cents > 100_000_000 {
+            return Err((
+                abi::REJECTED,
+                "an unapplied payment needs a reference of 1 to 100 printable characters and an amount of 1 to 100000000 cents".into(),
+            ));
+        }
+        let short = |s: &str, n: usize| s.chars().take(n).collect::<String>();
+        // A real Daraja body is under 1 KiB; a bigger one is kept without it, so the cap on
+        // records also bounds their bytes.
+        let raw = u
+            .raw
+            .as_ref()
+            .map(|v| v.to_string())
+            .filter(|r| r.len() <= UNAPPLIED_MAX_RAW_BYTES);
+        let row = store::UnappliedRow {
+            source: self.plugin.clone(),
+            reference: u.reference.clone(),
+            amount_cents: u.amount_cents,
+            account: short(&u.account, 100),
+            phone: u.phone.as_deref().map(|p| short(p, 100)),
+            reason: short(&u.reason, 500),
+            raw,
+            received_at: store::now_ms(),
+            applied_meter: None,
+            applied_at: None,
+        };
+        // A refusal is counted by the writer (`umeme_ledger_errors_total{reason="store_full"}`).
+        self.submit(Op::RecordUnapplied(row))
+            .inspect_err(|(_, why)| {
+                warn!(plugin = %self.plugin, reference = %Untrusted(&u.reference), "unapplied payment not kept: {}", Untrusted(why));
+            })?;
+        warn!(plugin = %self.plugin, reference = %Untrusted(&u.reference), amount_cents = u.amount_cents,
+              account = %Untrusted(&u.account), "payment kept as unapplied: `umeme-gateway payment apply REF METER` credits it");
+        Ok(String::new())
+    }
+}
+
+unsafe extern "C" fn host_record_unapplied(
+    ctx: *mut c_void,
+    unapplied: Str,
+    out: *mut Writer,
+) -> Status {
+    answer(out, || {
+        unsafe { services(ctx) }.record_unapplied(unsafe { unapplied.as_bytes() })
+    })
 }
 
 /// Runs a host callback: a panic in the host must not unwind into the plugin's frames.
@@ -665,6 +845,7 @@ impl Table {
             submit_command: host_submit_command,
             kv_get: host_kv_get,
             kv_put: host_kv_put,
+            record_unapplied: host_record_unapplied,
         }));
         Table { api }
     }
@@ -1054,6 +1235,67 @@ mod tests {
         let bytes = b"\0GLIBC_2.2.5\0GLIBC_2.34\0GLIBC_2.3\0GLIBC_PRIVATE\0";
         assert_eq!(glibc_required(bytes).as_deref(), Some("GLIBC_2.34"));
         assert_eq!(glibc_required(b"nothing"), None);
+    }
+
+    /// An ELF the test binary can always read: itself (a position-independent executable, or
+    /// an executable; either way without the declaration).
+    fn own_elf() -> Vec<u8> {
+        std::fs::read("/proc/self/exe").unwrap()
+    }
+
+    #[test]
+    fn an_elf_without_the_declaration_symbol_is_not_a_plugin() {
+        let e = check_elf(&own_elf()).unwrap_err();
+        assert!(
+            matches!(e, ElfError::NoDeclaration | ElfError::NotShared(_)),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_elf_for_another_machine_is_refused_before_its_symbols_are_read() {
+        let mut bytes = own_elf();
+        // e_machine: two bytes at offset 18, in the file's byte order (little-endian here).
+        const EM_X86_64: u16 = 62;
+        const EM_AARCH64: u16 = 183;
+        let other = if cfg!(target_arch = "aarch64") {
+            EM_X86_64
+        } else {
+            EM_AARCH64
+        };
+        bytes[18..20].copy_from_slice(&other.to_le_bytes());
+        let e = check_elf(&bytes).unwrap_err();
+        assert!(matches!(e, ElfError::WrongMachine { .. }), "{e}");
+        assert!(e.to_string().contains("but this gateway runs on"), "{e}");
+        // Another class (32-bit) is another machine too.
+        let mut bytes = own_elf();
+        bytes[4] = 1; // ELFCLASS32
+        assert!(check_elf(&bytes).is_err());
+    }
+
+    #[test]
+    fn garbage_and_truncated_files_are_errors_not_panics() {
+        assert!(matches!(check_elf(b""), Err(ElfError::NotElf(_))));
+        assert!(matches!(check_elf(b"\x7fELF"), Err(ElfError::NotElf(_))));
+        assert!(matches!(
+            check_elf(b"#!/bin/sh\n"),
+            Err(ElfError::NotElf(_))
+        ));
+        let mut whole = own_elf();
+        for len in [16, 52, 64, 200, 4096, whole.len() / 2] {
+            let _ = check_elf(&whole[..len.min(whole.len())]);
+        }
+        // Headers with random bytes changed (bounded, seeded: the fuzz target goes further).
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        let head = whole.len().min(4096);
+        for _ in 0..500 {
+            let at = rng.gen_range(0..head);
+            let (was, now) = (whole[at], rng.gen::<u8>());
+            whole[at] = now;
+            let _ = check_elf(&whole);
+            whole[at] = was;
+        }
     }
 
     #[test]

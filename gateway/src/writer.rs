@@ -16,16 +16,18 @@ use rusqlite::{Connection, TransactionBehavior};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::ops::RangeInclusive;
 
 use crate::config::Tariff;
 use crate::consumption::Consumption;
-use crate::ledger::{Account, ReportApplied, ReportKind, ReportRefused, Rules};
+use crate::ledger::{self, Account, ReportApplied, ReportKind, ReportRefused, Rules};
 use crate::meter::{wh_to_units, MeterId};
 use crate::metrics::Metrics;
 use crate::outbox::Bell;
 use crate::payload::{BalanceCommand, Report, StatusReport};
 use crate::store::{self, PaymentRow, StoreError};
+use crate::untrusted::Untrusted;
 
 /// Outbox housekeeping runs on every this many ticks (about seconds), starting with the first.
 const HOUSEKEEPING_EVERY_TICKS: u64 = 5;
@@ -171,9 +173,21 @@ pub enum Op {
         key: String,
         value: Option<String>,
     },
+    /// A payment source's payment that credits no meter, kept for the operator (a
+    /// reference already kept or already credited is left as it is).
+    RecordUnapplied(store::UnappliedRow),
+    /// The operator credits a kept payment to `meter` under its own (source, reference), so it
+    /// credits once however often this is asked. `source` is needed only when two sources
+    /// kept the same reference.
+    ApplyUnapplied {
+        reference: String,
+        source: Option<String>,
+        meter: MeterId,
+        at: i64,
+    },
 }
 
-/// A payment: credits once per (source, reference).
+/// A payment: a reference credits once per site (see [`ledger::payment_reference`]).
 #[derive(Debug, Clone)]
 pub struct Credit {
     pub meter: MeterId,
@@ -182,6 +196,9 @@ pub struct Credit {
     pub reference: String,
     pub amount_cents: i64,
     pub at: i64,
+    /// The payer's phone number when the source gave one (digits, optional `+`), carried into
+    /// the payment event for sinks (the original dashboard's `phone_number`).
+    pub phone: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -204,12 +221,27 @@ pub enum LedgerError {
     Refused(#[from] ReportRefused),
     #[error("payment reference must be 1 to 100 printable characters")]
     BadReference,
+    /// The reference was credited before for another meter or amount. Carries nothing of
+    /// that payment: the caller may be anyone who can submit a payment.
+    #[error("payment reference already used for another payment")]
+    ReferenceConflict,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("the ledger commit failed, nothing was applied: {0}")]
     CommitFailed(String),
     #[error("the ledger writer has stopped")]
     Stopped,
+    /// A plugin's store or the unapplied payments of a source reached its limit.
+    #[error("{0}")]
+    Full(String),
+    #[error("no unapplied payment has the reference {0}")]
+    NotUnapplied(String),
+    #[error(
+        "the reference {reference} is kept by several sources ({sources}); name one with --source"
+    )]
+    AmbiguousReference { reference: String, sources: String },
+    #[error("payment {reference} was already applied to meter {meter}")]
+    AlreadyApplied { reference: String, meter: String },
 }
 
 impl From<rusqlite::Error> for LedgerError {
@@ -225,9 +257,14 @@ impl LedgerError {
             LedgerError::MeterExists(_) => "meter_exists",
             LedgerError::Refused(_) => "implausible",
             LedgerError::BadReference => "bad_reference",
+            LedgerError::ReferenceConflict => "reference_conflict",
             LedgerError::Store(_) => "store",
             LedgerError::CommitFailed(_) => "commit",
             LedgerError::Stopped => "stopped",
+            LedgerError::Full(_) => "store_full",
+            LedgerError::NotUnapplied(_) => "not_unapplied",
+            LedgerError::AmbiguousReference { .. } => "ambiguous_reference",
+            LedgerError::AlreadyApplied { .. } => "already_applied",
         }
     }
 }
@@ -283,7 +320,9 @@ pub fn apply_with(
         Op::Report { meter, report, at } => apply_report(tx, meter, report, *at, s, accounts),
         Op::Credit(c) => apply_credit(tx, c, s, accounts),
         Op::Status { meter, status, at } => {
-            let online = !matches!(status.status.as_str(), "offline" | "disconnected");
+            // `disconnected` is the firmware's relay-off-for-no-credit, sent over a live
+            // connection; only `offline` (its Last Will) says the meter is gone.
+            let online = status.status != "offline";
             if !store::set_presence(tx, meter, Some(&status.status), online, *at)? {
                 return Err(LedgerError::UnknownMeter(meter.clone()));
             }
@@ -322,9 +361,54 @@ pub fn apply_with(
             done()
         }
         Op::KvPut { plugin, key, value } => {
+            if let Some(v) = value {
+                let (keys, bytes, current) = store::kv_usage(tx, plugin, key)?;
+                let new_size = (key.len() + v.len()) as i64;
+                let grown_keys = keys + i64::from(current.is_none());
+                let grown_bytes = bytes - current.unwrap_or(0) + new_size;
+                if (current.is_none() && grown_keys > store::KV_MAX_KEYS)
+                    || (grown_bytes > bytes && grown_bytes > store::KV_MAX_BYTES)
+                {
+                    return Err(LedgerError::Full(format!(
+                        "the plugin's store is full ({keys} keys, {bytes} bytes; at most {} keys, {} bytes)",
+                        store::KV_MAX_KEYS,
+                        store::KV_MAX_BYTES
+                    )));
+                }
+            }
             store::kv_put(tx, plugin, key, value.as_deref())?;
             done()
         }
+        Op::RecordUnapplied(u) => {
+            // Credited already (references are unique per site, whatever the source): nothing
+            // is left to apply.
+            let reference = crate::ledger::payment_reference(&u.reference).unwrap_or(&u.reference);
+            if store::payment_by_reference(tx, reference)?.is_some() {
+                return done();
+            }
+            let retention = store::UNAPPLIED_RETENTION.as_millis() as i64;
+            store::prune_unapplied(tx, &u.source, u.received_at - retention)?;
+            let open = store::unapplied_open(tx, &u.source)?;
+            // A reference already kept is a retry: answered, and not counted against the cap.
+            let known = store::unapplied_by_reference(tx, &u.reference)?
+                .iter()
+                .any(|k| k.source == u.source);
+            if !known && open >= store::UNAPPLIED_MAX_OPEN_PER_SOURCE {
+                return Err(LedgerError::Full(format!(
+                    "{open} unapplied payments of {} wait for the operator (at most {}); apply or wait for them to age out",
+                    u.source,
+                    store::UNAPPLIED_MAX_OPEN_PER_SOURCE
+                )));
+            }
+            store::insert_unapplied(tx, u)?;
+            done()
+        }
+        Op::ApplyUnapplied {
+            reference,
+            source,
+            meter,
+            at,
+        } => apply_unapplied(tx, reference, source.as_deref(), meter, *at, s, accounts),
         Op::AddMeter {
             meter,
             name,
@@ -486,13 +570,25 @@ fn apply_credit(
     s: &LedgerSettings,
     accounts: Accounts<'_>,
 ) -> Result<Applied, LedgerError> {
-    let reference_ok = !c.reference.is_empty()
-        && c.reference.len() <= 100
-        && !c.reference.chars().any(char::is_control);
-    if !reference_ok {
-        return Err(LedgerError::BadReference);
-    }
-    if let Some(first) = store::payment(tx, &c.source, &c.reference)? {
+    let reference = ledger::payment_reference(&c.reference).ok_or(LedgerError::BadReference)?;
+    if let Some(first) = store::payment_by_reference(tx, reference)? {
+        if !ledger::same_payment(
+            &first.meter,
+            first.amount_cents,
+            c.meter.as_str(),
+            c.amount_cents,
+        ) {
+            // The answer says nothing of the first payment; the journal says which one it was.
+            tracing::warn!(
+                source = %Untrusted(&c.source),
+                reference = %Untrusted(reference),
+                meter = %c.meter,
+                amount_cents = c.amount_cents,
+                first_event_seq = first.event_seq,
+                "payment refused: its reference was already used for another meter or amount"
+            );
+            return Err(LedgerError::ReferenceConflict);
+        }
         return Ok(Applied {
             outcome: Outcome::Credited {
                 payment: first,
@@ -506,19 +602,22 @@ fn apply_credit(
     let mut account = known(tx, &c.meter, accounts)?;
     let credit_wh = s.tariff.credit_wh(c.amount_cents);
     account.credit(credit_wh);
-    let data = json!({
-        "source": c.source, "reference": c.reference,
+    let mut data = json!({
+        "source": c.source, "reference": reference,
         "amount": c.amount_cents as f64 / 100.0, "amountCents": c.amount_cents,
         "creditWh": credit_wh, "units": wh_to_units(credit_wh),
         "balanceWh": account.balance_wh, "balance": wh_to_units(account.balance_wh),
     });
+    if let Some(phone) = &c.phone {
+        data["phone"] = json!(phone);
+    }
     let event_seq = store::append_event(tx, "payment", Some(&c.meter), c.at, &data)?;
     // A payment writes the row at once, as of its event: older consumption events never
     // overwrite it.
     store::save_account(tx, c.meter.as_str(), &account, event_seq)?;
     let payment = PaymentRow {
         source: c.source.clone(),
-        reference: c.reference.clone(),
+        reference: reference.to_string(),
         meter: c.meter.to_string(),
         amount_cents: c.amount_cents,
         credit_wh,
@@ -536,6 +635,62 @@ fn apply_credit(
         state: None,
         seen: None,
     })
+}
+
+fn apply_unapplied(
+    tx: &Connection,
+    reference: &str,
+    source: Option<&str>,
+    meter: &MeterId,
+    at: i64,
+    s: &LedgerSettings,
+    accounts: Accounts<'_>,
+) -> Result<Applied, LedgerError> {
+    let mut kept = store::unapplied_by_reference(tx, reference)?;
+    kept.retain(|k| source.is_none_or(|s| s == k.source));
+    let k = match kept.as_slice() {
+        [] => return Err(LedgerError::NotUnapplied(reference.to_string())),
+        [one] => one.clone(),
+        many => {
+            return Err(LedgerError::AmbiguousReference {
+                reference: reference.to_string(),
+                sources: many
+                    .iter()
+                    .map(|k| k.source.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+        }
+    };
+    if let Some(m) = &k.applied_meter {
+        return Err(LedgerError::AlreadyApplied {
+            reference: k.reference,
+            meter: m.clone(),
+        });
+    }
+    // The source's own (source, reference): if the payment reaches the ledger some other way
+    // too (a Daraja retry after the meter was added), it still credits once.
+    let credit = Credit {
+        meter: meter.clone(),
+        source: k.source.clone(),
+        reference: k.reference.clone(),
+        amount_cents: k.amount_cents,
+        at,
+        phone: None,
+    };
+    let applied = apply_credit(tx, &credit, s, accounts)?;
+    if let Outcome::Credited {
+        payment,
+        duplicate: true,
+    } = &applied.outcome
+    {
+        return Err(LedgerError::AlreadyApplied {
+            reference: k.reference,
+            meter: payment.meter.clone(),
+        });
+    }
+    store::mark_unapplied_applied(tx, &k.source, &k.reference, meter.as_str(), at)?;
+    Ok(applied)
 }
 
 /// Applies one op in its own transaction on `conn` (the CLI's path).
@@ -626,13 +781,15 @@ impl Writer {
                     }
                     load.add(batch.len());
                     if !batch.is_empty() {
-                        commit_batch(
+                        if let Some(own) = commit_batch(
                             &mut conn, &mut batch, &settings, &notify, &metrics, &mut live,
-                        );
+                        ) {
+                            watch.made(own);
+                        }
                         bell.ring();
                     }
                     if tick {
-                        watch.check(&conn, &notify);
+                        watch.check(&conn, &notify, &metrics);
                         ticks += 1;
                         if ticks % FOLD_EVERY_TICKS == 0 {
                             // Even with no report since the last fold: `folded_seq` then
@@ -763,10 +920,13 @@ fn commit_batch(
     notify: &Notify,
     metrics: &Metrics,
     live: &mut Live,
-) {
+) -> Option<RangeInclusive<i64>> {
     let mut results: Vec<Result<Applied, LedgerError>> = Vec::with_capacity(batch.len());
-    let committed = (|| -> Result<(), LedgerError> {
+    let committed = (|| -> Result<RangeInclusive<i64>, LedgerError> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Nobody else writes during an immediate transaction: the events numbered between
+        // these two reads are this batch's own (the external watch skips them).
+        let before = store::last_event_seq(&tx)?;
         // Accounts this batch changed; they join `live` only once the batch is committed.
         let mut staged: HashMap<MeterId, Versioned> = HashMap::new();
         for job in batch.iter() {
@@ -782,11 +942,12 @@ fn commit_batch(
             }
             results.push(r);
         }
+        let after = store::last_event_seq(&tx)?;
         tx.commit()?;
-        Ok(())
+        Ok(before + 1..=after)
     })();
     match committed {
-        Ok(()) => {
+        Ok(own) => {
             metrics.inc("umeme_ledger_commits_total", &[]);
             for (job, result) in batch.drain(..).zip(results) {
                 let reply = match result {
@@ -805,6 +966,7 @@ fn commit_batch(
                 };
                 let _ = job.reply.send(reply);
             }
+            Some(own)
         }
         Err(e) => {
             tracing::error!(error = %e, ops = batch.len(), "ledger commit failed; nothing in this batch was applied");
@@ -817,48 +979,89 @@ fn commit_batch(
             for job in batch.drain(..) {
                 let _ = job.reply.send(Err(LedgerError::CommitFailed(msg.clone())));
             }
+            None
         }
     }
 }
 
 /// Notices for payments and meter changes that another process (the CLI) committed, so a
-/// `umeme-gateway credit` reaches a connected meter within about a second. Each tick re-reads the
-/// payment and meter events since the previous tick, the daemon's own included: a meter may get
-/// the same balance command twice, which is harmless (same `ledgerSeq`), and nothing is missed.
+/// `umeme-gateway credit` reaches a connected meter within about a second, and such payments
+/// count in `umeme_payments_total`. Events the writer made itself were already announced after
+/// their commit: they are skipped, so one balance change is one `command/balance`.
 struct ExternalWatch {
     last_seq: i64,
+    /// Event seqs committed by this writer and not yet passed by `last_seq`.
+    own: VecDeque<RangeInclusive<i64>>,
 }
 
 impl ExternalWatch {
     fn new(conn: &Connection) -> ExternalWatch {
         ExternalWatch {
             last_seq: store::last_event_seq(conn).unwrap_or(0),
+            own: VecDeque::new(),
         }
     }
 
-    fn check(&mut self, conn: &Connection, notify: &Notify) {
-        let changes = match store::meter_changes_after(conn, self.last_seq) {
-            Ok(c) => c,
+    /// Records the seqs of a batch this writer committed.
+    fn made(&mut self, seqs: RangeInclusive<i64>) {
+        if seqs.is_empty() {
+            return;
+        }
+        if self.own.is_empty() && *seqs.start() == self.last_seq + 1 {
+            // Nothing from outside came in between: no need to remember the range.
+            self.last_seq = *seqs.end();
+        } else {
+            self.own.push_back(seqs);
+        }
+    }
+
+    fn check(&mut self, conn: &Connection, notify: &Notify, metrics: &Metrics) {
+        // The newest seq first: the CLI may commit between the two reads, and what it adds
+        // after `newest` is left for the next tick.
+        let read = store::last_event_seq(conn)
+            .and_then(|newest| Ok((newest, store::meter_changes_after(conn, self.last_seq)?)));
+        let (newest, changes) = match read {
+            Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "could not read recent meter changes");
                 return;
             }
         };
-        for (seq, kind, meter) in changes {
-            self.last_seq = self.last_seq.max(seq);
+        for store::MeterChange {
+            seq,
+            kind,
+            meter,
+            source,
+        } in changes
+        {
+            if seq > newest || self.own.iter().any(|r| r.contains(&seq)) {
+                continue;
+            }
             let Ok(meter) = MeterId::parse(&meter) else {
                 continue;
             };
             let account = store::account(conn, &meter).ok().flatten();
             match (kind.as_str(), account) {
-                ("payment", Some(a)) => notify(
-                    &meter,
-                    Notice::Balance(balance_command_for(&a, store::now_ms())),
-                ),
+                ("payment", Some(a)) => {
+                    metrics.inc(
+                        "umeme_payments_total",
+                        &[
+                            ("source", source.as_deref().unwrap_or("unknown")),
+                            ("outcome", "credited"),
+                        ],
+                    );
+                    notify(
+                        &meter,
+                        Notice::Balance(balance_command_for(&a, store::now_ms())),
+                    )
+                }
                 ("meter", _) => notify(&meter, Notice::Revoked),
                 _ => {}
             }
         }
+        self.last_seq = self.last_seq.max(newest);
+        let seen = self.last_seq;
+        self.own.retain(|r| *r.end() > seen);
     }
 }
 
@@ -895,7 +1098,7 @@ fn keep_house(conn: &mut Connection, h: &WriterOptions, metrics: &Metrics, live:
                     dropped = p.dropped,
                     undelivered = p.undelivered,
                     max_bytes = h.max_bytes,
-                    "outbox over its disk cap: oldest telemetry dropped"
+                    "outbox over its disk cap: telemetry dropped, biggest holders first"
                 );
                 metrics.add("umeme_outbox_dropped_total", &[], p.dropped as u64);
                 metrics.add(
@@ -912,5 +1115,71 @@ fn keep_house(conn: &mut Connection, h: &WriterOptions, metrics: &Metrics, live:
             metrics.set("umeme_outbox_full", &[], if p.full { 1.0 } else { 0.0 });
         }
         Err(e) => tracing::warn!(error = %e, "outbox housekeeping failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn credit(meter: &MeterId, reference: &str) -> Op {
+        Op::Credit(Credit {
+            meter: meter.clone(),
+            source: "manual".into(),
+            reference: reference.into(),
+            amount_cents: 100,
+            at: 1,
+            phone: None,
+        })
+    }
+
+    #[test]
+    fn the_external_watch_announces_outside_payments_once_and_never_the_writers_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.db");
+        let mut own = store::open(&path, "site").unwrap();
+        let mut cli = store::open_without_upgrade(&path, "site").unwrap();
+        let s = LedgerSettings {
+            rules: Rules { low_balance_wh: 0 },
+            tariff: Tariff::try_from(0.05).unwrap(),
+        };
+        let meter = MeterId::parse("M1").unwrap();
+        let add = Op::AddMeter {
+            meter: meter.clone(),
+            name: None,
+            phone: None,
+            secret_hash: crate::auth::hash_secret("secret-123"),
+            at: 1,
+        };
+        apply_now(&mut cli, &add, &s).unwrap();
+        let mut watch = ExternalWatch::new(&own);
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let h = heard.clone();
+        let notify: Notify = Arc::new(move |_, n| h.lock().unwrap().push(n));
+        let metrics = Metrics::default();
+        // The writer's own payment, between two from outside: only those two are news.
+        let own_payment = |conn: &mut Connection, watch: &mut ExternalWatch, r: &str| {
+            let before = store::last_event_seq(conn).unwrap();
+            apply_now(conn, &credit(&meter, r), &s).unwrap();
+            watch.made(before + 1..=store::last_event_seq(conn).unwrap());
+        };
+        apply_now(&mut cli, &credit(&meter, "CLI-1"), &s).unwrap();
+        own_payment(&mut own, &mut watch, "OWN-1");
+        apply_now(&mut cli, &credit(&meter, "CLI-2"), &s).unwrap();
+        own_payment(&mut own, &mut watch, "OWN-2");
+        watch.check(&own, &notify, &metrics);
+        assert_eq!(heard.lock().unwrap().len(), 2);
+        let counted = [("source", "manual"), ("outcome", "credited")];
+        assert_eq!(metrics.get("umeme_payments_total", &counted), 2.0);
+        assert!(
+            watch.own.is_empty(),
+            "ranges behind the watch are forgotten"
+        );
+        // Nothing new: nothing announced, nothing counted again.
+        own_payment(&mut own, &mut watch, "OWN-3");
+        watch.check(&own, &notify, &metrics);
+        assert_eq!(heard.lock().unwrap().len(), 2);
+        assert_eq!(metrics.get("umeme_payments_total", &counted), 2.0);
     }
 }

@@ -43,11 +43,17 @@ struct Site {
 impl Site {
     /// A gateway with meter METER001 and the Daraja source named "mpesa", started.
     fn start() -> Site {
+        Site::start_with(|_| {})
+    }
+
+    /// [`Site::start`] with the plugin's `[source.config]` edited first.
+    fn start_with(edit: impl FnOnce(&mut Value)) -> Site {
         let scratch = tempfile::tempdir().unwrap();
         let plugins = install_plugins(scratch.path(), &[built()]);
         let daraja = FakeDaraja::start();
         let plugin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let config = plugin_config(scratch.path(), &daraja, plugin);
+        let mut config = plugin_config(scratch.path(), &daraja, plugin);
+        edit(&mut config);
         let source = format!(
             "[[source]]\nname = \"mpesa\"\nplugin = \"{PLUGIN}\"\n[source.config]\n{}",
             toml_lines(&config)
@@ -94,6 +100,25 @@ impl Site {
             .iter()
             .map(|p| p["reference"].as_str().unwrap().to_string())
             .collect()
+    }
+
+    fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.gw.cli(args);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Bytes of the database and its WAL: any write shows here.
+    fn db_bytes(&self) -> u64 {
+        let db = self.gw.db_path();
+        let wal = PathBuf::from(format!("{}-wal", db.display()));
+        [db, wal]
+            .iter()
+            .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+            .sum()
     }
 
     fn push(&self, amount: i64) -> String {
@@ -324,9 +349,9 @@ fn hostile_requests_on_the_callback_endpoints_are_refused_logged_and_the_plugin_
         b[field] = value;
         assert_eq!(post(site.plugin, &confirm, &b).0, 400, "{field}");
     }
-    let mut missing = good.clone();
-    missing.as_object_mut().unwrap().remove("BillRefNumber");
-    assert_eq!(post(site.plugin, &confirm, &missing).0, 400);
+    let mut not_text = good.clone();
+    not_text["BillRefNumber"] = json!({"meter": METER});
+    assert_eq!(post(site.plugin, &confirm, &not_text).0, 400);
     let mut bad_amount = stk_paid("ws_CO_0", "NLJ7RT61SZ", 1.0);
     bad_amount["Body"]["stkCallback"]["CallbackMetadata"]["Item"][4]["Value"] = json!("abc");
     assert_eq!(post(site.plugin, &path("stk/callback"), &bad_amount).0, 400);
@@ -343,4 +368,190 @@ fn hostile_requests_on_the_callback_endpoints_are_refused_logged_and_the_plugin_
         "the plugin serves on"
     );
     assert_eq!(site.references(), vec!["RKTQDM7W6H"]);
+}
+
+#[test]
+fn a_buy_goods_payment_without_an_account_is_kept_listed_and_credited_exactly_once_by_payment_apply(
+) {
+    let site = Site::start();
+    let mut till = c2b_body("RKTQDM7WA1", "150.00", "", true);
+    till["TransactionType"] = json!("Buy Goods");
+    let confirm = path("c2b/confirmation");
+    assert_eq!(
+        post(site.plugin, &confirm, &till),
+        (200, json!({"ResultCode": 0, "ResultDesc": "Success"})),
+        "acknowledged, not lost"
+    );
+    let unknown = c2b_body("RKTQDM7WA2", "20", "HOUSE-B-7", true);
+    assert_eq!(post(site.plugin, &confirm, &unknown).0, 200);
+    assert!(site.payments().is_empty(), "nothing credited yet");
+
+    let (ok, listed, err) = site.cli(&["payment", "list", "--unapplied"]);
+    assert!(ok, "{err}");
+    assert!(
+        listed.contains("RKTQDM7WA1") && listed.contains("150.00"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("RKTQDM7WA2") && listed.contains("HOUSE-B-7"),
+        "{listed}"
+    );
+
+    let before = site.gw.balance_wh(METER);
+    let (ok, out, err) = site.cli(&["payment", "apply", "RKTQDM7WA1", METER]);
+    assert!(ok, "{err}");
+    assert!(out.contains("applied: 150.00 KES to METER001"), "{out}");
+    assert!(site.gw.balance_wh(METER) > before);
+    let credited = site.gw.balance_wh(METER);
+
+    // A second apply, to any meter, is an error naming where it went.
+    let (ok, _, err) = site.cli(&["payment", "apply", "RKTQDM7WA1", METER]);
+    assert!(!ok);
+    assert!(err.contains("already applied to meter METER001"), "{err}");
+    // Daraja delivering the same confirmation again credits nothing either.
+    assert_eq!(post(site.plugin, &confirm, &till).0, 200);
+    let (ok, _, err) = site.cli(&["payment", "apply", "NOSUCHREF", METER]);
+    assert!(!ok && err.contains("no unapplied payment"), "{err}");
+
+    assert_eq!(site.references(), vec!["RKTQDM7WA1"]);
+    assert_eq!(site.gw.balance_wh(METER), credited);
+    let (_, open, _) = site.cli(&["payment", "list", "--unapplied"]);
+    assert!(
+        !open.contains("RKTQDM7WA1") && open.contains("RKTQDM7WA2"),
+        "{open}"
+    );
+    let (_, all, _) = site.cli(&["payment", "list"]);
+    assert!(all.contains("RKTQDM7WA1") && all.contains(METER), "{all}");
+
+    // The admin API shows and applies them too.
+    let (status, v) = site.gw.http("GET", "/api/payments/unapplied", None);
+    assert_eq!(status, 200, "{v}");
+    let open: Vec<&str> = v["unapplied"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["reference"].as_str().unwrap())
+        .collect();
+    assert_eq!(open, vec!["RKTQDM7WA2"]);
+    let apply = "/api/payments/unapplied/RKTQDM7WA2/apply";
+    let body = json!({ "meter": METER }).to_string();
+    let (status, v) = site.gw.http("POST", apply, Some(&body));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["payment"]["amount_cents"], 2000);
+    let (status, v) = site.gw.http("POST", apply, Some(&body));
+    assert_eq!(status, 409, "{v}");
+    assert!(v["error"]
+        .as_str()
+        .unwrap()
+        .contains("already applied to meter METER001"));
+    assert_eq!(site.references().len(), 2);
+}
+
+#[test]
+fn with_the_default_allow_list_a_caller_outside_safaricoms_addresses_writes_nothing_at_all() {
+    let site = Site::start_with(|c| {
+        c.as_object_mut().unwrap().remove("allowed_ips");
+    });
+    // Settle the start-up writes before measuring.
+    let settled = site.db_bytes();
+    eventually("the database to settle", || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        (site.db_bytes() == settled).then_some(())
+    });
+    let before = site.db_bytes();
+    let started = std::time::Instant::now();
+    for i in 0..400 {
+        let id = format!("JUNK{i:06}");
+        let (endpoint, body) = if i % 2 == 0 {
+            (
+                "c2b/confirmation",
+                c2b_body(&id, "1000000.00", "NOSUCH", true),
+            )
+        } else {
+            (
+                "stk/callback",
+                stk_paid(&format!("ws_CO_{id}"), &id, 1000.0),
+            )
+        };
+        assert_eq!(post(site.plugin, &path(endpoint), &body).0, 403);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "bounded"
+        );
+    }
+    assert_eq!(site.db_bytes(), before, "not one byte written");
+    assert!(site.payments().is_empty());
+    let (_, listed, _) = site.cli(&["payment", "list"]);
+    assert!(listed.contains("no unapplied payments"), "{listed}");
+}
+
+#[test]
+fn forged_junk_with_the_token_from_an_allowed_address_grows_the_database_only_by_bounded_records() {
+    let site = Site::start();
+    let before = site.db_bytes();
+    let started = std::time::Instant::now();
+    let mut padded = c2b_body("X", "1.00", "NOSUCH", true);
+    // Fields the plugin does not read, to make each request as large as the body limit allows.
+    padded["FirstName"] = json!("x".repeat(14 * 1024));
+    for i in 0..400 {
+        let id = format!("JUNK{i:06}");
+        let (endpoint, body) = if i % 2 == 0 {
+            let mut b = padded.clone();
+            b["TransID"] = json!(id);
+            ("c2b/confirmation", b)
+        } else {
+            let cb = stk_failed(&format!("ws_CO_{id}"), 1032, &"x".repeat(14 * 1024));
+            ("stk/callback", cb)
+        };
+        assert_eq!(post(site.plugin, &path(endpoint), &body).0, 200);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "bounded"
+        );
+    }
+    let (_, listed, _) = site.cli(&["payment", "list", "--unapplied"]);
+    assert_eq!(
+        listed.matches("JUNK").count(),
+        200,
+        "the confirmations, nothing else"
+    );
+    let grown = site.db_bytes().saturating_sub(before);
+    println!("400 forged callbacks (200 unknown-account confirmations, 200 unpaid STK callbacks for unknown pushes, ~14 KiB each): database + WAL grew {grown} bytes in {:?}", started.elapsed());
+    // 200 records without their oversized bodies; before the limits this was 6.2 MB.
+    assert!(grown < 1024 * 1024, "grew {grown} bytes");
+}
+
+#[test]
+fn a_meter_number_over_12_characters_is_warned_at_meter_add_and_refused_for_stk_push() {
+    let site = Site::start();
+    let (ok, _, warning) = site.cli(&[
+        "meter",
+        "add",
+        "HOUSE-A-00012",
+        "--secret",
+        "daraja-test-secret",
+    ]);
+    assert!(ok);
+    assert!(
+        warning.contains("longer than 12 characters") && warning.contains("STK push cannot pay it"),
+        "{warning}"
+    );
+    site.gw.add_meter("HOUSE-A-0001", "daraja-test-secret");
+    let body = json!({"phone": "0708374149", "amount": 10, "meter_no": "HOUSE-A-00012"});
+    let (status, v) = post(site.plugin, &path("stkpush"), &body);
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        site.daraja.recorded().pushes.is_empty(),
+        "never sent, never cut"
+    );
+    let (status, _) = post(
+        site.plugin,
+        &path("stkpush"),
+        &json!({"phone": "0708374149", "amount": 10, "meter_no": "HOUSE-A-0001"}),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        site.daraja.recorded().pushes[0]["AccountReference"],
+        "HOUSE-A-0001"
+    );
 }

@@ -80,7 +80,7 @@ fn stream_reports(
 
 #[test]
 fn kill_during_group_commit_loses_no_acked_report_and_balances_add_up() {
-    let mut gw = Gateway::new("");
+    let mut gw = Gateway::new("").with_broker_keys(UNLIMITED_REPORTS);
     gw.start();
     for i in 0..METERS {
         gw.add_meter(&meter_id(i), "crash-test-secret");

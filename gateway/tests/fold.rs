@@ -45,6 +45,7 @@ fn credit(conn: &mut Connection, meter: &str, kes: i64, reference: &str) {
         reference: reference.into(),
         amount_cents: kes * 100,
         at: 2,
+        phone: None,
     });
     apply_now(conn, &op, &settings())
         .map_err(|e| e.to_string())
@@ -130,6 +131,7 @@ fn a_payment_after_unfolded_reports_is_never_overwritten_by_them() {
         reference: "R2".into(),
         amount_cents: 2_000,
         at: 3,
+        phone: None,
     });
     apply(&tx, &op, &settings())
         .map_err(|e| e.to_string())

@@ -324,13 +324,56 @@ fn sink_toml(secrets: &Path, port: u16, ca: &Path, password: &str, extra: &str) 
     let pw = secrets.join(format!("mqtt-password-{port}-{}", password.len()));
     std::fs::write(&pw, format!("{password}\n")).unwrap();
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key = secrets.join("command.key");
+    std::fs::write(&key, format!("{COMMAND_KEY}\n")).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     format!(
         "[[sink]]\nname = \"hivemq\"\nplugin = \"{PLUGIN}\"\nretry_max = \"2s\"\ntimeout = \"10s\"\n\
          [sink.config]\nhost = \"localhost\"\nport = {port}\nca_file = {ca:?}\nusername = \"gateway\"\n\
-         password_file = {pw:?}\ngateway_id = \"test-site\"\n{extra}\n",
+         password_file = {pw:?}\ngateway_id = \"test-site\"\ncommand_key_file = {key:?}\n{extra}\n",
         ca = ca.display().to_string(),
         pw = pw.display().to_string(),
+        key = key.display().to_string(),
     )
+}
+
+/// The site's command key, as `openssl rand -hex 32` would make it.
+const COMMAND_KEY: &str = "5f0c6a1e9d2b47c8a3e1f0b2d4c6e8a0197b3d5f7a9c1e3b5d7f9a1c3e5b7d9f";
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// `command` with `ts` and `nonce`, signed the way the README tells a cloud operator to:
+/// `openssl dgst -sha256 -hmac KEY` over the exact payload, in the `{"payload","sig"}` envelope.
+fn signed_with(key: &str, mut command: serde_json::Value, ts: i64, nonce: &str) -> String {
+    command["ts"] = ts.into();
+    command["nonce"] = nonce.into();
+    let payload = command.to_string();
+    let mut child = Command::new(tool("openssl"))
+        .args(["dgst", "-sha256", "-hmac", key, "-r"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run openssl dgst");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(payload.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let sig = String::from_utf8(out.stdout).unwrap();
+    let sig = sig.split_whitespace().next().unwrap().to_string();
+    serde_json::json!({"payload": payload, "sig": sig}).to_string()
+}
+
+fn signed(command: serde_json::Value, nonce: &str) -> String {
+    signed_with(COMMAND_KEY, command, unix_now(), nonce)
 }
 
 /// A gateway whose plugin folder holds the freshly built MQTT plugin (0755 folder, 0644 file).
@@ -549,7 +592,7 @@ fn thousands_of_events_reach_a_subscriber_across_two_broker_restarts_with_duplic
         GATEWAY_PASSWORD,
         "reconnect_min_ms = 250\nreconnect_max_secs = 2",
     );
-    let mut gw = gateway(scratch.path(), &sink);
+    let mut gw = gateway(scratch.path(), &sink).with_broker_keys(UNLIMITED_REPORTS);
     gw.start();
     gw.add_meter("METER001", "uplink-test-secret");
 
@@ -760,7 +803,10 @@ fn a_credit_command_sent_twice_with_one_reference_credits_once_and_the_meter_hea
         .expect("cloud client connects");
     cloud.subscribe("umeme/test-site/command_result/#");
     let credit = |id: &str| {
-        format!(r#"{{"id":"{id}","meter":"METER001","reference":"HQ-0001","amount_kes":100}}"#)
+        signed(
+            serde_json::json!({"id": id, "meter": "METER001", "reference": "HQ-0001", "amount_kes": 100}),
+            &format!("nonce-{id}"),
+        )
     };
     cloud.publish("umeme/test-site/command/credit", &credit("cmd-1"), 1);
     let first = cloud.next_on("umeme/test-site/command_result/cmd-1");
@@ -797,7 +843,10 @@ fn a_credit_command_sent_twice_with_one_reference_credits_once_and_the_meter_hea
     // A relay command goes through to the meter too, and is answered.
     cloud.publish(
         "umeme/test-site/command/relay",
-        r#"{"id":"cmd-3","meter":"METER001","relay":"off","reason":"maintenance"}"#,
+        &signed(
+            serde_json::json!({"id": "cmd-3", "meter": "METER001", "relay": "off", "reason": "maintenance"}),
+            "nonce-cmd-3",
+        ),
         3,
     );
     let relay = meter.next_publish("smartmeter/METER001/command/relay");
@@ -807,4 +856,225 @@ fn a_credit_command_sent_twice_with_one_reference_credits_once_and_the_meter_hea
         cloud.next_on("umeme/test-site/command_result/cmd-3")["ok"],
         true
     );
+}
+
+/// A broker, a gateway whose uplink takes commands with [`COMMAND_KEY`], meters METER001 and
+/// METER002, and a "cloud" client subscribed to the results.
+fn command_site(scratch: &Path, extra: &str) -> (Broker, Gateway, Client) {
+    let mut broker = Broker::new(scratch);
+    broker.start();
+    let sink = sink_toml(
+        scratch,
+        broker.tls_port,
+        &broker.pki.ca,
+        GATEWAY_PASSWORD,
+        extra,
+    );
+    let mut gw = gateway(scratch, &sink);
+    gw.start();
+    gw.add_meter("METER001", "uplink-test-secret");
+    gw.add_meter("METER002", "uplink-test-secret-2");
+    gw.wait_log("mqtt: taking commands on umeme/test-site/command/#");
+    let mut cloud = Client::connect(broker.plain, "cloud", "cloud", "cloud-secret", true)
+        .expect("cloud client connects");
+    cloud.subscribe("umeme/test-site/command_result/#");
+    (broker, gw, cloud)
+}
+
+fn credit_json(id: &str, meter: &str, reference: &str, kes: u64) -> serde_json::Value {
+    serde_json::json!({"id": id, "meter": meter, "reference": reference, "amount_kes": kes})
+}
+
+const CREDIT: &str = "umeme/test-site/command/credit";
+
+fn result_of(id: &str) -> String {
+    format!("umeme/test-site/command_result/{id}")
+}
+
+#[test]
+fn unsigned_forged_expired_and_replayed_credit_commands_credit_nothing_and_are_answered_why() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (_broker, gw, mut cloud) = command_site(scratch.path(), "");
+
+    let cases = [
+        (
+            "unsigned",
+            credit_json("unsigned", "METER001", "R-1", 100).to_string(),
+            "unsigned command refused",
+        ),
+        (
+            "forged",
+            signed_with(
+                &"0".repeat(64),
+                credit_json("forged", "METER001", "R-2", 100),
+                unix_now(),
+                "n-forged",
+            ),
+            "bad signature",
+        ),
+        (
+            "expired",
+            signed_with(
+                COMMAND_KEY,
+                credit_json("expired", "METER001", "R-3", 100),
+                unix_now() - 600,
+                "n-expired",
+            ),
+            "expired: ts is",
+        ),
+    ];
+    for (i, (id, payload, why)) in cases.iter().enumerate() {
+        cloud.publish(CREDIT, payload, 10 + i as u16);
+        let r = cloud.next_on(&result_of(id));
+        assert_eq!(r["ok"], false, "{id}: {r}");
+        assert!(r["error"].as_str().unwrap().starts_with(why), "{id}: {r}");
+    }
+    assert_eq!(gw.balance_wh("METER001"), 0, "nothing credited");
+    gw.wait_log("refused");
+
+    // A genuine command, then the very same bytes again: credited once, the replay answered
+    // with the first result.
+    let genuine = signed(credit_json("genuine", "METER001", "R-4", 100), "n-genuine");
+    cloud.publish(CREDIT, &genuine, 20);
+    let first = cloud.next_on(&result_of("genuine"));
+    assert_eq!(first["ok"], true, "{first}");
+    cloud.publish(CREDIT, &genuine, 21);
+    let replay = cloud.next_on(&result_of("genuine"));
+    assert_eq!(replay["replayed"], true, "{replay}");
+    assert_eq!(replay["balance_wh"], first["balance_wh"]);
+    assert_eq!(gw.balance_wh("METER001"), 5000);
+    let (_, pays) = gw.http("GET", "/api/meters/METER001/payments", None);
+    assert_eq!(pays["payments"].as_array().unwrap().len(), 1, "{pays}");
+}
+
+#[test]
+fn cloud_credits_over_the_per_command_or_daily_cap_are_refused_and_the_day_survives_a_restart() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (_broker, mut gw, mut cloud) = command_site(
+        scratch.path(),
+        "max_credit_kes_per_command = 500\nmax_credit_kes_per_day = 800",
+    );
+    cloud.publish(
+        CREDIT,
+        &signed(credit_json("big", "METER001", "R-big", 501), "n-big"),
+        1,
+    );
+    let r = cloud.next_on(&result_of("big"));
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_credit_kes_per_command"),
+        "{r}"
+    );
+    cloud.publish(
+        CREDIT,
+        &signed(credit_json("a", "METER001", "R-a", 500), "n-a"),
+        2,
+    );
+    assert_eq!(cloud.next_on(&result_of("a"))["ok"], true);
+
+    // The day's total is in the gateway's store: a restart does not reset it.
+    gw.kill();
+    gw.start();
+    gw.wait_log("mqtt: taking commands on umeme/test-site/command/#");
+    cloud.publish(
+        CREDIT,
+        &signed(credit_json("b", "METER002", "R-b", 400), "n-b"),
+        3,
+    );
+    let r = cloud.next_on(&result_of("b"));
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_credit_kes_per_day 800"),
+        "{r}"
+    );
+    assert!(
+        r["error"].as_str().unwrap().contains("KES 300 left today"),
+        "{r}"
+    );
+    cloud.publish(
+        CREDIT,
+        &signed(credit_json("c", "METER002", "R-c", 300), "n-c"),
+        4,
+    );
+    assert_eq!(cloud.next_on(&result_of("c"))["ok"], true);
+    assert_eq!(gw.balance_wh("METER002"), 300 * 50);
+}
+
+#[test]
+fn a_cloud_credit_reusing_a_reference_is_the_same_payment_or_a_conflict_that_reveals_nothing() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (_broker, gw, mut cloud) = command_site(scratch.path(), "");
+    // An M-Pesa receipt already credited at the site by another source (the operator's CLI).
+    let out = gw.cli(&["credit", "METER001", "--kes", "100", "--ref", "RKTQDM7W6S"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let balance_1 = gw.balance_wh("METER001");
+
+    // The same receipt with a trailing space and lower case, same meter and amount: once.
+    cloud.publish(
+        CREDIT,
+        &signed(
+            credit_json("same", "METER001", "rktqdm7w6s ", 100),
+            "n-same",
+        ),
+        1,
+    );
+    let same = cloud.next_on(&result_of("same"));
+    assert_eq!(same["duplicate"], true, "{same}");
+    assert_eq!(gw.balance_wh("METER001"), balance_1);
+
+    // For another meter: an error that says nothing of METER001's payment.
+    cloud.publish(
+        CREDIT,
+        &signed(
+            credit_json("other", "METER002", "RKTQDM7W6S", 100),
+            "n-other",
+        ),
+        2,
+    );
+    let other = cloud.next_on(&result_of("other"));
+    assert_eq!(other["ok"], false, "{other}");
+    assert_eq!(other["retryable"], false, "{other}");
+    assert!(
+        other["error"]
+            .as_str()
+            .unwrap()
+            .contains("reference_conflict"),
+        "{other}"
+    );
+    let text = other.to_string();
+    assert!(
+        !text.contains("METER001") && !text.contains(&balance_1.to_string()),
+        "{text}"
+    );
+    assert_eq!(gw.balance_wh("METER002"), 0);
+    gw.wait_log("its reference was already used for another meter or amount");
+}
+
+#[test]
+fn a_command_with_a_seventy_thousand_character_id_is_refused_and_the_uplink_stays_connected() {
+    let scratch = tempfile::tempdir().unwrap();
+    // Unsigned commands allowed, so the id reaches the plugin in the form it always took.
+    let (_broker, gw, mut cloud) = command_site(scratch.path(), "allow_unsigned_commands = true");
+    gw.assert_log("allow_unsigned_commands = true: anyone who may publish");
+    let huge = credit_json(&"x".repeat(70_000), "METER001", "R-huge", 100);
+    cloud.publish(CREDIT, &huge.to_string(), 1);
+    let r = cloud.next_on(&result_of("invalid"));
+    assert_eq!(r["id"], serde_json::Value::Null, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("at most 8192"), "{r}");
+
+    // The same link carries the next command; it never reconnected.
+    let next = credit_json("next", "METER001", "R-next", 100).to_string();
+    cloud.publish(CREDIT, &next, 2);
+    assert_eq!(cloud.next_on(&result_of("next"))["ok"], true);
+    assert_eq!(gw.log_text().matches("mqtt: connected to").count(), 1);
+    assert!(!gw.log_text().contains("connection lost"));
+    assert_eq!(gw.balance_wh("METER001"), 5000);
 }

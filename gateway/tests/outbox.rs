@@ -126,7 +126,7 @@ fn stream(
 fn killed_repeatedly_while_the_sink_flaps_every_event_reaches_it_and_duplicates_are_only_retries() {
     let scratch = tempfile::tempdir().unwrap();
     let export = scratch.path().join("export");
-    let mut gw = Gateway::new(&sink_config(&export, ""));
+    let mut gw = Gateway::new(&sink_config(&export, "")).with_broker_keys(UNLIMITED_REPORTS);
     const METERS: usize = 6;
     for i in 0..METERS {
         gw.add_meter(&format!("FLAP{i}"), SECRET);
@@ -256,7 +256,8 @@ fn a_long_outage_stays_under_the_disk_cap_keeps_every_payment_and_drains_after()
         // Reports as fast as the meters can send them: the cap is reached before many
         // payments (never dropped) pile up.
         "[outbox]\nmax_bytes = \"256KiB\"\n[ledger]\ncommit_delay = \"0ms\"\n",
-    ));
+    ))
+    .with_broker_keys(UNLIMITED_REPORTS);
     const METERS: usize = 8;
     for i in 0..METERS {
         gw.add_meter(&format!("OUT{i}"), SECRET);

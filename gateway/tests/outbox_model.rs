@@ -98,7 +98,7 @@ proptest! {
                     let op = if payment {
                         h.refs += 1;
                         Op::Credit(Credit { meter: Harness::meter(), source: "model".into(),
-                            reference: format!("R{}", h.refs), amount_cents: 100, at: 2 })
+                            reference: format!("R{}", h.refs), amount_cents: 100, at: 2, phone: None })
                     } else {
                         Op::Presence { meter: Harness::meter(), online: h.refs % 2 == 0, at: 2 }
                     };

@@ -264,19 +264,27 @@ fn a_source_that_panics_when_starting_is_retried_and_the_gateway_serves_on() {
 
 /// `check-config` on a config naming `lib` in `slot` (`sink` or `source`), in `plugins`.
 fn check(plugins: &Path, slot: &str, lib: &str, sha256: Option<&str>) -> (i32, String) {
+    let sha = sha256
+        .map(|s| format!("sha256 = \"{s}\"\n"))
+        .unwrap_or_default();
+    check_config(
+        plugins,
+        &format!("[[{slot}]]\nname = \"x\"\nplugin = \"{lib}\"\n{sha}"),
+    )
+}
+
+/// `check-config` on `plugin_dir = plugins` followed by `entries`: exit code and stderr.
+fn check_config(plugins: &Path, entries: &str) -> (i32, String) {
     let dir = plugins
         .parent()
         .unwrap()
         .join(format!("cfg-{}", rand_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
-    let sha = sha256
-        .map(|s| format!("sha256 = \"{s}\"\n"))
-        .unwrap_or_default();
     let cfg = dir.join("gateway.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[gateway]\nplugin_dir = {:?}\n\n[[{slot}]]\nname = \"x\"\nplugin = \"{lib}\"\n{sha}",
+            "[gateway]\nplugin_dir = {:?}\n\n{entries}",
             plugins.display().to_string()
         ),
     )
@@ -290,6 +298,180 @@ fn check(plugins: &Path, slot: &str, lib: &str, sha256: Option<&str>) -> (i32, S
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `plugin inspect path`: exit code, stdout and stderr.
+fn inspect(path: &Path) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(["plugin", "inspect"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Builds `lib{name}.so` from C with `cc -shared` into `dir` (mode 0644): a constructor that
+/// creates `marker` when the library is loaded, and, when `declare` is set, an exported
+/// `umeme_plugin_declare` (returning NULL).
+fn c_library(dir: &Path, name: &str, marker: &Path, declare: bool) -> PathBuf {
+    let cc = require_tool("cc");
+    let src = dir.join(format!("{name}.c"));
+    let declaration = if declare {
+        "void *umeme_plugin_declare(void) { return 0; }\n"
+    } else {
+        "int not_a_plugin(void) { return 1; }\n"
+    };
+    std::fs::write(
+        &src,
+        format!(
+            "#include <stdio.h>\n\
+             __attribute__((constructor)) static void ran(void) {{\n\
+               FILE *f = fopen({marker:?}, \"w\"); if (f) fclose(f);\n\
+             }}\n{declaration}",
+            marker = marker.display().to_string()
+        ),
+    )
+    .unwrap();
+    let lib = dir.join(format!("lib{name}.so"));
+    let out = Command::new(cc)
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o644)).unwrap();
+    lib
+}
+
+/// A copy of `lib` in `dir` whose ELF header says it is for another machine (e_machine).
+fn for_another_machine(lib: &Path, dir: &Path) -> PathBuf {
+    let mut bytes = std::fs::read(lib).unwrap();
+    let other: u16 = if cfg!(target_arch = "aarch64") {
+        62 // EM_X86_64
+    } else {
+        183 // EM_AARCH64
+    };
+    bytes[18..20].copy_from_slice(&other.to_le_bytes());
+    let to = dir.join("libforeign.so");
+    std::fs::write(&to, bytes).unwrap();
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).unwrap();
+    to
+}
+
+#[test]
+fn a_library_without_the_declaration_is_refused_before_dlopen_could_run_its_constructor() {
+    let scratch = tempfile::tempdir().unwrap();
+    let plugins = plugin_dir(scratch.path(), &[]);
+    let marker = scratch.path().join("constructor-ran");
+
+    c_library(&plugins, "sneaky", &marker, false);
+    let (code, err) = check(&plugins, "sink", "libsneaky.so", None);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("does not export umeme_plugin_declare"),
+        "{err}"
+    );
+    assert!(err.contains("gateway.toml:"), "{err}");
+    let (code, _, err) = inspect(&plugins.join("libsneaky.so"));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("does not export umeme_plugin_declare"),
+        "{err}"
+    );
+    assert!(
+        !marker.exists(),
+        "the library's constructor ran: it was dlopened"
+    );
+
+    // The marker is a fair witness: a library that does declare the symbol is loaded, its
+    // constructor runs, and only then is its (null) declaration refused.
+    c_library(&plugins, "declares", &marker, true);
+    let (code, err) = check(&plugins, "sink", "libdeclares.so", None);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("declaration is null"), "{err}");
+    assert!(marker.exists(), "dlopen runs constructors");
+}
+
+#[test]
+fn a_plugin_built_for_another_machine_is_refused_by_its_elf_header() {
+    let scratch = tempfile::tempdir().unwrap();
+    let plugins = plugin_dir(scratch.path(), &[]);
+    let foreign = for_another_machine(&built(SINK), &plugins);
+    let (code, err) = check(&plugins, "sink", "libforeign.so", None);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("but this gateway runs on"), "{err}");
+    assert!(!err.contains("dlopen"), "refused before dlopen: {err}");
+    let (code, _, err) = inspect(&foreign);
+    assert_eq!(code, 1);
+    assert!(err.contains("but this gateway runs on"), "{err}");
+}
+
+#[test]
+fn check_config_refuses_a_plugin_secret_file_other_users_can_read_at_its_key() {
+    let scratch = tempfile::tempdir().unwrap();
+    let plugins = plugin_dir(scratch.path(), &[SINK]);
+    let password = scratch.path().join("uplink-password");
+    std::fs::write(&password, "hunter2\n").unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let entries = format!(
+        "[[sink]]\nname = \"x\"\nplugin = \"{SINK}\"\n[sink.config]\ndir = \"/tmp\"\npassword_file = {:?}\n",
+        password.display().to_string()
+    );
+    let (code, err) = check_config(&plugins, &entries);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("gateway.toml:9:1"),
+        "located at the key: {err}"
+    );
+    assert!(
+        err.contains("password_file: secret file") && err.contains(password.to_str().unwrap()),
+        "{err}"
+    );
+    assert!(
+        err.contains("mode 644") && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "the secret is never shown: {err}");
+
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, err) = check_config(&plugins, &entries);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn plugin_inspect_refuses_what_the_loader_refuses_symlinks_and_writable_files() {
+    let scratch = tempfile::tempdir().unwrap();
+    let plugins = plugin_dir(scratch.path(), &[SINK]);
+    let lib = plugins.join(SINK);
+    let (code, out, err) = inspect(&lib);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("name:            testkit-sink"), "{out}");
+
+    let link = plugins.join("liblink.so");
+    std::os::unix::fs::symlink(&lib, &link).unwrap();
+    let (code, _, err) = inspect(&link);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("is a symbolic link; plugins are loaded only from real files"),
+        "{err}"
+    );
+
+    std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o664)).unwrap();
+    let (code, _, err) = inspect(&lib);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("the plugin file is writable by group or others"),
+        "{err}"
+    );
 }
 
 fn rand_suffix() -> u64 {
@@ -432,7 +614,7 @@ fn plugin_inspect_shows_versions_and_glibc_and_a_plugin_exports_one_symbol() {
     for want in [
         "name:            testkit-sink",
         "kind:            sink",
-        "abi:             1.0",
+        "abi:             1.1",
         "built with:      rustc ",
         "glibc required:  GLIBC_2.",
     ] {

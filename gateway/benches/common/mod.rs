@@ -27,6 +27,9 @@ use umeme_gateway::writer::{apply_now, Credit, LedgerSettings, Op};
 pub const SECRET: &str = "bench-meter-secret";
 /// Largest MQTT packet either side of a bench connection sends.
 pub const MAX_PACKET: usize = 64 * 1024;
+/// `[broker]` keys lifting the per-meter report rate (default 60 a minute, burst 120): the
+/// benches push each meter's reports flat out to measure the ledger, not the meter's limit.
+pub const UNLIMITED_REPORTS: &str = "reports_per_minute = 6000000\nreport_burst = 1000000\n";
 /// Keep-alive of bench meters: longer than any run, so no PINGREQ is needed.
 const KEEP_ALIVE_S: u16 = 300;
 /// Credit per meter: far more than a run uses, so no relay ever opens.
@@ -289,6 +292,7 @@ pub fn provision<'a>(config: &Config, meters: impl Iterator<Item = &'a String>) 
             reference: format!("bench-{id}"),
             amount_cents: CREDIT_CENTS,
             at,
+            phone: None,
         });
         apply_now(&mut conn, &credit, &settings).with_context(|| format!("crediting {id}"))?;
         n += 1;

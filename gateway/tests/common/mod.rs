@@ -15,6 +15,9 @@ use rumqttc::mqttbytes::{self, QoS};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_umeme-gateway");
 pub const WAIT: Duration = Duration::from_secs(15);
+/// `[broker]` keys lifting the per-meter report rate, for tests that stream reports flat out
+/// to test something else (durability, the outbox); `meter_abuse.rs` tests the limits.
+pub const UNLIMITED_REPORTS: &str = "reports_per_minute = 6000000\nreport_burst = 1000000\n";
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
@@ -97,6 +100,8 @@ pub struct Gateway {
     child: Option<Child>,
     pub log: mpsc::Receiver<String>,
     log_path: PathBuf,
+    /// `RLIMIT_NOFILE` (soft and hard) the daemon starts under, when set.
+    pub nofile_limit: Option<u64>,
 }
 
 impl Gateway {
@@ -134,7 +139,18 @@ impl Gateway {
             child: None,
             log,
             log_path,
+            nofile_limit: None,
         }
+    }
+
+    /// Adds `keys` to the `[broker]` table through a `conf.d` file, as an operator would (the
+    /// main file already has that table).
+    pub fn with_broker_keys(self, keys: &str) -> Gateway {
+        let conf_d = self.dir.path().join("conf.d");
+        std::fs::create_dir_all(&conf_d).expect("conf.d");
+        std::fs::write(conf_d.join("50-broker.toml"), format!("[broker]\n{keys}"))
+            .expect("write conf.d file");
+        self
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -144,14 +160,30 @@ impl Gateway {
     /// Starts the daemon and waits for its "ready" log line.
     pub fn start(&mut self) -> &mut Self {
         assert!(self.child.is_none(), "already running");
-        let mut child = Command::new(BIN)
-            .args(["run", "--config"])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info,umeme_gateway=debug")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn umeme-gateway");
+            .stderr(Stdio::piped());
+        if let Some(n) = self.nofile_limit {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn umeme-gateway");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
         let log_path = self.log_path.clone();
@@ -520,7 +552,7 @@ pub fn require_tool(name: &str) -> PathBuf {
         }
     }
     panic!(
-        "{name} is not installed; run the README's test command (it installs mosquitto-clients)"
+        "{name} is not installed; run scripts/test-all (it installs mosquitto, mosquitto-clients and the rest)"
     );
 }
 

@@ -81,15 +81,10 @@ impl Sink for Webhook {
         }
         let token = match &config.token_file {
             None => None,
-            Some(file) => {
-                let token = std::fs::read_to_string(file)
-                    .map_err(|e| format!("token_file {}: {e}", file.display()))?;
-                let token = token.trim().to_string();
-                if token.is_empty() {
-                    return Err(format!("token_file {} is empty", file.display()));
-                }
-                Some(token)
-            }
+            // The SDK refuses a secret other users could read, a symlink, an empty file.
+            Some(file) => Some(
+                umeme_plugin_sdk::read_secret_file(file).map_err(|e| format!("token_file: {e}"))?,
+            ),
         };
         log::info!("posting events to http://{authority}{path}");
         Ok(Webhook {

@@ -108,6 +108,7 @@ fn each_event_is_posted_with_its_id_as_idempotency_key_and_the_bearer_token() {
     let token_file =
         std::env::temp_dir().join(format!("umeme-webhook-token-{}", std::process::id()));
     std::fs::write(&token_file, "s3cret\n").unwrap();
+    private(&token_file);
     let mut sink =
         SinkHarness::<Webhook>::new(json!({ "url": receiver.url, "token_file": token_file }))
             .unwrap();
@@ -311,4 +312,10 @@ fn a_panic_in_deliver_is_a_retry_and_the_poisoned_instance_refuses_further_calls
     // What the gateway does: a new instance, the same batch.
     let mut sink = SinkHarness::<Buggy>::new(json!({ "url": receiver.url })).unwrap();
     assert_eq!(sink.deliver(&batch(1..=1)), Delivery::Delivered);
+}
+
+/// Secret files are read only at mode 0600 (`umeme_plugin_sdk::read_secret_file`).
+fn private(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }

@@ -18,7 +18,8 @@ use std::ffi::{c_char, c_void};
 /// `u64::from_le_bytes(*b"UMEMEPLG")`.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"UMEMEPLG");
 pub const ABI_MAJOR: u16 = 1;
-pub const ABI_MINOR: u16 = 0;
+/// 1: `HostApi::record_unapplied`.
+pub const ABI_MINOR: u16 = 1;
 /// The one symbol a plugin exports: `extern "C" fn() -> *const Declaration`.
 pub const DECLARE_SYMBOL: &str = "umeme_plugin_declare";
 
@@ -117,6 +118,27 @@ pub struct HostApi {
     /// Stores (durably, before returning `OK`) or, with an empty value, deletes a key.
     pub kv_put:
         unsafe extern "C" fn(ctx: *mut c_void, key: Str, value: Str, out: *mut Writer) -> Status,
+    /// Minor 1. Keeps a payment that moved money but credits no meter
+    /// `{"reference","amount_cents","account","phone"?,"reason","raw"?}` for the operator
+    /// (`umeme-gateway payment list --unapplied`, `payment apply`). `OK` once durable (also for
+    /// a reference already kept or credited), `REJECTED` when the gateway's store of unapplied
+    /// payments is full or the record is malformed, `BUSY` when it cannot take it now. Absent in
+    /// a host of minor 0: read `struct_size` first ([`HostApi::has_record_unapplied`]).
+    pub record_unapplied:
+        unsafe extern "C" fn(ctx: *mut c_void, unapplied: Str, out: *mut Writer) -> Status,
+}
+
+/// The size of a minor-0 host table: the least a plugin accepts. Fields past it are read only
+/// after checking `struct_size` (so a plugin built on a newer SDK loads into an older gateway).
+pub const HOST_API_MINOR_0_SIZE: usize = std::mem::offset_of!(HostApi, record_unapplied);
+
+impl HostApi {
+    /// Whether the host's table reaches `record_unapplied` (minor 1 or later).
+    pub fn has_record_unapplied(&self) -> bool {
+        self.struct_size as usize
+            >= std::mem::offset_of!(HostApi, record_unapplied)
+                + std::mem::size_of::<*const c_void>()
+    }
 }
 
 /// Creates an instance from its config (the plugin's TOML table as a JSON object).

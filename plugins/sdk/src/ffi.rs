@@ -184,9 +184,7 @@ unsafe fn create<C: serde::de::DeserializeOwned, T>(
     }
     // SAFETY: non-null and valid for the instance's lifetime (ABI rule).
     let api = unsafe { &*host };
-    if api.abi_major != abi::ABI_MAJOR
-        || (api.struct_size as usize) < std::mem::size_of::<HostApi>()
-    {
+    if api.abi_major != abi::ABI_MAJOR || (api.struct_size as usize) < abi::HOST_API_MINOR_0_SIZE {
         unsafe { write(err, "the host speaks another plugin ABI") };
         return abi::BAD_CONFIG;
     }

@@ -37,8 +37,11 @@
 
 pub mod abi;
 mod ffi;
+pub mod secret;
 pub mod testing;
 pub mod untrusted;
+
+pub use secret::{read_secret_file, SecretFileError};
 
 use std::ffi::CStr;
 use std::time::Duration;
@@ -207,6 +210,24 @@ pub struct Payment {
     pub raw: Option<serde_json::Value>,
 }
 
+/// A payment that moved money but credits no meter, for [`Host::record_unapplied`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Unapplied {
+    /// The reference the payment would have credited with (M-Pesa TransID or receipt); the
+    /// operator's `payment apply` credits with the same one, so it still credits once.
+    pub reference: String,
+    /// KES cents.
+    pub amount_cents: i64,
+    /// The account the payer gave (empty for a Buy Goods payment without one).
+    pub account: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    /// Why it was not credited.
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<serde_json::Value>,
+}
+
 /// What the gateway answered for a payment.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PaymentResult {
@@ -338,6 +359,20 @@ impl Host {
         let (status, text) = self.call(|api, w| unsafe {
             (api.kv_put)(api.ctx, abi::Str::new(key), abi::Str::new(value), w)
         });
+        Self::result(status, text).map(drop)
+    }
+
+    /// Hands a payment that credits no meter to the gateway, which keeps it for the operator.
+    /// [`HostError::Unsupported`] from a gateway older than ABI minor 1.
+    pub fn record_unapplied(&self, unapplied: &Unapplied) -> Result<(), HostError> {
+        // SAFETY: `api` is valid for the instance's lifetime (ABI rule).
+        if !unsafe { &*self.api }.has_record_unapplied() {
+            return Err(HostError::Unsupported);
+        }
+        let json =
+            serde_json::to_string(unapplied).map_err(|e| HostError::Failed(e.to_string()))?;
+        let (status, text) =
+            self.call(|api, w| unsafe { (api.record_unapplied)(api.ctx, abi::Str::new(&json), w) });
         Self::result(status, text).map(drop)
     }
 

@@ -45,6 +45,12 @@ pub struct FakeHost {
     pub balances_wh: Mutex<HashMap<String, i64>>,
     pub commands: Mutex<Vec<Command>>,
     pub kv: Mutex<HashMap<String, String>>,
+    /// Payments handed to `record_unapplied`, one per reference.
+    pub unapplied: Mutex<Vec<crate::Unapplied>>,
+    /// When set, `record_unapplied` refuses with this reason (a full store).
+    pub refuse_unapplied: Mutex<Option<String>>,
+    /// A gateway of ABI minor 0: its table ends before `record_unapplied`.
+    pub minor_0: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -175,6 +181,27 @@ unsafe extern "C" fn fake_kv_put(
     abi::OK
 }
 
+unsafe extern "C" fn fake_record_unapplied(
+    ctx: *mut c_void,
+    unapplied: Str,
+    out: *mut Writer,
+) -> Status {
+    let h = unsafe { host(ctx) };
+    if let Some(why) = lock(&h.refuse_unapplied).clone() {
+        return unsafe { reply(out, abi::REJECTED, &why) };
+    }
+    match serde_json::from_str::<crate::Unapplied>(&unsafe { text(unapplied) }) {
+        Ok(u) => {
+            let mut kept = lock(&h.unapplied);
+            if !kept.iter().any(|k| k.reference == u.reference) {
+                kept.push(u);
+            }
+            abi::OK
+        }
+        Err(e) => unsafe { reply(out, abi::REJECTED, &format!("bad record: {e}")) },
+    }
+}
+
 /// The fake host's function table and the host it points to. Both are leaked, as the gateway
 /// does: the plugin's global logger may still hold the table after its instance is destroyed
 /// (another test's harness, a thread of the plugin), so freeing it could be a use after free.
@@ -186,10 +213,15 @@ struct FakeTable {
 impl FakeTable {
     fn new(host: Arc<FakeHost>) -> FakeTable {
         std::mem::forget(Arc::clone(&host));
+        let (struct_size, abi_minor) = if host.minor_0 {
+            (abi::HOST_API_MINOR_0_SIZE, 0)
+        } else {
+            (std::mem::size_of::<HostApi>(), abi::ABI_MINOR)
+        };
         let api = Box::leak(Box::new(HostApi {
-            struct_size: std::mem::size_of::<HostApi>() as u32,
+            struct_size: struct_size as u32,
             abi_major: abi::ABI_MAJOR,
-            abi_minor: abi::ABI_MINOR,
+            abi_minor,
             ctx: Arc::as_ptr(&host) as *mut c_void,
             log: fake_log,
             max_level: abi::LEVEL_TRACE,
@@ -199,6 +231,7 @@ impl FakeTable {
             submit_command: fake_submit_command,
             kv_get: fake_kv_get,
             kv_put: fake_kv_put,
+            record_unapplied: fake_record_unapplied,
         }));
         FakeTable { api, host }
     }
@@ -335,7 +368,25 @@ pub struct SourceHarness<T: PaymentSource> {
 
 impl<T: PaymentSource> SourceHarness<T> {
     pub fn new(config: serde_json::Value, meters: &[&str]) -> Result<Self, String> {
-        let host = Arc::new(FakeHost::default());
+        Self::with_host(FakeHost::default(), config, meters)
+    }
+
+    /// Like `new`, against a gateway of ABI minor 0 (a host table without the callbacks
+    /// minor 1 added), to check a plugin still works there.
+    pub fn on_minor_0(config: serde_json::Value, meters: &[&str]) -> Result<Self, String> {
+        let host = FakeHost {
+            minor_0: true,
+            ..FakeHost::default()
+        };
+        Self::with_host(host, config, meters)
+    }
+
+    fn with_host(
+        host: FakeHost,
+        config: serde_json::Value,
+        meters: &[&str],
+    ) -> Result<Self, String> {
+        let host = Arc::new(host);
         lock(&host.meters).extend(meters.iter().map(|m| m.to_string()));
         let table = FakeTable::new(host);
         let inst = create_instance(&table, &config, crate::ffi::source_create::<T>)?;

@@ -23,12 +23,10 @@ pub struct Untrusted<'a>(pub &'a str);
 impl fmt::Display for Untrusted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use fmt::Write;
-        let mut shown = 0usize;
-        for (i, c) in self.0.char_indices() {
+        for (shown, (i, c)) in self.0.char_indices().enumerate() {
             if shown == MAX_LOGGED_CHARS {
                 return write!(f, "…(+{} bytes)", self.0.len() - i);
             }
-            shown += 1;
             match c {
                 '\\' => f.write_str(r"\\")?,
                 '\n' => f.write_str(r"\n")?,

@@ -1,7 +1,8 @@
 //! The test fake Realtime Database and token endpoint as a process, for the gateway's end-to-end
 //! test (gateway/tests/firebase.rs). Test tooling only.
 //!
-//! `fake_rtdb --email E --public-key PUB.der --secret S [--seed JSON]` prints
+//! `fake_rtdb --email E --public-key PUB.der --secret S [--seed JSON] [--index PATH:CHILD]…`
+//! (`--index users:meter_no` is the `.indexOn` rule) prints
 //! `listening http://127.0.0.1:PORT` and serves until its stdin closes. The tree can be read
 //! with `GET /.json?auth=S`.
 
@@ -22,6 +23,10 @@ fn main() {
             "--public-key" => state.public_key = Some(std::fs::read(&value).expect("public key")),
             "--secret" => state.secret = Some(value),
             "--seed" => state.tree = serde_json::from_str(&value).expect("seed is JSON"),
+            "--index" => {
+                let (path, child) = value.split_once(':').expect("--index PATH:CHILD");
+                state.indexes.push((path.into(), child.into()));
+            }
             other => panic!("unknown flag {other}"),
         }
     }

@@ -53,8 +53,7 @@ pub struct ServiceAccount {
 impl ServiceAccount {
     /// Reads and checks a service-account key file (no network).
     pub fn from_file(path: &Path) -> Result<ServiceAccount, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("service_account_file {}: {e}", path.display()))?;
+        let text = read_secret("service_account_file", path)?;
         let file: KeyFile = serde_json::from_str(&text).map_err(|e| {
             format!(
                 "service_account_file {} is not a service-account key: {e}",
@@ -212,13 +211,7 @@ fn pem_to_der(pem: &str, label: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("private_key is not valid PEM: {e}"))
 }
 
-/// Reads a secret file: its content without surrounding whitespace.
+/// Reads a secret file with the SDK's checks (mode, no symlink, size).
 pub fn read_secret(key: &str, path: &Path) -> Result<String, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
-    let secret = text.trim().to_string();
-    if secret.is_empty() {
-        return Err(format!("{key} {} is empty", path.display()));
-    }
-    Ok(secret)
+    umeme_plugin_sdk::read_secret_file(path).map_err(|e| format!("{key}: {e}"))
 }

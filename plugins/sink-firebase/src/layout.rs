@@ -8,7 +8,7 @@
 //! |---|---|
 //! | consumption | `unit_consumption/{id}`, `meters/{m}/{balance,total_consumed,last_seen,last_update,online}`, `users/{uid}/balance` |
 //! | payment | `transactions/{id}`, `meters/{m}/balance`, `users/{uid}/{balance,latest_transaction_id,last_payment_*,last_units_purchased}` |
-//! | status | `meters/{m}/{status,online,last_seen}` |
+//! | status | `meters/{m}/{status,online,relay,last_seen}` |
 //! | balance (the meter's own view) | `meters/{m}/{last_seen,online}` |
 //! | alert | `meters/{m}/last_alert` |
 //! | meter | nothing (linking meters to users stays the landlord's) |
@@ -18,6 +18,33 @@ use umeme_plugin_sdk::{iso8601_utc, Event};
 
 /// What one event writes: paths relative to the database root.
 pub type Writes = Vec<(String, Value)>;
+
+/// The dashboard user a meter belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// The key under `users/`.
+    pub uid: String,
+    /// `users/{uid}/phone_number`, when the lookup read it (the query by `meter_no` does).
+    pub phone: Option<String>,
+}
+
+/// Whether `phone` is plausible as a phone number (digits, an optional leading `+`), so that
+/// nothing else from the payment source or the dashboard lands in a transaction record.
+pub fn usable_phone(phone: &str) -> bool {
+    let digits = phone.strip_prefix('+').unwrap_or(phone);
+    (6..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether `reference` has the shape of an M-Pesa receipt (`QGH1ABC2DE`: ten capital letters
+/// and digits). Only those become `mpesa_receipt`, the field the original backend's duplicate
+/// check queries; a manual or simulated reference is not an M-Pesa receipt.
+pub fn is_mpesa_receipt(reference: &str) -> bool {
+    reference.len() == 10
+        && reference
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        && reference.bytes().any(|b| b.is_ascii_uppercase())
+}
 
 /// Whether `key` may be a Realtime Database key (research/apis.md §2.1).
 pub fn check_key(key: &str) -> Result<(), String> {
@@ -60,8 +87,10 @@ pub fn needs_user(e: &Event) -> bool {
     matches!(e.kind.as_str(), "consumption" | "payment")
 }
 
-/// The writes for one event; `user` is `meters/{m}/user_id` when it exists.
-pub fn writes_for(e: &Event, user: Option<&str>) -> Result<Writes, String> {
+/// The writes for one event; `user` is the meter's dashboard user when one is found.
+pub fn writes_for(e: &Event, user: Option<&User>) -> Result<Writes, String> {
+    let phone = user.and_then(|u| u.phone.as_deref());
+    let user = user.map(|u| u.uid.as_str());
     check_key(&e.id)?;
     let Some(meter) = meter_of(e)? else {
         return Ok(Vec::new());
@@ -126,6 +155,23 @@ pub fn writes_for(e: &Event, user: Option<&str>) -> Result<Writes, String> {
                     record.insert(to.into(), v.clone());
                 }
             }
+            // The original backend's fields: its duplicate check queries `mpesa_receipt`, and
+            // its transaction list shows `phone_number` (the payer's when the payment carried
+            // one, else the number the tenant registered with).
+            if let Some(r) = data
+                .get("reference")
+                .and_then(Value::as_str)
+                .filter(|r| is_mpesa_receipt(r))
+            {
+                record.insert("mpesa_receipt".into(), json!(r));
+            }
+            let payer = data
+                .get("phone")
+                .and_then(Value::as_str)
+                .filter(|p| usable_phone(p));
+            if let Some(p) = payer.or(phone) {
+                record.insert("phone_number".into(), json!(p));
+            }
             record.insert("gateway".into(), json!(e.gateway));
             record.insert("seq".into(), json!(e.seq));
             w.push((format!("transactions/{}", e.id), Value::Object(record)));
@@ -151,10 +197,13 @@ pub fn writes_for(e: &Event, user: Option<&str>) -> Result<Writes, String> {
             }
             s.insert("last_seen".into(), json!(e.at));
             w.push((m("status"), Value::Object(s)));
-            w.push((
-                m("online"),
-                json!(!matches!(status, "offline" | "disconnected")),
-            ));
+            // Only `offline` (the Last Will, or the gateway seeing the connection end) means
+            // the meter is gone. The firmware publishes `disconnected` over its live connection
+            // when its credit runs out: that is the relay, kept apart in `relay`.
+            w.push((m("online"), json!(status != "offline")));
+            if let Some(relay) = relay_of(status, data) {
+                w.push((m("relay"), json!(relay)));
+            }
             w.push((m("last_seen"), json!(e.at)));
         }
         "balance" => {
@@ -176,6 +225,28 @@ pub fn writes_for(e: &Event, user: Option<&str>) -> Result<Writes, String> {
         _ => {}
     }
     Ok(w)
+}
+
+/// The relay state a status event tells: the firmware's own `loadOn` when its report has it,
+/// else what the status means (`disconnected`: credit exhausted, load off). A status the
+/// gateway made from the connection itself says nothing about the relay.
+fn relay_of(status: &str, data: &Map<String, Value>) -> Option<&'static str> {
+    let on_off = |on: bool| if on { "on" } else { "off" };
+    if let Some(on) = data
+        .get("report")
+        .and_then(|r| r.get("loadOn"))
+        .and_then(Value::as_bool)
+    {
+        return Some(on_off(on));
+    }
+    if data.get("source").and_then(Value::as_str) == Some("connection") {
+        return None;
+    }
+    match status {
+        "disconnected" => Some("off"),
+        "online" | "low_balance" => Some("on"),
+        _ => None,
+    }
 }
 
 /// Units (kWh) from the event's float field, or from its Wh field.
@@ -212,5 +283,28 @@ mod tests {
             assert!(check_key(bad).is_err(), "{bad:?}");
         }
         check_key("site-001-000000000042").unwrap();
+    }
+
+    #[test]
+    fn only_receipt_shaped_references_count_as_mpesa_receipts() {
+        assert!(is_mpesa_receipt("QGH1ABC2DE"));
+        for not in [
+            "SIM-1764230400123-ab",
+            "cash-001",
+            "QGH1ABC",
+            "qgh1abc2de",
+            "1234567890",
+        ] {
+            assert!(!is_mpesa_receipt(not), "{not}");
+        }
+    }
+
+    #[test]
+    fn only_digit_phone_numbers_are_copied_into_records() {
+        assert!(usable_phone("254712345678"));
+        assert!(usable_phone("+254712345678"));
+        for not in ["", "0712", "2547-1234", "<script>", "254712345678901234"] {
+            assert!(!usable_phone(not), "{not}");
+        }
     }
 }

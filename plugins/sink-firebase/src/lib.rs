@@ -4,8 +4,8 @@
 //! - [`rtdb`]: the two REST calls (root multi-path PATCH, GET) and what each answer means.
 //! - [`auth`]: service account → signed JWT → access token (cached), or the legacy secret.
 //!
-//! One batch costs one PATCH, plus one GET of `meters/{m}/user_id` per meter whose link is
-//! not cached. Writes are keyed by event id, so a retried batch cannot duplicate a record.
+//! One batch costs one PATCH, plus, per meter whose link is not cached, one GET of
+//! `meters/{m}/user_id` and (when that is absent) one query of `users` by `meter_no`. Writes are keyed by event id, so a retried batch cannot duplicate a record.
 //! See README.md for the configuration and the status mapping.
 
 pub mod auth;
@@ -19,9 +19,11 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use umeme_plugin_sdk::untrusted::Untrusted;
 use umeme_plugin_sdk::{export_sink, Delivery, Event, Health, Host, Sink};
 
 use auth::{Credential, ServiceAccount};
+use layout::User;
 use rtdb::{Failure, Rtdb};
 
 /// The `[sink.config]` table.
@@ -39,10 +41,18 @@ pub struct Config {
     /// How long a meter's `user_id` link is trusted before it is read again.
     #[serde(default = "default_user_cache_secs")]
     pub user_cache_secs: u64,
+    /// How long "no user has this meter" is trusted: a tenant who registers later is found
+    /// within this time, and an unregistered meter costs at most one lookup per period.
+    #[serde(default = "default_user_miss_secs")]
+    pub user_miss_secs: u64,
 }
 
 fn default_user_cache_secs() -> u64 {
     300
+}
+
+fn default_user_miss_secs() -> u64 {
+    30
 }
 
 enum Auth {
@@ -54,9 +64,10 @@ enum Auth {
 pub struct Firebase {
     db: Rtdb,
     auth: Auth,
-    /// meter → (`meters/{m}/user_id`, when read).
-    users: HashMap<String, (Option<String>, Instant)>,
+    /// meter → (its dashboard user, when looked up).
+    users: HashMap<String, (Option<User>, Instant)>,
     user_ttl: Duration,
+    miss_ttl: Duration,
     /// The last failure, for `health`; `None` after a delivered batch.
     trouble: Option<Trouble>,
 }
@@ -99,6 +110,7 @@ impl Sink for Firebase {
             auth,
             users: HashMap::new(),
             user_ttl: Duration::from_secs(config.user_cache_secs),
+            miss_ttl: Duration::from_secs(config.user_miss_secs),
             trouble: None,
         })
     }
@@ -157,7 +169,7 @@ impl Firebase {
                 Some(m) => self.user_of(m, deadline)?,
                 None => None,
             };
-            match layout::writes_for(e, user.as_deref()) {
+            match layout::writes_for(e, user.as_ref()) {
                 Ok(w) => writes.push((e.seq, w)),
                 Err(reason) => {
                     log::warn!("event {} refused: {reason}", e.id);
@@ -207,30 +219,88 @@ impl Firebase {
         }
     }
 
-    /// `meters/{meter}/user_id`, from the cache while fresh.
-    fn user_of(&mut self, meter: &str, deadline: Instant) -> Result<Option<String>, Failure> {
+    /// The meter's dashboard user, from the cache while fresh: `meters/{meter}/user_id` (the
+    /// original backend's link), else the user whose `meter_no` is the meter (how the
+    /// dashboard registers a tenant).
+    fn user_of(&mut self, meter: &str, deadline: Instant) -> Result<Option<User>, Failure> {
         if let Some((user, at)) = self.users.get(meter) {
-            if at.elapsed() < self.user_ttl {
+            let ttl = if user.is_some() {
+                self.user_ttl
+            } else {
+                self.miss_ttl
+            };
+            if at.elapsed() < ttl {
                 return Ok(user.clone());
             }
         }
         let path = format!("meters/{meter}/user_id");
         let value = self.authorized(deadline, |db, cred, budget| db.get(&path, cred, budget))?;
-        let user = match value {
+        let linked = match value {
             Value::String(s) => Some(s),
             Value::Number(n) => Some(n.to_string()),
             _ => None,
         }
-        .filter(|uid| match layout::check_key(uid) {
-            Ok(()) => true,
-            Err(e) => {
-                log::warn!("meters/{meter}/user_id is not usable: {e}");
-                false
-            }
-        });
+        .filter(|uid| usable_uid(uid, &path));
+        let user = match linked {
+            Some(uid) => Some(User { uid, phone: None }),
+            None => self.user_by_meter_no(meter, deadline)?,
+        };
         self.users
             .insert(meter.to_string(), (user.clone(), Instant::now()));
         Ok(user)
+    }
+
+    /// `users?orderBy="meter_no"&equalTo="{meter}"`: the tenant the dashboard registered.
+    fn user_by_meter_no(
+        &mut self,
+        meter: &str,
+        deadline: Instant,
+    ) -> Result<Option<User>, Failure> {
+        let found = self.authorized(deadline, |db, cred, budget| {
+            db.query_equal("users", "meter_no", meter, cred, budget)
+        });
+        let found = match found {
+            // Without the index the database refuses the query; holding the batch until the
+            // operator adds it keeps `user_id` on every record (nothing is written unlinked).
+            Err(Failure::Invalid(reason)) => {
+                return Err(Failure::Denied(format!(
+                    "finding the user of meter {meter} by users/*/meter_no needs an index: add \
+                     \"users\": {{\".indexOn\": [\"meter_no\"]}} to the database rules \
+                     (the database said: {})",
+                    Untrusted(&reason)
+                )))
+            }
+            other => other?,
+        };
+        let Value::Object(users) = found else {
+            return Ok(None);
+        };
+        // Several users claiming one meter is the dashboard's data error; pick one the same
+        // way every time and say so.
+        let mut uids: Vec<&String> = users
+            .keys()
+            .filter(|uid| usable_uid(uid, "users"))
+            .collect();
+        uids.sort();
+        let Some(uid) = uids.first() else {
+            return Ok(None);
+        };
+        if uids.len() > 1 {
+            log::warn!(
+                "{} users have meter_no {meter}; using {}",
+                uids.len(),
+                Untrusted(uid)
+            );
+        }
+        let phone = users[*uid]
+            .get("phone_number")
+            .and_then(Value::as_str)
+            .filter(|p| layout::usable_phone(p))
+            .map(str::to_string);
+        Ok(Some(User {
+            uid: (*uid).clone(),
+            phone,
+        }))
     }
 
     /// Runs `call` with a credential. A refused access token that came from the cache is
@@ -267,6 +337,17 @@ impl Firebase {
                     other => other,
                 }
             }
+        }
+    }
+}
+
+/// Whether a user id read at `from` can be a key under `users/` (logged when not).
+fn usable_uid(uid: &str, from: &str) -> bool {
+    match layout::check_key(uid) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("{from}: user id not usable: {}", Untrusted(e.as_str()));
+            false
         }
     }
 }

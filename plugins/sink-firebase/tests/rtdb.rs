@@ -58,6 +58,7 @@ fn service_account_file(dir: &Path, fake: &FakeRtdb, key: &TestKey) -> PathBuf {
         "token_uri": format!("{}/token", fake.url()),
     });
     std::fs::write(&path, sa.to_string()).unwrap();
+    private(&path);
     path
 }
 
@@ -69,14 +70,32 @@ fn seeded() -> Value {
     })
 }
 
-fn fake() -> FakeRtdb {
+/// The `.indexOn` rules the plugin README asks for (`users`/`meter_no`), and the ones the
+/// original backend's queries use (`user_id`, `mpesa_receipt`), so replayed reads work too.
+fn indexes() -> Vec<(String, String)> {
+    [
+        ("users", "meter_no"),
+        ("transactions", "user_id"),
+        ("transactions", "mpesa_receipt"),
+        ("unit_consumption", "user_id"),
+    ]
+    .map(|(p, c)| (p.to_string(), c.to_string()))
+    .to_vec()
+}
+
+fn fake_with(tree: Value, indexes: Vec<(String, String)>) -> FakeRtdb {
     FakeRtdb::start(State {
-        tree: seeded(),
+        tree,
         public_key: Some(key().public_der.clone()),
         client_email: EMAIL.into(),
         secret: Some("legacy-secret".into()),
+        indexes,
         ..State::default()
     })
+}
+
+fn fake() -> FakeRtdb {
+    fake_with(seeded(), indexes())
 }
 
 struct Setup {
@@ -191,6 +210,7 @@ fn expected_tree() -> Value {
                 "last_seen": at(9),
                 "last_update": at(9),
                 "online": true,
+                "relay": "on",
                 "status": {"status": "online", "message": "relay on", "last_seen": at(3)},
             },
             "METER002": {
@@ -273,12 +293,18 @@ fn a_batch_lands_in_the_layout_the_dashboard_reads_with_one_patch() {
             ("POST", "/token"),
             ("GET", "/meters/METER001/user_id.json"),
             ("GET", "/meters/METER002/user_id.json"),
+            ("GET", "/users.json"),
             ("PATCH", "/.json"),
         ]
         .map(|(m, p)| (m.to_string(), p.to_string())),
-        "one token, one GET per meter's user link, one PATCH"
+        "one token, one GET per meter's user link, a query by meter_no for the unlinked \
+         meter, one PATCH"
     );
-    assert_eq!(reqs[3].query, "print=silent");
+    assert_eq!(
+        reqs[3].query,
+        "orderBy=%22meter_no%22&equalTo=%22METER002%22"
+    );
+    assert_eq!(reqs[4].query, "print=silent");
     assert!(reqs.iter().all(|r| r.status == 200 || r.status == 204));
     assert!(s.sink.health().ok);
 }
@@ -319,6 +345,7 @@ fn the_legacy_database_secret_authenticates_with_the_auth_parameter() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "legacy-secret\n").unwrap();
+    private(&secret);
     let mut sink = SinkHarness::<Firebase>::new(json!({
         "database_url": format!("{}/", fake.url()),
         "database_secret_file": secret,
@@ -451,6 +478,7 @@ fn a_wrong_database_secret_is_bad_config() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "not-the-secret").unwrap();
+    private(&secret);
     let mut sink = SinkHarness::<Firebase>::new(json!({
         "database_url": fake.url(), "database_secret_file": secret,
     }))
@@ -512,6 +540,7 @@ fn an_access_token_is_renewed_before_it_expires() {
         public_key: Some(key().public_der.clone()),
         client_email: EMAIL.into(),
         token_lifetime_secs: 1,
+        indexes: indexes(),
         ..State::default()
     });
     let mut s = with_service_account(fake);
@@ -532,8 +561,10 @@ fn bad_configuration_is_refused_at_create() {
     let sa = service_account_file(dir.path(), &fake, key());
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "s").unwrap();
+    private(&secret);
     let not_sa = dir.path().join("not-sa.json");
     std::fs::write(&not_sa, r#"{"type":"authorized_user"}"#).unwrap();
+    private(&not_sa);
     let cases = [
         (json!({"database_url": fake.url()}), "exactly one"),
         (
@@ -563,4 +594,238 @@ fn bad_configuration_is_refused_at_create() {
             Ok(_) => panic!("{config} was accepted"),
         }
     }
+}
+
+/// The original tree for a tenant the dashboard registered (`POST /users` pushes
+/// `users/{pushId}` with `meter_no` and `phone_number`): no `meters/{m}/user_id` link at all.
+fn dashboard_registered() -> Value {
+    json!({
+        "users": {"-Nbob000000000001": {
+            "name": "Bob", "email": "bob@example.com", "meter_no": "METER002",
+            "phone_number": "254712345678", "balance": 0,
+            "created_at": "2025-11-01T08:00:00.000Z", "latest_transaction_id": null,
+        }},
+    })
+}
+
+/// A GET on the fake with the legacy secret, as a reader of the database would make it.
+fn read(fake: &FakeRtdb, path_and_query: &str) -> Value {
+    use std::io::{Read, Write};
+    let sep = if path_and_query.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    let mut conn = std::net::TcpStream::connect(fake.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        conn,
+        "GET {path_and_query}{sep}auth=legacy-secret HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    serde_json::from_str(body).unwrap()
+}
+
+#[test]
+fn a_tenant_the_dashboard_registered_by_meter_no_gets_the_balance_and_linked_records() {
+    let mut s = with_service_account(fake_with(dashboard_registered(), indexes()));
+    let batch = [
+        payment(1, "METER002", "QGH2DEF3GH", 100, 5000),
+        consumption(2, "METER002", 1200, 3800, 1200),
+    ];
+    assert_eq!(s.sink.deliver(&batch), Delivery::Delivered);
+    let bob = "-Nbob000000000001";
+
+    // The dashboard's own read: `users/{uid}/balance` (useRealtimeBalance).
+    assert_eq!(
+        read(&s.fake, &format!("/users/{bob}/balance.json")),
+        json!(3.8)
+    );
+    // The original backend's reads behind the dashboard's transaction list and chart.
+    let q = |child: &str, v: &str| format!("?orderBy=%22{child}%22&equalTo=%22{v}%22");
+    let txs = read(&s.fake, &format!("/transactions.json{}", q("user_id", bob)));
+    assert_eq!(
+        txs,
+        json!({"test-site-000000000001": {
+            "transaction_id": "test-site-000000000001", "meter_no": "METER002",
+            "user_id": bob, "amount": 100.0, "units": 5.0, "balance_after": 5.0,
+            "status": "SUCCESS", "timestamp": iso(1), "reference": "QGH2DEF3GH",
+            "mpesa_receipt": "QGH2DEF3GH", "phone_number": "254712345678",
+            "source": "mpesa", "gateway": "test-site", "seq": 1,
+        }})
+    );
+    // The original duplicate check finds the receipt.
+    let dup = read(
+        &s.fake,
+        &format!("/transactions.json{}", q("mpesa_receipt", "QGH2DEF3GH")),
+    );
+    assert_eq!(dup.as_object().unwrap().len(), 1);
+    let used = read(
+        &s.fake,
+        &format!("/unit_consumption.json{}", q("user_id", bob)),
+    );
+    assert_eq!(used["test-site-000000000002"]["units_consumed"], json!(1.2));
+    // The link is the dashboard's to write: the sink adds none.
+    assert_eq!(s.fake.tree()["meters"]["METER002"].get("user_id"), None);
+    assert_eq!(s.fake.tree()["users"][bob]["name"], json!("Bob"));
+}
+
+#[test]
+fn without_the_meter_no_index_the_batch_is_held_and_the_error_names_the_rule_to_add() {
+    let mut s = with_service_account(fake_with(dashboard_registered(), Vec::new()));
+    let before = s.fake.tree();
+    let batch = [payment(1, "METER002", "QGH2DEF3GH", 100, 5000)];
+    match s.sink.deliver(&batch) {
+        Delivery::BadConfig(e) => assert!(
+            e.contains(r#""users": {".indexOn": ["meter_no"]}"#) && e.contains("Index not defined"),
+            "{e}"
+        ),
+        other => panic!("expected BadConfig, got {other:?}"),
+    }
+    assert_eq!(s.fake.tree(), before, "nothing written unlinked");
+    assert!(!s.sink.health().ok);
+    assert!(
+        s.sink
+            .logs()
+            .iter()
+            .any(|(l, m)| *l == log::Level::Error && m.contains(".indexOn")),
+        "{:?}",
+        s.sink.logs()
+    );
+
+    // The operator adds the rule; the held batch goes through, linked.
+    s.fake.state().indexes = indexes();
+    assert_eq!(s.sink.deliver(&batch), Delivery::Delivered);
+    assert_eq!(
+        s.fake.tree()["transactions"]["test-site-000000000001"]["user_id"],
+        json!("-Nbob000000000001")
+    );
+    assert!(s.sink.health().ok);
+}
+
+#[test]
+fn a_tenant_registered_after_the_meter_was_first_seen_is_found_on_a_later_batch() {
+    let fake = fake_with(
+        json!({"users": {"uid-x": {"meter_no": "OTHER"}}}),
+        indexes(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sa = service_account_file(dir.path(), &fake, key());
+    let mut sink = SinkHarness::<Firebase>::new(json!({
+        "database_url": fake.url(),
+        "service_account_file": sa,
+        "user_miss_secs": 0,
+    }))
+    .unwrap();
+    assert_eq!(
+        sink.deliver(&[consumption(1, "METER002", 100, 900, 100)]),
+        Delivery::Delivered
+    );
+    assert_eq!(
+        fake.tree()["unit_consumption"]["test-site-000000000001"].get("user_id"),
+        None
+    );
+    // The tenant registers through the dashboard.
+    fake.state().tree["users"]["-Ncarol0000000001"] =
+        json!({"name": "Carol", "meter_no": "METER002", "balance": 0});
+    assert_eq!(
+        sink.deliver(&[consumption(2, "METER002", 100, 800, 200)]),
+        Delivery::Delivered
+    );
+    let tree = fake.tree();
+    assert_eq!(tree["users"]["-Ncarol0000000001"]["balance"], json!(0.8));
+    assert_eq!(
+        tree["unit_consumption"]["test-site-000000000002"]["user_id"],
+        json!("-Ncarol0000000001")
+    );
+}
+
+#[test]
+fn a_meter_without_a_user_is_looked_up_at_most_once_per_user_miss_secs() {
+    let mut s = with_service_account(fake_with(json!(null), indexes()));
+    for seq in 1..=5 {
+        assert_eq!(
+            s.sink
+                .deliver(&[consumption(seq, "METER009", 10, 1000 - seq * 10, seq * 10)]),
+            Delivery::Delivered
+        );
+    }
+    assert_eq!(db_requests(&s.fake, "GET"), 2, "one link read, one query");
+    assert_eq!(db_requests(&s.fake, "PATCH"), 5);
+}
+
+/// A status as the original firmware publishes it (`publishStatus`), inside the gateway's
+/// status event.
+fn firmware_status(seq: i64, meter: &str, status: &str, load_on: bool) -> Event {
+    event(
+        seq,
+        "status",
+        meter,
+        json!({"status": status, "message": "Balance exhausted",
+               "report": {"meterNo": meter, "status": status, "message": "Balance exhausted",
+                          "balance": 0.0, "wifi_rssi": -60, "loadOn": load_on,
+                          "timestamp": 123456}}),
+    )
+}
+
+#[test]
+fn a_disconnected_status_over_a_live_connection_keeps_the_meter_online_with_the_relay_off() {
+    let mut s = with_service_account(fake());
+    assert_eq!(
+        s.sink
+            .deliver(&[firmware_status(1, "METER001", "disconnected", false)]),
+        Delivery::Delivered
+    );
+    let m = &s.fake.tree()["meters"]["METER001"];
+    assert_eq!(m["online"], json!(true));
+    assert_eq!(m["relay"], json!("off"));
+    assert_eq!(
+        m["status"],
+        json!({"status": "disconnected", "message": "Balance exhausted", "last_seen": at(1)})
+    );
+
+    // The connection really ends (the gateway's own status): offline, relay left as it was.
+    let gone = event(
+        2,
+        "status",
+        "METER001",
+        json!({"status": "offline", "source": "connection"}),
+    );
+    assert_eq!(s.sink.deliver(&[gone]), Delivery::Delivered);
+    let m = &s.fake.tree()["meters"]["METER001"];
+    assert_eq!(m["online"], json!(false));
+    assert_eq!(m["relay"], json!("off"));
+}
+
+#[test]
+fn a_payment_carrying_the_payers_phone_records_it_over_the_registered_one() {
+    let mut s = with_service_account(fake_with(dashboard_registered(), indexes()));
+    let mut p = payment(1, "METER002", "SIM-1764230400123-ab12cd34", 100, 5000);
+    p.data["phone"] = json!("254700000001");
+    let mut bad = payment(2, "METER002", "QGH2DEF3GX", 50, 7500);
+    bad.data["phone"] = json!("2547 ***** 126");
+    assert_eq!(s.sink.deliver(&[p, bad]), Delivery::Delivered);
+    let txs = &s.fake.tree()["transactions"];
+    let first = &txs["test-site-000000000001"];
+    assert_eq!(first["phone_number"], json!("254700000001"));
+    assert_eq!(
+        first.get("mpesa_receipt"),
+        None,
+        "a simulated reference is no receipt"
+    );
+    // A masked MSISDN is not a number: the registered one is used.
+    assert_eq!(
+        txs["test-site-000000000002"]["phone_number"],
+        json!("254712345678")
+    );
+}
+
+/// Secret files are read only at mode 0600 (`umeme_plugin_sdk::read_secret_file`).
+fn private(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }

@@ -54,6 +54,24 @@ pub struct Config {
     pub reconnect_min_ms: u64,
     #[serde(default = "default_reconnect_max")]
     pub reconnect_max_secs: u64,
+    /// This site's key for command signatures (HMAC-SHA256): a file of at least 32 characters
+    /// (`openssl rand -hex 32`), not accessible to other users. Without it every command is
+    /// refused, unless `allow_unsigned_commands`.
+    #[serde(default)]
+    pub command_key_file: Option<PathBuf>,
+    /// Take commands without a signature (a lab, or a broker only the operator can publish on).
+    #[serde(default)]
+    pub allow_unsigned_commands: bool,
+    /// A signed command's `ts` may differ from the gateway's clock by this much, either way.
+    #[serde(default = "default_command_window")]
+    pub command_window_secs: u64,
+    /// The most one cloud credit command may credit.
+    #[serde(default = "default_credit_per_command")]
+    pub max_credit_kes_per_command: u64,
+    /// The most cloud credit commands may credit at this site per calendar day (UTC), all
+    /// meters together; counted durably across restarts.
+    #[serde(default = "default_credit_per_day")]
+    pub max_credit_kes_per_day: u64,
 }
 
 fn default_port() -> u16 {
@@ -86,6 +104,15 @@ fn default_reconnect_min() -> u64 {
 fn default_reconnect_max() -> u64 {
     60
 }
+fn default_command_window() -> u64 {
+    300
+}
+fn default_credit_per_command() -> u64 {
+    10_000
+}
+fn default_credit_per_day() -> u64 {
+    100_000
+}
 
 /// Everything the link needs, validated.
 #[derive(Debug, Clone)]
@@ -103,7 +130,39 @@ pub struct Settings {
     pub inflight: u16,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    pub command_rules: CommandRules,
 }
+
+/// How commands are checked before they run (see README "Signed commands").
+#[derive(Clone)]
+pub struct CommandRules {
+    /// The HMAC key; `None`: no key configured.
+    pub key: Option<ring::hmac::Key>,
+    pub allow_unsigned: bool,
+    pub window: Duration,
+    pub max_credit_cents_per_command: i64,
+    pub max_credit_cents_per_day: i64,
+}
+
+impl std::fmt::Debug for CommandRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandRules")
+            .field("key", &self.key.as_ref().map(|_| "(set)"))
+            .field("allow_unsigned", &self.allow_unsigned)
+            .field("window", &self.window)
+            .field(
+                "max_credit_cents_per_command",
+                &self.max_credit_cents_per_command,
+            )
+            .field("max_credit_cents_per_day", &self.max_credit_cents_per_day)
+            .finish()
+    }
+}
+
+/// The shortest command key accepted, in bytes.
+pub const MIN_COMMAND_KEY_BYTES: usize = 32;
+/// The largest credit cap accepted (the gateway refuses payments over KES 1,000,000).
+const MAX_CREDIT_CAP_KES: u64 = 1_000_000;
 
 #[derive(Debug, Clone)]
 pub enum Tls {
@@ -115,6 +174,7 @@ pub enum Tls {
 
 impl Config {
     pub fn settings(self) -> Result<Settings, String> {
+        let command_rules = self.command_rules()?;
         if self.host.trim().is_empty() || self.host.contains(['/', ' ', ':']) {
             return Err(format!(
                 "host {:?} must be a bare DNS name (no scheme, port or path)",
@@ -191,8 +251,72 @@ impl Config {
             reconnect_min: Duration::from_millis(self.reconnect_min_ms),
             reconnect_max: Duration::from_secs(self.reconnect_max_secs)
                 .max(Duration::from_millis(self.reconnect_min_ms)),
+            command_rules,
         })
     }
+
+    fn command_rules(&self) -> Result<CommandRules, String> {
+        let key = match &self.command_key_file {
+            Some(path) => {
+                // TODO(plugins): read_secret_file (the SDK's shared reader, with this check).
+                check_secret_mode("command_key_file", path)?;
+                let key = read_secret("command_key_file", path)?;
+                if key.len() < MIN_COMMAND_KEY_BYTES {
+                    return Err(format!(
+                        "command_key_file {} holds {} bytes; use at least {MIN_COMMAND_KEY_BYTES} (openssl rand -hex 32)",
+                        path.display(),
+                        key.len()
+                    ));
+                }
+                Some(ring::hmac::Key::new(
+                    ring::hmac::HMAC_SHA256,
+                    key.as_bytes(),
+                ))
+            }
+            None => None,
+        };
+        if self.commands && self.allow_unsigned_commands {
+            log::warn!("allow_unsigned_commands = true: anyone who may publish on the command topic can credit meters and switch relays");
+        } else if self.commands && key.is_none() {
+            log::warn!("commands are on but there is no command_key_file: every command will be refused (set command_key_file, or commands = false)");
+        }
+        if !(10..=3600).contains(&self.command_window_secs) {
+            return Err("command_window_secs must be 10 to 3600".into());
+        }
+        let caps = (self.max_credit_kes_per_command, self.max_credit_kes_per_day);
+        if !(1..=MAX_CREDIT_CAP_KES).contains(&caps.0)
+            || !(1..=MAX_CREDIT_CAP_KES * 100).contains(&caps.1)
+        {
+            return Err(format!("max_credit_kes_per_command must be 1 to {MAX_CREDIT_CAP_KES}, max_credit_kes_per_day 1 to {}", MAX_CREDIT_CAP_KES * 100));
+        }
+        if caps.0 > caps.1 {
+            return Err("max_credit_kes_per_command must not exceed max_credit_kes_per_day".into());
+        }
+        Ok(CommandRules {
+            key,
+            allow_unsigned: self.allow_unsigned_commands,
+            window: Duration::from_secs(self.command_window_secs),
+            max_credit_cents_per_command: caps.0 as i64 * 100,
+            max_credit_cents_per_day: caps.1 as i64 * 100,
+        })
+    }
+}
+
+/// A secret file must be a regular file that other users cannot read or write (0600, 0640).
+fn check_secret_mode(key: &str, path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{key} {} is not a regular file", path.display()));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o007 != 0 {
+        return Err(format!(
+            "{key} {} is accessible to other users (mode {mode:o}); chmod o-rwx it",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 fn check_level(key: &str, s: &str) -> Result<(), String> {
@@ -204,14 +328,9 @@ fn check_level(key: &str, s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Reads a secret file with the SDK's checks (mode, no symlink, size).
 pub fn read_secret(key: &str, path: &Path) -> Result<String, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
-    let secret = text.trim().to_string();
-    if secret.is_empty() {
-        return Err(format!("{key} {} is empty", path.display()));
-    }
-    Ok(secret)
+    umeme_plugin_sdk::read_secret_file(path).map_err(|e| format!("{key}: {e}"))
 }
 
 /// The topics of one gateway.
@@ -428,5 +547,42 @@ mod tests {
         let config: Config = serde_json::from_value(json).unwrap();
         assert!(config.tls && config.ca_file.is_none());
         assert_eq!(config.gateway_id, "site-001");
+    }
+
+    #[test]
+    fn the_command_key_file_must_be_private_and_long_enough() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("command.key");
+        let with_key = || {
+            let mut v = base();
+            v["command_key_file"] = key.display().to_string().into();
+            parse(v)
+        };
+        std::fs::write(&key, format!("{}\n", "k".repeat(64))).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(with_key()
+            .unwrap_err()
+            .contains("accessible to other users (mode 644)"));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(with_key().unwrap().command_rules.key.is_some());
+        std::fs::write(&key, "short").unwrap();
+        assert!(with_key().unwrap_err().contains("at least 32"));
+    }
+
+    #[test]
+    fn commands_default_to_signed_only_with_caps_and_a_five_minute_window() {
+        let r = parse(base()).unwrap().command_rules;
+        assert!(r.key.is_none() && !r.allow_unsigned);
+        assert_eq!(r.window, Duration::from_secs(300));
+        assert_eq!(r.max_credit_cents_per_command, 10_000 * 100);
+        assert_eq!(r.max_credit_cents_per_day, 100_000 * 100);
+        let mut v = base();
+        v["max_credit_kes_per_command"] = 5_000.into();
+        v["max_credit_kes_per_day"] = 1_000.into();
+        assert!(parse(v).unwrap_err().contains("must not exceed"));
+        let mut v = base();
+        v["command_window_secs"] = 0.into();
+        assert!(parse(v).unwrap_err().contains("command_window_secs"));
     }
 }

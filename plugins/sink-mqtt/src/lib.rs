@@ -4,7 +4,10 @@
 //! - [`tls`]: rustls (ring) toward the broker, and what a failed connection means.
 //! - [`link`]: the connection on the plugin's own thread: QoS 1 publishes counted by PUBACK,
 //!   reconnects with backoff and jitter, commands acknowledged after they are carried out.
-//! - [`command`]: the commands the cloud may send (credit, relay, config) and their answers.
+//! - [`command`]: the commands the cloud may send (credit, relay, config), their bounds and
+//!   caps, and their answers.
+//! - [`signature`]: the signed envelope (HMAC-SHA256 with the site's key) and the `ts` window.
+//! - [`kv`]: what commands keep in the gateway's store: nonces against replay, the day's credits.
 //!
 //! Each event goes QoS 1 to `{prefix}/{gateway}/{kind}/{meter}` with the event JSON. A batch
 //! is delivered only when every event of it was PUBACKed on one connection; otherwise the
@@ -13,7 +16,9 @@
 
 pub mod command;
 pub mod config;
+pub mod kv;
 pub mod link;
+pub mod signature;
 pub mod tls;
 
 use std::ffi::CStr;

@@ -30,9 +30,10 @@ use rumqttc::{
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use umeme_plugin_sdk::untrusted::Untrusted;
 
 use crate::command::{self, Downlink};
-use crate::config::Settings;
+use crate::config::{CommandRules, Settings};
 use crate::tls::{self, Failure, FailureKind};
 
 /// One event as an MQTT message.
@@ -60,6 +61,9 @@ pub struct Stats {
     pub published: u64,
     pub acked: u64,
     pub commands: u64,
+    /// Commands answered `ok:false` (unsigned, bad signature, expired, out of bounds, over a
+    /// cap, refused by the gateway).
+    pub commands_refused: u64,
 }
 
 enum Request {
@@ -132,9 +136,10 @@ impl Link {
                 let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
                 let worker = downlink.map(|d| {
                     let done_tx = done_tx.clone();
+                    let rules = settings.command_rules.clone();
                     std::thread::Builder::new()
                         .name("umeme-sink-mqtt-commands".into())
-                        .spawn(move || run_commands(&*d, work_rx, done_tx))
+                        .spawn(move || run_commands(&*d, &rules, work_rx, done_tx))
                         .expect("spawn the command thread")
                 });
                 let commands = worker.is_some().then_some(work_tx);
@@ -251,18 +256,26 @@ struct Done {
 
 fn run_commands(
     downlink: &dyn Downlink,
+    rules: &CommandRules,
     work: std_mpsc::Receiver<Work>,
     done: mpsc::UnboundedSender<Done>,
 ) {
     for w in work {
         let answer = w.command.as_deref().map(|name| {
-            let a = command::run(name, &w.publish.payload, downlink, &BUSY_PAUSES);
-            log::info!(
-                "command {name} {} from {}: {}",
-                a.id.as_deref().unwrap_or("(no id)"),
-                w.publish.topic,
-                a.result
-            );
+            let cx = command::Context {
+                rules,
+                now: unix_now(),
+                busy_pauses: &BUSY_PAUSES,
+            };
+            let a = command::run(name, &w.publish.payload, downlink, &cx);
+            let id = a.id.as_deref().unwrap_or("(no usable id)");
+            let topic = Untrusted(&w.publish.topic);
+            let result = a.result.to_string();
+            if a.ok() {
+                log::info!("command {id} from {topic}: {}", Untrusted(&result));
+            } else {
+                log::warn!("command {id} from {topic} refused: {}", Untrusted(&result));
+            }
             a
         });
         let d = Done {
@@ -274,6 +287,13 @@ fn run_commands(
             return;
         }
     }
+}
+
+/// The gateway's clock in Unix seconds (0 before 1970: every signed command is then expired).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -585,7 +605,10 @@ impl Controller {
                 }
             }
             None => {
-                log::warn!("mqtt: unexpected message on {} (commands are off)", p.topic);
+                log::warn!(
+                    "mqtt: unexpected message on {} (commands are off)",
+                    Untrusted(&p.topic)
+                );
                 self.outbound.push_back(Out::Ack(p));
             }
         }
@@ -593,11 +616,12 @@ impl Controller {
 
     fn on_done(&mut self, d: Done) {
         if d.connection != self.connection || self.phase != Phase::Up {
-            // The broker sends the command again on the next connection; it runs again
-            // (credits are idempotent by reference) and is acknowledged then.
+            // The broker sends the command again on the next connection and it is acknowledged
+            // then: answered from its nonce's stored result, or run again if that was not
+            // stored (credits are idempotent by reference).
             log::info!(
                 "mqtt: a command from {} finished after its connection closed; the broker redelivers it",
-                d.publish.topic
+                Untrusted(&d.publish.topic)
             );
             return;
         }
@@ -613,7 +637,12 @@ impl Controller {
                     payload: a.result.to_string().into_bytes(),
                 },
             ));
-            self.stats().commands += 1;
+            let mut st = self.stats();
+            st.commands += 1;
+            if !a.ok() {
+                st.commands_refused += 1;
+            }
+            drop(st);
         }
         self.outbound.push_back(Out::Ack(d.publish));
     }

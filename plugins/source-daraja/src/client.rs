@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use umeme_plugin_sdk::untrusted::Untrusted;
 
 use crate::config::Settings;
 use crate::wire;
@@ -26,13 +27,18 @@ pub enum ApiError {
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ApiError::Unreachable(e) => write!(f, "Daraja unreachable: {e}"),
+            ApiError::Unreachable(e) => write!(f, "Daraja unreachable: {}", Untrusted(e)),
             ApiError::Refused {
                 status,
                 code,
                 message,
                 ..
-            } => write!(f, "Daraja refused (HTTP {status}) {code}: {message}"),
+            } => write!(
+                f,
+                "Daraja refused (HTTP {status}) {}: {}",
+                Untrusted(code),
+                Untrusted(message)
+            ),
         }
     }
 }
@@ -229,6 +235,13 @@ impl Daraja {
         amount_kes: i64,
         account: &str,
     ) -> Result<Value, ApiError> {
+        if account.chars().count() > wire::ACCOUNT_REFERENCE_MAX {
+            // Cutting it would credit whichever meter the cut number names.
+            return Err(ApiError::Unreachable(format!(
+                "account {account} is longer than {} characters; not sent",
+                wire::ACCOUNT_REFERENCE_MAX
+            )));
+        }
         let (password, timestamp) = Self::password(s)?;
         let body = json!({
             "BusinessShortCode": s.shortcode,
@@ -240,7 +253,7 @@ impl Daraja {
             "PartyB": s.party_b,
             "PhoneNumber": phone,
             "CallBackURL": s.stk_callback_url,
-            "AccountReference": account.chars().take(12).collect::<String>(),
+            "AccountReference": account,
             "TransactionDesc": "Umeme units",
         });
         let (status, answer) = self.post("/mpesa/stkpush/v1/processrequest", &body)?;

@@ -6,6 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use umeme_http_guard::Limits;
+
 use crate::wire;
 
 fn default_listen() -> SocketAddr {
@@ -44,6 +46,74 @@ fn default_query_attempts() -> u32 {
 fn default_max_pending() -> usize {
     500
 }
+fn default_header_timeout_ms() -> u64 {
+    Limits::DEFAULT_HEADER_TIMEOUT.as_millis() as u64
+}
+fn default_request_timeout_ms() -> u64 {
+    60_000
+}
+fn default_max_connections() -> usize {
+    umeme_http_guard::PLUGIN_MAX_CONNECTIONS
+}
+fn default_max_connections_per_ip() -> usize {
+    Limits::DEFAULT_MAX_CONNECTIONS_PER_IP
+}
+
+/// Safaricom's callback (egress) addresses: the list Safaricom gives integrators for
+/// allow-listing, as published in its go-live notes and repeated by the Daraja SDKs (pesafy
+/// `SAFARICOM_IPS`, mpesakit `is_mpesa_ip_allowed`, daraja-mcp). It changes now and then:
+/// widen it in the config, or turn the check off with `allowed_ips = ["any"]` (dangerous).
+pub const SAFARICOM_CALLBACK_IPS: [&str; 12] = [
+    "196.201.214.200",
+    "196.201.214.206",
+    "196.201.213.114",
+    "196.201.214.207",
+    "196.201.214.208",
+    "196.201.213.44",
+    "196.201.212.127",
+    "196.201.212.138",
+    "196.201.212.129",
+    "196.201.212.136",
+    "196.201.212.74",
+    "196.201.212.69",
+];
+
+fn default_allowed_ips() -> Vec<String> {
+    SAFARICOM_CALLBACK_IPS
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// The `allowed_ips` word that turns the source-address check off.
+const ANY_ADDRESS: &str = "any";
+
+/// `allowed_ips` checked: `None` is the explicit `["any"]`.
+fn allowed_ips(list: &[String]) -> Result<Option<Vec<IpAddr>>, String> {
+    if list.iter().any(|s| s == ANY_ADDRESS) {
+        if list.len() > 1 {
+            return Err(format!(
+                "allowed_ips: \"{ANY_ADDRESS}\" turns the check off and cannot be mixed with addresses"
+            ));
+        }
+        return Ok(None);
+    }
+    if list.is_empty() {
+        return Err(format!(
+            "allowed_ips is empty, which would refuse every callback; list Safaricom's addresses, or [\"{ANY_ADDRESS}\"] to accept any address (dangerous: anyone who learns the callback token can then post payments)"
+        ));
+    }
+    list.iter()
+        .map(|s| {
+            s.parse::<IpAddr>()
+                .map(|ip| ip.to_canonical())
+                .map_err(|_| {
+                    format!("allowed_ips: {s:?} is not an IP address (or \"{ANY_ADDRESS}\")")
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,9 +142,10 @@ pub struct Config {
     /// What M-Pesa does when the validation URL does not answer in time.
     #[serde(default = "default_response_type")]
     pub response_type: String,
-    /// Source addresses allowed to call the callback endpoints; empty = any.
-    #[serde(default)]
-    pub allowed_ips: Vec<IpAddr>,
+    /// Source addresses allowed to call the callback endpoints: Safaricom's by default,
+    /// `["any"]` to turn the check off.
+    #[serde(default = "default_allowed_ips")]
+    pub allowed_ips: Vec<String>,
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
     /// `CustomerPayBillOnline` or `CustomerBuyGoodsOnline`.
@@ -99,6 +170,16 @@ pub struct Config {
     /// Pushes waiting for their outcome at most; more are refused with 503.
     #[serde(default = "default_max_pending")]
     pub max_pending_pushes: usize,
+    /// The listener's limits (the shared HTTP guard): time for a request's headers (also the
+    /// keep-alive idle time), for a whole request, and open connections in all and per address.
+    #[serde(default = "default_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
 }
 
 /// Secrets, read once at `create`.
@@ -121,7 +202,8 @@ pub struct Settings {
     pub register_urls: bool,
     pub register_path: String,
     pub response_type: String,
-    pub allowed_ips: Vec<IpAddr>,
+    /// `None`: any address (the operator's explicit `["any"]`).
+    pub allowed_ips: Option<Vec<IpAddr>>,
     pub max_body_bytes: usize,
     pub transaction_type: String,
     pub party_b: String,
@@ -131,32 +213,12 @@ pub struct Settings {
     pub query_interval: Duration,
     pub query_max_attempts: u32,
     pub max_pending: usize,
+    pub limits: Limits,
 }
 
+/// Reads a secret file with the SDK's checks (mode, no symlink, size), like every plugin.
 fn read_secret(key: &str, path: &Path) -> Result<String, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
-    let value = text.trim().to_string();
-    if value.is_empty() {
-        return Err(format!("{key} {} is empty", path.display()));
-    }
-    // Like the gateway's own secrets: not for other users' eyes.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .map_err(|e| format!("{key} {}: {e}", path.display()))?
-            .permissions()
-            .mode();
-        if mode & 0o007 != 0 {
-            return Err(format!(
-                "{key} {} is accessible to other users (mode {:o}); chmod o-rwx it",
-                path.display(),
-                mode & 0o777
-            ));
-        }
-    }
-    Ok(value)
+    umeme_plugin_sdk::read_secret_file(path).map_err(|e| format!("{key}: {e}"))
 }
 
 fn http_url(key: &str, url: &str) -> Result<String, String> {
@@ -212,8 +274,33 @@ impl Settings {
                 "validation_timeout_ms must be between 100 and 7500 (Daraja waits ~8 s)".into(),
             );
         }
+        if !(100..=10_000).contains(&c.header_timeout_ms) {
+            return Err("header_timeout_ms must be between 100 and 10000".into());
+        }
+        // A push waits for Safaricom for up to http_timeout_secs inside its request.
+        let min_request_ms = c
+            .http_timeout_secs
+            .saturating_mul(1000)
+            .saturating_add(5_000);
+        if !(min_request_ms..=600_000).contains(&c.request_timeout_ms) {
+            return Err(format!(
+                "request_timeout_ms must be between {min_request_ms} (http_timeout_secs + 5 s) and 600000"
+            ));
+        }
+        let max = umeme_http_guard::PLUGIN_MAX_CONNECTIONS;
+        if !(1..=max).contains(&c.max_connections)
+            || !(1..=c.max_connections).contains(&c.max_connections_per_ip)
+        {
+            return Err(format!("max_connections must be between 1 and {max} (the gateway's descriptor budget counts {max} per source), max_connections_per_ip between 1 and max_connections"));
+        }
         if c.stk_query_interval_secs == 0 || c.http_timeout_secs == 0 || c.max_pending_pushes == 0 {
             return Err("stk_query_interval_secs, http_timeout_secs and max_pending_pushes must be positive".into());
+        }
+        let allowed_ips = allowed_ips(&c.allowed_ips)?;
+        if allowed_ips.is_none() {
+            log::warn!(
+                "allowed_ips = [\"any\"]: callbacks are accepted from every address; the callback token is the only guard"
+            );
         }
         let secrets = Secrets {
             consumer_key: read_secret("consumer_key_file", &c.consumer_key_file)?,
@@ -250,7 +337,7 @@ impl Settings {
             register_urls: c.register_urls,
             register_path,
             response_type: c.response_type,
-            allowed_ips: c.allowed_ips,
+            allowed_ips,
             max_body_bytes: c.max_body_bytes,
             transaction_type: c.transaction_type,
             validation_timeout: Duration::from_millis(c.validation_timeout_ms),
@@ -259,6 +346,12 @@ impl Settings {
             query_interval: Duration::from_secs(c.stk_query_interval_secs),
             query_max_attempts: c.stk_query_max_attempts,
             max_pending: c.max_pending_pushes,
+            limits: Limits {
+                header_timeout: Duration::from_millis(c.header_timeout_ms),
+                request_timeout: Duration::from_millis(c.request_timeout_ms),
+                max_connections: c.max_connections,
+                max_connections_per_ip: c.max_connections_per_ip,
+            },
         };
         for u in [
             &settings.validation_url,

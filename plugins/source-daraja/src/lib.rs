@@ -5,6 +5,7 @@
 //! - [`client`]: the Daraja API (OAuth token, C2B URL registration, STK push and query).
 //! - [`listener`]: the plugin's own HTTP listener: C2B validation and confirmation, the STK
 //!   callback, and `/stkpush` for the site.
+//! - [`unapplied`]: payments that credit no meter, handed to the gateway for the operator.
 //! - [`stk`]: pushes kept in the durable key-value store, and the poller that settles those
 //!   whose callback never came.
 //!
@@ -18,6 +19,7 @@ pub mod client;
 pub mod config;
 pub mod listener;
 pub mod stk;
+pub mod unapplied;
 pub mod wire;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,7 +39,13 @@ pub struct Stats {
     pub credited: AtomicU64,
     pub duplicates: AtomicU64,
     pub unapplied: AtomicU64,
+    /// Unapplied payments the gateway could not keep (its store full or busy).
+    pub not_kept: AtomicU64,
     pub rejected_requests: AtomicU64,
+    /// Connections closed at once by a connection cap of the listener.
+    pub refused_connections: AtomicU64,
+    /// Connections closed, or requests answered 408, by a listener timeout.
+    pub http_timeouts: AtomicU64,
     pub stk_started: AtomicU64,
     pub stk_failed: AtomicU64,
     pub registered: AtomicBool,
@@ -109,16 +117,15 @@ impl PaymentSource for DarajaSource {
             tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?
         };
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-        let app = listener::router(self.shared.clone())
-            .into_make_service_with_connect_info::<std::net::SocketAddr>();
-        runtime.spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+        runtime.spawn(umeme_http_guard::serve(
+            listener,
+            listener::router(self.shared.clone()),
+            self.shared.settings.limits,
+            Arc::new(listener::GuardEvents::new(self.shared.clone())),
+            async {
                 let _ = stopped.await;
-            });
-            if let Err(e) = serve.await {
-                log::error!("Daraja listener stopped: {e}");
-            }
-        });
+            },
+        ));
         let (stop_poller, stop_rx) = mpsc::channel();
         let shared = self.shared.clone();
         let poller = std::thread::Builder::new()
@@ -148,7 +155,10 @@ impl PaymentSource for DarajaSource {
                 "credited": n(&s.credited),
                 "duplicates": n(&s.duplicates),
                 "unapplied": n(&s.unapplied),
+                "unapplied_not_kept": n(&s.not_kept),
                 "rejected_requests": n(&s.rejected_requests),
+                "refused_connections": n(&s.refused_connections),
+                "http_timeouts": n(&s.http_timeouts),
                 "stk_started": n(&s.stk_started),
                 "stk_failed": n(&s.stk_failed),
                 "urls_registered": s.registered.load(Ordering::Relaxed),

@@ -19,15 +19,68 @@ use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use umeme_plugin_sdk::{HostError, Payment};
+use umeme_http_guard::{Events, Refusal, Throttle, Timeout};
+use umeme_plugin_sdk::untrusted::Untrusted;
+use umeme_plugin_sdk::{HostError, Payment, Unapplied};
 
 use crate::client::ApiError;
 use crate::stk::{self, Push, State as PushState};
+use crate::unapplied;
 use crate::wire::{self, C2bNotice, StkCallback};
 use crate::Shared;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new().fallback(route).with_state(shared)
+}
+
+/// What the shared HTTP guard reports: counted in `health`, logged at most every 10 s.
+pub struct GuardEvents {
+    shared: Arc<Shared>,
+    log: Throttle,
+}
+
+impl GuardEvents {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        GuardEvents {
+            shared,
+            log: Throttle::new(std::time::Duration::from_secs(10)),
+        }
+    }
+}
+
+impl Events for GuardEvents {
+    fn refused(&self, peer: SocketAddr, why: Refusal) {
+        let stats = &self.shared.stats;
+        stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+        if let Some(held_back) = self.log.allow() {
+            log::warn!(
+                "connection from {peer} closed at once: {} ({held_back} similar lines held back)",
+                why.as_str()
+            );
+        }
+    }
+
+    fn timed_out(&self, peer: SocketAddr, what: Timeout) {
+        if what == Timeout::Idle {
+            return; // a client keeping its connection open: closing it is routine
+        }
+        self.shared
+            .stats
+            .http_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(held_back) = self.log.allow() {
+            log::warn!(
+                "connection from {peer} too slow: {} timeout ({held_back} similar lines held back)",
+                what.as_str()
+            );
+        }
+    }
+
+    fn accept_failed(&self, error: &std::io::Error, retry_in: std::time::Duration) {
+        if let Some(held_back) = self.log.allow() {
+            log::warn!("accept failed: {error}; retrying in {retry_in:?} ({held_back} similar lines held back)");
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -73,7 +126,8 @@ fn refuse(
         .stats
         .rejected_requests
         .fetch_add(1, Ordering::Relaxed);
-    log::warn!("refused {what} from {peer}: {why}");
+    // `why` may quote the caller's fields.
+    log::warn!("refused {what} from {peer}: {}", Untrusted(why));
     if status == StatusCode::NOT_FOUND {
         return status.into_response();
     }
@@ -120,10 +174,9 @@ async fn route(
             "only POST",
         );
     }
-    let allowed = &shared.settings.allowed_ips;
+    let allowed = shared.settings.allowed_ips.as_ref();
     if endpoint != Endpoint::StkPush
-        && !allowed.is_empty()
-        && !allowed.contains(&peer.ip().to_canonical())
+        && allowed.is_some_and(|ips| !ips.contains(&peer.ip().to_canonical()))
     {
         return refuse(
             &shared,
@@ -245,6 +298,26 @@ async fn validation(shared: Arc<Shared>, peer: SocketAddr, body: Value) -> Respo
             )
         }
     };
+    if notice.bill_ref.is_empty() {
+        // A till has no account number: the payment is kept as unapplied at confirmation
+        // and applied by the operator. A PayBill payment without one is a typing slip.
+        let code = if notice.is_buy_goods() {
+            "0"
+        } else {
+            "C2B00012"
+        };
+        log::info!(
+            "C2B validation {}: no account number ({}): {}",
+            notice.trans_id,
+            Untrusted(&notice.transaction_type),
+            if code == "0" {
+                "accepted, to be applied by the operator"
+            } else {
+                "rejected"
+            }
+        );
+        return validation_answer(code);
+    }
     let s = shared.clone();
     let account = notice.bill_ref.clone();
     let check = blocking(move || resolve_meter(&s, &account));
@@ -260,9 +333,9 @@ async fn validation(shared: Arc<Shared>, peer: SocketAddr, body: Value) -> Respo
         }
         Ok(Some(Ok(None))) => {
             log::info!(
-                "C2B validation {}: unknown account {:?}: rejected",
+                "C2B validation {}: unknown account \"{}\": rejected",
                 notice.trans_id,
-                notice.bill_ref
+                Untrusted(&notice.bill_ref)
             );
             validation_answer("C2B00012")
         }
@@ -294,9 +367,12 @@ enum Confirmed {
 
 fn confirm(shared: &Shared, notice: &C2bNotice, body: Value) -> Confirmed {
     let id = &notice.trans_id;
+    if notice.bill_ref.is_empty() {
+        return Confirmed::Unapplied("no account number (a till payment?)".into());
+    }
     let meter = match resolve_meter(shared, &notice.bill_ref) {
         Ok(Some(m)) => m,
-        Ok(None) => return Confirmed::Unapplied(format!("unknown account {:?}", notice.bill_ref)),
+        Ok(None) => return Confirmed::Unapplied("unknown account".into()),
         Err(e) => return Confirmed::Busy(e),
     };
     // Keyed by TransID (= the M-Pesa receipt), so the same payment seen again, or seen by
@@ -344,21 +420,49 @@ async fn confirmation(shared: Arc<Shared>, peer: SocketAddr, body: Value) -> Res
         }
     };
     let id = notice.trans_id.clone();
+    let (notice_amount, account, msisdn) = (
+        notice.amount_cents,
+        notice.bill_ref.clone(),
+        notice.msisdn.clone(),
+    );
     let (s, raw) = (shared.clone(), body.clone());
     match blocking(move || confirm(&s, &notice, raw)).await {
         Some(Confirmed::Credited) => success(),
         Some(Confirmed::Unapplied(why)) => {
             // Daraja cannot undo the payment: keep it for the operator, and acknowledge.
-            shared.stats.unapplied.fetch_add(1, Ordering::Relaxed);
-            log::error!("C2B {id} was paid but not credited ({why}); kept as c2b-unapplied/{id}, credit it by hand");
+            let u = Unapplied {
+                reference: id.clone(),
+                amount_cents: notice_amount,
+                account: account.clone(),
+                phone: msisdn,
+                reason: why.clone(),
+                raw: Some(body),
+            };
             let s = shared.clone();
-            let text = body.to_string();
-            match blocking(move || s.host.kv_put(&format!("c2b-unapplied/{id}"), &text)).await {
-                Some(Ok(())) => success(),
-                _ => error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "cannot record the payment; try again",
-                ),
+            let key = format!("c2b-unapplied/{id}");
+            match blocking(move || unapplied::keep(&s, &u, &key)).await {
+                Some(Ok(())) => {
+                    shared.stats.unapplied.fetch_add(1, Ordering::Relaxed);
+                    log::error!(
+                        "C2B {id} was paid ({notice_amount} cents, account \"{}\") but not credited ({}); kept as unapplied: `umeme-gateway payment apply {id} METER` credits it",
+                        Untrusted(&account),
+                        Untrusted(&why)
+                    );
+                    success()
+                }
+                Some(Err(e)) => {
+                    shared.stats.not_kept.fetch_add(1, Ordering::Relaxed);
+                    log::error!(
+                        "C2B {id} ({notice_amount} cents, account \"{}\") was not credited ({}) and could not be kept: {e}; reconcile from the M-Pesa statement",
+                        Untrusted(&account),
+                        Untrusted(&why)
+                    );
+                    error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "cannot record the payment now",
+                    )
+                }
+                None => error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
             }
         }
         Some(Confirmed::Busy(e)) => {
@@ -422,6 +526,15 @@ async fn stk_push(shared: Arc<Shared>, peer: SocketAddr, body: Value) -> Respons
         }
         Err(why) => return refuse(&shared, peer, what, StatusCode::BAD_REQUEST, &why),
     };
+    if meter.chars().count() > wire::ACCOUNT_REFERENCE_MAX {
+        // Never cut it: Safaricom's confirmation would then carry the cut number, which may
+        // be another meter's.
+        let why = format!(
+            "meter number {meter} is longer than {} characters, M-Pesa's AccountReference limit: STK push cannot pay it (use a shorter meter number)",
+            wire::ACCOUNT_REFERENCE_MAX
+        );
+        return refuse(&shared, peer, what, StatusCode::BAD_REQUEST, &why);
+    }
     if shared.settings.secrets.passkey.is_none() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,

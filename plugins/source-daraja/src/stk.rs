@@ -12,9 +12,11 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 
 use serde_json::Value;
-use umeme_plugin_sdk::{HostError, Payment};
+use umeme_plugin_sdk::untrusted::Untrusted;
+use umeme_plugin_sdk::{HostError, Payment, Unapplied};
 
 use crate::client::QueryAnswer;
+use crate::unapplied::{self, NotKept};
 use crate::wire::{self, StkCallback, StkOutcome};
 use crate::Shared;
 
@@ -149,10 +151,27 @@ fn credit(shared: &Shared, id: &str, mut push: Push, raw: Option<Value>) -> Resu
         }
         Err(HostError::Rejected(why)) => {
             shared.stats.unapplied.fetch_add(1, Ordering::Relaxed);
+            let u = Unapplied {
+                reference: reference.clone(),
+                amount_cents: push.amount_cents,
+                account: push.meter.clone(),
+                phone: Some(push.phone.clone()),
+                reason: why.clone(),
+                raw: None,
+            };
+            // The push record below keeps it in any case; the gateway's copy is the one the
+            // operator sees and applies.
+            let kept = match unapplied::keep(shared, &u, &format!("stk-unapplied/{id}")) {
+                Ok(()) => format!(
+                    "kept as unapplied: `umeme-gateway payment apply {reference} METER` credits it"
+                ),
+                Err(e) => format!("not kept by the gateway ({e}); reconcile by hand"),
+            };
             log::error!(
-                "STK push {id} was paid (reference {reference}, {} cents) but the gateway refused the credit for meter {}: {why}; reconcile by hand",
+                "STK push {id} was paid (reference {reference}, {} cents) but the gateway refused the credit for meter {}: {}; {kept}",
                 push.amount_cents,
-                push.meter
+                push.meter,
+                Untrusted(&why)
             );
             push.state = State::Unapplied;
             push.result_desc = Some(why);
@@ -162,21 +181,49 @@ fn credit(shared: &Shared, id: &str, mut push: Push, raw: Option<Value>) -> Resu
     }
 }
 
+/// A callback for a push this plugin never started (or no longer knows). Unpaid: nothing
+/// moved, nothing is kept. Paid: kept as unapplied under its receipt, for the operator.
+fn orphan(shared: &Shared, id: &str, outcome: StkOutcome, raw: Value) -> Result<(), Busy> {
+    let StkOutcome::Paid {
+        receipt,
+        amount_cents,
+        phone,
+    } = outcome
+    else {
+        log::warn!("STK callback for unknown CheckoutRequestID {id}, not paid: ignored");
+        return Ok(());
+    };
+    let u = Unapplied {
+        reference: receipt.clone(),
+        amount_cents,
+        account: String::new(),
+        phone,
+        reason: format!("STK callback for a push this gateway did not start ({id})"),
+        raw: Some(raw),
+    };
+    match unapplied::keep(shared, &u, &format!("stk-orphan/{id}")) {
+        Ok(()) => {
+            shared.stats.unapplied.fetch_add(1, Ordering::Relaxed);
+            log::error!("STK callback for unknown CheckoutRequestID {id}: paid {amount_cents} cents, receipt {receipt}; kept as unapplied, check it against the M-Pesa statement before `payment apply`");
+            Ok(())
+        }
+        Err(e) => {
+            shared.stats.not_kept.fetch_add(1, Ordering::Relaxed);
+            log::error!("STK callback for unknown CheckoutRequestID {id} (receipt {receipt}, {amount_cents} cents) could not be kept: {e}");
+            Err(Busy(match e {
+                NotKept::Refused(why) | NotKept::Busy(why) => why,
+            }))
+        }
+    }
+}
+
 /// Applies an STK callback. `Ok` when Daraja may be told "Success" (including for a push
 /// already settled, and for one this plugin never started, which is logged).
 pub fn apply_callback(shared: &Shared, cb: StkCallback, raw: Value) -> Result<(), Busy> {
     let _guard = lock(shared);
     let id = cb.checkout_id.clone();
     let Some(mut push) = load(shared, &id)? else {
-        log::error!("STK callback for unknown CheckoutRequestID {id} ({:?}); kept as stk-orphan/{id} for reconciliation", cb.outcome);
-        let text = raw.to_string();
-        if text.len() <= 60 * 1024 {
-            shared
-                .host
-                .kv_put(&format!("stk-orphan/{id}"), &text)
-                .map_err(host_err)?;
-        }
-        return Ok(());
+        return orphan(shared, &id, cb.outcome, raw);
     };
     match (&push.state, cb.outcome) {
         (
@@ -204,8 +251,9 @@ pub fn apply_callback(shared: &Shared, cb: StkCallback, raw: Value) -> Result<()
         (State::Pending, StkOutcome::Failed { code, desc }) => {
             shared.stats.stk_failed.fetch_add(1, Ordering::Relaxed);
             log::info!(
-                "STK push {id} for meter {} ended without payment: {code} {desc}",
-                push.meter
+                "STK push {id} for meter {} ended without payment: {code} {}",
+                push.meter,
+                Untrusted(&desc)
             );
             push.state = State::Failed;
             push.result_code = Some(code);
@@ -264,7 +312,7 @@ pub fn poll_pending(shared: &Shared) {
         let result = match (push.state, answer) {
             (State::Crediting, _) => credit(shared, &id, push, None),
             (State::Pending, Some(QueryAnswer::Settled { code: 0, desc })) => {
-                log::info!("STK push {id} settled by the status query: paid ({desc}); crediting under the CheckoutRequestID");
+                log::info!("STK push {id} settled by the status query: paid ({}); crediting under the CheckoutRequestID", Untrusted(&desc));
                 push.state = State::Crediting;
                 push.reference = Some(id.clone());
                 push.result_code = Some(0);
@@ -273,7 +321,10 @@ pub fn poll_pending(shared: &Shared) {
             }
             (State::Pending, Some(QueryAnswer::Settled { code, desc })) => {
                 shared.stats.stk_failed.fetch_add(1, Ordering::Relaxed);
-                log::info!("STK push {id} settled by the status query: not paid ({code} {desc})");
+                log::info!(
+                    "STK push {id} settled by the status query: not paid ({code} {})",
+                    Untrusted(&desc)
+                );
                 push.state = State::Failed;
                 push.result_code = Some(code);
                 push.result_desc = Some(desc);

@@ -19,6 +19,9 @@ const FORBIDDEN_URL_WORDS: [&str; 11] = [
     "requestbin",
 ];
 
+/// Daraja's limit on an STK push's `AccountReference` (research/apis.md §1.d).
+pub const ACCOUNT_REFERENCE_MAX: usize = 12;
+
 /// The first word Daraja forbids that `url` contains.
 pub fn forbidden_word(url: &str) -> Option<&'static str> {
     let lower = url.to_ascii_lowercase();
@@ -28,18 +31,33 @@ pub fn forbidden_word(url: &str) -> Option<&'static str> {
         .find(|w| lower.contains(w))
 }
 
-/// Money as KES cents, parsed from Daraja's "10.00" strings (or a JSON number in STK
-/// callbacks). Positive, at most two decimals, at most KES 1,000,000.
+/// Money as KES cents, in the forms Safaricom sends: a string with or without decimals
+/// ("100.00", "100", "2.5"), or a JSON number (100, 100.0; STK callbacks and some C2B
+/// deliveries). Positive, at most two decimals, at most KES 1,000,000; anything else is an
+/// `Err` that says what is wrong (negative, not a number, too many decimals, out of range).
 pub fn amount_cents(v: &Value) -> Result<i64, String> {
     let text = match v {
         Value::String(s) => s.trim().to_string(),
         Value::Number(n) => n.to_string(),
         other => return Err(format!("amount is not a number: {other}")),
     };
+    if text.starts_with('-') {
+        return Err(format!("amount {text:?} is negative"));
+    }
     let (whole, frac) = text.split_once('.').unwrap_or((&text, ""));
-    let digits = |s: &str| !s.is_empty() && s.len() <= 7 && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(whole) || frac.len() > 2 || !(frac.is_empty() || digits(frac)) {
-        return Err(format!("amount {text:?} is not a positive KES amount"));
+    let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !all_digits(whole) || !all_digits(frac) {
+        return Err(format!(
+            "amount {text:?} is not a plain decimal number of KES"
+        ));
+    }
+    if frac.len() > 2 {
+        return Err(format!(
+            "amount {text:?} has more than two decimals (KES has cents only)"
+        ));
+    }
+    if whole.len() > 7 {
+        return Err(format!("amount {text:?} is out of range"));
     }
     let frac_cents = match frac.len() {
         0 => 0,
@@ -48,7 +66,9 @@ pub fn amount_cents(v: &Value) -> Result<i64, String> {
     };
     let cents = whole.parse::<i64>().unwrap_or(0) * 100 + frac_cents;
     if cents <= 0 || cents > 100_000_000 {
-        return Err(format!("amount {text:?} is out of range"));
+        return Err(format!(
+            "amount {text:?} is out of range (more than 0, at most 1000000 KES)"
+        ));
     }
     Ok(cents)
 }
@@ -160,27 +180,45 @@ pub struct C2bNotice {
     pub trans_id: String,
     pub amount_cents: i64,
     pub shortcode: String,
-    /// The account the customer typed: the meter number.
+    /// The account the customer typed: the meter number. Empty for a Buy Goods (till)
+    /// payment, which has none.
     pub bill_ref: String,
+    /// `Pay Bill` or `Buy Goods` as Daraja says (empty when absent).
+    pub transaction_type: String,
     /// Plain, hashed or masked; kept as given, never used as a key.
     pub msisdn: Option<String>,
 }
 
 impl C2bNotice {
+    /// A till (Buy Goods) payment rather than a PayBill one.
+    pub fn is_buy_goods(&self) -> bool {
+        self.transaction_type
+            .to_ascii_lowercase()
+            .replace(' ', "")
+            .contains("buygoods")
+    }
+
     pub fn parse(body: &Value) -> Result<C2bNotice, String> {
         if !body.is_object() {
             return Err("the body is not a JSON object".into());
         }
         let amount = body.get("TransAmount").ok_or("TransAmount is missing")?;
-        let bill_ref = string_field(body, "BillRefNumber")?.trim().to_string();
-        if bill_ref.is_empty() {
-            return Err("BillRefNumber is empty".into());
-        }
+        // Till payments carry an empty (or no, or null) BillRefNumber: the payment is still
+        // real and is kept as unapplied by the caller.
+        let bill_ref = match body.get("BillRefNumber") {
+            None | Some(Value::Null) => String::new(),
+            Some(_) => string_field(body, "BillRefNumber")?.trim().to_string(),
+        };
+        let transaction_type = match body.get("TransactionType") {
+            Some(Value::String(s)) => s.trim().to_string(),
+            _ => String::new(),
+        };
         Ok(C2bNotice {
             trans_id: receipt("TransID", body.get("TransID"))?,
             amount_cents: amount_cents(amount)?,
             shortcode: string_field(body, "BusinessShortCode")?,
             bill_ref,
+            transaction_type,
             msisdn: match body.get("MSISDN") {
                 Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
                 Some(Value::Number(n)) => Some(n.to_string()),
@@ -294,6 +332,19 @@ mod tests {
         assert_eq!(amount_cents(&json!("2.5")), Ok(250));
         assert_eq!(amount_cents(&json!(1.0)), Ok(100));
         assert_eq!(amount_cents(&json!(300)), Ok(30000));
+        assert_eq!(amount_cents(&json!("100")), Ok(10000));
+        assert_eq!(amount_cents(&json!(" 100.00 ")), Ok(10000));
+        assert_eq!(amount_cents(&json!(100.5)), Ok(10050));
+        assert_eq!(amount_cents(&json!(1e2)), Ok(10000));
+        assert_eq!(amount_cents(&json!("1000000.00")), Ok(100_000_000));
+        let why = |v: Value| amount_cents(&v).unwrap_err();
+        assert!(why(json!("-5.00")).contains("negative"));
+        assert!(why(json!(-0.5)).contains("negative"));
+        assert!(why(json!("NaN")).contains("not a plain decimal"));
+        assert!(why(json!("inf")).contains("not a plain decimal"));
+        assert!(why(json!("1.234")).contains("more than two decimals"));
+        assert!(why(json!(1.001)).contains("more than two decimals"));
+        assert!(why(json!("1000000.01")).contains("out of range"));
         for bad in [
             json!("abc"),
             json!("-5"),

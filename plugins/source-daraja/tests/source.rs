@@ -62,6 +62,10 @@ impl Setup {
         kv.get(key).map(|v| serde_json::from_str(v).unwrap())
     }
 
+    fn unapplied(&self) -> Vec<umeme_plugin_sdk::Unapplied> {
+        self.plugin.host().unapplied.lock().unwrap().clone()
+    }
+
     fn logs_containing(&self, needle: &str) -> usize {
         self.plugin
             .host()
@@ -224,10 +228,299 @@ fn a_confirmation_for_an_unknown_account_is_acknowledged_kept_for_reconciliation
     );
     assert_eq!((status, v["ResultCode"].clone()), (200, json!(0)));
     assert!(s.credits().is_empty());
+    let kept = s.unapplied();
+    assert_eq!(kept.len(), 1, "handed to the gateway");
     assert_eq!(
-        s.kv("c2b-unapplied/RKTQDM7W6Z").unwrap()["BillRefNumber"],
-        "NOSUCH"
+        (
+            kept[0].reference.as_str(),
+            kept[0].amount_cents,
+            kept[0].account.as_str()
+        ),
+        ("RKTQDM7W6Z", 5000, "NOSUCH")
     );
+    assert_eq!(
+        s.kv("c2b-unapplied/RKTQDM7W6Z"),
+        None,
+        "not in the plugin's store"
+    );
+}
+
+#[test]
+fn with_a_gateway_of_abi_minor_0_an_unapplied_payment_is_kept_in_the_plugins_store_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let daraja = FakeDaraja::start();
+    let config = plugin_config(dir.path(), &daraja, "127.0.0.1:0".parse().unwrap());
+    let mut plugin = SourceHarness::<DarajaSource>::on_minor_0(config, &[METER]).unwrap();
+    plugin.start().unwrap();
+    let addr = plugin.health().detail["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (status, _) = post(
+        addr,
+        &path("c2b/confirmation"),
+        &c2b_body("RKTQDM7W6Z", "50.00", "NOSUCH", true),
+    );
+    assert_eq!(status, 200);
+    let kept = plugin.host().kv.lock().unwrap()["c2b-unapplied/RKTQDM7W6Z"].clone();
+    let kept: Value = serde_json::from_str(&kept).unwrap();
+    assert_eq!(
+        (kept["account"].clone(), kept["amount_cents"].clone()),
+        (json!("NOSUCH"), json!(5000))
+    );
+    assert!(plugin.host().unapplied.lock().unwrap().is_empty());
+    // Credits work as before.
+    let (status, _) = post(
+        addr,
+        &path("c2b/confirmation"),
+        &c2b_body("RKTQDM7W6Y", "5", METER, true),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(plugin.host().payments.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn when_the_gateway_cannot_keep_more_unapplied_payments_daraja_is_told_to_retry_and_nothing_is_written(
+) {
+    let mut s = setup();
+    *s.plugin.host().refuse_unapplied.lock().unwrap() =
+        Some("1000 unapplied payments of mpesa wait for the operator".into());
+    let (status, v) = post(
+        s.addr,
+        &path("c2b/confirmation"),
+        &c2b_body("RKTQDM7W6Z", "50.00", "NOSUCH", true),
+    );
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"], "cannot record the payment now");
+    let (status, _) = post(
+        s.addr,
+        &path("stk/callback"),
+        &stk_paid("ws_CO_unknown", "NLJ7RT61SW", 15.0),
+    );
+    assert_eq!(status, 503);
+    assert!(
+        s.plugin.host().kv.lock().unwrap().is_empty(),
+        "no fallback write"
+    );
+    assert!(s.credits().is_empty());
+    assert_eq!(s.plugin.health().detail["unapplied_not_kept"], 2);
+    assert!(s.logs_containing("could not be kept") >= 2);
+    // A payment for a known meter is not held up.
+    let (status, _) = post(
+        s.addr,
+        &path("c2b/confirmation"),
+        &c2b_body("RKTQDM7W6Y", "50.00", METER, true),
+    );
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_buy_goods_payment_without_an_account_is_accepted_kept_as_unapplied_and_not_lost() {
+    let s = setup();
+    let mut till = c2b_body("RKTQDM7W70", "100", "", false);
+    till["TransactionType"] = json!("Buy Goods");
+    assert_eq!(
+        post(s.addr, &path("c2b/validation"), &till),
+        (200, json!({"ResultCode": "0", "ResultDesc": "Accepted"})),
+        "a till payment has no account: let the money move"
+    );
+    till["OrgAccountBalance"] = json!("125.00");
+    assert_eq!(
+        post(s.addr, &path("c2b/confirmation"), &till),
+        (200, json!({"ResultCode": 0, "ResultDesc": "Success"}))
+    );
+    // Daraja also sends the field as null, or not at all.
+    let mut null_ref = till.clone();
+    null_ref["TransID"] = json!("RKTQDM7W71");
+    null_ref["BillRefNumber"] = Value::Null;
+    assert_eq!(post(s.addr, &path("c2b/confirmation"), &null_ref).0, 200);
+    assert!(s.credits().is_empty());
+    let kept = s.unapplied();
+    assert_eq!(
+        kept.iter()
+            .map(|u| (u.reference.as_str(), u.amount_cents, u.account.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("RKTQDM7W70", 10000, ""), ("RKTQDM7W71", 10000, "")]
+    );
+    // A PayBill payment with an empty account is a typing slip: refused before money moves.
+    let paybill = c2b_body("RKTQDM7W72", "100", "", false);
+    assert_eq!(
+        post(s.addr, &path("c2b/validation"), &paybill).1["ResultCode"],
+        "C2B00012"
+    );
+}
+
+#[test]
+fn amounts_in_every_form_safaricom_sends_credit_and_malformed_ones_are_refused_with_the_reason() {
+    let s = setup();
+    let forms = [
+        ("RKTQDM7W80", json!("100.00")),
+        ("RKTQDM7W81", json!("100")),
+        ("RKTQDM7W82", json!(100)),
+        ("RKTQDM7W83", json!(100.5)),
+        ("RKTQDM7W84", json!("2.5")),
+    ];
+    for (id, amount) in &forms {
+        let mut b = c2b_body(id, "0", METER, true);
+        b["TransAmount"] = amount.clone();
+        assert_eq!(
+            post(s.addr, &path("c2b/confirmation"), &b).0,
+            200,
+            "{amount}"
+        );
+    }
+    assert_eq!(
+        s.credits().iter().map(|c| c.1).collect::<Vec<_>>(),
+        vec![10000, 10000, 10000, 10050, 250]
+    );
+    for (amount, reason) in [
+        (json!("-100.00"), "negative"),
+        (json!(-1), "negative"),
+        (json!("NaN"), "not a plain decimal"),
+        (json!("1.005"), "more than two decimals"),
+        (json!("1e3"), "not a plain decimal"),
+    ] {
+        let mut b = c2b_body("RKTQDM7W89", "0", METER, true);
+        b["TransAmount"] = amount.clone();
+        let (status, v) = post(s.addr, &path("c2b/confirmation"), &b);
+        assert_eq!(status, 400, "{amount}");
+        assert!(
+            v["error"].as_str().unwrap().contains(reason),
+            "{amount}: {v}"
+        );
+    }
+    assert_eq!(s.credits().len(), forms.len());
+}
+
+#[test]
+fn daraja_fields_reach_the_log_with_control_characters_escaped() {
+    let s = setup();
+    let forged = "NOSUCH\n<3>gateway: FAKE LINE\u{1b}[2J";
+    let body = c2b_body("RKTQDM7W90", "10.00", forged, true);
+    assert_eq!(post(s.addr, &path("c2b/confirmation"), &body).0, 200);
+    let mut shortcode = c2b_body("RKTQDM7W91", "10.00", METER, true);
+    shortcode["BusinessShortCode"] = json!("1\n<3>FAKE");
+    assert_eq!(post(s.addr, &path("c2b/confirmation"), &shortcode).0, 400);
+    let logs = s.plugin.host().logs.lock().unwrap().clone();
+    assert!(
+        logs.iter()
+            .all(|(_, l)| !l.contains('\n') && !l.contains('\u{1b}')),
+        "no raw control character in any line: {logs:?}"
+    );
+    assert!(s.logs_containing(r"NOSUCH\n<3>gateway: FAKE LINE\u{1b}[2J") >= 1);
+    assert!(s.logs_containing(r"1\n<3>FAKE") >= 1);
+}
+
+#[test]
+fn an_stk_push_to_a_meter_number_longer_than_12_characters_is_refused_and_never_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let daraja = FakeDaraja::start();
+    let config = plugin_config(dir.path(), &daraja, "127.0.0.1:0".parse().unwrap());
+    // Cut to 12 characters, the first number would name the second meter.
+    let mut plugin =
+        SourceHarness::<DarajaSource>::new(config, &["HOUSE-A-00012", "HOUSE-A-0001"]).unwrap();
+    plugin.start().unwrap();
+    let addr = plugin.health().detail["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (status, v) = post(
+        addr,
+        &path("stkpush"),
+        &json!({"phone": "0708374149", "amount": 10, "meter_no": "HOUSE-A-00012"}),
+    );
+    assert_eq!(status, 400, "{v}");
+    let why = v["error"].as_str().unwrap();
+    assert!(
+        why.contains("longer than 12 characters") && why.contains("HOUSE-A-00012"),
+        "{why}"
+    );
+    assert!(
+        daraja.recorded().pushes.is_empty(),
+        "Safaricom is never asked"
+    );
+    // Exactly 12 is fine, and sent whole.
+    let (status, v) = post(
+        addr,
+        &path("stkpush"),
+        &json!({"phone": "0708374149", "amount": 10, "meter_no": "HOUSE-A-0001"}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        daraja.recorded().pushes[0]["AccountReference"],
+        "HOUSE-A-0001"
+    );
+}
+
+#[test]
+fn by_default_only_safaricoms_callback_addresses_may_post_and_any_must_be_asked_for() {
+    let s = setup_with(|c| {
+        c.as_object_mut().unwrap().remove("allowed_ips");
+    });
+    for (endpoint, body) in [
+        (
+            "c2b/confirmation",
+            c2b_body("RKTQDM7W6S", "1000000.00", METER, true),
+        ),
+        (
+            "c2b/confirmation",
+            c2b_body("RKTQDM7W6T", "10.00", "NOSUCH", true),
+        ),
+        ("stk/callback", stk_paid("ws_CO_forged", "NLJ7RT61SV", 10.0)),
+    ] {
+        assert_eq!(post(s.addr, &path(endpoint), &body).0, 403, "{endpoint}");
+    }
+    assert!(s.credits().is_empty());
+    assert!(s.unapplied().is_empty(), "a refused caller writes nothing");
+    assert!(s.plugin.host().kv.lock().unwrap().is_empty());
+
+    let open = setup_with(|c| c["allowed_ips"] = json!(["any"]));
+    let body = c2b_body("RKTQDM7W6S", "10.00", METER, true);
+    assert_eq!(post(open.addr, &path("c2b/confirmation"), &body).0, 200);
+    assert!(
+        open.logs_containing("allowed_ips = [\"any\"]") >= 1,
+        "said loudly"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let daraja = FakeDaraja::start();
+    let base = plugin_config(dir.path(), &daraja, "127.0.0.1:0".parse().unwrap());
+    for (list, says) in [
+        (json!([]), "would refuse every callback"),
+        (json!(["any", "196.201.214.200"]), "cannot be mixed"),
+        (json!(["196.201.214.0/24"]), "is not an IP address"),
+    ] {
+        let mut c = base.clone();
+        c["allowed_ips"] = list.clone();
+        let err = SourceHarness::<DarajaSource>::new(c, &[METER])
+            .err()
+            .expect("refused");
+        assert!(err.contains(says), "{list}: {err}");
+    }
+}
+
+#[test]
+fn a_callback_for_a_push_never_started_keeps_nothing_unless_it_was_paid() {
+    let s = setup();
+    for i in 0..50 {
+        let cb = stk_failed(&format!("ws_CO_junk{i}"), 1032, "Request cancelled by user");
+        assert_eq!(post(s.addr, &path("stk/callback"), &cb).0, 200);
+    }
+    assert!(
+        s.plugin.host().kv.lock().unwrap().is_empty(),
+        "unpaid junk writes nothing"
+    );
+    assert!(s.unapplied().is_empty());
+    let paid = stk_paid("ws_CO_unknown", "NLJ7RT61SW", 15.0);
+    assert_eq!(post(s.addr, &path("stk/callback"), &paid).0, 200);
+    let kept = s.unapplied();
+    assert_eq!(
+        (kept.len(), kept[0].reference.as_str(), kept[0].amount_cents),
+        (1, "NLJ7RT61SW", 1500)
+    );
+    assert!(s.credits().is_empty());
 }
 
 #[test]
@@ -516,4 +809,65 @@ fn c2b_urls_are_registered_at_start_on_the_configured_path_and_already_registere
         format!("https://gw.example.org{}", path("c2b/validation"))
     );
     assert_eq!(body["ResponseType"], "Completed");
+}
+
+/// Reads from `s` until the plugin closes it (bounded); how long that took.
+fn closed_after(s: &mut std::net::TcpStream) -> Duration {
+    use std::io::Read;
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return start.elapsed(),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return start.elapsed(),
+            Err(e) => panic!("the listener kept the connection open: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_half_open_connection_to_the_listener_is_closed_after_the_header_timeout_and_counted() {
+    use std::io::Write;
+    let mut s = setup_with(|c| c["header_timeout_ms"] = json!(300));
+    let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
+    conn.write_all(b"POST /daraja/").unwrap();
+    let took = closed_after(&mut conn);
+    assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+    eventually("the timeout is counted", || {
+        s.plugin.health().detail["http_timeouts"] == json!(1)
+    });
+}
+
+#[test]
+fn connections_over_the_listeners_per_address_cap_are_closed_at_once_and_counted() {
+    let mut s = setup_with(|c| c["max_connections_per_ip"] = json!(2));
+    let _held: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(s.addr).unwrap())
+        .collect();
+    let mut extra = std::net::TcpStream::connect(s.addr).unwrap();
+    let took = closed_after(&mut extra);
+    assert!(took < Duration::from_secs(2), "closed after {took:?}");
+    assert_eq!(s.plugin.health().detail["refused_connections"], json!(1));
+}
+
+#[test]
+fn listener_limits_outside_their_bounds_are_refused_at_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let daraja = FakeDaraja::start();
+    let base = plugin_config(dir.path(), &daraja, "127.0.0.1:0".parse().unwrap());
+    for (key, value) in [
+        ("header_timeout_ms", 11_000),
+        ("request_timeout_ms", 1_000),
+        ("max_connections", 65),
+        ("max_connections_per_ip", 0),
+    ] {
+        let mut c = base.clone();
+        c[key] = json!(value);
+        let err = SourceHarness::<DarajaSource>::new(c, &[METER])
+            .err()
+            .unwrap_or_else(|| panic!("{key} = {value} accepted"));
+        assert!(err.contains(key), "{err}");
+    }
 }

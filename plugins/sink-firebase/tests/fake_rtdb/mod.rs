@@ -4,6 +4,9 @@
 //! - `/<path>.json`: GET, PUT, PATCH (multi-path keys at any level), POST (push ids), DELETE;
 //!   `print=silent` → 204; writing `null` or `{}` removes a node and empty parents vanish;
 //!   invalid keys or overlapping PATCH paths → 400; errors as `{"error": …}`.
+//! - Queries on GET: `orderBy="child"&equalTo=<JSON value>` answers the matching children
+//!   (`{}` when none), and 400 `Index not defined, …` unless `indexes` has (path, child), as
+//!   the real database does without `.indexOn` in its rules; `orderBy="$key"` needs no index.
 //! - Auth: `Authorization: Bearer <token>` or `?access_token=` with a token this fake issued and
 //!   has not revoked, or `?auth=<secret>`; anything else → 401 `Permission denied`.
 //! - `POST /token`: the JWT-bearer grant; the RS256 signature is verified with the test public
@@ -63,6 +66,8 @@ pub struct State {
     pub refuse_marker: Option<String>,
     pub requests: Vec<Request>,
     pub push_counter: u64,
+    /// `.indexOn` rules: (path without slashes, e.g. `users`; child, e.g. `meter_no`).
+    pub indexes: Vec<(String, String)>,
 }
 
 pub struct FakeRtdb {
@@ -488,6 +493,7 @@ fn database(req: &Http, s: &mut State) -> Answer {
         }
     };
     match req.method.as_str() {
+        "GET" if req.query.contains_key("orderBy") => query(req, s, &segs),
         "GET" => {
             let v = get(&s.tree, &segs);
             if silent {
@@ -546,6 +552,43 @@ fn database(req: &Http, s: &mut State) -> Answer {
         }
         _ => error(405, "Method not allowed"),
     }
+}
+
+/// `orderBy`/`equalTo` on the children of `segs` (research/apis.md §2.2).
+fn query(req: &Http, s: &State, segs: &[String]) -> Answer {
+    let parse = |k: &str| -> Option<Value> { serde_json::from_str(req.query.get(k)?).ok() };
+    let Some(Value::String(child)) = parse("orderBy") else {
+        return error(400, "orderBy must be a valid JSON encoded path");
+    };
+    let path = segs.join("/");
+    if child != "$key"
+        && !s
+            .indexes
+            .iter()
+            .any(|(p, c)| p.trim_matches('/') == path && *c == child)
+    {
+        return error(
+            400,
+            &format!(
+                "Index not defined, add \".indexOn\": \"{child}\", for path \"/{path}\", to the rules"
+            ),
+        );
+    }
+    let wanted = parse("equalTo");
+    let mut out = Map::new();
+    if let Value::Object(children) = get(&s.tree, segs) {
+        for (k, v) in children {
+            let value = if child == "$key" {
+                Value::String(k.clone())
+            } else {
+                v.get(child.as_str()).cloned().unwrap_or(Value::Null)
+            };
+            if wanted.as_ref().is_none_or(|w| *w == value) {
+                out.insert(k, v);
+            }
+        }
+    }
+    (200, Value::Object(out).to_string(), Vec::new())
 }
 
 pub fn get(tree: &Value, path: &[String]) -> Value {

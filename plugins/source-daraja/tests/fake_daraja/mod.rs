@@ -421,5 +421,7 @@ pub fn plugin_config(dir: &std::path::Path, daraja: &FakeDaraja, listen: SocketA
         "callback_token_file": secret("callback_token", CALLBACK_TOKEN),
         "stk_query_after_secs": 0,
         "stk_query_interval_secs": 1,
+        // The tests play Safaricom from loopback; the default is Safaricom's addresses.
+        "allowed_ips": ["127.0.0.1"],
     })
 }
