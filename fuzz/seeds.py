@@ -84,3 +84,59 @@ for raw in [
     publish("smartmeter/METER001/consumption", v1, qos=2),
 ]:
     put("front_door", b"\x01" + raw)
+
+# The plugin declaration reader: a tiny shared library that exports the symbol and one that
+# does not (built with cc when it is there), and a few broken headers.
+import shutil, subprocess, tempfile
+if shutil.which("cc"):
+    with tempfile.TemporaryDirectory() as t:
+        for name, src in [("yes", "int umeme_plugin_declare(void){return 0;}\n"),
+                          ("no", "int other(void){return 0;}\n")]:
+            c, so = os.path.join(t, name + ".c"), os.path.join(t, name + ".so")
+            open(c, "w").write(src)
+            subprocess.run(["cc", "-shared", "-fPIC", "-nostdlib", "-Wl,--build-id=none",
+                            "-Wl,-z,max-page-size=4096", "-o", so, c], check=True)
+            subprocess.run(["strip", "--strip-unneeded", so], check=True)
+            put("plugin_declaration", open(so, "rb").read())
+put("plugin_declaration", b"\x7fELF\x02\x01\x01" + b"\x00" * 57)
+put("plugin_declaration", b"\x7fELF")
+
+# Cloud commands: selector byte (low bits: credit/relay/config/other/empty; 0x80: unsigned
+# commands allowed), then the payload. Signed ones use the target's key (32 bytes of 7).
+import hmac, json
+key = bytes([7]) * 32
+def signed(cmd):
+    inner = json.dumps(cmd, separators=(",", ":"))
+    sig = hmac.new(key, inner.encode(), "sha256").hexdigest()
+    return json.dumps({"payload": inner, "sig": sig}).encode()
+ts = 1764230400
+credit = {"id": "c-1", "meter": "METER001", "reference": "QKJ7XYZ123", "amount_kes": 100,
+          "ts": ts, "nonce": "n-1"}
+relay = {"id": "r-1", "meter": "METER001", "relay": "off", "reason": "arrears", "ts": ts, "nonce": "n-2"}
+config = {"id": "g-1", "meter": "METER001", "config": {"publishIntervalMs": 10000}, "ts": ts, "nonce": "n-3"}
+for sel, cmd in [(0, credit), (1, relay), (2, config)]:
+    put("cloud_commands", bytes([sel]) + signed(cmd))
+    put("cloud_commands", bytes([sel | 0x80]) + json.dumps(cmd).encode())
+put("cloud_commands", bytes([0x80]) + json.dumps(dict(credit, amount_cents=99999999999)).encode())
+put("cloud_commands", bytes([0]) + json.dumps({"payload": json.dumps(credit), "sig": "00" * 32}).encode())
+put("cloud_commands", bytes([0x83]) + b'{"id":"' + b"x" * 200 + b'"}')
+
+# Daraja callbacks: selector byte (0 validation, 1 confirmation, 2 STK callback), then the body.
+def c2b(trans, amount, account, confirmation):
+    return {"TransactionType": "Pay Bill", "TransID": trans, "TransTime": "20191122063845",
+            "TransAmount": amount, "BusinessShortCode": "600999", "BillRefNumber": account,
+            "InvoiceNumber": "", "OrgAccountBalance": "25.00" if confirmation else "",
+            "ThirdPartyTransID": "", "MSISDN": "254708374149", "FirstName": "NICHOLAS"}
+put("daraja_callbacks", b"\x00" + json.dumps(c2b("RKTQDM7W6S", "100.00", "METER001", False)).encode())
+put("daraja_callbacks", b"\x01" + json.dumps(c2b("RKTQDM7W6S", "100.00", "METER001", True)).encode())
+put("daraja_callbacks", b"\x01" + json.dumps(dict(c2b("RKTQDM7W6T", 50, "", True), TransactionType="Buy Goods")).encode())
+put("daraja_callbacks", b"\x01" + json.dumps(c2b("RKTQDM7W6U", "-5", "METER002", True)).encode())
+put("daraja_callbacks", b"\x02" + json.dumps({"Body": {"stkCallback": {
+    "MerchantRequestID": "29115-34620561-1", "CheckoutRequestID": "ws_CO_191220191020363925",
+    "ResultCode": 0, "ResultDesc": "The service request is processed successfully.",
+    "CallbackMetadata": {"Item": [{"Name": "MpesaReceiptNumber", "Value": "NLJ7RT61SV"},
+        {"Name": "Balance"}, {"Name": "TransactionDate", "Value": 20191219102115},
+        {"Name": "PhoneNumber", "Value": 254708374149}, {"Name": "Amount", "Value": 1.0}]}}}}).encode())
+put("daraja_callbacks", b"\x02" + json.dumps({"Body": {"stkCallback": {
+    "MerchantRequestID": "1", "CheckoutRequestID": "ws_CO_1", "ResultCode": 1032,
+    "ResultDesc": "Request cancelled by user"}}}).encode())
