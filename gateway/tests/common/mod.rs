@@ -453,6 +453,8 @@ impl RawMeter {
                 Ok(0) => return None,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                // A signal (a child process ending) interrupts the read: read again.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => panic!("read from gateway: {e}"),
             }
         }
@@ -471,6 +473,7 @@ impl RawMeter {
             match self.stream.read(&mut chunk) {
                 Ok(0) => break None,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break None,
             }
         };
