@@ -871,3 +871,82 @@ fn listener_limits_outside_their_bounds_are_refused_at_create() {
         assert!(err.contains(key), "{err}");
     }
 }
+
+/// `POST /daraja/TOKEN/stkpush` with an `Authorization` header (or none).
+fn push_with_bearer(addr: SocketAddr, bearer: Option<&str>) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let body = json!({"phone": "0708374149", "amount": 10, "meter_no": METER}).to_string();
+    let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    write!(
+        s,
+        "POST {} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        path("stkpush"),
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    let status = raw.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let json = raw
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    (status, json)
+}
+
+#[test]
+fn with_an_stkpush_token_the_callback_token_alone_cannot_prompt_a_phone() {
+    const PUSH_TOKEN: &str = "push-0123456789abcdef0123456789";
+    let mut s = setup_with(|c| {
+        let dir = std::path::Path::new(c["passkey_file"].as_str().unwrap())
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let p = dir.join("stkpush_token");
+        std::fs::write(&p, format!("{PUSH_TOKEN}\n")).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        c["stkpush_token_file"] = json!(p);
+    });
+    for bearer in [
+        None,
+        Some("wrong-0123456789abcdef0123456789"),
+        Some(CALLBACK_TOKEN),
+    ] {
+        let (status, v) = push_with_bearer(s.addr, bearer);
+        assert_eq!(status, 401, "{bearer:?}: {v}");
+    }
+    assert!(
+        s.daraja.recorded().pushes.is_empty(),
+        "Safaricom is never asked"
+    );
+    assert_eq!(s.plugin.health().detail["rejected_requests"], 3);
+    let (status, v) = push_with_bearer(s.addr, Some(PUSH_TOKEN));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(s.daraja.recorded().pushes.len(), 1);
+}
+
+#[test]
+fn an_stkpush_token_that_is_the_callback_token_or_too_short_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let daraja = FakeDaraja::start();
+    let base = plugin_config(dir.path(), &daraja, "127.0.0.1:0".parse().unwrap());
+    let p = dir.path().join("stkpush_token");
+    for (token, expect) in [
+        (CALLBACK_TOKEN, "must be another one"),
+        ("short", "16 to 128"),
+    ] {
+        std::fs::write(&p, token).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let mut c = base.clone();
+        c["stkpush_token_file"] = json!(p);
+        let err = SourceHarness::<DarajaSource>::new(c, &[METER])
+            .err()
+            .unwrap();
+        assert!(
+            err.contains(expect) && !err.contains(CALLBACK_TOKEN),
+            "{err}"
+        );
+    }
+}
