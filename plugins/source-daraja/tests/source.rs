@@ -872,30 +872,6 @@ fn listener_limits_outside_their_bounds_are_refused_at_create() {
     }
 }
 
-/// `POST /daraja/TOKEN/stkpush` with an `Authorization` header (or none).
-fn push_with_bearer(addr: SocketAddr, bearer: Option<&str>) -> (u16, Value) {
-    use std::io::{Read, Write};
-    let body = json!({"phone": "0708374149", "amount": 10, "meter_no": METER}).to_string();
-    let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    write!(
-        s,
-        "POST {} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
-        path("stkpush"),
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    let _ = s.read_to_string(&mut raw);
-    let status = raw.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let json = raw
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(Value::Null);
-    (status, json)
-}
-
 #[test]
 fn with_an_stkpush_token_the_callback_token_alone_cannot_prompt_a_phone() {
     const PUSH_TOKEN: &str = "push-0123456789abcdef0123456789";
@@ -909,22 +885,28 @@ fn with_an_stkpush_token_the_callback_token_alone_cannot_prompt_a_phone() {
         std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         c["stkpush_token_file"] = json!(p);
     });
-    for bearer in [
-        None,
-        Some("wrong-0123456789abcdef0123456789"),
-        Some(CALLBACK_TOKEN),
-    ] {
-        let (status, v) = push_with_bearer(s.addr, bearer);
-        assert_eq!(status, 401, "{bearer:?}: {v}");
+    let body = json!({"phone": "0708374149", "amount": 10, "meter_no": METER});
+    let (status, v) = post(s.addr, &path("stkpush"), &body);
+    assert_eq!(status, 401, "the path token alone: {v}");
+    for wrong in ["wrong-0123456789abcdef0123456789", CALLBACK_TOKEN] {
+        let (status, v) = post_bearer(s.addr, &path("stkpush"), wrong, &body);
+        assert_eq!(status, 401, "{wrong}: {v}");
     }
     assert!(
         s.daraja.recorded().pushes.is_empty(),
         "Safaricom is never asked"
     );
     assert_eq!(s.plugin.health().detail["rejected_requests"], 3);
-    let (status, v) = push_with_bearer(s.addr, Some(PUSH_TOKEN));
+    let (status, v) = post_bearer(s.addr, &path("stkpush"), PUSH_TOKEN, &body);
     assert_eq!(status, 200, "{v}");
     assert_eq!(s.daraja.recorded().pushes.len(), 1);
+    assert_eq!(s.logs_containing("no stkpush_token_file"), 0);
+    let without = setup();
+    assert_eq!(
+        without.logs_containing("no stkpush_token_file"),
+        1,
+        "STK on without its own token is warned at start"
+    );
 }
 
 #[test]
