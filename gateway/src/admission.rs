@@ -5,6 +5,11 @@
 //! Everything here is bounded in memory: the backoff maps hold at most [`MAX_TRACKED`] keys
 //! each and forget the oldest when full, so a flood of new addresses or client ids costs a
 //! fixed amount of RAM; the per-IP maps only hold addresses with connections open.
+//!
+//! "Per address" means per [`umeme_http_guard::peer_key`], as on the HTTP listeners: an IPv4
+//! address, or an IPv6 /64. A host picks its own interface identifier (SLAAC privacy
+//! addresses, or simply `ip addr add`), so counting IPv6 by full address would give one host
+//! a fresh set of places, checks and free failures per address it makes up.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -13,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use umeme_http_guard::peer_key;
 
 /// Keys remembered per backoff map (source addresses; meter numbers).
 pub const MAX_TRACKED: usize = 4096;
@@ -165,6 +171,7 @@ impl Admission {
     /// Takes one of `ip`'s places for a connection that has not been answered CONNACK yet;
     /// `None` when it has none left.
     pub fn enter(&self, ip: IpAddr) -> Option<Pending> {
+        let ip = peer_key(ip);
         let mut m = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= self.max_pending_per_ip {
@@ -186,6 +193,7 @@ impl Admission {
         meter: &str,
         wait: Duration,
     ) -> Result<Checking<'_>, &'static str> {
+        let ip = peer_key(ip);
         let now = Instant::now();
         let meter_suspect = {
             let t = self.by_meter.lock().unwrap_or_else(|e| e.into_inner());
@@ -230,6 +238,7 @@ impl Admission {
     }
 
     pub fn failed(&self, ip: IpAddr, meter: &str) {
+        let ip = peer_key(ip);
         let now = Instant::now();
         self.by_ip
             .lock()
@@ -245,6 +254,7 @@ impl Admission {
     /// hammering stays shut out for longer (up to the maximum). Meter numbers do not grow this
     /// way, or a real meter retrying on its own schedule would never get its turn.
     pub fn hammering(&self, ip: IpAddr) {
+        let ip = peer_key(ip);
         self.by_ip.lock().unwrap_or_else(|e| e.into_inner()).fail(
             &ip,
             Instant::now(),
@@ -399,6 +409,64 @@ mod tests {
             a.checks.lock().unwrap().is_empty(),
             "idle addresses forgotten"
         );
+    }
+
+    fn v6(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_addresses_of_one_64_share_one_set_of_unauthenticated_places() {
+        let a = Admission::new(2, Duration::from_secs(1));
+        let _held = (
+            a.enter(v6("2001:db8:1:2::1")).unwrap(),
+            a.enter(v6("2001:db8:1:2::2")).unwrap(),
+        );
+        assert!(
+            a.enter(v6("2001:db8:1:2:dead:beef:0:3")).is_none(),
+            "a third made-up address in the same /64 gets no place"
+        );
+        assert!(
+            a.enter(v6("2001:db8:1:3::1")).is_some(),
+            "the next /64 is another host"
+        );
+        let mapped = v6("::ffff:10.0.0.1");
+        let _m = (a.enter(mapped).unwrap(), a.enter(mapped).unwrap());
+        assert!(
+            a.enter([10, 0, 0, 1].into()).is_none(),
+            "an IPv4-mapped address counts as its IPv4 address"
+        );
+        assert!(a.enter([10, 0, 0, 2].into()).is_some());
+    }
+
+    #[tokio::test]
+    async fn ipv6_addresses_of_one_64_share_one_backoff_and_one_set_of_checks() {
+        let a = Admission::new(8, Duration::from_secs(5));
+        // Every failure from a new address of the same /64: the free ones run out all the same.
+        for i in 0..=FREE_FAILURES {
+            let ip = v6(&format!("2001:db8::{:x}", i + 1));
+            drop(a.check(ip, &format!("M{i}"), WAIT).await.unwrap());
+            a.failed(ip, &format!("M{i}"));
+        }
+        assert_eq!(
+            a.check(v6("2001:db8::ffff"), "MX", WAIT).await.err(),
+            Some("auth_backoff_ip"),
+            "a fresh address of the same /64 is backing off too"
+        );
+        let b = Admission::new(8, Duration::from_secs(5));
+        let mut held = Vec::new();
+        for i in 0..MAX_CHECKS_PER_IP {
+            let ip = v6(&format!("2001:db8::{:x}", i + 1));
+            held.push(b.check(ip, &format!("M{i}"), WAIT).await.unwrap());
+        }
+        let short = Duration::from_millis(50);
+        assert_eq!(
+            b.check(v6("2001:db8::abcd"), "MY", short).await.err(),
+            Some("auth_busy_ip"),
+            "checks in flight are counted per /64"
+        );
+        drop(held);
+        assert!(b.checks.lock().unwrap().is_empty(), "idle /64s forgotten");
     }
 
     #[test]

@@ -555,3 +555,28 @@ fn a_meter_number_over_12_characters_is_warned_at_meter_add_and_refused_for_stk_
         "HOUSE-A-0001"
     );
 }
+
+#[test]
+fn with_an_stkpush_token_the_loaded_plugin_refuses_a_push_that_carries_only_the_callback_token() {
+    const PUSH_TOKEN: &str = "site-push-0123456789abcdef012345";
+    let site = Site::start_with(|c| {
+        let dir = PathBuf::from(c["passkey_file"].as_str().unwrap());
+        let p = dir.parent().unwrap().join("stkpush_token");
+        std::fs::write(&p, PUSH_TOKEN).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        c["stkpush_token_file"] = json!(p);
+    });
+    let body = json!({"phone": "0708374149", "amount": 10, "meter_no": METER});
+    let (status, v) = post(site.plugin, &path("stkpush"), &body);
+    assert_eq!(status, 401, "{v}");
+    let (status, v) = post_bearer(site.plugin, &path("stkpush"), CALLBACK_TOKEN, &body);
+    assert_eq!(status, 401, "{v}");
+    assert!(
+        site.daraja.recorded().pushes.is_empty(),
+        "Safaricom is never asked"
+    );
+    let (status, v) = post_bearer(site.plugin, &path("stkpush"), PUSH_TOKEN, &body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(site.daraja.recorded().pushes.len(), 1);
+    assert!(!site.gw.log_text().contains("no stkpush_token_file"));
+}

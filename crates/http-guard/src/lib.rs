@@ -193,8 +193,9 @@ impl Drop for PeerSlot {
 }
 
 /// The address a per-peer cap counts against: IPv4 as is, IPv6 by its /64 (one subscriber's
-/// prefix, which holds more addresses than any cap).
-fn peer_key(ip: IpAddr) -> IpAddr {
+/// prefix, which holds more addresses than any cap). Public so the meter port's per-address
+/// limits count the same way.
+pub fn peer_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let s = v6.segments();

@@ -134,6 +134,10 @@ pub struct Config {
     /// The public URL Safaricom calls, without the `/daraja/…` part.
     pub callback_base_url: String,
     pub callback_token_file: PathBuf,
+    /// A token of its own for `/stkpush` (`Authorization: Bearer …`). The callback token is in
+    /// every URL Safaricom and any proxy sees, so it should not be what starts a payment prompt.
+    #[serde(default)]
+    pub stkpush_token_file: Option<PathBuf>,
     #[serde(default)]
     pub register_urls: bool,
     /// `v1` or `v2`: which `registerurl` path (apisupport has moved integrators both ways).
@@ -188,6 +192,8 @@ pub struct Secrets {
     pub consumer_secret: String,
     pub passkey: Option<String>,
     pub callback_token: String,
+    /// `/stkpush` needs it as a bearer token when set.
+    pub stkpush_token: Option<String>,
 }
 
 /// A checked configuration.
@@ -311,6 +317,11 @@ impl Settings {
                 .map(|p| read_secret("passkey_file", p))
                 .transpose()?,
             callback_token: read_secret("callback_token_file", &c.callback_token_file)?,
+            stkpush_token: c
+                .stkpush_token_file
+                .as_deref()
+                .map(|p| read_secret("stkpush_token_file", p))
+                .transpose()?,
         };
         let token = &secrets.callback_token;
         if token.len() < 16
@@ -323,6 +334,22 @@ impl Settings {
                 "callback_token_file {}: the token must be 16 to 128 characters of A-Z a-z 0-9 _ - (e.g. `openssl rand -hex 32`)",
                 c.callback_token_file.display()
             ));
+        }
+        match &secrets.stkpush_token {
+            Some(t) if t.len() < 16 || t.len() > 128 || t.bytes().any(|b| !b.is_ascii_graphic()) => {
+                return Err(format!(
+                    "stkpush_token_file {}: the token must be 16 to 128 printable ASCII characters without spaces (e.g. `openssl rand -hex 32`)",
+                    c.stkpush_token_file.as_deref().unwrap_or(Path::new("")).display()
+                ));
+            }
+            Some(t) if t == token => {
+                return Err("stkpush_token_file holds the callback token; it must be another one (the callback token is in the URLs Safaricom and proxies see)".into());
+            }
+            Some(_) => {}
+            None if secrets.passkey.is_some() => log::warn!(
+                "no stkpush_token_file: /stkpush is guarded only by the callback token, which Safaricom and every proxy in front of the listener see; anyone holding it can prompt phones to pay for a meter of their choosing"
+            ),
+            None => {}
         }
         let url = |tail: &str| format!("{callback_base}/daraja/{token}/{tail}");
         let settings = Settings {

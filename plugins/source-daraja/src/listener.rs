@@ -174,6 +174,26 @@ async fn route(
             "only POST",
         );
     }
+    if endpoint == Endpoint::StkPush {
+        if let Some(push_token) = &shared.settings.secrets.stkpush_token {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim)
+                .unwrap_or("");
+            if !wire::ct_eq(given.as_bytes(), push_token.as_bytes()) {
+                return refuse(
+                    &shared,
+                    peer,
+                    what,
+                    StatusCode::UNAUTHORIZED,
+                    "stkpush needs the stkpush token (Authorization: Bearer …)",
+                );
+            }
+        }
+    }
     let allowed = shared.settings.allowed_ips.as_ref();
     if endpoint != Endpoint::StkPush
         && allowed.is_some_and(|ips| !ips.contains(&peer.ip().to_canonical()))

@@ -871,3 +871,64 @@ fn listener_limits_outside_their_bounds_are_refused_at_create() {
         assert!(err.contains(key), "{err}");
     }
 }
+
+#[test]
+fn with_an_stkpush_token_the_callback_token_alone_cannot_prompt_a_phone() {
+    const PUSH_TOKEN: &str = "push-0123456789abcdef0123456789";
+    let mut s = setup_with(|c| {
+        let dir = std::path::Path::new(c["passkey_file"].as_str().unwrap())
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let p = dir.join("stkpush_token");
+        std::fs::write(&p, format!("{PUSH_TOKEN}\n")).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        c["stkpush_token_file"] = json!(p);
+    });
+    let body = json!({"phone": "0708374149", "amount": 10, "meter_no": METER});
+    let (status, v) = post(s.addr, &path("stkpush"), &body);
+    assert_eq!(status, 401, "the path token alone: {v}");
+    for wrong in ["wrong-0123456789abcdef0123456789", CALLBACK_TOKEN] {
+        let (status, v) = post_bearer(s.addr, &path("stkpush"), wrong, &body);
+        assert_eq!(status, 401, "{wrong}: {v}");
+    }
+    assert!(
+        s.daraja.recorded().pushes.is_empty(),
+        "Safaricom is never asked"
+    );
+    assert_eq!(s.plugin.health().detail["rejected_requests"], 3);
+    let (status, v) = post_bearer(s.addr, &path("stkpush"), PUSH_TOKEN, &body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(s.daraja.recorded().pushes.len(), 1);
+    assert_eq!(s.logs_containing("no stkpush_token_file"), 0);
+    let without = setup();
+    assert_eq!(
+        without.logs_containing("no stkpush_token_file"),
+        1,
+        "STK on without its own token is warned at start"
+    );
+}
+
+#[test]
+fn an_stkpush_token_that_is_the_callback_token_or_too_short_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let daraja = FakeDaraja::start();
+    let base = plugin_config(dir.path(), &daraja, "127.0.0.1:0".parse().unwrap());
+    let p = dir.path().join("stkpush_token");
+    for (token, expect) in [
+        (CALLBACK_TOKEN, "must be another one"),
+        ("short", "16 to 128"),
+    ] {
+        std::fs::write(&p, token).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let mut c = base.clone();
+        c["stkpush_token_file"] = json!(p);
+        let err = SourceHarness::<DarajaSource>::new(c, &[METER])
+            .err()
+            .unwrap();
+        assert!(
+            err.contains(expect) && !err.contains(CALLBACK_TOKEN),
+            "{err}"
+        );
+    }
+}

@@ -375,10 +375,26 @@ pub fn path(tail: &str) -> String {
 
 /// One HTTP/1.1 request with a raw body; returns the status and the body (JSON when it is).
 pub fn post_raw(addr: SocketAddr, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+    post_with_headers(
+        addr,
+        path,
+        &format!("Content-Type: {content_type}\r\n"),
+        body,
+    )
+}
+
+/// A JSON POST with `Authorization: Bearer {token}` (the `stkpush` token).
+pub fn post_bearer(addr: SocketAddr, path: &str, token: &str, body: &Value) -> (u16, Value) {
+    let headers = format!("Content-Type: application/json\r\nAuthorization: Bearer {token}\r\n");
+    post_with_headers(addr, path, &headers, body.to_string().as_bytes())
+}
+
+/// `headers`: complete header lines, each ending in CRLF.
+fn post_with_headers(addr: SocketAddr, path: &str, headers: &str, body: &[u8]) -> (u16, Value) {
     let mut s = TcpStream::connect(addr).expect("connect to the plugin");
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).unwrap();
