@@ -366,6 +366,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_metric_family_is_listed_in_the_readme() {
+        let readme = include_str!("../../README.md");
+        let undocumented: Vec<&str> = HELP
+            .iter()
+            .map(|h| h.0)
+            .filter(|name| !readme.contains(&format!("`{name}")))
+            .collect();
+        assert!(
+            undocumented.is_empty(),
+            "add to README's metrics table: {undocumented:?}"
+        );
+    }
+
+    #[test]
     fn renders_prometheus_text_with_escaped_labels() {
         let m = Metrics::default();
         m.inc("umeme_mqtt_rejected_total", &[("reason", "acl\"x")]);
