@@ -264,6 +264,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             // This shell's limit; the service runs under systemd's LimitNOFILE.
             let budget = crate::fds::FdBudget::plan(crate::fds::raise_nofile_limit(), &config)?;
             println!("ok: {budget} (under this shell's open-file limit)");
+            print_broker_limits(&config);
             print_http_limits(&config);
             warn_legacy_meters(&config);
             match &config.source {
@@ -369,6 +370,20 @@ fn development_data_dir() -> Result<PathBuf, Failure> {
 }
 
 /// The HTTP listeners' limits, so an operator sees what is in force.
+/// The meter port's limits up to CONNACK (those after it are the "meter limits" line).
+fn print_broker_limits(config: &Config) {
+    let b = &config.broker;
+    println!(
+        "ok: meter port on {}: at most {} connections, {} per address before CONNACK, CONNECT within {} ms, packets up to {} bytes, password backoff up to {} ms",
+        b.listen,
+        b.max_connections,
+        b.max_unauthenticated_per_ip,
+        b.connect_timeout_ms,
+        b.max_packet_bytes,
+        b.auth_backoff_max_ms
+    );
+}
+
 fn print_http_limits(config: &Config) {
     let api = &config.api;
     let show = |what: &str, addr: std::net::SocketAddr, l: &crate::config::HttpLimits| {

@@ -119,6 +119,81 @@ const HELP: &[(&str, &str, &str)] = &[
         "gauge",
         "Sequence number of the newest stored event.",
     ),
+    (
+        "umeme_mqtt_refusal_logs_suppressed_total",
+        "counter",
+        "CONNECT refusals not logged (over the refusal log's rate); counted in the next line's suppressed=.",
+    ),
+    (
+        "umeme_mqtt_legacy_anonymous_connects_total",
+        "counter",
+        "CONNECTs accepted without credentials from meters opted in as legacy-anonymous.",
+    ),
+    (
+        "umeme_outbox_used_bytes",
+        "gauge",
+        "Bytes of the state database's pages in use (capped by [outbox] max_bytes).",
+    ),
+    (
+        "umeme_outbox_full",
+        "gauge",
+        "1 when only events that are never dropped are left over the disk cap.",
+    ),
+    (
+        "umeme_outbox_dropped_total",
+        "counter",
+        "Telemetry events dropped by the disk cap.",
+    ),
+    (
+        "umeme_outbox_dropped_undelivered_total",
+        "counter",
+        "Telemetry events dropped by the disk cap before every sink had them.",
+    ),
+    (
+        "umeme_outbox_expired_total",
+        "counter",
+        "Delivered events removed after [outbox] retention.",
+    ),
+    (
+        "umeme_outbox_backlog",
+        "gauge",
+        "Events not yet delivered, by sink.",
+    ),
+    (
+        "umeme_outbox_oldest_undelivered_seconds",
+        "gauge",
+        "Age of the oldest event not yet delivered, by sink.",
+    ),
+    (
+        "umeme_outbox_delivered_total",
+        "counter",
+        "Events delivered, by sink.",
+    ),
+    (
+        "umeme_outbox_dead_letters_total",
+        "counter",
+        "Events a sink refused for good (moved to dead_letters), by sink.",
+    ),
+    (
+        "umeme_outbox_failures_total",
+        "counter",
+        "Failed deliveries (retried with backoff), by sink.",
+    ),
+    (
+        "umeme_sink_up",
+        "gauge",
+        "0 while a sink's deliveries fail (backing off), else 1, by sink.",
+    ),
+    (
+        "umeme_source_up",
+        "gauge",
+        "1 while a payment source plugin runs, 0 once it stopped, by source.",
+    ),
+    (
+        "umeme_source_failures_total",
+        "counter",
+        "Payment source plugin starts that failed (retried with backoff), by source.",
+    ),
 ];
 
 pub struct Metrics {
@@ -141,10 +216,68 @@ const EXPOSED_AT_ZERO: &[(&str, &[(&str, &str)])] = &[
     ("umeme_mqtt_rejected_total", &[("reason", "out_of_range")]),
     ("umeme_mqtt_rejected_total", &[("reason", "oversize")]),
     ("umeme_mqtt_rejected_total", &[("reason", "implausible")]),
+    ("umeme_mqtt_rejected_total", &[("reason", "rate_limited")]),
+    (
+        "umeme_mqtt_rejected_total",
+        &[("reason", "max_subscriptions")],
+    ),
+    (
+        "umeme_mqtt_rejected_total",
+        &[("reason", "filter_too_long")],
+    ),
     (
         "umeme_mqtt_connect_refused_total",
         &[("reason", "bad_credentials")],
     ),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "no_credentials")],
+    ),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "client_id_mismatch")],
+    ),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "protocol_version")],
+    ),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "reserved_flag")],
+    ),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "trailing_bytes")],
+    ),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "unauthenticated_per_ip")],
+    ),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "auth_backoff_ip")],
+    ),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "auth_backoff_meter")],
+    ),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "auth_busy_ip")],
+    ),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "legacy_source")],
+    ),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "connect_timeout")],
+    ),
+    ("umeme_mqtt_refusal_logs_suppressed_total", &[]),
+    ("umeme_mqtt_legacy_anonymous_connects_total", &[]),
+    ("umeme_mqtt_reports_delayed_total", &[]),
+    ("umeme_mqtt_warnings_suppressed_total", &[]),
+    ("umeme_ledger_commits_total", &[]),
     (
         "umeme_payments_total",
         &[("source", "simulate"), ("outcome", "credited")],
@@ -231,6 +364,20 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_metric_family_is_listed_in_the_readme() {
+        let readme = include_str!("../../README.md");
+        let undocumented: Vec<&str> = HELP
+            .iter()
+            .map(|h| h.0)
+            .filter(|name| !readme.contains(&format!("`{name}")))
+            .collect();
+        assert!(
+            undocumented.is_empty(),
+            "add to README's metrics table: {undocumented:?}"
+        );
+    }
 
     #[test]
     fn renders_prometheus_text_with_escaped_labels() {

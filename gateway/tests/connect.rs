@@ -383,3 +383,20 @@ fn meter_set_and_add_refuse_legacy_settings_they_cannot_apply() {
     let (_, err) = cli_ok(&gw, &["meter", "list"]);
     assert!(!err.contains("warning"));
 }
+
+/// README and the style guide promise that `check-config` prints every listener's limits; the
+/// meter port's limits before CONNACK were missing from its output.
+#[test]
+fn check_config_prints_the_meter_ports_limits_before_connack() {
+    let gw = gateway(
+        "max_connections = 500\nmax_unauthenticated_per_ip = 8\nconnect_timeout_ms = 2000\nmax_packet_bytes = 2048\nauth_backoff_max_ms = 30000\n",
+    );
+    let out = gw.cli(&["check-config"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let want = format!(
+        "ok: meter port on {}: at most 500 connections, 8 per address before CONNACK, CONNECT within 2000 ms, packets up to 2048 bytes, password backoff up to 30000 ms",
+        gw.broker
+    );
+    assert!(text.contains(&want), "want {want:?} in:\n{text}");
+}

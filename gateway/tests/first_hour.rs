@@ -386,6 +386,60 @@ fn watched_metrics_are_exposed_at_zero_and_a_cli_credit_counts_as_a_payment() {
     assert_eq!(gw.metric(series), 1.0, "counted once, not per tick");
 }
 
+/// README's "Logs and metrics" promises that the metrics it tells operators to watch exist at 0
+/// from the start, so an alert on them works before their first increment. This reads the
+/// paragraph itself: a metric or reason added there must be exposed, or this fails.
+#[test]
+fn every_metric_and_reason_the_readme_says_to_watch_is_exposed_at_zero_from_the_start() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("read README.md");
+    let start = readme
+        .find("Metrics to watch:")
+        .expect("README's metrics paragraph");
+    let end = start
+        + readme[start..]
+            .find("These counters exist at 0")
+            .expect("README's promise that the watched metrics exist at 0");
+    let mut gw = Gateway::new("");
+    gw.start();
+    let text = gw.metrics();
+    let series: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+
+    let (mut family, mut checked, mut missing) = (None::<String>, 0, Vec::new());
+    // Code spans are the odd pieces between backticks: a metric, or a reason of the last one.
+    for span in readme[start..end].split('`').skip(1).step_by(2) {
+        if span.starts_with("umeme_") {
+            let name = span.split('{').next().unwrap_or(span).to_owned();
+            let exposed = series.iter().any(|l| {
+                l.strip_prefix(name.as_str())
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            });
+            if !exposed {
+                missing.push(name.clone());
+            }
+            if !text.contains(&format!("# TYPE {name} ")) {
+                missing.push(format!("# TYPE {name}"));
+            }
+            family = Some(name);
+        } else if let Some(name) = &family {
+            let want = format!("{name}{{reason=\"{span}\"}} 0");
+            if !series.contains(&want.as_str()) {
+                missing.push(want);
+            }
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 30,
+        "only {checked} names read from the README's paragraph"
+    );
+    assert!(
+        missing.is_empty(),
+        "not exposed at start: {missing:#?}\n{text}"
+    );
+}
+
 #[test]
 fn a_wrong_sha256_points_at_the_sha256_line() {
     let lib = built_plugin("umeme-testkit-sink");

@@ -258,8 +258,6 @@ impl Config {
     fn command_rules(&self) -> Result<CommandRules, String> {
         let key = match &self.command_key_file {
             Some(path) => {
-                // TODO(plugins): read_secret_file (the SDK's shared reader, with this check).
-                check_secret_mode("command_key_file", path)?;
                 let key = read_secret("command_key_file", path)?;
                 if key.len() < MIN_COMMAND_KEY_BYTES {
                     return Err(format!(
@@ -300,23 +298,6 @@ impl Config {
             max_credit_cents_per_day: caps.1 as i64 * 100,
         })
     }
-}
-
-/// A secret file must be a regular file that other users cannot read or write (0600, 0640).
-fn check_secret_mode(key: &str, path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("{key} {} is not a regular file", path.display()));
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o007 != 0 {
-        return Err(format!(
-            "{key} {} is accessible to other users (mode {mode:o}); chmod o-rwx it",
-            path.display()
-        ));
-    }
-    Ok(())
 }
 
 fn check_level(key: &str, s: &str) -> Result<(), String> {
@@ -563,7 +544,12 @@ mod tests {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(with_key()
             .unwrap_err()
-            .contains("accessible to other users (mode 644)"));
+            .contains("command_key_file: secret file"));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o660)).unwrap();
+        assert!(
+            with_key().unwrap_err().contains("(mode 660)"),
+            "a group-writable key is refused like every secret file"
+        );
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert!(with_key().unwrap().command_rules.key.is_some());
         std::fs::write(&key, "short").unwrap();
