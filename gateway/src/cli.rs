@@ -534,6 +534,16 @@ fn parse_meter(id: &str) -> Result<MeterId, Failure> {
     MeterId::parse(id).map_err(|e| usage(e.to_string()))
 }
 
+/// A provisioned meter's row, or exit 1 with "unknown meter".
+fn meter_row(conn: &rusqlite::Connection, meter: &MeterId) -> Result<store::MeterRow, Failure> {
+    store::meter(conn, meter)
+        .context("reading meter")?
+        .ok_or_else(|| Failure {
+            code: 1,
+            error: anyhow!("unknown meter {meter}"),
+        })
+}
+
 fn format_cents(c: i64) -> String {
     format!("{}.{:02}", c / 100, c % 100)
 }
@@ -704,12 +714,7 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
                 },
             )?;
             let conn = open(config)?;
-            let m = store::meter(&conn, &meter)
-                .context("reading meter")?
-                .ok_or_else(|| Failure {
-                    code: 1,
-                    error: anyhow!("unknown meter {meter}"),
-                })?;
+            let m = meter_row(&conn, &meter)?;
             println!(
                 "{meter}: legacy anonymous CONNECT {}{}; its current session is closed",
                 if m.legacy_anonymous { "allowed" } else { "off" },
@@ -747,12 +752,7 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
         MeterCommand::Show { id } => {
             let meter = parse_meter(&id)?;
             let conn = open(config)?;
-            let m = store::meter(&conn, &meter)
-                .context("reading meter")?
-                .ok_or_else(|| Failure {
-                    code: 1,
-                    error: anyhow!("unknown meter {meter}"),
-                })?;
+            let m = meter_row(&conn, &meter)?;
             let payments = store::payments_of(&conn, &meter).context("reading payments")?;
             println!("meter:          {}", m.id);
             println!("name:           {}", m.name.as_deref().unwrap_or("-"));

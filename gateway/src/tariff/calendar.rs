@@ -151,21 +151,13 @@ pub struct LocalDate {
 }
 
 impl LocalDate {
-    /// Howard Hinnant's `civil_from_days` (the same algorithm as the SDK's `iso8601_utc`).
+    /// The date of a day number (days since 1970-01-01), by the SDK's `civil_from_days`.
     pub fn from_days(days: i64) -> LocalDate {
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
-        let y = yoe + era * 400 + i64::from(m <= 2);
+        let (y, m, d) = umeme_plugin_sdk::civil_from_days(days);
         LocalDate {
             year: y as i32,
-            month: m as u8,
-            day: d as u8,
+            month: m,
+            day: d,
         }
     }
 

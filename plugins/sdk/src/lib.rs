@@ -68,11 +68,9 @@ pub const RUSTC_VERSION: &CStr =
         Err(_) => panic!("rustc version has no NUL"),
     };
 
-/// `2026-11-27T11:21:18.123Z` from milliseconds since the Unix epoch (UTC), for plugins and the
-/// gateway alike (Howard Hinnant's `civil_from_days`; no time-zone database needed).
-pub fn iso8601_utc(ms: i64) -> String {
-    let (secs, milli) = (ms.div_euclid(1000), ms.rem_euclid(1000));
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+/// The proleptic Gregorian `(year, month, day)` of a day number (days since 1970-01-01): Howard
+/// Hinnant's `civil_from_days`, valid for any `i64` the callers pass (no time-zone database).
+pub fn civil_from_days(days: i64) -> (i64, u8, u8) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -81,7 +79,15 @@ pub fn iso8601_utc(ms: i64) -> String {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    (yoe + era * 400 + i64::from(m <= 2), m as u8, d as u8)
+}
+
+/// `2026-11-27T11:21:18.123Z` from milliseconds since the Unix epoch (UTC), for plugins and the
+/// gateway alike.
+pub fn iso8601_utc(ms: i64) -> String {
+    let (secs, milli) = (ms.div_euclid(1000), ms.rem_euclid(1000));
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
         rem / 3600,
