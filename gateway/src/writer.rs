@@ -390,7 +390,7 @@ pub fn apply_with(
         Op::RecordUnapplied(u) => {
             // Credited already (references are unique per site, whatever the source): nothing
             // is left to apply.
-            let reference = crate::ledger::payment_reference(&u.reference).unwrap_or(&u.reference);
+            let reference = ledger::payment_reference(&u.reference).unwrap_or(&u.reference);
             if store::payment_by_reference(tx, reference)?.is_some() {
                 return done();
             }
