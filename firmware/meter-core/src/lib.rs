@@ -12,6 +12,8 @@
 //! - [`report`]: a numbered consumption report and its v2 JSON (contract §4).
 //! - [`command`]: parsing the gateway's `command/*` payloads.
 //! - [`outbox`]: the ring of reports not yet acknowledged, keyed by `seq`, replayed on reconnect.
+//! - [`limits`]: the power cap (trip, reclose, lockout) and the daily allowance, and the
+//!   settings `command/config` changes.
 //! - [`meter`]: the meter: all of the above behind one state machine.
 //! - [`snapshot`]: the meter's durable state as bytes.
 //! - [`flashlog`]: a wear-levelled, power-cut-safe record log on NOR flash.
@@ -28,6 +30,7 @@ pub mod balance;
 pub mod command;
 pub mod energy;
 pub mod flashlog;
+pub mod limits;
 pub mod meter;
 pub mod mqtt;
 pub mod outbox;

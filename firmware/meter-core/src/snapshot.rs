@@ -1,20 +1,29 @@
 //! The meter's durable state as bytes: register, next seq, balance anchor, the acknowledged
 //! history and every report still waiting in the outbox. Little-endian, versioned; the flash
 //! log around it adds the checksum.
+//!
+//! Version 2 appends, after the outbox, the settings from `command/config`, `mayCut`, the
+//! clock, the power limiter and the daily allowance. A version-1 record (firmware before the
+//! limits) still loads: those fields take their defaults.
 
 use crate::balance::{BalanceView, Relay};
 use crate::energy::Register;
+use crate::limits::{Trip, MAX_TRIPS};
 use crate::meter::{Meter, MeterConfig, ACKED_HISTORY};
 use crate::report::Report;
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+const VERSION_1: u8 = 1;
 const HEADER_LEN: usize = 1 + 4 + 8 + 8 + 1 + 8 + 8 + 1 + 8 + 1 + 1 + 2;
 const ACKED_LEN: usize = 12;
 const REPORT_LEN: usize = 4 + 8 + 4 + 4 + 4 + 1 + 8;
+/// Version 2's tail: settings (5 + 4·3 + 1 + 1 + 4 + 2), mayCut, clock (1 + 8), limiter
+/// (8 + 4 + 4 + 1 + 1 + 8·MAX_TRIPS), allowance (1 + 8 + 8), pending trip (1 + 4 + 4 + 1 + 1).
+const TAIL_LEN: usize = 25 + 1 + 9 + (18 + 8 * MAX_TRIPS) + 17 + 11;
 
 /// Bytes needed for the state of a `Meter<N>`.
 pub const fn state_len(n: usize) -> usize {
-    HEADER_LEN + ACKED_HISTORY * ACKED_LEN + n * REPORT_LEN
+    HEADER_LEN + ACKED_HISTORY * ACKED_LEN + n * REPORT_LEN + TAIL_LEN
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -71,6 +80,9 @@ impl In<'_> {
     fn i64(&mut self) -> Result<i64, SnapshotError> {
         Ok(i64::from_le_bytes(self.take()?))
     }
+    fn flag(&mut self) -> Result<bool, SnapshotError> {
+        Ok(self.u8()? == 1)
+    }
     fn opt_i64(&mut self) -> Result<Option<i64>, SnapshotError> {
         let present = self.u8()?;
         let v = self.i64()?;
@@ -111,14 +123,94 @@ impl<const N: usize> Meter<N> {
             o.put(&[(r.relay == Relay::On) as u8])?;
             o.put(&r.timestamp_ms.to_le_bytes())?;
         }
+        self.encode_tail(&mut o)?;
         Ok(o.at)
     }
 
+    fn encode_tail(&self, o: &mut Out) -> Result<(), SnapshotError> {
+        let s = &self.settings;
+        o.put(&[s.publish_interval_ms.is_some() as u8])?;
+        o.put(&s.publish_interval_ms.unwrap_or(0).to_le_bytes())?;
+        o.put(&s.power.cap_w.to_le_bytes())?;
+        o.put(&s.power.trip_after_s.to_le_bytes())?;
+        o.put(&s.power.reclose_after_s.to_le_bytes())?;
+        o.put(&[s.power.max_trips, s.power.in_friendly_hours as u8])?;
+        o.put(&s.daily_allowance_wh.to_le_bytes())?;
+        o.put(&s.utc_offset_min.to_le_bytes())?;
+        o.put(&[self.may_cut as u8])?;
+        o.put(&[self.clock_ms.is_some() as u8])?;
+        o.put(&self.clock_ms.unwrap_or(0).to_le_bytes())?;
+        let l = &self.limiter;
+        o.put(&l.now_ms.to_le_bytes())?;
+        o.put(&l.over_ms.to_le_bytes())?;
+        o.put(&l.off_left_ms.to_le_bytes())?;
+        o.put(&[l.locked_out as u8, l.trips.len() as u8])?;
+        for t in l.trips.iter() {
+            o.put(&t.to_le_bytes())?;
+        }
+        put_opt_i64(o, self.allowance.day)?;
+        o.put(&self.allowance.day_start_wh.to_le_bytes())?;
+        let t = self.pending_trip;
+        o.put(&[t.is_some() as u8])?;
+        let t = t.unwrap_or(Trip {
+            power_mw: 0,
+            cap_w: 0,
+            trips: 0,
+            locked_out: false,
+        });
+        o.put(&t.power_mw.to_le_bytes())?;
+        o.put(&t.cap_w.to_le_bytes())?;
+        o.put(&[t.trips, t.locked_out as u8])
+    }
+
+    fn restore_tail(&mut self, i: &mut In) -> Result<(), SnapshotError> {
+        let has_interval = i.flag()?;
+        let interval = i.u32()?;
+        let s = &mut self.settings;
+        s.publish_interval_ms = has_interval.then_some(interval);
+        s.power.cap_w = i.u32()?;
+        s.power.trip_after_s = i.u32()?;
+        s.power.reclose_after_s = i.u32()?;
+        s.power.max_trips = i.u8()?;
+        s.power.in_friendly_hours = i.flag()?;
+        s.daily_allowance_wh = i.u32()?;
+        s.utc_offset_min = i16::from_le_bytes(i.take()?);
+        self.may_cut = i.flag()?;
+        let has_clock = i.flag()?;
+        let clock = i.u64()?;
+        self.clock_ms = has_clock.then_some(clock);
+        let l = &mut self.limiter;
+        l.now_ms = i.u64()?;
+        l.over_ms = i.u32()?;
+        l.off_left_ms = i.u32()?;
+        l.locked_out = i.flag()?;
+        let trips = i.u8()? as usize;
+        if trips > MAX_TRIPS {
+            return Err(SnapshotError::Corrupt);
+        }
+        for _ in 0..trips {
+            let _ = l.trips.push_back(i.u64()?);
+        }
+        self.allowance.day = i.opt_i64()?;
+        self.allowance.day_start_wh = i.u64()?;
+        let pending = i.flag()?;
+        let t = Trip {
+            power_mw: i.u32()?,
+            cap_w: i.u32()?,
+            trips: i.u8()?,
+            locked_out: i.flag()?,
+        };
+        self.pending_trip = pending.then_some(t);
+        Ok(())
+    }
+
     /// The meter as it was when `bytes` were written (after a reboot). `config` supplies what
-    /// is not saved; a saved low-balance threshold from `command/config` wins.
+    /// is not saved; a saved low-balance threshold from `command/config` wins. Reads versions
+    /// 1 and 2.
     pub fn restore(config: MeterConfig, bytes: &[u8]) -> Result<Self, SnapshotError> {
         let mut i = In { buf: bytes, at: 0 };
-        if i.u8()? != VERSION {
+        let version = i.u8()?;
+        if version != VERSION && version != VERSION_1 {
             return Err(SnapshotError::Corrupt);
         }
         let mut m = Meter::new(config);
@@ -155,6 +247,9 @@ impl<const N: usize> Meter<N> {
             // A smaller N than the writer's keeps the newest reports.
             m.outbox.push(r);
         }
+        if version == VERSION {
+            m.restore_tail(&mut i)?;
+        }
         Ok(m)
     }
 }
@@ -190,5 +285,104 @@ mod tests {
             Meter::<8>::restore(MeterConfig::default(), &buf[..n - 1]).err(),
             Some(SnapshotError::Corrupt)
         );
+    }
+
+    /// A version-1 record written field by field as firmware before the limits wrote it:
+    /// next seq 8, register 1234 Wh, anchor 5000, ledgerSeq 4, low threshold 2000, one
+    /// acknowledged pair and one report waiting.
+    fn version_1_record() -> std::vec::Vec<u8> {
+        let mut v = std::vec![1u8];
+        v.extend(8u32.to_le_bytes());
+        v.extend(1234u64.to_le_bytes());
+        v.extend(0u64.to_le_bytes());
+        v.push(1);
+        v.extend(5000i64.to_le_bytes());
+        v.push(1);
+        v.extend(4i64.to_le_bytes());
+        v.push(0); // remote_off
+        v.extend(2000i64.to_le_bytes());
+        v.push(0); // low_announced
+        v.push(1); // acked pairs
+        v.extend(1u16.to_le_bytes()); // reports waiting
+        v.extend(6u32.to_le_bytes());
+        v.extend(1200u64.to_le_bytes());
+        v.extend(7u32.to_le_bytes());
+        v.extend(1234u64.to_le_bytes());
+        v.extend(500_000u32.to_le_bytes());
+        v.extend(2_174u32.to_le_bytes());
+        v.extend(230_000u32.to_le_bytes());
+        v.push(1);
+        v.extend(1_764_230_400_123u64.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn a_version_1_snapshot_still_loads_with_default_limits() {
+        let old = version_1_record();
+        let m: Meter<8> = Meter::restore(MeterConfig::default(), &old).unwrap();
+        assert_eq!((m.next_seq(), m.energy_wh()), (8, 1234));
+        assert_eq!(m.ledger_seq(), Some(4));
+        assert_eq!(m.balance_wh(), Some(5000 - 1234));
+        assert_eq!(m.config.low_balance_wh, 2000);
+        assert_eq!(m.outbox().len(), 1);
+        assert_eq!(m.settings(), &crate::limits::Settings::default());
+        assert!(m.may_cut() && m.clock_ms().is_none());
+        // Saved again, it is a version-2 record.
+        let mut buf = [0u8; state_len(8)];
+        let n = m.encode_state(&mut buf).unwrap();
+        assert_eq!(buf[0], VERSION);
+        let back: Meter<8> = Meter::restore(MeterConfig::default(), &buf[..n]).unwrap();
+        assert_eq!(back.balance_wh(), m.balance_wh());
+    }
+
+    #[test]
+    fn limits_and_a_lockout_survive_a_reboot() {
+        let mut m: Meter<8> = Meter::new(MeterConfig::default());
+        m.on_command(
+            "balance",
+            br#"{"balanceWh":100000,"ledgerSeq":1,"timestamp":1764230400000,"mayCut":false}"#,
+        )
+        .unwrap();
+        m.on_command(
+            "config",
+            br#"{"publishIntervalMs":20000,"powerCapW":1000,"powerTripAfterS":2,"powerRecloseAfterS":30,"powerMaxTrips":2,"powerCapInFriendlyHours":true,"dailyAllowanceWh":8000,"utcOffsetMin":180}"#,
+        )
+        .unwrap();
+        // 2 kW: a trip after 2 s, then 30 s off, then the second trip locks out.
+        for _ in 0..2 {
+            m.measure(8_696, 1000);
+        }
+        let first = m.take_trip().expect("first trip");
+        assert_eq!((first.trips, first.locked_out), (1, false));
+        // Power cut in the middle of the reclose wait, 10 s into it.
+        for _ in 0..10 {
+            m.measure(0, 1000);
+        }
+        let mut buf = [0u8; state_len(8)];
+        let n = m.encode_state(&mut buf).unwrap();
+        let mut back: Meter<8> = Meter::restore(MeterConfig::default(), &buf[..n]).unwrap();
+        assert_eq!(back.settings(), m.settings());
+        assert_eq!(back.limiter(), m.limiter());
+        assert_eq!((back.may_cut(), back.clock_ms()), (false, m.clock_ms()));
+        assert_eq!(back.relay(), Relay::Off, "still waiting to reclose");
+        for _ in 0..19 {
+            back.measure(0, 1000);
+        }
+        assert_eq!(back.relay(), Relay::Off, "29 s of 30");
+        back.measure(0, 1000);
+        assert_eq!(back.relay(), Relay::On);
+        for _ in 0..2 {
+            back.measure(8_696, 1000);
+        }
+        let second = back.take_trip().expect("second trip");
+        assert_eq!((second.trips, second.locked_out), (2, true));
+        let n = back.encode_state(&mut buf).unwrap();
+        let again: Meter<8> = Meter::restore(MeterConfig::default(), &buf[..n]).unwrap();
+        assert!(
+            again.limiter().locked_out(),
+            "a reboot does not lift a lockout"
+        );
+        assert_eq!(again.relay(), Relay::Off);
+        assert_eq!(again.publish_interval_ms(), Some(20000));
     }
 }
