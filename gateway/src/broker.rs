@@ -64,6 +64,9 @@ pub struct Broker {
     pub guards: MeterGuards,
     /// Per-IP and per-meter limits before CONNACK, and the refusal log's rate limit.
     pub admission: Admission,
+    /// `[limits]` as the `command/config` every meter gets with its balance; `None` without
+    /// the section (then nothing is sent, as before).
+    pub meter_config: Option<payload::ConfigCommand>,
 }
 
 impl Broker {
@@ -649,13 +652,14 @@ impl<'a> Connection<'a> {
                 )
             }),
             "status" => StatusReport::parse(&p.payload, &meter).map(|status| {
+                let what = status.trip.map_or("status", |t| t.alert());
                 (
                     Op::Status {
                         meter: meter.clone(),
                         status,
                         at,
                     },
-                    "status",
+                    what,
                 )
             }),
             "balance" => payload::parse_meter_balance(&p.payload, &meter).map(|data| {
@@ -736,6 +740,13 @@ impl<'a> Connection<'a> {
                 let cmd = writer::balance_command_for(&a, now_ms());
                 let payload = Bytes::from(serde_json::to_vec(&cmd).unwrap_or_default());
                 let _ = self.publish_command(s, "balance", payload, true).await;
+                // The limits follow, at every subscription: a restart with a changed
+                // `[limits]` reaches every meter as it reconnects. A meter keeps a lockout
+                // when the same limits come again.
+                if let Some(cfg) = &self.broker.meter_config {
+                    let payload = Bytes::from(serde_json::to_vec(cfg).unwrap_or_default());
+                    let _ = self.publish_command(s, "config", payload, true).await;
+                }
             }
             Ok(None) => {}
             Err(e) => {
@@ -906,7 +917,13 @@ async fn committed(
             debug!(%meter, debit_wh = applied.debit_wh, kind = ?applied.kind, "report applied");
             Ok(pkid)
         }
-        Ok(Ok(_)) => Ok(pkid),
+        Ok(Ok(_)) => {
+            if matches!(what, "power_trip" | "power_lockout") {
+                metrics.inc("umeme_ledger_alerts_total", &[("alert", what)]);
+                info!(%meter, alert = what, "alert raised");
+            }
+            Ok(pkid)
+        }
         Ok(Err(e @ (LedgerError::Refused(_) | LedgerError::UnknownMeter(_)))) => {
             metrics.inc("umeme_mqtt_rejected_total", &[("reason", e.reason())]);
             if may_warn() {

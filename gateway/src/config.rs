@@ -110,6 +110,8 @@ pub struct Config {
     pub ledger: LedgerConfig,
     pub api: ApiConfig,
     pub outbox: OutboxConfig,
+    /// `[limits]`: `None` when no file has the section (no `command/config` is sent).
+    pub limits: Option<MeterLimits>,
     pub sinks: Vec<SinkConfig>,
     pub sources: Vec<SourceConfig>,
     /// Secret files named by `*_file` keys, with where they were named, for `check_files`.
@@ -188,6 +190,59 @@ impl Default for SessionLimits {
             max_subscriptions: 16,
             max_filter_bytes: 256,
             warnings_per_minute: 5,
+        }
+    }
+}
+
+/// `[limits]`: what the v2 meters enforce themselves, sent to each in `command/config`
+/// (issue 16). One struct so that it can become a per-tariff table. The ranges are meter-core's
+/// (`meter_core::command::ranges`): a value outside them would make the meter refuse the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeterLimits {
+    /// 0: no power cap.
+    pub power_cap_w: u32,
+    pub trip_after_s: u32,
+    pub reclose_after_s: u32,
+    pub max_trips: u8,
+    /// 0: no daily allowance.
+    pub daily_allowance_wh: u32,
+    pub cap_in_friendly_hours: bool,
+}
+
+impl Default for MeterLimits {
+    /// All off; the timings the meter would use anyway.
+    fn default() -> Self {
+        MeterLimits {
+            power_cap_w: 0,
+            trip_after_s: 10,
+            reclose_after_s: 60,
+            max_trips: 3,
+            daily_allowance_wh: 0,
+            cap_in_friendly_hours: true,
+        }
+    }
+}
+
+impl MeterLimits {
+    /// The `command/config` a meter receives. `low_balance_wh` is `[ledger]`'s threshold (left
+    /// out when beyond the meter's range); `utc_offset_min` the site's offset from UTC.
+    pub fn config_command(
+        &self,
+        low_balance_wh: i64,
+        utc_offset_min: i16,
+    ) -> crate::payload::ConfigCommand {
+        crate::payload::ConfigCommand {
+            publish_interval_ms: None,
+            low_balance_units: (0..=10_000_000)
+                .contains(&low_balance_wh)
+                .then(|| low_balance_wh as f64 / 1000.0),
+            power_cap_w: Some(self.power_cap_w),
+            power_trip_after_s: Some(self.trip_after_s),
+            power_reclose_after_s: Some(self.reclose_after_s),
+            power_max_trips: Some(self.max_trips),
+            power_cap_in_friendly_hours: Some(self.cap_in_friendly_hours),
+            daily_allowance_wh: Some(self.daily_allowance_wh),
+            utc_offset_min: Some(utc_offset_min),
         }
     }
 }
@@ -408,6 +463,17 @@ impl Config {
         let l = p.ledger.unwrap_or_default();
         let a = p.api.unwrap_or_default();
         let o = p.outbox.unwrap_or_default();
+        let limits = p.limits.map(|x| {
+            let d = MeterLimits::default();
+            MeterLimits {
+                power_cap_w: x.power_cap_w.map_or(d.power_cap_w, |n| n.0),
+                trip_after_s: x.trip_after_s.map_or(d.trip_after_s, |n| n.0 as u32),
+                reclose_after_s: x.reclose_after_s.map_or(d.reclose_after_s, |n| n.0 as u32),
+                max_trips: x.max_trips.map_or(d.max_trips, |n| n.0 as u8),
+                daily_allowance_wh: x.daily_allowance_kwh.map_or(d.daily_allowance_wh, |n| n.0),
+                cap_in_friendly_hours: x.cap_in_friendly_hours.unwrap_or(d.cap_in_friendly_hours),
+            }
+        });
         Config {
             source,
             gateway: GatewayConfig {
@@ -498,6 +564,7 @@ impl Config {
                     .retention
                     .map_or(std::time::Duration::from_secs(30 * 86_400), |d| d.0),
             },
+            limits,
             sinks: Vec::new(),
             sources: Vec::new(),
             secret_files: Vec::new(),
@@ -635,6 +702,7 @@ struct PartialConfig {
     ledger: Option<PartialLedger>,
     api: Option<PartialApi>,
     outbox: Option<PartialOutbox>,
+    limits: Option<PartialLimits>,
     #[serde(default)]
     sink: Vec<PartialSink>,
     #[serde(default)]
@@ -754,6 +822,17 @@ struct PartialBroker {
     max_subscriptions: Option<Bounded<1, 1_000>>,
     max_unauthenticated_per_ip: Option<Bounded<1, 100_000>>,
     auth_backoff_max_ms: Option<Bounded<250, 600_000>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialLimits {
+    power_cap_w: Option<PowerCapW>,
+    trip_after_s: Option<Bounded<1, 3_600>>,
+    reclose_after_s: Option<Bounded<5, 86_400>>,
+    max_trips: Option<Bounded<1, 10>>,
+    daily_allowance_kwh: Option<AllowanceKwh>,
+    cap_in_friendly_hours: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -896,6 +975,15 @@ impl PartialConfig {
             merge_opt(&mut s.units_per_kes, l.units_per_kes);
             merge_opt(&mut s.low_balance_units, l.low_balance_units);
             merge_opt(&mut s.commit_delay, l.commit_delay);
+        }
+        if let Some(x) = o.limits {
+            let s = self.limits.get_or_insert_with(Default::default);
+            merge_opt(&mut s.power_cap_w, x.power_cap_w);
+            merge_opt(&mut s.trip_after_s, x.trip_after_s);
+            merge_opt(&mut s.reclose_after_s, x.reclose_after_s);
+            merge_opt(&mut s.max_trips, x.max_trips);
+            merge_opt(&mut s.daily_allowance_kwh, x.daily_allowance_kwh);
+            merge_opt(&mut s.cap_in_friendly_hours, x.cap_in_friendly_hours);
         }
         if let Some(x) = o.outbox {
             let s = self.outbox.get_or_insert_with(Default::default);
@@ -1245,6 +1333,42 @@ impl<const MIN: i64, const MAX: i64> TryFrom<i64> for Bounded<MIN, MAX> {
     }
 }
 
+/// `[limits] power_cap_w`: 0 (off) or 100 to 50000 W, the meter's range.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "i64")]
+struct PowerCapW(u32);
+
+impl TryFrom<i64> for PowerCapW {
+    type Error = String;
+    fn try_from(n: i64) -> Result<Self, String> {
+        if n == 0 || (100..=50_000).contains(&n) {
+            Ok(PowerCapW(n as u32))
+        } else {
+            Err(format!(
+                "{n} is out of range: expected 0 (no cap) or 100 to 50000 W"
+            ))
+        }
+    }
+}
+
+/// `[limits] daily_allowance_kwh`: 0 (off) or 0.1 to 1000 kWh, whole Wh inside.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "f64")]
+struct AllowanceKwh(u32);
+
+impl TryFrom<f64> for AllowanceKwh {
+    type Error = String;
+    fn try_from(k: f64) -> Result<Self, String> {
+        if k == 0.0 || (k.is_finite() && (0.1..=1000.0).contains(&k)) {
+            Ok(AllowanceKwh((k * 1000.0).round() as u32))
+        } else {
+            Err(format!(
+                "{k} is out of range: expected 0 (no allowance) or 0.1 to 1000 kWh"
+            ))
+        }
+    }
+}
+
 /// Energy units (kWh) in the file, whole Wh inside.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(try_from = "f64")]
@@ -1320,6 +1444,53 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    #[test]
+    fn limits_are_off_without_the_section_and_checked_and_located_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[broker]\nlisten = \"0.0.0.0:1883\"\n",
+        );
+        assert_eq!(Config::load(Some(&p)).unwrap().limits, None);
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[limits]\npower_cap_w = 1500\ndaily_allowance_kwh = 2\n",
+        );
+        let l = Config::load(Some(&p)).unwrap().limits.unwrap();
+        assert_eq!(
+            l,
+            MeterLimits {
+                power_cap_w: 1500,
+                daily_allowance_wh: 2000,
+                ..MeterLimits::default()
+            }
+        );
+        for (text, pos, needle) in [
+            (
+                "[limits]\npower_cap_w = 50\n",
+                (2, 15),
+                "0 (no cap) or 100 to 50000",
+            ),
+            ("[limits]\ntrip_after_s = 0\n", (2, 16), "1 to 3600"),
+            ("[limits]\nreclose_after_s = 2\n", (2, 19), "5 to 86400"),
+            ("[limits]\nmax_trips = 11\n", (2, 13), "1 to 10"),
+            (
+                "[limits]\ndaily_allowance_kwh = 0.05\n",
+                (2, 23),
+                "0.1 to 1000 kWh",
+            ),
+            ("[limits]\ncap_in_friendly_hours = 1\n", (2, 25), "bool"),
+            ("[limits]\ncap_per_tenant = 1\n", (2, 1), "cap_per_tenant"),
+        ] {
+            let p = write(dir.path(), "g.toml", text);
+            let e = Config::load(Some(&p)).unwrap_err();
+            assert_eq!(e.position, Some(pos), "{text}: {e}");
+            assert!(e.message.contains(needle), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -265,6 +265,13 @@ impl Gateway {
             reader: reader.clone(),
             metrics: metrics.clone(),
             guards: Default::default(),
+            // Until `[site] timezone` is wired (tariff branch), the default site zone.
+            meter_config: config.limits.map(|l| {
+                l.config_command(
+                    config.ledger.low_balance_wh,
+                    crate::tariff::calendar::SiteZone::NAIROBI.offset_minutes() as i16,
+                )
+            }),
         });
         let mut tasks = vec![tokio::spawn(broker::serve(
             broker_listener,

@@ -210,6 +210,8 @@ const EXPOSED_AT_ZERO: &[(&str, &[(&str, &str)])] = &[
         "umeme_ledger_alerts_total",
         &[("alert", "balance_exhausted")],
     ),
+    ("umeme_ledger_alerts_total", &[("alert", "power_trip")]),
+    ("umeme_ledger_alerts_total", &[("alert", "power_lockout")]),
     ("umeme_mqtt_rejected_total", &[("reason", "acl_publish")]),
     ("umeme_mqtt_rejected_total", &[("reason", "acl_subscribe")]),
     ("umeme_mqtt_rejected_total", &[("reason", "malformed")]),

@@ -184,9 +184,37 @@ pub struct StatusReport {
     pub message: Option<String>,
     /// The whole payload as the meter sent it, for the event.
     pub raw: serde_json::Value,
+    /// `status = "power_trip"`: the v2 meter's power limiter opened the relay.
+    pub trip: Option<PowerTrip>,
+}
+
+/// A `power_trip` status: `{"status":"power_trip","powerW","capW","trips","lockedOut"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PowerTrip {
+    /// The power that tripped it.
+    pub power_w: f64,
+    pub cap_w: u32,
+    /// Trips within the last 30 minutes, this one included.
+    pub trips: u32,
+    /// This trip locked the relay off until the operator switches it on or the limits change.
+    pub locked_out: bool,
+}
+
+impl PowerTrip {
+    /// The alert it raises: `power_lockout` when it locked the relay off, else `power_trip`.
+    pub fn alert(&self) -> &'static str {
+        if self.locked_out {
+            "power_lockout"
+        } else {
+            "power_trip"
+        }
+    }
 }
 
 const STATUSES: [&str; 5] = ["online", "low_balance", "disconnected", "error", "offline"];
+/// Statuses only v2 meters send, always as JSON with their fields.
+const POWER_TRIP: &str = "power_trip";
 
 impl StatusReport {
     pub fn parse(payload: &[u8], topic_meter: &MeterId) -> Result<StatusReport, PayloadError> {
@@ -197,6 +225,7 @@ impl StatusReport {
                 status: trimmed.to_string(),
                 message: None,
                 raw: serde_json::Value::String(trimmed.to_string()),
+                trip: None,
             });
         }
         #[derive(Deserialize)]
@@ -212,16 +241,23 @@ impl StatusReport {
         if let Some(m) = &w.meter_no {
             check_meter(m, topic_meter)?;
         }
-        if !STATUSES.contains(&w.status.as_str()) {
+        let trip = if w.status == POWER_TRIP {
+            let t: PowerTrip = serde_json::from_value(raw.clone()).map_err(malformed)?;
+            finite_in("powerW", t.power_w, 0.0, 1e7)?;
+            Some(t)
+        } else if STATUSES.contains(&w.status.as_str()) {
+            None
+        } else {
             return Err(PayloadError::OutOfRange {
                 field: "status",
                 value: w.status.chars().take(40).collect(),
             });
-        }
+        };
         Ok(StatusReport {
             status: w.status,
             message: w.message.map(|m| m.chars().take(200).collect()),
             raw,
+            trip,
         })
     }
 }
@@ -256,6 +292,47 @@ pub struct BalanceCommand {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ack_seq: Option<u32>,
     pub relay: Relay,
+    /// `false` in the tariff's friendly hours: the v2 meter does not cut for lack of credit
+    /// (the power cap still applies unless `[limits] cap_in_friendly_hours = false`). Sent only
+    /// when false; a meter reads an absent one as true.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub may_cut: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// `…/command/config`: settings a v2 meter applies at once and keeps on flash. Every field is
+/// optional (an absent one keeps the meter's value); the meter refuses the whole command when
+/// one is out of its range (firmware/README.md) and says so in an `error` status.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigCommand {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_interval_ms: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_balance_units: Option<f64>,
+    /// 0: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_cap_w: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_trip_after_s: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_reclose_after_s: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_max_trips: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_cap_in_friendly_hours: Option<bool>,
+    /// 0: no allowance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_allowance_wh: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utc_offset_min: Option<i16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -341,5 +418,62 @@ mod tests {
         .unwrap();
         assert_eq!(s.status, "low_balance");
         assert!(StatusReport::parse(br#"{"status":"exploded"}"#, &m()).is_err());
+    }
+
+    #[test]
+    fn a_power_trip_status_carries_its_fields_and_names_its_alert() {
+        let s = StatusReport::parse(
+            br#"{"meterNo":"METER001","status":"power_trip","powerW":2345.678,"capW":2000,"trips":3,"lockedOut":true,"timestamp":1}"#,
+            &m(),
+        )
+        .unwrap();
+        let t = s.trip.expect("a trip");
+        assert_eq!(
+            t,
+            PowerTrip {
+                power_w: 2345.678,
+                cap_w: 2000,
+                trips: 3,
+                locked_out: true
+            }
+        );
+        assert_eq!(t.alert(), "power_lockout");
+        let cases: &[(&[u8], &str)] = &[
+            (b"power_trip", "malformed"),
+            (br#"{"status":"power_trip"}"#, "malformed"),
+            (br#"{"status":"power_trip","powerW":1,"capW":-1,"trips":1,"lockedOut":false}"#, "malformed"),
+            (br#"{"status":"power_trip","powerW":1e300,"capW":1,"trips":1,"lockedOut":false}"#, "out_of_range"),
+            (br#"{"meterNo":"METER002","status":"power_trip","powerW":1,"capW":1,"trips":1,"lockedOut":false}"#, "meter_mismatch"),
+        ];
+        for (p, reason) in cases {
+            let e = StatusReport::parse(p, &m()).unwrap_err();
+            assert_eq!(e.reason(), *reason, "{} -> {e}", String::from_utf8_lossy(p));
+        }
+    }
+
+    #[test]
+    fn may_cut_is_sent_only_when_false_and_config_only_with_its_fields() {
+        let mut c = BalanceCommand {
+            balance: 1.0,
+            timestamp: 5,
+            balance_wh: 1000,
+            ledger_seq: 2,
+            ack_seq: None,
+            relay: Relay::On,
+            may_cut: true,
+        };
+        let j = serde_json::to_value(&c).unwrap();
+        assert!(j.get("mayCut").is_none(), "{j}");
+        c.may_cut = false;
+        assert_eq!(serde_json::to_value(&c).unwrap()["mayCut"], false);
+        let cfg = ConfigCommand {
+            power_cap_w: Some(2000),
+            utc_offset_min: Some(180),
+            ..ConfigCommand::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&cfg).unwrap(),
+            r#"{"powerCapW":2000,"utcOffsetMin":180}"#
+        );
     }
 }

@@ -328,6 +328,17 @@ pub fn apply_with(
         Op::Report { meter, report, at } => apply_report(tx, meter, report, *at, s, accounts),
         Op::Credit(c) => apply_credit(tx, c, s, accounts),
         Op::Status { meter, status, at } => {
+            if let Some(trip) = &status.trip {
+                // A power trip is an alert, not a state of the meter: its status stays.
+                if !store::set_presence(tx, meter, None, true, *at)? {
+                    return Err(LedgerError::UnknownMeter(meter.clone()));
+                }
+                let data = json!({"alert": trip.alert(), "powerW": trip.power_w,
+                                  "capW": trip.cap_w, "trips": trip.trips,
+                                  "lockedOut": trip.locked_out});
+                store::append_event(tx, "alert", Some(meter), *at, &data)?;
+                return done();
+            }
             // `disconnected` is the firmware's relay-off-for-no-credit, sent over a live
             // connection; only `offline` (its Last Will) says the meter is gone.
             let online = status.status != "offline";
@@ -547,6 +558,8 @@ pub fn balance_command_for(a: &crate::ledger::Account, now: i64) -> BalanceComma
         ledger_seq: a.ledger_seq,
         ack_seq: a.v2_seq,
         relay: a.relay(),
+        // The tariff's friendly hours will set this (issue 16); until then meters may cut.
+        may_cut: true,
     }
 }
 
