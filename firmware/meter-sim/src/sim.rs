@@ -108,6 +108,14 @@ pub struct Summary {
     pub agreeing: usize,
     pub max_difference_wh: i64,
     pub disagreements: Vec<(String, Option<i64>, i64)>,
+    /// Power-limiter trips, lockouts among them, and `power_trip` statuses published.
+    pub power_trips: u64,
+    pub lockouts: u64,
+    pub trip_reports: u64,
+    /// Meter-steps ended with the daily allowance used up; the most any meter used in a day.
+    pub allowance_off_steps: u64,
+    pub max_used_today_wh: u64,
+    pub configs_refused: u64,
 }
 
 impl Summary {
@@ -146,6 +154,16 @@ impl fmt::Display for Summary {
             f,
             "  energy            meters {} Wh ({} Wh after their baseline reports), gateway debited {} Wh, lost at power cuts {} Wh",
             self.meter_energy_wh, self.billable_wh, self.gateway_consumed_wh, self.lost_at_reboot_wh
+        )?;
+        writeln!(
+            f,
+            "  limits            {} power trips ({} lockouts, {} reported), {} steps off at the daily allowance (most in a day {} Wh), {} configs refused",
+            self.power_trips,
+            self.lockouts,
+            self.trip_reports,
+            self.allowance_off_steps,
+            self.max_used_today_wh,
+            self.configs_refused
         )?;
         write!(
             f,
@@ -368,6 +386,12 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         s.meter_energy_wh += m.energy_wh;
         s.billable_wh += m.energy_wh - m.baseline_wh.unwrap_or(0).min(m.energy_wh);
         s.lost_at_reboot_wh += m.lost_at_reboot_wh;
+        s.power_trips += m.power_trips;
+        s.lockouts += m.lockouts;
+        s.trip_reports += m.trip_reports;
+        s.allowance_off_steps += m.allowance_off_steps;
+        s.max_used_today_wh = s.max_used_today_wh.max(m.max_used_today_wh);
+        s.configs_refused += m.configs_refused;
     }
     for id in &ids {
         let g = gateway.get(id);

@@ -12,6 +12,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use meter_core::command::CommandError;
 use meter_core::meter::{Applied, MeterCommandError};
 use meter_core::snapshot::state_len;
 use meter_core::{Meter, MeterConfig, Relay};
@@ -92,6 +93,18 @@ pub struct MeterStats {
     /// Energy measured after the last save and lost at a reboot (v2) or the v1 counter reset.
     pub lost_at_reboot_wh: u64,
     pub balance_wh: Option<i64>,
+    /// Power-limiter trips, and of them the ones that locked the relay off.
+    pub power_trips: u64,
+    pub lockouts: u64,
+    /// `power_trip` statuses handed to the connection (a trip while offline is reported on
+    /// the next connection; only the latest one waits).
+    pub trip_reports: u64,
+    /// Steps that ended with the relay off because today's allowance was used up.
+    pub allowance_off_steps: u64,
+    /// The most Wh the meter counted within one local day (its allowance's view).
+    pub max_used_today_wh: u64,
+    /// `command/config` refused for a value out of range (an `error` status was published).
+    pub configs_refused: u64,
 }
 
 /// Shared between the meters and the controller.
@@ -150,6 +163,10 @@ pub struct VirtualMeter {
     v1: V1Settle,
     /// v1: energy counted before the last reboot (the Arduino's counter restarts at 0).
     v1_earlier_boots_wh: u64,
+    /// A power trip not yet published as a `power_trip` status.
+    trip_to_send: Option<meter_core::limits::Trip>,
+    /// `error` statuses (a refused config) not yet published.
+    errors_to_send: VecDeque<String>,
     /// Real-time reconnect backoff after a failed or lost connection.
     backoff: Duration,
     reconnect_at: tokio::time::Instant,
@@ -193,6 +210,8 @@ impl VirtualMeter {
             stats: MeterStats::default(),
             v1: V1Settle::Running,
             v1_earlier_boots_wh: 0,
+            trip_to_send: None,
+            errors_to_send: VecDeque::new(),
             backoff: MIN_BACKOFF,
             reconnect_at: tokio::time::Instant::now(),
         }
@@ -216,6 +235,18 @@ impl VirtualMeter {
         match &self.brain {
             Brain::V2 { meter, .. } => meter.balance_wh(),
             Brain::V1(m) => m.balance_units.map(|b| (b * 1000.0).round() as i64),
+        }
+    }
+
+    /// Steps between reports: the `publishIntervalMs` the gateway set, else the run's.
+    fn report_every(&self) -> u32 {
+        match &self.brain {
+            Brain::V2 { meter, .. } => meter
+                .publish_interval_ms()
+                .map_or(self.clock.report_every, |ms| {
+                    (ms / self.clock.step_ms.max(1)).max(1)
+                }),
+            Brain::V1(_) => self.clock.report_every,
         }
     }
 
@@ -311,6 +342,18 @@ impl VirtualMeter {
         match &mut self.brain {
             Brain::V2 { meter, .. } => {
                 meter.measure(current, dt);
+                if meter.allowance_exhausted() {
+                    self.stats.allowance_off_steps += 1;
+                }
+                self.stats.max_used_today_wh =
+                    self.stats.max_used_today_wh.max(meter.used_today_wh());
+                if let Some(t) = meter.take_trip() {
+                    self.stats.power_trips += 1;
+                    self.stats.lockouts += t.locked_out as u64;
+                    // Reported by `pump` once connected; a newer trip replaces an unsent one
+                    // (its `trips` count says how many there were), as on the board.
+                    self.trip_to_send = Some(t);
+                }
             }
             Brain::V1(m) => {
                 let p = meter_core::energy::power_mw(current, 230_000, 1000);
@@ -359,7 +402,8 @@ impl VirtualMeter {
         }
     }
 
-    /// v2: fills the in-flight window from the outbox.
+    /// v2: publishes pending statuses (power trips, refused configs), then fills the
+    /// in-flight window from the outbox.
     fn pump(&mut self) {
         let Brain::V2 { meter, .. } = &mut self.brain else {
             return;
@@ -367,6 +411,37 @@ impl VirtualMeter {
         let Some(c) = self.conn.as_mut().filter(|c| c.connected) else {
             return;
         };
+        let topic_status = format!("{}/{}/status", self.endpoint.topic_prefix, self.plan.id);
+        if let Some(t) = self.trip_to_send {
+            let mut buf = [0u8; meter_core::limits::max_trip_status_len(32)];
+            let ts = meter.clock_ms().unwrap_or_default();
+            match t.encode_status(&self.plan.id, ts, &mut buf) {
+                Ok(n) => {
+                    if c.client
+                        .try_publish(&topic_status, QoS::AtLeastOnce, false, buf[..n].to_vec())
+                        .is_ok()
+                    {
+                        c.awaiting.push_back(Tag::Fire);
+                        self.trip_to_send = None;
+                        self.stats.trip_reports += 1;
+                    }
+                }
+                Err(e) => {
+                    warn!(meter = %self.plan.id, error = %e, "trip status does not encode");
+                    self.trip_to_send = None;
+                }
+            }
+        }
+        while let Some(body) = self.errors_to_send.pop_front() {
+            if c.client
+                .try_publish(&topic_status, QoS::AtLeastOnce, false, body.clone())
+                .is_err()
+            {
+                self.errors_to_send.push_front(body);
+                break;
+            }
+            c.awaiting.push_back(Tag::Fire);
+        }
         while c.awaiting.len() + c.by_pkid.len() < WINDOW {
             let Some(r) = meter.next_to_send() else { break };
             let mut buf = [0u8; 256];
@@ -441,6 +516,18 @@ impl VirtualMeter {
                     self.save();
                 }
                 Ok(_) => self.save(),
+                Err(MeterCommandError::Parse(e @ CommandError::ConfigRefused { .. })) => {
+                    // The firmware's `command_result`: an `error` status naming the field.
+                    self.stats.configs_refused += 1;
+                    warn!(meter = %self.plan.id, error = %e, "config refused");
+                    let mut buf = [0u8; 256];
+                    if let Ok(n) =
+                        meter_core::limits::encode_error_status(&self.plan.id, e, &mut buf)
+                    {
+                        self.errors_to_send
+                            .push_back(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    }
+                }
                 Err(MeterCommandError::Stale(s)) => {
                     self.stats.stale_commands += 1;
                     debug!(meter = %self.plan.id, %s, "stale command ignored");
@@ -544,7 +631,7 @@ impl VirtualMeter {
                         _ => {}
                     }
                     self.measure(step);
-                    if step.is_multiple_of(self.clock.report_every) {
+                    if step.is_multiple_of(self.report_every()) {
                         self.report(step);
                     }
                     step += 1;

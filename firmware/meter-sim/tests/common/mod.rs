@@ -42,9 +42,14 @@ fn provision(config: &Config, meters: usize) {
 
 /// A gateway with `meters` provisioned meters and `POST /daraja/simulate` enabled.
 pub async fn gateway(dir: &tempfile::TempDir, meters: usize) -> Gateway {
+    gateway_with(dir, meters, "").await
+}
+
+/// [`gateway`] with `extra` appended to its config (a `[limits]` section, …).
+pub async fn gateway_with(dir: &tempfile::TempDir, meters: usize, extra: &str) -> Gateway {
     let path = dir.path().join("gateway.toml");
     let text = format!(
-        "[gateway]\nid = \"sim-site\"\ndata_dir = {:?}\n\n[broker]\nlisten = \"127.0.0.1:0\"\n\n[api]\nlisten = \"127.0.0.1:0\"\nallow_simulate = true\n",
+        "[gateway]\nid = \"sim-site\"\ndata_dir = {:?}\n\n[broker]\nlisten = \"127.0.0.1:0\"\n\n[api]\nlisten = \"127.0.0.1:0\"\nallow_simulate = true\n{extra}",
         dir.path().join("data").display().to_string()
     );
     std::fs::write(&path, text).expect("write config");
@@ -52,4 +57,21 @@ pub async fn gateway(dir: &tempfile::TempDir, meters: usize) -> Gateway {
     std::fs::create_dir_all(&config.gateway.data_dir).expect("data dir");
     provision(&config, meters);
     Gateway::start(config).await.expect("gateway starts")
+}
+
+/// The `alert` events in the gateway's store, as (meter, alert kind), oldest first.
+pub fn alerts(dir: &tempfile::TempDir) -> Vec<(String, String)> {
+    let path = dir.path().join("data").join("gateway.db");
+    let conn = store::open_read_only(&path).expect("open the store");
+    store::events_after(&conn, "sim-site", 0, 1_000_000)
+        .expect("read events")
+        .into_iter()
+        .filter(|e| e.kind == "alert")
+        .map(|e| {
+            (
+                e.meter.unwrap_or_default(),
+                e.data["alert"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
 }
