@@ -168,3 +168,30 @@ fn a_malformed_power_trip_is_acknowledged_counted_logged_and_not_stored() {
         0.0
     );
 }
+
+#[test]
+fn a_meters_config_refusal_is_stored_as_an_error_status_with_its_message() {
+    let mut gw = Gateway::new(LIMITS);
+    gw.start();
+    gw.add_meter("METER001", SECRET);
+    let mut m = gw.connect("METER001", SECRET);
+    // What meter-core's `encode_error_status` writes for a refused `command/config`.
+    m.publish_acked(
+        "smartmeter/METER001/status",
+        r#"{"meterNo":"METER001","status":"error","message":"config refused: powerCapW must be 0 (off) or 100..=50000"}"#,
+        1,
+    );
+    let db = rusqlite::Connection::open(gw.db_path()).unwrap();
+    let message: String = db
+        .query_row(
+            "SELECT json_extract(data, '$.message') FROM events
+              WHERE kind = 'status' AND json_extract(data, '$.status') = 'error'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        message.starts_with("config refused: powerCapW"),
+        "{message}"
+    );
+}

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{gateway, SECRET};
+use common::{alerts, gateway, gateway_with, SECRET};
 use meter_core::meter::{Applied, MeterCommandError};
 use meter_core::mqtt::{self, Connect, Incoming, QoS};
 use meter_core::{Meter, MeterConfig, Relay};
@@ -274,5 +274,83 @@ async fn firmware_codec_and_meter_agree_with_the_gateway() {
 
     let n = mqtt::disconnect(&mut out).unwrap();
     s.send(&out[..n]).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_firmware_applies_the_gateways_limits_and_its_trip_status_becomes_an_alert() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let limits = "[limits]\npower_cap_w = 1500\ntrip_after_s = 2\nmax_trips = 1\n";
+    let gw = gateway_with(&dir, 1, limits).await;
+    let api = Api { addr: gw.api_addr };
+    api.credit(ID, 100.0).await.expect("credit");
+    let (mut s, code) = Session::open(gw.broker_addr, SECRET).await;
+    assert_eq!(code, 0);
+    let mut out = [0u8; 256];
+    let n = mqtt::subscribe(
+        &mut out,
+        1,
+        "smartmeter/SIM0001/command/#",
+        QoS::AtLeastOnce,
+    )
+    .unwrap();
+    s.send(&out[..n]).await;
+    let mut meter: Meter<16> = Meter::new(MeterConfig::default());
+    // The retained balance, then the config, both as the board hands them to meter-core.
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match s.next().await.expect("open") {
+            Got::SubAck(granted) => assert!(granted <= 1),
+            Got::Publish {
+                topic,
+                payload,
+                pkid,
+            } => got.push(s.command(&mut meter, &topic, &payload, pkid).await),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(matches!(got[0], Ok(Applied::Balance { .. })), "{got:?}");
+    assert_eq!(got[1], Ok(Applied::Config { changed: true }));
+    assert_eq!(meter.settings().power.cap_w, 1500);
+    assert_eq!(meter.settings().utc_offset_min, 180);
+    assert!(
+        meter.clock_ms().is_some(),
+        "the balance command carried the time"
+    );
+
+    // 2 kW for 2 s: trip, and with max_trips = 1 the relay stays off.
+    meter.measure(8_696, 1000);
+    assert_eq!(meter.relay(), Relay::On);
+    meter.measure(8_696, 1000);
+    assert_eq!(meter.relay(), Relay::Off);
+    let trip = meter.take_trip().expect("a trip to report");
+    assert!(trip.locked_out);
+    let mut json = [0u8; meter_core::limits::max_trip_status_len(7)];
+    let len = trip
+        .encode_status(ID, 1_764_230_400_123, &mut json)
+        .unwrap();
+    let n = mqtt::publish(
+        &mut out,
+        "smartmeter/SIM0001/status",
+        &json[..len],
+        QoS::AtLeastOnce,
+        false,
+        20,
+        false,
+    )
+    .unwrap();
+    s.send(&out[..n]).await;
+    loop {
+        match s.next().await.expect("open") {
+            Got::PubAck(20) => break,
+            Got::Publish { .. } | Got::PubAck(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // PUBACK follows the commit.
+    assert_eq!(
+        alerts(&dir),
+        [("SIM0001".to_string(), "power_lockout".to_string())]
+    );
     gw.stop().await;
 }
