@@ -1593,6 +1593,28 @@ mod tests {
         assert_eq!(c.api.limits, d.api.limits);
         assert_eq!(c.api.legacy_limits, d.api.legacy_limits);
         assert_eq!(c.api.legacy_listen, None);
+        assert_eq!(
+            c.limits, None,
+            "the shipped [limits] is commented out: nothing is sent"
+        );
+        // Uncommented, that block gives the defaults.
+        let text = std::fs::read_to_string(&shipped).unwrap();
+        let block: String = text
+            .lines()
+            .skip_while(|l| *l != "# [limits]")
+            .take_while(|l| l.starts_with('#'))
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.starts_with('[')
+                    || l.split_once(" = ")
+                        .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "limits.toml", &block);
+        let limits = Config::load(Some(&p)).unwrap().limits;
+        assert_eq!(limits, Some(MeterLimits::default()), "{block}");
     }
 
     #[test]

@@ -14,7 +14,9 @@ use crate::report::Report;
 
 const VERSION: u8 = 2;
 const VERSION_1: u8 = 1;
-const HEADER_LEN: usize = 1 + 4 + 8 + 8 + 1 + 8 + 8 + 1 + 8 + 1 + 1 + 2;
+/// version, next seq, register (Wh, remainder), anchor and ledgerSeq (flag + i64 each),
+/// remote off, low threshold, low announced, acked count, outbox count.
+const HEADER_LEN: usize = 1 + 4 + 8 + 8 + (1 + 8) + (1 + 8) + 1 + 8 + 1 + 1 + 2;
 const ACKED_LEN: usize = 12;
 const REPORT_LEN: usize = 4 + 8 + 4 + 4 + 4 + 1 + 8;
 /// Version 2's tail: settings (5 + 4·3 + 1 + 1 + 4 + 2), mayCut, clock (1 + 8), limiter
@@ -384,5 +386,41 @@ mod tests {
         );
         assert_eq!(again.relay(), Relay::Off);
         assert_eq!(again.publish_interval_ms(), Some(20000));
+    }
+
+    /// Before this test `state_len` was one byte short (one option flag uncounted): a meter
+    /// with a full outbox and a full acknowledged history could not save its state.
+    #[test]
+    fn the_fullest_state_takes_exactly_state_len() {
+        let mut m: Meter<4> = Meter::new(MeterConfig::default());
+        m.on_command(
+            "balance",
+            br#"{"balanceWh":100000,"ledgerSeq":1,"timestamp":1764230400000}"#,
+        )
+        .unwrap();
+        m.on_command(
+            "config",
+            br#"{"publishIntervalMs":20000,"powerCapW":100,"powerTripAfterS":1,"powerRecloseAfterS":5,"powerMaxTrips":10,"dailyAllowanceWh":1000000}"#,
+        )
+        .unwrap();
+        // Ten trips (the most the window keeps), the tenth one pending.
+        for _ in 0..10 {
+            m.measure(8_696, 1000);
+            for _ in 0..5 {
+                m.measure(0, 1000);
+            }
+        }
+        assert!(m.limiter().locked_out());
+        assert_eq!(m.limiter().recent_trips(), crate::limits::MAX_TRIPS);
+        for i in 0..ACKED_HISTORY as u64 + 4 {
+            let r = m.report(i);
+            if i < ACKED_HISTORY as u64 {
+                m.on_puback(r.seq);
+            }
+        }
+        assert_eq!(m.outbox().len(), 4);
+        let mut buf = [0u8; state_len(4)];
+        assert_eq!(m.encode_state(&mut buf), Ok(state_len(4)));
+        assert_eq!(state_len(96), 3_573, "firmware/README.md quotes it");
     }
 }
