@@ -288,6 +288,10 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 l.max_filter_bytes,
                 l.warnings_per_minute
             );
+            match &config.limits {
+                Some(l) => println!("limits the v2 meters enforce (command/config): {l}"),
+                None => println!("limits the v2 meters enforce: none sent (no [limits] section)"),
+            }
             Ok(())
         }
         Command::Meter(m) => meter(&config, m),

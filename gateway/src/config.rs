@@ -223,6 +223,32 @@ impl Default for MeterLimits {
     }
 }
 
+impl fmt::Display for MeterLimits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.power_cap_w == 0 {
+            f.write_str("no power cap")?;
+        } else {
+            write!(
+                f,
+                "power cap {} W (trip after {} s above it, reclose after {} s, off after {} trips in 30 minutes, {})",
+                self.power_cap_w,
+                self.trip_after_s,
+                self.reclose_after_s,
+                self.max_trips,
+                if self.cap_in_friendly_hours {
+                    "also in friendly hours"
+                } else {
+                    "not in friendly hours"
+                }
+            )?;
+        }
+        match self.daily_allowance_wh {
+            0 => f.write_str(", no daily allowance"),
+            wh => write!(f, ", daily allowance {}.{:03} kWh", wh / 1000, wh % 1000),
+        }
+    }
+}
+
 impl MeterLimits {
     /// The `command/config` a meter receives. `low_balance_wh` is `[ledger]`'s threshold (left
     /// out when beyond the meter's range); `utc_offset_min` the site's offset from UTC.

@@ -195,3 +195,22 @@ fn a_meters_config_refusal_is_stored_as_an_error_status_with_its_message() {
         "{message}"
     );
 }
+
+#[test]
+fn check_config_prints_the_limits_the_meters_will_get() {
+    let gw = Gateway::new(LIMITS);
+    let out = gw.cli(&["check-config"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("limits the v2 meters enforce (command/config): power cap 2000 W (trip after 15 s above it, reclose after 120 s, off after 4 trips in 30 minutes, not in friendly hours), daily allowance 5.500 kWh"),
+        "{stdout}"
+    );
+    let gw = Gateway::new("");
+    let out = gw.cli(&["check-config"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("limits the v2 meters enforce: none sent (no [limits] section)"),
+        "{stdout}"
+    );
+}
