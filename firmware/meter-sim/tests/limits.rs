@@ -74,8 +74,12 @@ async fn a_meter_over_the_cap_trips_recloses_locks_out_after_k_trips_and_the_gat
         (9, 3),
         "three trips each (two reclosed), the third locked out: {summary}"
     );
-    // Each meter drew power only in the three steps that tripped, nothing once locked out.
-    assert!(summary.meter_energy_wh <= 3 * 3 * WH_PER_STEP, "{summary}");
+    // Each meter drew power only in the three steps that tripped, nothing once locked out
+    // (plus at most one step if the clock ticked between the balance and the config after it).
+    assert!(
+        summary.meter_energy_wh <= 3 * (3 + 1) * WH_PER_STEP,
+        "{summary}"
+    );
     let want = |a: &[(String, String)]| {
         a.iter().filter(|(_, k)| k == "power_trip").count() == 6
             && a.iter().filter(|(_, k)| k == "power_lockout").count() == 3
