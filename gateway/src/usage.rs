@@ -59,7 +59,7 @@ pub fn points(
     let starts: Vec<i64> = match step {
         Step::Hour => {
             let first = from - from.rem_euclid(MS_PER_HOUR);
-            if to <= first {
+            if to <= from {
                 return Ok(Err(RangeError::Empty));
             }
             let n = (to - first + MS_PER_HOUR - 1) / MS_PER_HOUR;
