@@ -1559,6 +1559,38 @@ mod tests {
         assert_eq!(c.api.limits, d.api.limits);
         assert_eq!(c.api.legacy_limits, d.api.legacy_limits);
         assert_eq!(c.api.legacy_listen, None);
+        assert_eq!(c.alerts, d.alerts);
+    }
+
+    #[test]
+    fn alert_thresholds_are_validated_where_they_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, position) in [
+            ("[alerts]\nspike_factor = 1.0\n", (2, 16)),
+            ("[alerts]\nsite_loss_percent = 100\n", (2, 21)),
+            ("[alerts]\ntimezone = \"Mars/Olympus\"\n", (2, 12)),
+            ("[alerts]\nidle_after = \"10s\"\n", (2, 14)),
+            ("[alerts]\nsilent_intervals = 1\n", (2, 20)),
+            ("[alerts]\nbypass_power_w = -5\n", (2, 18)),
+            ("[alerts]\nspike = 3\n", (2, 1)),
+        ] {
+            let p = write(dir.path(), "g.toml", text);
+            let e = Config::load(Some(&p)).unwrap_err();
+            assert_eq!(e.position, Some(position), "{text}: {e}");
+        }
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[alerts]\nreport_interval = \"30s\"\nsilent_intervals = 4\nsite_loss_percent = 15\nbaseline_days = 2\ntimezone = \"UTC+05:30\"\n",
+        );
+        let a = Config::load(Some(&p)).unwrap().alerts;
+        assert_eq!(a.silent_after_ms, 120_000);
+        assert_eq!(a.site_loss_share, 0.15);
+        assert_eq!(
+            a.baseline_min_days, 2,
+            "never more than the baseline's days"
+        );
+        assert_eq!(a.zone.offset_minutes(), 330);
     }
 
     #[test]

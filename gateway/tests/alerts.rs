@@ -415,3 +415,165 @@ fn usage_ranges_are_bounded_and_bad_queries_are_refused() {
     let (s, v) = gw.http("GET", "/api/site/loss?from=2020-01-01&to=2026-01-01", None);
     assert_eq!(s, 400, "{v}");
 }
+
+// ---- the usage store, through the library on a real SQLite file ----
+
+mod store_level {
+    use rusqlite::Connection;
+    use umeme_gateway::config::Tariff;
+    use umeme_gateway::ledger::Rules;
+    use umeme_gateway::meter::MeterId;
+    use umeme_gateway::payload::{Report, V2Report};
+    use umeme_gateway::store;
+    use umeme_gateway::writer::{apply, apply_now, LedgerSettings, Op};
+
+    const HOUR: i64 = 3_600_000;
+
+    fn settings() -> LedgerSettings {
+        LedgerSettings {
+            rules: Rules { low_balance_wh: 0 },
+            tariff: Tariff::try_from(0.05).unwrap(),
+        }
+    }
+
+    fn add(conn: &mut Connection, meter: &str) {
+        let op = Op::AddMeter {
+            meter: MeterId::parse(meter).unwrap(),
+            name: None,
+            phone: None,
+            secret_hash: "unused".into(),
+            at: 1,
+        };
+        apply_now(conn, &op, &settings())
+            .map_err(|e| e.to_string())
+            .unwrap();
+    }
+
+    /// A v2 report applied in its own transaction without a fold, as the daemon's writer does.
+    fn report(conn: &mut Connection, meter: &str, seq: u32, energy_wh: u64, at: i64) {
+        let op = Op::Report {
+            meter: MeterId::parse(meter).unwrap(),
+            report: Report::V2(V2Report {
+                seq,
+                energy_wh,
+                power_w: Some(100.0),
+                current_a: None,
+                voltage_v: None,
+                relay: Some("on".into()),
+                timestamp: None,
+            }),
+            at,
+        };
+        let tx = conn.transaction().unwrap();
+        apply(&tx, &op, &settings())
+            .map_err(|e| e.to_string())
+            .unwrap();
+        tx.commit().unwrap();
+    }
+
+    #[test]
+    fn hourly_usage_is_added_once_at_fold_and_reads_the_same_before_and_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = store::open(&dir.path().join("gateway.db"), "site").unwrap();
+        add(&mut conn, "M1");
+        let h = 1_000 * HOUR;
+        report(&mut conn, "M1", 1, 0, h + 10); // baseline
+        report(&mut conn, "M1", 2, 30, h + 20);
+        report(&mut conn, "M1", 3, 100, h + HOUR + 5);
+        report(&mut conn, "M1", 4, 100, h + HOUR + 6); // no use
+        let expect = vec![(h, 30), (h + HOUR, 70)];
+        // Before the fold the reader overlays the unfolded reports.
+        assert_eq!(
+            store::usage_hours(&conn, "M1", h, h + 2 * HOUR).unwrap(),
+            expect
+        );
+        let rows = |c: &Connection| -> i64 {
+            c.query_row("SELECT COUNT(*) FROM usage_hours", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(rows(&conn), 0, "a report writes nothing but its event");
+        let tx = conn.transaction().unwrap();
+        let folded = store::fold(&tx, std::iter::empty()).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(folded.reports["M1"].len(), 4);
+        assert_eq!(rows(&conn), 2, "one row per meter and hour");
+        assert_eq!(
+            store::usage_hours(&conn, "M1", h, h + 2 * HOUR).unwrap(),
+            expect
+        );
+        // Folding again adds nothing: each event is counted once.
+        let tx = conn.transaction().unwrap();
+        assert!(store::fold(&tx, std::iter::empty())
+            .unwrap()
+            .reports
+            .is_empty());
+        tx.commit().unwrap();
+        assert_eq!(
+            store::usage_hours(&conn, "M1", h, h + 2 * HOUR).unwrap(),
+            expect
+        );
+        // A report in an hour already folded adds to its row.
+        report(&mut conn, "M1", 5, 150, h + HOUR + 7);
+        let tx = conn.transaction().unwrap();
+        store::fold(&tx, std::iter::empty()).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(
+            store::usage_hours(&conn, "M1", h, h + 2 * HOUR).unwrap(),
+            vec![(h, 30), (h + HOUR, 120)]
+        );
+    }
+
+    #[test]
+    fn a_schema_3_database_is_upgraded_to_5_in_place_by_the_daemon_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.db");
+        {
+            let mut conn = store::open(&path, "site").unwrap();
+            add(&mut conn, "M1");
+            report(&mut conn, "M1", 1, 0, 10);
+            report(&mut conn, "M1", 2, 40, 20);
+            // Back to what schema 3 had: no main column, none of the usage or alert tables.
+            conn.execute_batch(
+                "ALTER TABLE meters DROP COLUMN main;
+                 DROP TABLE usage_hours; DROP TABLE site_readings;
+                 DROP TABLE alert_state; DROP TABLE meter_watch;
+                 UPDATE meta SET value = '3' WHERE key = 'schema_version';",
+            )
+            .unwrap();
+        }
+        let err = store::open_without_upgrade(&path, "site").unwrap_err();
+        assert!(
+            err.to_string().contains("schema version 3 is older"),
+            "{err}"
+        );
+        let mut conn = store::open(&path, "site").unwrap();
+        let version: String = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(version, "5");
+        let m1 = MeterId::parse("M1").unwrap();
+        assert!(!store::meter(&conn, &m1).unwrap().unwrap().main);
+        apply_now(
+            &mut conn,
+            &Op::SetMain {
+                meter: m1.clone(),
+                main: true,
+                at: 30,
+            },
+            &settings(),
+        )
+        .map_err(|e| e.to_string())
+        .unwrap();
+        assert!(store::meter(&conn, &m1).unwrap().unwrap().main);
+        assert_eq!(store::main_meter(&conn).unwrap().as_deref(), Some("M1"));
+        // The reports not folded before the upgrade are counted by the first fold after it.
+        assert_eq!(
+            store::usage_hours(&conn, "M1", 0, HOUR).unwrap(),
+            vec![(0, 40)]
+        );
+    }
+}
