@@ -892,6 +892,9 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
                 wh_to_units(m.total_consumed_wh)
             );
             println!("ledger seq:     {}", m.ledger_seq);
+            if m.main {
+                println!("main meter:     yes (the site's supply for site loss)");
+            }
             println!("status:         {}", m.status.as_deref().unwrap_or("-"));
             println!(
                 "legacy anon:    {}",

@@ -396,6 +396,32 @@ fn a_fifteen_percent_site_loss_is_raised_once_and_resolved_once_and_charted_per_
 }
 
 #[test]
+fn a_meter_using_nothing_for_an_hour_with_its_relay_on_is_raised_once_and_resolved_once() {
+    let mut gw = Gateway::new("[alerts]\nidle_after = \"1h\"\n");
+    gw.start();
+    let t0 = day0();
+    set_clock(&gw, t0);
+    let mut m = Meter::connect(&gw, "IDLE1");
+    m.report(0, 0.0, "on");
+    // Reports keep coming (every 9 minutes: never silent), none with use.
+    for i in 1..=6 {
+        set_clock(&gw, t0 + i * 9 * 60_000);
+        m.report(0, 0.0, "on");
+    }
+    set_clock(&gw, t0 + 55 * 60_000);
+    assert_eq!(episodes(&gw, Some("IDLE1"), "no_consumption"), (0, 0));
+    set_clock(&gw, t0 + 62 * 60_000);
+    m.report(0, 0.0, "on");
+    set_clock(&gw, t0 + 63 * 60_000);
+    assert_eq!(episodes(&gw, Some("IDLE1"), "no_consumption"), (1, 0));
+    set_clock(&gw, t0 + 70 * 60_000);
+    assert_eq!(episodes(&gw, Some("IDLE1"), "no_consumption"), (1, 0));
+    m.report(40, 300.0, "on");
+    set_clock(&gw, t0 + 71 * 60_000);
+    assert_eq!(episodes(&gw, Some("IDLE1"), "no_consumption"), (1, 1));
+}
+
+#[test]
 fn usage_ranges_are_bounded_and_bad_queries_are_refused() {
     let mut gw = Gateway::new("");
     gw.start();
