@@ -25,6 +25,8 @@ const MS_PER_DAY: i64 = 86_400_000;
 /// Site loss looks back this many local days for the newest one with a main reading (a
 /// reading by hand is often entered a day or two late).
 const SITE_LOSS_LOOKBACK_DAYS: i64 = 7;
+/// `meta` key: the newest UTC hour the spike rule has judged.
+const SPIKE_JUDGED_HOUR: &str = "alerts_spike_hour";
 
 /// `[alerts]`: every threshold, with the defaults README documents.
 #[derive(Debug, Clone, PartialEq)]
@@ -241,31 +243,69 @@ pub fn site_days(
     to: LocalDate,
 ) -> Result<Vec<SiteDay>, StoreError> {
     let readings = store::site_readings(conn, &from.to_string(), &to.to_string())?;
+    let starts: Vec<i64> = (from.days()..=to.days())
+        .map(|d| zone.midnight(LocalDate::from_days(d)))
+        .collect();
+    let end = day_range(zone, to).1;
+    let (meter_wh, sub) = store::site_usage(conn, &starts, end)?;
     let mut out = Vec::new();
-    for d in from.days()..=to.days() {
-        let day = LocalDate::from_days(d);
-        let (start, end) = day_range(zone, day);
-        let (meter_wh, sub_wh) = store::site_usage(conn, start, end)?;
-        let name = day.to_string();
-        let (main_wh, main_source) = match (readings.get(&name), meter_wh) {
+    for (i, d) in (from.days()..=to.days()).enumerate() {
+        let name = LocalDate::from_days(d).to_string();
+        let meter = meter_wh.as_ref().map(|m| m[i]);
+        let (main_wh, main_source) = match (readings.get(&name), meter) {
             (Some(&wh), _) => (Some(wh), Some("reading")),
             (None, Some(wh)) if wh > 0 => (Some(wh), Some("meter")),
             _ => (None, None),
         };
-        let loss_wh = main_wh.map(|m| m - sub_wh);
+        let sub_wh = sub[i];
         out.push(SiteDay {
             day: name,
-            at: start,
+            at: starts[i],
             main_wh,
             main_source,
             sub_wh,
-            loss_wh,
+            loss_wh: main_wh.map(|m| m - sub_wh),
             loss_share: main_wh
                 .filter(|&m| m > 0)
                 .map(|m| (m - sub_wh) as f64 / m as f64),
         });
     }
     Ok(out)
+}
+
+/// The newest complete local day (within the look-back) that has a main supply, judged.
+fn newest_site_day(
+    conn: &Connection,
+    t: &Thresholds,
+    now: i64,
+) -> Result<Option<SiteDay>, StoreError> {
+    let today = t.zone.day(now);
+    let from = LocalDate::from_days(today - SITE_LOSS_LOOKBACK_DAYS);
+    let to = LocalDate::from_days(today - 1);
+    // Cheap first: which days have a supply (readings, and the main meter alone); only that
+    // day's other meters are then summed.
+    let readings = store::site_readings(conn, &from.to_string(), &to.to_string())?;
+    let main = store::main_meter(conn)?;
+    if readings.is_empty() && main.is_none() {
+        return Ok(None);
+    }
+    for d in (from.days()..=to.days()).rev() {
+        let day = LocalDate::from_days(d);
+        let has_supply = readings.contains_key(&day.to_string())
+            || match &main {
+                Some(m) => {
+                    let (start, end) = day_range(t.zone, day);
+                    store::usage_hours(conn, m, start, end)?
+                        .iter()
+                        .any(|(_, wh)| *wh > 0)
+                }
+                None => false,
+            };
+        if has_supply {
+            return Ok(site_days(conn, t.zone, day, day)?.pop());
+        }
+    }
+    Ok(None)
 }
 
 // ---- the driver ----
@@ -289,8 +329,13 @@ pub fn evaluate(
     let is_open = |meter: &str, k: Kind| open.contains_key(&(meter.to_string(), k.as_str().into()));
     let raised_at =
         |meter: &str, k: Kind| open.get(&(meter.to_string(), k.as_str().into())).copied();
-    // The newest complete UTC hour: a fold runs within minutes of its end.
+    // The newest complete UTC hour: a fold runs within minutes of its end. Its usage no
+    // longer changes, so spikes are judged once per hour, not at every fold.
     let hour = now - now.rem_euclid(MS_PER_HOUR) - MS_PER_HOUR;
+    let judge_spikes = store::meta_value(tx, SPIKE_JUDGED_HOUR)? < hour;
+    if judge_spikes {
+        store::set_meta_value(tx, SPIKE_JUDGED_HOUR, hour)?;
+    }
     let none = Vec::new();
     for w in store::watched_meters(tx)? {
         let Ok(meter) = MeterId::parse(&w.id) else {
@@ -308,7 +353,7 @@ pub fn evaluate(
             }
         };
         // The main meter's use is the site's supply, not a household's: no spike rule.
-        if !w.main {
+        if !w.main && judge_spikes {
             let hour_wh: i64 = store::usage_hours(tx, &w.id, hour, hour + MS_PER_HOUR)?
                 .iter()
                 .map(|(_, wh)| wh)
@@ -346,11 +391,7 @@ pub fn evaluate(
         );
     }
     // Site loss: the newest complete local day that has a main supply.
-    let today = t.zone.day(now);
-    let from = LocalDate::from_days(today - SITE_LOSS_LOOKBACK_DAYS);
-    let to = LocalDate::from_days(today - 1);
-    let days = site_days(tx, t.zone, from, to)?;
-    if let Some(d) = days.iter().rev().find(|d| d.main_wh.is_some()) {
+    if let Some(d) = newest_site_day(tx, t, now)? {
         let verdict = site_loss(d.main_wh.unwrap_or(0), d.sub_wh, t);
         if let Some(state) = step(is_open("", Kind::SiteLoss), verdict.map(|v| v.0)) {
             let data = json!({"day": d.day, "mainWh": d.main_wh, "mainSource": d.main_source,

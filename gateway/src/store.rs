@@ -1196,16 +1196,51 @@ pub fn same_hour_history(
     Ok(out)
 }
 
-/// Total Wh in `from..to` (UTC ms, hour-aligned) of the main meter and of every other meter.
-pub fn site_usage(conn: &Connection, from: i64, to: i64) -> Result<(Option<i64>, i64), StoreError> {
+/// Wh of the main meter and of the other meters (summed) per bucket: `starts` are sorted
+/// bucket starts (UTC ms), the last bucket ends at `end`. Read meter by meter through the
+/// primary key (no index by hour: it would be one more page written per upsert); a removed
+/// meter's usage no longer counts. `None` for the main meter when none is marked.
+pub fn site_usage(
+    conn: &Connection,
+    starts: &[i64],
+    end: i64,
+) -> Result<(Option<Vec<i64>>, Vec<i64>), StoreError> {
+    let Some(&first) = starts.first() else {
+        return Ok((None, Vec::new()));
+    };
     let main = main_meter(conn)?;
-    let (main_wh, all): (i64, i64) = conn
-        .prepare_cached(
-            "SELECT COALESCE(SUM(CASE WHEN meter = ?3 THEN wh END), 0), COALESCE(SUM(wh), 0)
-             FROM usage_hours WHERE hour >= ?1 AND hour < ?2",
-        )?
-        .query_row(params![from, to, main], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    Ok((main.map(|_| main_wh), all - main_wh))
+    let ids: Vec<String> = conn
+        .prepare_cached("SELECT id FROM meters")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut main_wh = vec![0; starts.len()];
+    let mut others = vec![0; starts.len()];
+    let mut st = conn.prepare_cached(
+        "SELECT hour, wh FROM usage_hours WHERE meter = ?1 AND hour >= ?2 AND hour < ?3",
+    )?;
+    for id in &ids {
+        let into = if main.as_deref() == Some(id.as_str()) {
+            &mut main_wh
+        } else {
+            &mut others
+        };
+        let mut rows = st.query(params![id, first, end])?;
+        while let Some(r) = rows.next()? {
+            let hour: i64 = r.get(0)?;
+            let i = starts.partition_point(|&s| s <= hour).saturating_sub(1);
+            into[i] += r.get::<_, i64>(1)?;
+        }
+    }
+    Ok((main.map(|_| main_wh), others))
+}
+
+/// An integer kept in `meta` (0 when absent), for the alert rules' bookkeeping.
+pub fn meta_value(conn: &Connection, key: &str) -> Result<i64, StoreError> {
+    meta_int(conn, key)
+}
+
+pub fn set_meta_value(tx: &Connection, key: &str, value: i64) -> Result<(), StoreError> {
+    set_meta(tx, key, value)
 }
 
 /// The meter marked main, if any.
