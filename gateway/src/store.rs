@@ -533,6 +533,11 @@ pub fn insert_meter(tx: &Connection, m: &NewMeter<'_>) -> Result<bool, StoreErro
 }
 
 pub fn delete_meter(tx: &Connection, id: &MeterId) -> Result<bool, StoreError> {
+    // Its open alert episodes and report watch go with it (its `removed` event ends them), so
+    // a meter added again under the same number starts without them; its hourly usage stays
+    // for the site's past days.
+    tx.execute("DELETE FROM alert_state WHERE meter = ?1", [id.as_str()])?;
+    tx.execute("DELETE FROM meter_watch WHERE meter = ?1", [id.as_str()])?;
     Ok(tx.execute("DELETE FROM meters WHERE id = ?1", [id.as_str()])? == 1)
 }
 

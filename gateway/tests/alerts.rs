@@ -550,6 +550,34 @@ mod store_level {
     }
 
     #[test]
+    fn a_removed_meter_takes_its_open_episodes_along_but_leaves_its_usage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = store::open(&dir.path().join("gateway.db"), "site").unwrap();
+        add(&mut conn, "GONE1");
+        report(&mut conn, "GONE1", 1, 0, 10);
+        report(&mut conn, "GONE1", 2, 70, 20);
+        store::set_alert_open(&conn, "GONE1", "silent", Some(30)).unwrap();
+        let remove = Op::RemoveMeter {
+            meter: MeterId::parse("GONE1").unwrap(),
+            at: 40,
+        };
+        apply_now(&mut conn, &remove, &settings())
+            .map_err(|e| e.to_string())
+            .unwrap();
+        assert!(store::open_alerts(&conn).unwrap().is_empty());
+        add(&mut conn, "GONE1");
+        let watched = store::watched_meters(&conn).unwrap();
+        assert_eq!(
+            watched[0].last_report_at, None,
+            "starts without the old reports"
+        );
+        assert_eq!(
+            store::usage_hours(&conn, "GONE1", 0, HOUR).unwrap(),
+            vec![(0, 70)]
+        );
+    }
+
+    #[test]
     fn a_schema_3_database_is_upgraded_to_5_in_place_by_the_daemon_only() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.db");
