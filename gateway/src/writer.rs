@@ -794,7 +794,7 @@ impl Writer {
                 let mut batch = Vec::with_capacity(MAX_BATCH);
                 let mut watch = ExternalWatch::new(&conn);
                 let mut ticks: u64 = 0;
-                let mut live = Live::new(options.alerts.clone());
+                let mut live = Live::new(options.alerts.clone(), bell.clone());
                 // Rows must be current for every meter `live` does not hold: catch up with
                 // what an earlier run (killed before its fold) left unfolded.
                 live.fold(&mut conn, &metrics, true);
@@ -922,16 +922,19 @@ struct Live {
     alerts: crate::alerts::Thresholds,
     /// When this writer started: silence is counted from no earlier than this.
     up_since: i64,
+    /// Rung when a fold wrote alert events, so idle sink runners take them at once.
+    bell: Arc<Bell>,
 }
 
 impl Live {
-    fn new(alerts: crate::alerts::Thresholds) -> Live {
+    fn new(alerts: crate::alerts::Thresholds, bell: Arc<Bell>) -> Live {
         Live {
             accounts: HashMap::new(),
             seen: HashMap::new(),
             unfolded: 0,
             alerts,
             up_since: store::now_ms(),
+            bell,
         }
     }
 
@@ -987,6 +990,9 @@ impl Live {
         })();
         match folded {
             Ok((f, transitions)) => {
+                if !transitions.is_empty() {
+                    self.bell.ring();
+                }
                 for t in &transitions {
                     let (alert, state) = (t.kind.as_str(), t.state.as_str());
                     metrics.inc("umeme_alerts_total", &[("alert", alert), ("state", state)]);

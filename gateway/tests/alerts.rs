@@ -422,6 +422,37 @@ fn a_meter_using_nothing_for_an_hour_with_its_relay_on_is_raised_once_and_resolv
 }
 
 #[test]
+fn alert_episodes_reach_a_sink_as_raised_and_resolved_events() {
+    let export = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::new(&format!(
+        "[[sink]]\nname = \"audit\"\nbuiltin = \"jsonl\"\nevents = [\"alert\"]\n[sink.config]\ndir = {:?}\n",
+        export.path().display().to_string()
+    ));
+    gw.start();
+    let t0 = day0();
+    set_clock(&gw, t0);
+    let mut m = Meter::connect(&gw, "SINK1");
+    m.report(0, 100.0, "on");
+    set_clock(&gw, t0 + 11 * 60_000);
+    m.report(1, 100.0, "on");
+    set_clock(&gw, t0 + 12 * 60_000);
+    let file = export.path().join("events.jsonl");
+    let lines = eventually("both silent events in the sink's file", || {
+        let text = std::fs::read_to_string(&file).ok()?;
+        let events: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|e: &Value| e["data"]["alert"] == "silent")
+            .collect();
+        (events.len() == 2).then_some(events)
+    });
+    assert_eq!(lines[0]["kind"], "alert");
+    assert_eq!(lines[0]["meter"], "SINK1");
+    assert_eq!(lines[0]["data"]["state"], "raised");
+    assert_eq!(lines[1]["data"]["state"], "resolved");
+}
+
+#[test]
 fn usage_ranges_are_bounded_and_bad_queries_are_refused() {
     let mut gw = Gateway::new("");
     gw.start();
