@@ -71,6 +71,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/meters/{id}/usage", get(meter_usage))
         .route("/api/alerts", get(alerts))
         .route("/api/site/loss", get(site_loss))
+        .route("/api/site/usage", get(site_usage))
         .route("/api/site/readings", post(site_reading))
         .route("/api/outbox", get(outbox))
         .route("/api/payments/unapplied", get(unapplied_payments))
@@ -542,6 +543,59 @@ async fn meter_usage(
         .into_response(),
         Ok(Some(Err(e))) => bad_request(&st, "bad_range", e.to_string()),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("unknown meter {id}")),
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/site/usage?from=&to=&step=hour|day`: the site's use per bucket, as
+/// `/api/meters/{id}/usage` (same bounds and defaults): `wh` is every meter but the main one,
+/// `mainWh` the main meter's (absent when none is marked).
+async fn site_usage(
+    State(st): St,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    let q = query_pairs(q.as_deref());
+    let step_name = q.get("step").copied().unwrap_or("hour");
+    let Some(step) = crate::usage::Step::parse(step_name) else {
+        return bad_request(&st, "bad_query", "step must be hour or day");
+    };
+    let to = match q.get("to").map(|v| query_time(&st, "to", v)).transpose() {
+        Ok(t) => t.unwrap_or_else(now_ms),
+        Err(r) => return r,
+    };
+    let span = match step {
+        crate::usage::Step::Hour => 24 * 3_600_000,
+        crate::usage::Step::Day => 30 * 86_400_000,
+    };
+    let from = match q
+        .get("from")
+        .map(|v| query_time(&st, "from", v))
+        .transpose()
+    {
+        Ok(f) => f.unwrap_or(to - span),
+        Err(r) => return r,
+    };
+    let zone = st.zone;
+    match st
+        .reader
+        .run(move |c| crate::usage::site_points(c, zone, from, to, step))
+        .await
+    {
+        Ok(Ok(points)) => {
+            let points: Vec<Value> = points
+                .into_iter()
+                .map(|(at, wh, main)| {
+                    let mut p = json!({"at": at, "wh": wh});
+                    if let Some(m) = main {
+                        p["mainWh"] = json!(m);
+                    }
+                    p
+                })
+                .collect();
+            Json(json!({"step": step_name, "from": from, "to": to, "points": points}))
+                .into_response()
+        }
+        Ok(Err(e)) => bad_request(&st, "bad_range", e.to_string()),
         Err(e) => internal(e),
     }
 }

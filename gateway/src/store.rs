@@ -1203,8 +1203,9 @@ pub fn same_hour_history(
 
 /// Wh of the main meter and of the other meters (summed) per bucket: `starts` are sorted
 /// bucket starts (UTC ms), the last bucket ends at `end`. Read meter by meter through the
-/// primary key (no index by hour: it would be one more page written per upsert); a removed
-/// meter's usage no longer counts. `None` for the main meter when none is marked.
+/// primary key (no index by hour: it would be one more page written per upsert), plus the
+/// reports not folded yet; a removed meter's usage no longer counts. `None` for the main
+/// meter when none is marked.
 pub fn site_usage(
     conn: &Connection,
     starts: &[i64],
@@ -1235,6 +1236,31 @@ pub fn site_usage(
             let i = starts.partition_point(|&s| s <= hour).saturating_sub(1);
             into[i] += r.get::<_, i64>(1)?;
         }
+    }
+    // The reports not folded yet, in one pass over the unfolded tail (empty at fold time).
+    let mut tail = conn.prepare_cached(
+        "SELECT meter, at, data FROM events
+         WHERE seq > ?1 AND kind = 'consumption' AND typeof(data) = 'blob' AND meter IS NOT NULL",
+    )?;
+    let mut rows = tail.query([folded_seq(conn)?])?;
+    while let Some(r) = rows.next()? {
+        let at: i64 = r.get(1)?;
+        let rusqlite::types::ValueRef::Blob(data) = r.get_ref(2)? else {
+            continue;
+        };
+        let (Ok(c), true) = (Consumption::decode(data), (first..end).contains(&at)) else {
+            continue;
+        };
+        let meter: String = r.get(0)?;
+        if !ids.contains(&meter) {
+            continue;
+        }
+        let into = if main.as_deref() == Some(meter.as_str()) {
+            &mut main_wh
+        } else {
+            &mut others
+        };
+        into[starts.partition_point(|&s| s <= at).saturating_sub(1)] += c.debit_wh;
     }
     Ok((main.map(|_| main_wh), others))
 }

@@ -46,8 +46,47 @@ pub enum RangeError {
     TooLong(i64),
 }
 
-/// Every bucket starting in `from..to` (hours: UTC hours; days: local days of `zone`), with
-/// 0 for buckets without use, so a chart needs no gap filling.
+/// The starts (UTC ms) of every bucket starting in `from..to` (hours: UTC hours; days: local
+/// days of `zone`), and where the last one ends.
+pub fn buckets(
+    zone: SiteZone,
+    from: i64,
+    to: i64,
+    step: Step,
+) -> Result<(Vec<i64>, i64), RangeError> {
+    if to <= from {
+        return Err(RangeError::Empty);
+    }
+    let starts: Vec<i64> = match step {
+        Step::Hour => {
+            let first = from - from.rem_euclid(MS_PER_HOUR);
+            let n = (to - first + MS_PER_HOUR - 1) / MS_PER_HOUR;
+            if n > MAX_HOURS {
+                return Err(RangeError::TooLong(n));
+            }
+            (0..n).map(|i| first + i * MS_PER_HOUR).collect()
+        }
+        Step::Day => {
+            let (d0, d1) = (zone.day(from), zone.day(to - 1));
+            let n = d1 - d0 + 1;
+            if n > MAX_DAYS {
+                return Err(RangeError::TooLong(n));
+            }
+            (d0..=d1)
+                .map(|d| zone.midnight(LocalDate::from_days(d)))
+                .collect()
+        }
+    };
+    let width = match step {
+        Step::Hour => MS_PER_HOUR,
+        Step::Day => MS_PER_DAY,
+    };
+    let end = starts.last().map_or(to, |&s| s + width);
+    Ok((starts, end))
+}
+
+/// Every bucket starting in `from..to` (see [`buckets`]) with its Wh, 0 for buckets without
+/// use, so a chart needs no gap filling.
 pub fn points(
     conn: &Connection,
     zone: SiteZone,
@@ -56,40 +95,11 @@ pub fn points(
     to: i64,
     step: Step,
 ) -> Result<Result<Vec<Point>, RangeError>, StoreError> {
-    let starts: Vec<i64> = match step {
-        Step::Hour => {
-            let first = from - from.rem_euclid(MS_PER_HOUR);
-            if to <= from {
-                return Ok(Err(RangeError::Empty));
-            }
-            let n = (to - first + MS_PER_HOUR - 1) / MS_PER_HOUR;
-            if n > MAX_HOURS {
-                return Ok(Err(RangeError::TooLong(n)));
-            }
-            (0..n).map(|i| first + i * MS_PER_HOUR).collect()
-        }
-        Step::Day => {
-            let (d0, d1) = (zone.day(from), zone.day(to - 1));
-            if to <= from {
-                return Ok(Err(RangeError::Empty));
-            }
-            let n = d1 - d0 + 1;
-            if n > MAX_DAYS {
-                return Ok(Err(RangeError::TooLong(n)));
-            }
-            (d0..=d1)
-                .map(|d| zone.midnight(LocalDate::from_days(d)))
-                .collect()
-        }
+    let (starts, end) = match buckets(zone, from, to, step) {
+        Ok(b) => b,
+        Err(e) => return Ok(Err(e)),
     };
-    let (Some(&lo), Some(&last)) = (starts.first(), starts.last()) else {
-        return Ok(Err(RangeError::Empty));
-    };
-    let width = match step {
-        Step::Hour => MS_PER_HOUR,
-        Step::Day => MS_PER_DAY,
-    };
-    let hours = store::usage_hours(conn, meter, lo, last + width)?;
+    let hours = store::usage_hours(conn, meter, starts[0], end)?;
     let mut out: Vec<Point> = starts.iter().map(|&at| Point { at, wh: 0 }).collect();
     for (hour, wh) in hours {
         // The bucket holding this hour: the last start at or before it.
@@ -97,6 +107,27 @@ pub fn points(
         out[i].wh += wh;
     }
     Ok(Ok(out))
+}
+
+/// The site's use per bucket: `(at, wh of every meter but the main one, wh of the main meter
+/// when one is marked)`; the dashboard's "energy today / this month".
+pub fn site_points(
+    conn: &Connection,
+    zone: SiteZone,
+    from: i64,
+    to: i64,
+    step: Step,
+) -> Result<Result<Vec<(i64, i64, Option<i64>)>, RangeError>, StoreError> {
+    let (starts, end) = match buckets(zone, from, to, step) {
+        Ok(b) => b,
+        Err(e) => return Ok(Err(e)),
+    };
+    let (main, others) = store::site_usage(conn, &starts, end)?;
+    Ok(Ok(starts
+        .iter()
+        .enumerate()
+        .map(|(i, &at)| (at, others[i], main.as_ref().map(|m| m[i])))
+        .collect()))
 }
 
 /// `from..to` (UTC ms) of a local day, for `--day`.

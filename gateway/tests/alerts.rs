@@ -369,6 +369,26 @@ fn a_fifteen_percent_site_loss_is_raised_once_and_resolved_once_and_charted_per_
     assert_eq!(days[0]["lossWh"], 1_500);
     assert_eq!(days[1]["lossShare"], 0.02);
 
+    // The site's use per day for the overview: the flats, and the bulk meter apart.
+    let (status, v) = gw.http(
+        "GET",
+        &format!("/api/site/usage?from={}&to={}&step=day", day(0), day(2)),
+        None,
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["points"][0]["wh"], 8_500, "{v}");
+    assert_eq!(v["points"][0]["mainWh"], 10_000, "{v}");
+    assert_eq!(v["points"][1]["wh"], 9_800, "{v}");
+    // A report not folded yet already counts.
+    set_clock(&gw, d + 2 * DAY + 3 * HOUR);
+    s1.report(123, 100.0, "on");
+    let (_, v) = gw.http(
+        "GET",
+        &format!("/api/site/usage?from={}&to={}&step=day", day(2), day(3)),
+        None,
+    );
+    assert_eq!(v["points"][0]["wh"], 123, "{v}");
+
     // A reading by hand wins over the main meter for its day.
     let (status, v) = gw.http(
         "POST",
