@@ -582,16 +582,6 @@ async fn site_usage(
         .await
     {
         Ok(Ok(points)) => {
-            let points: Vec<Value> = points
-                .into_iter()
-                .map(|(at, wh, main)| {
-                    let mut p = json!({"at": at, "wh": wh});
-                    if let Some(m) = main {
-                        p["mainWh"] = json!(m);
-                    }
-                    p
-                })
-                .collect();
             Json(json!({"step": step_name, "from": from, "to": to, "points": points}))
                 .into_response()
         }

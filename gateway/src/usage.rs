@@ -109,15 +109,24 @@ pub fn points(
     Ok(Ok(out))
 }
 
-/// The site's use per bucket: `(at, wh of every meter but the main one, wh of the main meter
-/// when one is marked)`; the dashboard's "energy today / this month".
+/// One bucket of the site's use: every meter but the main one, and the main meter when one is
+/// marked; the dashboard's "energy today / this month".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SitePoint {
+    pub at: i64,
+    pub wh: i64,
+    #[serde(rename = "mainWh", skip_serializing_if = "Option::is_none")]
+    pub main_wh: Option<i64>,
+}
+
+/// The site's use per bucket (see [`buckets`]).
 pub fn site_points(
     conn: &Connection,
     zone: SiteZone,
     from: i64,
     to: i64,
     step: Step,
-) -> Result<Result<Vec<(i64, i64, Option<i64>)>, RangeError>, StoreError> {
+) -> Result<Result<Vec<SitePoint>, RangeError>, StoreError> {
     let (starts, end) = match buckets(zone, from, to, step) {
         Ok(b) => b,
         Err(e) => return Ok(Err(e)),
@@ -126,7 +135,11 @@ pub fn site_points(
     Ok(Ok(starts
         .iter()
         .enumerate()
-        .map(|(i, &at)| (at, others[i], main.as_ref().map(|m| m[i])))
+        .map(|(i, &at)| SitePoint {
+            at,
+            wh: others[i],
+            main_wh: main.as_ref().map(|m| m[i]),
+        })
         .collect()))
 }
 
