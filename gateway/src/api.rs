@@ -54,6 +54,8 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Set once the broker listens; `/ready` reports it.
     pub broker_ready: Arc<AtomicBool>,
+    /// The site's local day (`[alerts] timezone`): daily usage and site loss.
+    pub zone: crate::tariff::calendar::SiteZone,
 }
 
 type St = State<Arc<ApiState>>;
@@ -66,6 +68,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/meters", get(list_meters).post(add_meter))
         .route("/api/meters/{id}", get(show_meter))
         .route("/api/meters/{id}/payments", get(meter_payments))
+        .route("/api/meters/{id}/usage", get(meter_usage))
+        .route("/api/alerts", get(alerts))
+        .route("/api/site/loss", get(site_loss))
+        .route("/api/site/usage", get(site_usage))
+        .route("/api/site/readings", post(site_reading))
         .route("/api/outbox", get(outbox))
         .route("/api/payments/unapplied", get(unapplied_payments))
         .route(
@@ -74,6 +81,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         );
     if state.config.allow_simulate {
         app = app.route("/daraja/simulate", post(simulate));
+    }
+    // Tests move the daemon's clock through hours and days; a release build has no such route.
+    #[cfg(debug_assertions)]
+    {
+        app = app.route("/api/debug/clock", post(debug_clock));
     }
     app.fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
@@ -444,6 +456,273 @@ async fn outbox_status(st: &ApiState) -> Result<store::OutboxStatus, store::Stor
 async fn outbox(State(st): St) -> Response {
     match outbox_status(&st).await {
         Ok(status) => Json(status).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// `key=value` pairs of a query string (values here are numbers, dates and words: no
+/// percent-decoding needed, anything else is refused by the parsers).
+fn query_pairs(q: Option<&str>) -> std::collections::HashMap<&str, &str> {
+    q.unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .collect()
+}
+
+/// A time in a query: milliseconds since the epoch, or a local date `YYYY-MM-DD` (its
+/// midnight in the site's zone).
+fn query_time(st: &ApiState, name: &str, v: &str) -> Result<i64, Response> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(ms);
+    }
+    crate::tariff::calendar::LocalDate::parse(v)
+        .map(|d| st.zone.midnight(d))
+        .ok_or_else(|| {
+            bad_request(
+                st,
+                "bad_query",
+                format!("{name} must be milliseconds since the epoch or a date YYYY-MM-DD"),
+            )
+        })
+}
+
+/// `GET /api/meters/{id}/usage?from=&to=&step=hour|day`: `{"points":[{"at","wh"}]}`, a point
+/// for every hour (UTC) or local day starting in `from..to`. Defaults: the last 24 hours by
+/// hour, the last 30 days by day.
+async fn meter_usage(
+    State(st): St,
+    Path(id): Path<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    let id = match parse_meter(&st, &id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let q = query_pairs(q.as_deref());
+    let Some(step) = crate::usage::Step::parse(q.get("step").copied().unwrap_or("hour")) else {
+        return bad_request(&st, "bad_query", "step must be hour or day");
+    };
+    let to = match q.get("to").map(|v| query_time(&st, "to", v)).transpose() {
+        Ok(t) => t.unwrap_or_else(now_ms),
+        Err(r) => return r,
+    };
+    let span = match step {
+        crate::usage::Step::Hour => 24 * 3_600_000,
+        crate::usage::Step::Day => 30 * 86_400_000,
+    };
+    let from = match q
+        .get("from")
+        .map(|v| query_time(&st, "from", v))
+        .transpose()
+    {
+        Ok(f) => f.unwrap_or(to - span),
+        Err(r) => return r,
+    };
+    let (zone, lookup) = (st.zone, id.clone());
+    let r = st
+        .reader
+        .run(move |c| {
+            Ok(match store::meter(c, &lookup)? {
+                Some(_) => Some(crate::usage::points(
+                    c,
+                    zone,
+                    lookup.as_str(),
+                    from,
+                    to,
+                    step,
+                )?),
+                None => None,
+            })
+        })
+        .await;
+    match r {
+        Ok(Some(Ok(points))) => Json(json!({
+            "meter": id, "step": q.get("step").copied().unwrap_or("hour"),
+            "from": from, "to": to, "points": points,
+        }))
+        .into_response(),
+        Ok(Some(Err(e))) => bad_request(&st, "bad_range", e.to_string()),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("unknown meter {id}")),
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/site/usage?from=&to=&step=hour|day`: the site's use per bucket, as
+/// `/api/meters/{id}/usage` (same bounds and defaults): `wh` is every meter but the main one,
+/// `mainWh` the main meter's (absent when none is marked).
+async fn site_usage(
+    State(st): St,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    let q = query_pairs(q.as_deref());
+    let step_name = q.get("step").copied().unwrap_or("hour");
+    let Some(step) = crate::usage::Step::parse(step_name) else {
+        return bad_request(&st, "bad_query", "step must be hour or day");
+    };
+    let to = match q.get("to").map(|v| query_time(&st, "to", v)).transpose() {
+        Ok(t) => t.unwrap_or_else(now_ms),
+        Err(r) => return r,
+    };
+    let span = match step {
+        crate::usage::Step::Hour => 24 * 3_600_000,
+        crate::usage::Step::Day => 30 * 86_400_000,
+    };
+    let from = match q
+        .get("from")
+        .map(|v| query_time(&st, "from", v))
+        .transpose()
+    {
+        Ok(f) => f.unwrap_or(to - span),
+        Err(r) => return r,
+    };
+    let zone = st.zone;
+    match st
+        .reader
+        .run(move |c| crate::usage::site_points(c, zone, from, to, step))
+        .await
+    {
+        Ok(Ok(points)) => {
+            Json(json!({"step": step_name, "from": from, "to": to, "points": points}))
+                .into_response()
+        }
+        Ok(Err(e)) => bad_request(&st, "bad_range", e.to_string()),
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/alerts?meter=&limit=`: alert events, newest first (at most 1000, default 100).
+async fn alerts(State(st): St, axum::extract::RawQuery(q): axum::extract::RawQuery) -> Response {
+    let q = query_pairs(q.as_deref());
+    let meter = match q.get("meter").map(|m| parse_meter(&st, m)).transpose() {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None => 100,
+        Some(Ok(n)) if (1..=1000).contains(&n) => n,
+        Some(_) => return bad_request(&st, "bad_query", "limit must be 1 to 1000"),
+    };
+    let gateway = st.gateway_id.clone();
+    let r = st
+        .reader
+        .run(move |c| {
+            let events =
+                store::alert_events(c, &gateway, meter.as_ref().map(MeterId::as_str), limit)?;
+            let open = store::open_alerts(c)?;
+            Ok((events, open))
+        })
+        .await;
+    match r {
+        Ok((events, open)) => {
+            let open: Vec<Value> = open
+                .into_iter()
+                .map(|((m, a), at)| json!({"meter": (!m.is_empty()).then_some(m), "alert": a, "raisedAt": at}))
+                .collect();
+            Json(json!({"alerts": events, "open": open})).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/site/loss?from=YYYY-MM-DD&to=YYYY-MM-DD` (local days, both included; default the
+/// last 30 days, at most 400): per day the main supply, the other meters' sum and the loss.
+async fn site_loss(State(st): St, axum::extract::RawQuery(q): axum::extract::RawQuery) -> Response {
+    use crate::tariff::calendar::LocalDate;
+    let q = query_pairs(q.as_deref());
+    let today = st.zone.day(now_ms());
+    let day = |name: &str, default: i64| -> Result<LocalDate, Response> {
+        match q.get(name) {
+            None => Ok(LocalDate::from_days(default)),
+            Some(v) => LocalDate::parse(v).ok_or_else(|| {
+                bad_request(
+                    &st,
+                    "bad_query",
+                    format!("{name} must be a date YYYY-MM-DD"),
+                )
+            }),
+        }
+    };
+    let (from, to) = match (day("from", today - 30), day("to", today)) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let n = to.days() - from.days() + 1;
+    if !(1..=crate::usage::MAX_DAYS).contains(&n) {
+        return bad_request(
+            &st,
+            "bad_range",
+            format!("from..to must be 1 to {} days", crate::usage::MAX_DAYS),
+        );
+    }
+    let zone = st.zone;
+    match st
+        .reader
+        .run(move |c| crate::alerts::site_days(c, zone, from, to))
+        .await
+    {
+        Ok(days) => Json(json!({ "days": days })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// `POST /api/site/readings {"day":"YYYY-MM-DD","kwh":123.4}`: the site's bulk supply of a
+/// local day read by hand (replaces an earlier reading of that day).
+async fn site_reading(State(st): St, body: Bytes) -> Response {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        day: String,
+        kwh: f64,
+    }
+    let b: Body = match parse_body(&st, &body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let (day, wh) = match site_reading_values(&b.day, b.kwh) {
+        Ok(v) => v,
+        Err(msg) => return bad_request(&st, "bad_field", msg),
+    };
+    let op = Op::SiteReading {
+        day: day.clone(),
+        wh,
+        at: now_ms(),
+    };
+    match st.writer.submit(op).await {
+        Ok(_) => (StatusCode::CREATED, Json(json!({"day": day, "wh": wh}))).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// A reading by hand checked: a real date, and 0 to 1,000,000 kWh (a whole site's day).
+pub fn site_reading_values(day: &str, kwh: f64) -> Result<(String, i64), String> {
+    let d = crate::tariff::calendar::LocalDate::parse(day)
+        .ok_or_else(|| "day must be a date YYYY-MM-DD".to_string())?;
+    if !kwh.is_finite() || !(0.0..=1_000_000.0).contains(&kwh) {
+        return Err("kwh must be 0 to 1000000".into());
+    }
+    Ok((d.to_string(), (kwh * 1000.0).round() as i64))
+}
+
+/// Debug builds only: `POST /api/debug/clock {"nowMs": n}` sets the daemon's clock
+/// ([`store::set_debug_clock`]; omit `nowMs` to keep it), then folds, which runs the alert
+/// rules at that time.
+#[cfg(debug_assertions)]
+async fn debug_clock(State(st): St, body: Bytes) -> Response {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        #[serde(default, rename = "nowMs")]
+        now_ms: Option<i64>,
+    }
+    let b: Body = match parse_body(&st, &body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if let Some(now) = b.now_ms {
+        store::set_debug_clock(now);
+    }
+    match st.writer.fold().await {
+        Ok(()) => Json(json!({"nowMs": now_ms()})).into_response(),
         Err(e) => internal(e),
     }
 }

@@ -51,6 +51,9 @@ pub enum Command {
     /// Payments, and M-Pesa payments that credited no meter (unapplied).
     #[command(subcommand)]
     Payment(PaymentCommand),
+    /// The site as a whole: the main supply read by hand, and the loss per day.
+    #[command(subcommand)]
+    Site(SiteCommand),
     /// Manual or cash top-up; crediting the same --ref twice credits once.
     Credit {
         /// Meter number.
@@ -61,6 +64,26 @@ pub enum Command {
         /// Receipt or reference; the idempotency key.
         #[arg(long = "ref")]
         reference: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteCommand {
+    /// Record the site's bulk supply of a local day, read by hand from the main meter
+    /// (replaces an earlier reading of that day; it wins over a meter marked --main).
+    Reading {
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        day: String,
+        #[arg(long)]
+        kwh: f64,
+    },
+    /// Per local day: the main supply, the other meters' sum and the loss (default: the last
+    /// 14 days).
+    Loss {
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        from: Option<String>,
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        to: Option<String>,
     },
 }
 
@@ -128,6 +151,24 @@ pub enum MeterCommand {
         /// Pin the anonymous CONNECT to this source address; `any` removes the pin.
         #[arg(long, value_name = "IP|any")]
         legacy_source: Option<String>,
+        /// Mark this meter as the site's main (bulk) meter, whose consumption is the site's
+        /// supply for site loss (`--main false` unmarks it; one meter is main at a time).
+        #[arg(long, value_name = "true|false", num_args = 0..=1, default_missing_value = "true",
+              action = clap::ArgAction::Set)]
+        main: Option<bool>,
+    },
+    /// Consumption per hour of a local day, or per day of a month.
+    Usage {
+        id: String,
+        #[arg(
+            long,
+            value_name = "YYYY-MM-DD",
+            conflicts_with = "month",
+            required_unless_present = "month"
+        )]
+        day: Option<String>,
+        #[arg(long, value_name = "YYYY-MM")]
+        month: Option<String>,
     },
     /// List meters with their balances.
     List,
@@ -297,6 +338,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Meter(m) => meter(&config, m),
         Command::Outbox(OutboxCommand::Status) => outbox_status(&config),
         Command::Payment(p) => payment(&config, p),
+        Command::Site(s) => site(&config, s),
         Command::Plugin(PluginCommand::Inspect { path }) => {
             let lib = crate::plugin::inspect(&path).map_err(|e| Failure {
                 code: 1,
@@ -534,6 +576,64 @@ fn payment(config: &Config, cmd: PaymentCommand) -> Result<(), Failure> {
     }
 }
 
+fn site(config: &Config, cmd: SiteCommand) -> Result<(), Failure> {
+    use crate::tariff::calendar::LocalDate;
+    match cmd {
+        SiteCommand::Reading { day, kwh } => {
+            let (day, wh) = crate::api::site_reading_values(&day, kwh).map_err(usage)?;
+            apply(
+                config,
+                Op::SiteReading {
+                    day: day.clone(),
+                    wh,
+                    at: now_ms(),
+                },
+            )?;
+            println!("site supply on {day}: {:.3} kWh", wh_to_units(wh));
+            Ok(())
+        }
+        SiteCommand::Loss { from, to } => {
+            let zone = config.alerts.zone;
+            let date = |v: Option<String>, default: i64| -> Result<LocalDate, Failure> {
+                match v {
+                    None => Ok(LocalDate::from_days(default)),
+                    Some(s) => LocalDate::parse(&s)
+                        .ok_or_else(|| usage(format!("{s:?}: not a date YYYY-MM-DD"))),
+                }
+            };
+            let today = zone.day(now_ms());
+            let (from, to) = (date(from, today - 13)?, date(to, today)?);
+            let n = to.days() - from.days() + 1;
+            if !(1..=crate::usage::MAX_DAYS).contains(&n) {
+                return Err(usage(format!(
+                    "--from..--to must be 1 to {} days",
+                    crate::usage::MAX_DAYS
+                )));
+            }
+            let conn = open(config)?;
+            let days = crate::alerts::site_days(&conn, zone, from, to).context("reading usage")?;
+            println!(
+                "{:<10} {:>12} {:<7} {:>12} {:>12} {:>7}",
+                "DAY", "MAIN kWh", "FROM", "METERS kWh", "LOSS kWh", "LOSS"
+            );
+            let kwh = |wh: Option<i64>| wh.map_or("-".into(), |w| format!("{:.3}", wh_to_units(w)));
+            for d in days {
+                println!(
+                    "{:<10} {:>12} {:<7} {:>12} {:>12} {:>7}",
+                    d.day,
+                    kwh(d.main_wh),
+                    d.main_source.unwrap_or("-"),
+                    kwh(Some(d.sub_wh)),
+                    kwh(d.loss_wh),
+                    d.loss_share
+                        .map_or("-".into(), |s| format!("{:.1}%", s * 100.0))
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 fn parse_meter(id: &str) -> Result<MeterId, Failure> {
     MeterId::parse(id).map_err(|e| usage(e.to_string()))
 }
@@ -688,8 +788,30 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             id,
             legacy_anonymous,
             legacy_source,
+            main,
         } => {
             let meter = parse_meter(&id)?;
+            if let Some(main) = main {
+                apply(
+                    config,
+                    Op::SetMain {
+                        meter: meter.clone(),
+                        main,
+                        at: now_ms(),
+                    },
+                )?;
+                println!(
+                    "{meter}: {}",
+                    if main {
+                        "the site's main meter (site loss compares the others with it)"
+                    } else {
+                        "not the main meter"
+                    }
+                );
+                if legacy_anonymous.is_none() && legacy_source.is_none() {
+                    return Ok(());
+                }
+            }
             let source = match legacy_source.as_deref() {
                 None => None,
                 Some("any") => Some(None),
@@ -705,7 +827,7 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             };
             if legacy_anonymous.is_none() && source.is_none() {
                 return Err(usage(
-                    "nothing to set: give --legacy-anonymous or --legacy-source",
+                    "nothing to set: give --legacy-anonymous, --legacy-source or --main",
                 ));
             }
             apply(
@@ -774,6 +896,9 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
                 wh_to_units(m.total_consumed_wh)
             );
             println!("ledger seq:     {}", m.ledger_seq);
+            if m.main {
+                println!("main meter:     yes (the site's supply for site loss)");
+            }
             println!("status:         {}", m.status.as_deref().unwrap_or("-"));
             println!(
                 "legacy anon:    {}",
@@ -800,6 +925,43 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
                     p.reference
                 );
             }
+            Ok(())
+        }
+        MeterCommand::Usage { id, day, month } => {
+            let meter = parse_meter(&id)?;
+            let zone = config.alerts.zone;
+            let (from, to, step) = match (day.as_deref(), month.as_deref()) {
+                (Some(d), _) => {
+                    let d = crate::tariff::calendar::LocalDate::parse(d)
+                        .ok_or_else(|| usage(format!("--day {d:?}: not a date YYYY-MM-DD")))?;
+                    let (f, t) = crate::usage::day_span(zone, d);
+                    (f, t, crate::usage::Step::Hour)
+                }
+                (None, Some(m)) => {
+                    let (f, t) = crate::usage::month_span(zone, m)
+                        .ok_or_else(|| usage(format!("--month {m:?}: not a month YYYY-MM")))?;
+                    (f, t, crate::usage::Step::Day)
+                }
+                (None, None) => return Err(usage("give --day or --month")),
+            };
+            let conn = open(config)?;
+            meter_row(&conn, &meter)?;
+            let points = crate::usage::points(&conn, zone, meter.as_str(), from, to, step)
+                .context("reading usage")?
+                .map_err(|e| usage(e.to_string()))?;
+            let offset = i64::from(zone.offset_minutes()) * 60_000;
+            println!("{:<17} {:>12}", "LOCAL TIME", "kWh");
+            for p in &points {
+                // Local wall time: the ISO form of the shifted instant, without its `Z`.
+                let local = crate::api::iso8601(p.at + offset);
+                let label = match step {
+                    crate::usage::Step::Hour => local[..16].replace('T', " "),
+                    crate::usage::Step::Day => local[..10].to_string(),
+                };
+                println!("{label:<17} {:>12.3}", wh_to_units(p.wh));
+            }
+            let total: i64 = points.iter().map(|p| p.wh).sum();
+            println!("{:<17} {:>12.3}", "total", wh_to_units(total));
             Ok(())
         }
         MeterCommand::Remove { id } => {

@@ -114,6 +114,8 @@ pub struct Config {
     pub limits: Option<MeterLimits>,
     pub sinks: Vec<SinkConfig>,
     pub sources: Vec<SourceConfig>,
+    /// `[alerts]`: anomaly and site-loss thresholds.
+    pub alerts: crate::alerts::Thresholds,
     /// Secret files named by `*_file` keys, with where they were named, for `check_files`.
     secret_files: Vec<Located<SecretFile>>,
 }
@@ -593,6 +595,7 @@ impl Config {
             limits,
             sinks: Vec::new(),
             sources: Vec::new(),
+            alerts: p.alerts.unwrap_or_default().resolve(),
             secret_files: Vec::new(),
         }
     }
@@ -729,10 +732,141 @@ struct PartialConfig {
     api: Option<PartialApi>,
     outbox: Option<PartialOutbox>,
     limits: Option<PartialLimits>,
+    alerts: Option<PartialAlerts>,
     #[serde(default)]
     sink: Vec<PartialSink>,
     #[serde(default)]
     source: Vec<PartialSource>,
+}
+
+/// `[alerts]` (README "Alerts"); every key optional, validated here so errors carry their
+/// file:line:col.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialAlerts {
+    enabled: Option<bool>,
+    spike_factor: Option<SpikeFactor>,
+    spike_floor_wh: Option<Bounded<0, 1_000_000>>,
+    baseline_days: Option<Bounded<1, 60>>,
+    baseline_min_days: Option<Bounded<1, 60>>,
+    bypass_power_w: Option<Watts>,
+    idle_after: Option<BoundedDuration<60_000, 2_592_000_000>>,
+    report_interval: Option<BoundedDuration<1_000, 3_600_000>>,
+    silent_intervals: Option<Bounded<2, 10_000>>,
+    site_loss_percent: Option<Percent>,
+    timezone: Option<Zone>,
+    usage_retention_days: Option<Bounded<31, 3_660>>,
+}
+
+impl PartialAlerts {
+    fn merge(&mut self, o: PartialAlerts) {
+        merge_opt(&mut self.enabled, o.enabled);
+        merge_opt(&mut self.spike_factor, o.spike_factor);
+        merge_opt(&mut self.spike_floor_wh, o.spike_floor_wh);
+        merge_opt(&mut self.baseline_days, o.baseline_days);
+        merge_opt(&mut self.baseline_min_days, o.baseline_min_days);
+        merge_opt(&mut self.bypass_power_w, o.bypass_power_w);
+        merge_opt(&mut self.idle_after, o.idle_after);
+        merge_opt(&mut self.report_interval, o.report_interval);
+        merge_opt(&mut self.silent_intervals, o.silent_intervals);
+        merge_opt(&mut self.site_loss_percent, o.site_loss_percent);
+        merge_opt(&mut self.timezone, o.timezone);
+        merge_opt(&mut self.usage_retention_days, o.usage_retention_days);
+    }
+
+    fn resolve(self) -> crate::alerts::Thresholds {
+        let d = crate::alerts::Thresholds::default();
+        let ms = |x: std::time::Duration| x.as_millis() as i64;
+        let baseline_days = self.baseline_days.map_or(d.baseline_days, |n| n.0 as i64);
+        let interval = self.report_interval.map_or(60_000, |x| ms(x.0));
+        crate::alerts::Thresholds {
+            enabled: self.enabled.unwrap_or(d.enabled),
+            spike_factor: self.spike_factor.map_or(d.spike_factor, |x| x.0),
+            spike_floor_wh: self.spike_floor_wh.map_or(d.spike_floor_wh, |n| n.0 as i64),
+            baseline_days,
+            // Never more days than the baseline looks at.
+            baseline_min_days: self
+                .baseline_min_days
+                .map_or(d.baseline_min_days, |n| n.0)
+                .min(baseline_days as usize),
+            bypass_power_w: self.bypass_power_w.map_or(d.bypass_power_w, |x| x.0),
+            idle_after_ms: self.idle_after.map_or(d.idle_after_ms, |x| ms(x.0)),
+            silent_after_ms: interval * self.silent_intervals.map_or(10, |n| n.0 as i64),
+            site_loss_share: self
+                .site_loss_percent
+                .map_or(d.site_loss_share, |p| p.0 / 100.0),
+            zone: self.timezone.map_or(d.zone, |z| z.0),
+            usage_retention_days: self
+                .usage_retention_days
+                .map_or(d.usage_retention_days, |n| n.0 as i64),
+        }
+    }
+}
+
+/// `[alerts] spike_factor`: more than 1, at most 100.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "f64")]
+struct SpikeFactor(f64);
+
+impl TryFrom<f64> for SpikeFactor {
+    type Error = String;
+    fn try_from(x: f64) -> Result<Self, String> {
+        if x.is_finite() && x > 1.0 && x <= 100.0 {
+            Ok(SpikeFactor(x))
+        } else {
+            Err(format!(
+                "{x} is out of range: expected more than 1 and at most 100"
+            ))
+        }
+    }
+}
+
+/// Watts, 0 to 100 kW.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "f64")]
+struct Watts(f64);
+
+impl TryFrom<f64> for Watts {
+    type Error = String;
+    fn try_from(x: f64) -> Result<Self, String> {
+        if x.is_finite() && (0.0..=100_000.0).contains(&x) {
+            Ok(Watts(x))
+        } else {
+            Err(format!("{x} is out of range: expected 0 to 100000 W"))
+        }
+    }
+}
+
+/// A percentage, more than 0 and less than 100.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "f64")]
+struct Percent(f64);
+
+impl TryFrom<f64> for Percent {
+    type Error = String;
+    fn try_from(x: f64) -> Result<Self, String> {
+        if x.is_finite() && x > 0.0 && x < 100.0 {
+            Ok(Percent(x))
+        } else {
+            Err(format!(
+                "{x} is out of range: expected more than 0 and less than 100 (percent)"
+            ))
+        }
+    }
+}
+
+/// A site time zone: a name such as `Africa/Nairobi` or a fixed `UTC+03:00`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "String")]
+struct Zone(crate::tariff::calendar::SiteZone);
+
+impl TryFrom<String> for Zone {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        crate::tariff::calendar::SiteZone::parse(&s)
+            .map(Zone)
+            .map_err(|e| e.to_string())
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1010,6 +1144,9 @@ impl PartialConfig {
             merge_opt(&mut s.max_trips, x.max_trips);
             merge_opt(&mut s.daily_allowance_kwh, x.daily_allowance_kwh);
             merge_opt(&mut s.cap_in_friendly_hours, x.cap_in_friendly_hours);
+        }
+        if let Some(x) = o.alerts {
+            self.alerts.get_or_insert_with(Default::default).merge(x);
         }
         if let Some(x) = o.outbox {
             let s = self.outbox.get_or_insert_with(Default::default);
@@ -1641,6 +1778,38 @@ mod tests {
         let p = write(dir.path(), "limits.toml", &block);
         let limits = Config::load(Some(&p)).unwrap().limits;
         assert_eq!(limits, Some(MeterLimits::default()), "{block}");
+        assert_eq!(c.alerts, d.alerts);
+    }
+
+    #[test]
+    fn alert_thresholds_are_validated_where_they_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, position) in [
+            ("[alerts]\nspike_factor = 1.0\n", (2, 16)),
+            ("[alerts]\nsite_loss_percent = 100\n", (2, 21)),
+            ("[alerts]\ntimezone = \"Mars/Olympus\"\n", (2, 12)),
+            ("[alerts]\nidle_after = \"10s\"\n", (2, 14)),
+            ("[alerts]\nsilent_intervals = 1\n", (2, 20)),
+            ("[alerts]\nbypass_power_w = -5\n", (2, 18)),
+            ("[alerts]\nspike = 3\n", (2, 1)),
+        ] {
+            let p = write(dir.path(), "g.toml", text);
+            let e = Config::load(Some(&p)).unwrap_err();
+            assert_eq!(e.position, Some(position), "{text}: {e}");
+        }
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[alerts]\nreport_interval = \"30s\"\nsilent_intervals = 4\nsite_loss_percent = 15\nbaseline_days = 2\ntimezone = \"UTC+05:30\"\n",
+        );
+        let a = Config::load(Some(&p)).unwrap().alerts;
+        assert_eq!(a.silent_after_ms, 120_000);
+        assert_eq!(a.site_loss_share, 0.15);
+        assert_eq!(
+            a.baseline_min_days, 2,
+            "never more than the baseline's days"
+        );
+        assert_eq!(a.zone.offset_minutes(), 330);
     }
 
     #[test]

@@ -136,6 +136,7 @@ impl Gateway {
             max_bytes: config.outbox.max_bytes,
             retention: config.outbox.retention,
             commit_delay: config.ledger.commit_delay,
+            alerts: config.alerts.clone(),
         };
         let bell = Arc::new(Bell::default());
         let (writer, _writer_thread) = Writer::start(
@@ -295,6 +296,7 @@ impl Gateway {
             hub,
             metrics: metrics.clone(),
             broker_ready,
+            zone: config.alerts.zone,
         });
         tasks.push(tokio::spawn(umeme_http_guard::serve(
             api_listener,

@@ -34,6 +34,7 @@
 //! - [`cli`]: the command line.
 
 pub mod admission;
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod broker;
@@ -54,6 +55,7 @@ pub mod payload;
 pub mod plugin;
 pub mod store;
 pub mod tariff;
+pub mod usage;
 pub mod writer;
 
 /// Untrusted text in log lines: [`untrusted::Untrusted`] escapes control characters and caps

@@ -80,6 +80,16 @@ const HELP: &[(&str, &str, &str)] = &[
         "Alerts raised, by kind.",
     ),
     (
+        "umeme_alerts_total",
+        "counter",
+        "Alert episodes raised and resolved (spike, bypass, no_consumption, register_backwards, silent, site_loss), by alert and state.",
+    ),
+    (
+        "umeme_alerts_open",
+        "gauge",
+        "Alert episodes open now, by alert (updated at every fold).",
+    ),
+    (
         "umeme_ledger_v1_balance_drift_total",
         "counter",
         "v1 reports whose remainingBalance disagreed with the ledger.",

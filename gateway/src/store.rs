@@ -25,7 +25,7 @@ use crate::meter::MeterId;
 
 pub use rusqlite::Error as DbError;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Page size of new databases. A commit writes whole pages to the WAL, and at a site's pace
 /// (one report per commit) small pages mean fewer bytes per report.
@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS meters (
     created_at INTEGER NOT NULL,
     state_seq INTEGER NOT NULL DEFAULT 0,
     legacy_anonymous INTEGER NOT NULL DEFAULT 0,
-    legacy_source TEXT
+    legacy_source TEXT,
+    main INTEGER NOT NULL DEFAULT 0
 ) STRICT;
 CREATE TABLE IF NOT EXISTS payments (
     source TEXT NOT NULL,
@@ -113,6 +114,35 @@ CREATE TABLE IF NOT EXISTS unapplied_payments (
     applied_meter TEXT,
     applied_at INTEGER,
     PRIMARY KEY (source, reference)
+) STRICT;
+-- Schema 5 (issue 17): Wh per meter per UTC hour, written by `fold` from the consumption
+-- events it folds (one upsert per meter and hour per fold, nothing per report).
+CREATE TABLE IF NOT EXISTS usage_hours (
+    meter TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    wh INTEGER NOT NULL,
+    PRIMARY KEY (meter, hour)
+) STRICT, WITHOUT ROWID;
+-- The site's bulk supply read by hand, per local day.
+CREATE TABLE IF NOT EXISTS site_readings (
+    day TEXT PRIMARY KEY,
+    wh INTEGER NOT NULL,
+    at INTEGER NOT NULL
+) STRICT;
+-- Open alert episodes (meter '' for the site), so a restart does not raise them again.
+CREATE TABLE IF NOT EXISTS alert_state (
+    meter TEXT NOT NULL,
+    alert TEXT NOT NULL,
+    raised_at INTEGER NOT NULL,
+    PRIMARY KEY (meter, alert)
+) STRICT, WITHOUT ROWID;
+-- What the alert rules need of each meter's recent reports, kept up to date by `fold`.
+CREATE TABLE IF NOT EXISTS meter_watch (
+    meter TEXT PRIMARY KEY,
+    relay_on INTEGER NOT NULL,
+    last_report_at INTEGER NOT NULL,
+    last_use_at INTEGER,
+    since INTEGER NOT NULL
 ) STRICT;
 CREATE TABLE IF NOT EXISTS dead_letters (
     sink TEXT NOT NULL,
@@ -187,8 +217,13 @@ fn open_with(path: &Path, gateway_id: &str, upgrade: bool) -> Result<Connection,
         Some(1) if upgrade => {
             migrate_v1(&tx)?;
             migrate_v2(&tx)?;
+            migrate_v4(&tx)?;
         }
-        Some(2) if upgrade => migrate_v2(&tx)?,
+        Some(2) if upgrade => {
+            migrate_v2(&tx)?;
+            migrate_v4(&tx)?;
+        }
+        Some(3) if upgrade => migrate_v4(&tx)?,
         Some(v) if v < SCHEMA_VERSION => return Err(StoreError::OlderSchema(v)),
         Some(_) => {}
         None => {
@@ -259,6 +294,17 @@ fn migrate_v2(tx: &Connection) -> Result<(), StoreError> {
         "ALTER TABLE meters ADD COLUMN legacy_anonymous INTEGER NOT NULL DEFAULT 0;
          ALTER TABLE meters ADD COLUMN legacy_source TEXT;",
     )?;
+    set_meta(tx, "schema_version", 3)?;
+    Ok(())
+}
+
+/// Schema 4 → 5 (on this branch: 3 → 5; schema 4 is the money ledger's): meters learn whether
+/// they are the site's main (bulk) meter. The usage, site reading, alert state and meter watch
+/// tables are new, created by [`SCHEMA`]; hourly usage starts with the first fold after the
+/// upgrade (events already folded are not replayed: their hour would be a guess).
+fn migrate_v4(tx: &Connection) -> Result<(), StoreError> {
+    tracing::info!("upgrading the database to schema 5 (one time): hourly usage and alerts");
+    tx.execute_batch("ALTER TABLE meters ADD COLUMN main INTEGER NOT NULL DEFAULT 0;")?;
     set_meta(tx, "schema_version", SCHEMA_VERSION)?;
     Ok(())
 }
@@ -272,11 +318,26 @@ fn set_meta(tx: &Connection, key: &str, value: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
+/// Added to the system clock by [`now_ms`]. Only a debug build can change it
+/// ([`set_debug_clock`]), so tests can move the daemon through hours and days without waiting;
+/// in a release build it is always 0.
+static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+fn system_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    system_ms() + CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Debug builds only (`POST /api/debug/clock`): from now on [`now_ms`] runs from `now`.
+#[cfg(debug_assertions)]
+pub fn set_debug_clock(now: i64) {
+    CLOCK_OFFSET_MS.store(now - system_ms(), std::sync::atomic::Ordering::Relaxed);
 }
 
 // ---- meters ----
@@ -301,10 +362,12 @@ pub struct MeterRow {
     pub legacy_anonymous: bool,
     /// When set, an anonymous CONNECT must come from this address.
     pub legacy_source: Option<String>,
+    /// The site's main (bulk) meter: its consumption is the site's supply (site loss).
+    pub main: bool,
 }
 
 const METER_COLUMNS: &str = "id, name, phone, balance_wh, ledger_seq, v2_seq, total_consumed_wh, \
-     status, online, last_seen, created_at, state_seq, legacy_anonymous, legacy_source";
+     status, online, last_seen, created_at, state_seq, legacy_anonymous, legacy_source, main";
 
 fn meter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(MeterRow, i64)> {
     let id: String = r.get(0)?;
@@ -326,6 +389,7 @@ fn meter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(MeterRow, i64)> {
         created_at: r.get(10)?,
         legacy_anonymous: r.get(12)?,
         legacy_source: r.get(13)?,
+        main: r.get(14)?,
     };
     Ok((row, r.get(11)?))
 }
@@ -469,6 +533,11 @@ pub fn insert_meter(tx: &Connection, m: &NewMeter<'_>) -> Result<bool, StoreErro
 }
 
 pub fn delete_meter(tx: &Connection, id: &MeterId) -> Result<bool, StoreError> {
+    // Its open alert episodes and report watch go with it (its `removed` event ends them), so
+    // a meter added again under the same number starts without them; its hourly usage stays
+    // for the site's past days.
+    tx.execute("DELETE FROM alert_state WHERE meter = ?1", [id.as_str()])?;
+    tx.execute("DELETE FROM meter_watch WHERE meter = ?1", [id.as_str()])?;
     Ok(tx.execute("DELETE FROM meters WHERE id = ?1", [id.as_str()])? == 1)
 }
 
@@ -897,13 +966,127 @@ fn unfolded(conn: &Connection) -> Result<HashMap<String, Unfolded>, StoreError> 
 }
 
 /// What one [`fold`] did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Folded {
     /// Meter rows brought up to date.
     pub meters: usize,
     /// The new `folded_seq`.
     pub through: i64,
+    /// The reports this fold folded, by meter, oldest first: what the alert rules look at.
+    pub reports: HashMap<String, Vec<ReportFact>>,
 }
+
+/// One applied report as the alert rules see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportFact {
+    pub at: i64,
+    pub debit_wh: i64,
+    /// v2 `powerW`, when the meter sent it.
+    pub power_w: Option<f64>,
+    /// The relay as the meter reported it (v2 `relay`); else as the ledger commands it.
+    pub relay_on: bool,
+    /// Whether `relay_on` is the meter's own word (v2 `relay`).
+    pub relay_reported: bool,
+    /// v2: the register went backwards while `seq` went on (no reboot explains it).
+    pub register_backwards: bool,
+}
+
+const MS_PER_HOUR: i64 = 3_600_000;
+const MS_PER_DAY: i64 = 86_400_000;
+
+/// The consumption events with `after < seq <= through`, by meter, oldest first.
+fn reports_between(
+    tx: &Connection,
+    after: i64,
+    through: i64,
+) -> Result<HashMap<String, Vec<ReportFact>>, StoreError> {
+    let mut st = tx.prepare_cached(
+        "SELECT meter, at, data FROM events
+         WHERE seq > ?1 AND seq <= ?2 AND kind = 'consumption' AND typeof(data) = 'blob'
+           AND meter IS NOT NULL
+         ORDER BY seq",
+    )?;
+    let mut rows = st.query(params![after, through])?;
+    let mut out: HashMap<String, Vec<ReportFact>> = HashMap::new();
+    while let Some(r) = rows.next()? {
+        let rusqlite::types::ValueRef::Blob(data) = r.get_ref(2)? else {
+            continue;
+        };
+        let Ok(c) = Consumption::decode(data) else {
+            continue;
+        };
+        let (power_w, reported) = match &c.report {
+            crate::payload::Report::V2(v) => (
+                v.power_w,
+                v.relay.as_deref().map(|x| x.eq_ignore_ascii_case("on")),
+            ),
+            crate::payload::Report::V1 { .. } => (None, None),
+        };
+        out.entry(r.get(0)?).or_default().push(ReportFact {
+            at: r.get(1)?,
+            debit_wh: c.debit_wh,
+            power_w,
+            relay_on: reported.unwrap_or(c.account.balance_wh > 0),
+            relay_reported: reported.is_some(),
+            register_backwards: c.kind == crate::ledger::ReportKind::RegisterReset,
+        });
+    }
+    Ok(out)
+}
+
+/// Adds the window's consumption to `usage_hours` (an upsert per meter and UTC hour, not per
+/// report) and updates each meter's `meter_watch` row.
+fn aggregate(
+    tx: &Connection,
+    reports: &HashMap<String, Vec<ReportFact>>,
+) -> Result<(), StoreError> {
+    let mut hours: HashMap<(&str, i64), i64> = HashMap::new();
+    for (meter, facts) in reports {
+        for f in facts.iter().filter(|f| f.debit_wh != 0) {
+            *hours
+                .entry((meter.as_str(), f.at - f.at.rem_euclid(MS_PER_HOUR)))
+                .or_default() += f.debit_wh;
+        }
+    }
+    let mut add = tx.prepare_cached(
+        "INSERT INTO usage_hours (meter, hour, wh) VALUES (?1, ?2, ?3)
+         ON CONFLICT (meter, hour) DO UPDATE SET wh = wh + excluded.wh",
+    )?;
+    for ((meter, hour), wh) in hours {
+        add.execute(params![meter, hour, wh])?;
+    }
+    let mut watch = tx.prepare_cached(
+        "INSERT INTO meter_watch (meter, relay_on, last_report_at, last_use_at, since)
+         VALUES (?1, ?2, ?3, ?4, ?3)
+         ON CONFLICT (meter) DO UPDATE SET relay_on = excluded.relay_on,
+           last_report_at = MAX(last_report_at, excluded.last_report_at),
+           last_use_at = CASE WHEN excluded.last_use_at IS NULL THEN last_use_at
+                              WHEN last_use_at IS NULL THEN excluded.last_use_at
+                              ELSE MAX(last_use_at, excluded.last_use_at) END",
+    )?;
+    for (meter, facts) in reports {
+        let Some(last) = facts.last() else { continue };
+        let used = facts.iter().filter(|f| f.debit_wh > 0).map(|f| f.at).max();
+        watch.execute(params![meter, last.relay_on, last.at, used])?;
+    }
+    Ok(())
+}
+
+/// Hourly usage older than `before` goes, at most once a UTC day (a delete by hour reads
+/// every meter's rows: cheap once a day, not every fold).
+fn prune_usage(tx: &Connection, now: i64, retention_days: i64) -> Result<(), StoreError> {
+    let today = now.div_euclid(MS_PER_DAY);
+    if meta_int(tx, "usage_pruned_day")? >= today {
+        return Ok(());
+    }
+    tx.prepare_cached("DELETE FROM usage_hours WHERE hour < ?1")?
+        .execute([now - retention_days * MS_PER_DAY])?;
+    set_meta(tx, "usage_pruned_day", today)
+}
+
+/// Days of hourly usage kept (`[alerts] usage_retention_days`' default): 400 days is 9,600
+/// rows per meter, about 200 KiB each, and covers a year plus a month for comparisons.
+pub const USAGE_RETENTION_DAYS: i64 = 400;
 
 /// Writes the newest unfolded consumption event of every meter into its row (a row already
 /// as new, e.g. after a payment, is left alone), plus the `last_seen` times in `seen`, and
@@ -911,6 +1094,17 @@ pub struct Folded {
 pub fn fold<'a>(
     tx: &Connection,
     seen: impl IntoIterator<Item = (&'a str, i64)>,
+) -> Result<Folded, StoreError> {
+    fold_keeping(tx, seen, USAGE_RETENTION_DAYS)
+}
+
+/// [`fold`], keeping `usage_retention_days` of hourly usage. The consumption events it folds
+/// are also added to `usage_hours` here, in the same transaction that moves `folded_seq`: each
+/// is counted exactly once, a crash loses none, and a report itself writes nothing more.
+pub fn fold_keeping<'a>(
+    tx: &Connection,
+    seen: impl IntoIterator<Item = (&'a str, i64)>,
+    usage_retention_days: i64,
 ) -> Result<Folded, StoreError> {
     let newest = unfolded(tx)?;
     for (meter, n) in &newest {
@@ -921,13 +1115,305 @@ pub fn fold<'a>(
         touch(tx, meter, at)?;
     }
     let through = last_event_seq(tx)?;
-    if through > folded_seq(tx)? {
+    let before = folded_seq(tx)?;
+    let mut reports = HashMap::new();
+    if through > before {
+        reports = reports_between(tx, before, through)?;
+        aggregate(tx, &reports)?;
         set_meta(tx, "folded_seq", through)?;
     }
+    prune_usage(tx, now_ms(), usage_retention_days)?;
     Ok(Folded {
         meters: newest.len(),
         through,
+        reports,
     })
+}
+
+// ---- usage, the main meter, site readings, alert state (schema 5) ----
+
+/// Wh of `meter` per UTC hour starting in `from..to` (hour starts, ms), folded rows plus the
+/// reports not folded yet, so the current hour is exact. Hours without use are absent.
+pub fn usage_hours(
+    conn: &Connection,
+    meter: &str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(i64, i64)>, StoreError> {
+    snapshot(conn, |tx| {
+        let mut by_hour: std::collections::BTreeMap<i64, i64> = tx
+            .prepare_cached(
+                "SELECT hour, wh FROM usage_hours WHERE meter = ?1 AND hour >= ?2 AND hour < ?3",
+            )?
+            .query_map(params![meter, from, to], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut st = tx.prepare_cached(
+            "SELECT at, data FROM events
+             WHERE seq > ?1 AND meter = ?2 AND kind = 'consumption' AND typeof(data) = 'blob'",
+        )?;
+        let mut rows = st.query(params![folded_seq(tx)?, meter])?;
+        while let Some(r) = rows.next()? {
+            let at: i64 = r.get(0)?;
+            let rusqlite::types::ValueRef::Blob(data) = r.get_ref(1)? else {
+                continue;
+            };
+            let hour = at - at.rem_euclid(MS_PER_HOUR);
+            if let (Ok(c), true) = (Consumption::decode(data), (from..to).contains(&hour)) {
+                if c.debit_wh != 0 {
+                    *by_hour.entry(hour).or_default() += c.debit_wh;
+                }
+            }
+        }
+        Ok(by_hour.into_iter().collect())
+    })
+}
+
+/// Wh of `meter` in the same UTC hour as `hour` on each of the `days` days before it, oldest
+/// first; days before the meter's first recorded use are left out (no history yet), days
+/// after it without use count as 0.
+pub fn same_hour_history(
+    conn: &Connection,
+    meter: &str,
+    hour: i64,
+    days: i64,
+) -> Result<Vec<i64>, StoreError> {
+    let first: Option<i64> = conn
+        .prepare_cached("SELECT MIN(hour) FROM usage_hours WHERE meter = ?1")?
+        .query_row([meter], |r| r.get(0))?;
+    let Some(first) = first else {
+        return Ok(Vec::new());
+    };
+    let mut get =
+        conn.prepare_cached("SELECT wh FROM usage_hours WHERE meter = ?1 AND hour = ?2")?;
+    let mut out = Vec::new();
+    for k in (1..=days).rev() {
+        let h = hour - k * MS_PER_DAY;
+        // A day counts once the meter's record had begun by its end.
+        if h + MS_PER_DAY <= first {
+            continue;
+        }
+        out.push(
+            get.query_row(params![meter, h], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0),
+        );
+    }
+    Ok(out)
+}
+
+/// Wh of the main meter and of the other meters (summed) per bucket: `starts` are sorted
+/// bucket starts (UTC ms), the last bucket ends at `end`. Read meter by meter through the
+/// primary key (no index by hour: it would be one more page written per upsert), plus the
+/// reports not folded yet; a removed meter's usage no longer counts. `None` for the main
+/// meter when none is marked.
+pub fn site_usage(
+    conn: &Connection,
+    starts: &[i64],
+    end: i64,
+) -> Result<(Option<Vec<i64>>, Vec<i64>), StoreError> {
+    let Some(&first) = starts.first() else {
+        return Ok((None, Vec::new()));
+    };
+    let main = main_meter(conn)?;
+    let ids: Vec<String> = conn
+        .prepare_cached("SELECT id FROM meters")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut main_wh = vec![0; starts.len()];
+    let mut others = vec![0; starts.len()];
+    let mut st = conn.prepare_cached(
+        "SELECT hour, wh FROM usage_hours WHERE meter = ?1 AND hour >= ?2 AND hour < ?3",
+    )?;
+    for id in &ids {
+        let into = if main.as_deref() == Some(id.as_str()) {
+            &mut main_wh
+        } else {
+            &mut others
+        };
+        let mut rows = st.query(params![id, first, end])?;
+        while let Some(r) = rows.next()? {
+            let hour: i64 = r.get(0)?;
+            let i = starts.partition_point(|&s| s <= hour).saturating_sub(1);
+            into[i] += r.get::<_, i64>(1)?;
+        }
+    }
+    // The reports not folded yet, in one pass over the unfolded tail (empty at fold time).
+    let mut tail = conn.prepare_cached(
+        "SELECT meter, at, data FROM events
+         WHERE seq > ?1 AND kind = 'consumption' AND typeof(data) = 'blob' AND meter IS NOT NULL",
+    )?;
+    let mut rows = tail.query([folded_seq(conn)?])?;
+    while let Some(r) = rows.next()? {
+        let at: i64 = r.get(1)?;
+        let rusqlite::types::ValueRef::Blob(data) = r.get_ref(2)? else {
+            continue;
+        };
+        let (Ok(c), true) = (Consumption::decode(data), (first..end).contains(&at)) else {
+            continue;
+        };
+        let meter: String = r.get(0)?;
+        if !ids.contains(&meter) {
+            continue;
+        }
+        let into = if main.as_deref() == Some(meter.as_str()) {
+            &mut main_wh
+        } else {
+            &mut others
+        };
+        into[starts.partition_point(|&s| s <= at).saturating_sub(1)] += c.debit_wh;
+    }
+    Ok((main.map(|_| main_wh), others))
+}
+
+/// An integer kept in `meta` (0 when absent), for the alert rules' bookkeeping.
+pub fn meta_value(conn: &Connection, key: &str) -> Result<i64, StoreError> {
+    meta_int(conn, key)
+}
+
+pub fn set_meta_value(tx: &Connection, key: &str, value: i64) -> Result<(), StoreError> {
+    set_meta(tx, key, value)
+}
+
+/// The meter marked main, if any.
+pub fn main_meter(conn: &Connection) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT id FROM meters WHERE main != 0 ORDER BY id LIMIT 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?)
+}
+
+/// Marks `id` as the site's main meter (unmarking any other) or unmarks it; `Ok(false)` when
+/// the meter does not exist.
+pub fn set_main(tx: &Connection, id: &MeterId, main: bool) -> Result<bool, StoreError> {
+    if main {
+        tx.execute(
+            "UPDATE meters SET main = 0 WHERE main != 0 AND id != ?1",
+            [id.as_str()],
+        )?;
+    }
+    Ok(tx.execute(
+        "UPDATE meters SET main = ?2 WHERE id = ?1",
+        params![id.as_str(), main],
+    )? == 1)
+}
+
+/// Records (or replaces) the bulk supply read by hand for a local day (`YYYY-MM-DD`).
+pub fn put_site_reading(tx: &Connection, day: &str, wh: i64, at: i64) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO site_readings (day, wh, at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (day) DO UPDATE SET wh = excluded.wh, at = excluded.at",
+        params![day, wh, at],
+    )?;
+    Ok(())
+}
+
+/// The readings by hand for days `from..=to` (`YYYY-MM-DD`), by day.
+pub fn site_readings(
+    conn: &Connection,
+    from: &str,
+    to: &str,
+) -> Result<HashMap<String, i64>, StoreError> {
+    let mut st =
+        conn.prepare_cached("SELECT day, wh FROM site_readings WHERE day >= ?1 AND day <= ?2")?;
+    let rows = st
+        .query_map([from, to], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// Open alert episodes: `(meter or "" for the site, alert)` → when raised.
+pub fn open_alerts(conn: &Connection) -> Result<HashMap<(String, String), i64>, StoreError> {
+    let mut st = conn.prepare_cached("SELECT meter, alert, raised_at FROM alert_state")?;
+    let rows = st
+        .query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+pub fn set_alert_open(
+    tx: &Connection,
+    meter: &str,
+    alert: &str,
+    raised_at: Option<i64>,
+) -> Result<(), StoreError> {
+    match raised_at {
+        Some(at) => tx
+            .prepare_cached(
+                "INSERT INTO alert_state (meter, alert, raised_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (meter, alert) DO NOTHING",
+            )?
+            .execute(params![meter, alert, at])?,
+        None => tx
+            .prepare_cached("DELETE FROM alert_state WHERE meter = ?1 AND alert = ?2")?
+            .execute(params![meter, alert])?,
+    };
+    Ok(())
+}
+
+/// What the alert rules know of a meter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Watched {
+    pub id: String,
+    pub main: bool,
+    pub created_at: i64,
+    pub last_seen: Option<i64>,
+    /// From its reports (`meter_watch`): relay, newest report, newest report with use, and
+    /// since when it is watched. `None` before its first folded report.
+    pub relay_on: Option<bool>,
+    pub last_report_at: Option<i64>,
+    pub last_use_at: Option<i64>,
+    pub watched_since: Option<i64>,
+}
+
+pub fn watched_meters(conn: &Connection) -> Result<Vec<Watched>, StoreError> {
+    let mut st = conn.prepare_cached(
+        "SELECT m.id, m.main, m.created_at, m.last_seen, w.relay_on, w.last_report_at,
+                w.last_use_at, w.since
+         FROM meters m LEFT JOIN meter_watch w ON w.meter = m.id ORDER BY m.id",
+    )?;
+    let rows = st
+        .query_map([], |r| {
+            Ok(Watched {
+                id: r.get(0)?,
+                main: r.get(1)?,
+                created_at: r.get(2)?,
+                last_seen: r.get(3)?,
+                relay_on: r.get(4)?,
+                last_report_at: r.get(5)?,
+                last_use_at: r.get(6)?,
+                watched_since: r.get(7)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// Alert events (newest first, at most `limit`), of one meter or of all.
+pub fn alert_events(
+    conn: &Connection,
+    gateway: &str,
+    meter: Option<&str>,
+    limit: usize,
+) -> Result<Vec<Event>, StoreError> {
+    let mut st = conn.prepare_cached(
+        "SELECT seq, kind, meter, at, data FROM events
+         WHERE kind = 'alert' AND (?1 IS NULL OR meter = ?1) ORDER BY seq DESC LIMIT ?2",
+    )?;
+    let rows = st
+        .query_map(params![meter, limit as i64], |r| {
+            let seq: i64 = r.get(0)?;
+            Ok(Event {
+                id: event_id(gateway, seq),
+                seq,
+                gateway: gateway.to_string(),
+                kind: r.get(1)?,
+                meter: r.get(2)?,
+                at: r.get(3)?,
+                data: event_data(r.get_ref(4)?),
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
 }
 
 /// An event as sinks see it (contract §6): the SDK's type, so plugins and the gateway share it.

@@ -107,6 +107,8 @@ pub struct WriterOptions {
     /// means fewer fsyncs and bytes written per report (SD-card wear) for that much more
     /// latency before a PUBACK.
     pub commit_delay: std::time::Duration,
+    /// `[alerts]`: the rules [`crate::alerts::evaluate`] runs at every fold.
+    pub alerts: crate::alerts::Thresholds,
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +152,18 @@ pub enum Op {
     SetSecret {
         meter: MeterId,
         secret_hash: String,
+        at: i64,
+    },
+    /// Mark a meter as the site's main (bulk) meter, or unmark it (site loss).
+    SetMain {
+        meter: MeterId,
+        main: bool,
+        at: i64,
+    },
+    /// The site's bulk supply of a local day (`YYYY-MM-DD`), read by hand.
+    SiteReading {
+        day: String,
+        wh: i64,
         at: i64,
     },
     /// Opt a meter in or out of the original firmware's anonymous CONNECT; `source`
@@ -468,6 +482,18 @@ pub fn apply_with(
             store::append_event(tx, "meter", Some(meter), *at, &data)?;
             revoked(meter)
         }
+        Op::SetMain { meter, main, at } => {
+            if !store::set_main(tx, meter, *main)? {
+                return Err(LedgerError::UnknownMeter(meter.clone()));
+            }
+            let data = json!({"action": "main_changed", "main": main});
+            store::append_event(tx, "meter", Some(meter), *at, &data)?;
+            done()
+        }
+        Op::SiteReading { day, wh, at } => {
+            store::put_site_reading(tx, day, *wh, *at)?;
+            done()
+        }
         Op::SetLegacy {
             meter,
             anonymous,
@@ -781,7 +807,7 @@ impl Writer {
                 let mut batch = Vec::with_capacity(MAX_BATCH);
                 let mut watch = ExternalWatch::new(&conn);
                 let mut ticks: u64 = 0;
-                let mut live = Live::default();
+                let mut live = Live::new(options.alerts.clone(), bell.clone());
                 // Rows must be current for every meter `live` does not hold: catch up with
                 // what an earlier run (killed before its fold) left unfolded.
                 live.fold(&mut conn, &metrics, true);
@@ -901,14 +927,30 @@ impl Writer {
 
 /// What the writer applied since its last fold: accounts newer than their rows, and
 /// `last_seen` times not yet written.
-#[derive(Default)]
 struct Live {
     accounts: HashMap<MeterId, Versioned>,
     seen: HashMap<MeterId, i64>,
     unfolded: usize,
+    /// The alert rules run at every fold, in its transaction.
+    alerts: crate::alerts::Thresholds,
+    /// When this writer started: silence is counted from no earlier than this.
+    up_since: i64,
+    /// Rung when a fold wrote alert events, so idle sink runners take them at once.
+    bell: Arc<Bell>,
 }
 
 impl Live {
+    fn new(alerts: crate::alerts::Thresholds, bell: Arc<Bell>) -> Live {
+        Live {
+            accounts: HashMap::new(),
+            seen: HashMap::new(),
+            unfolded: 0,
+            alerts,
+            up_since: store::now_ms(),
+            bell,
+        }
+    }
+
     fn add(&mut self, applied: &Applied) {
         if let Some((meter, v)) = &applied.state {
             self.accounts.insert(meter.clone(), v.clone());
@@ -926,14 +968,62 @@ impl Live {
         if self.unfolded == 0 && self.seen.is_empty() && !always {
             return;
         }
-        let folded = (|| -> Result<store::Folded, StoreError> {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let f = store::fold(&tx, self.seen.iter().map(|(m, t)| (m.as_str(), *t)))?;
+        let folded = (|| -> Result<(store::Folded, Vec<crate::alerts::Transition>), StoreError> {
+            let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let f = store::fold_keeping(
+                &tx,
+                self.seen.iter().map(|(m, t)| (m.as_str(), *t)),
+                self.alerts.usage_retention_days,
+            )?;
+            // In the fold's transaction: the episodes, their events and `folded_seq` commit
+            // together, so a crash neither loses nor repeats one. In a savepoint: a failing
+            // rule must never hold up the fold.
+            let raised = {
+                let sp = tx.savepoint()?;
+                match crate::alerts::evaluate(
+                    &sp,
+                    &self.alerts,
+                    store::now_ms(),
+                    self.up_since,
+                    &f.reports,
+                ) {
+                    Ok(r) => {
+                        sp.commit()?;
+                        r
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "alert rules failed; the fold goes on without them");
+                        metrics.inc("umeme_ledger_errors_total", &[("reason", "alerts")]);
+                        Vec::new()
+                    }
+                }
+            };
             tx.commit()?;
-            Ok(f)
+            Ok((f, raised))
         })();
         match folded {
-            Ok(f) => {
+            Ok((f, transitions)) => {
+                if !transitions.is_empty() {
+                    self.bell.ring();
+                }
+                for t in &transitions {
+                    let (alert, state) = (t.kind.as_str(), t.state.as_str());
+                    metrics.inc("umeme_alerts_total", &[("alert", alert), ("state", state)]);
+                    let meter = t.meter.as_ref().map_or("-", MeterId::as_str);
+                    match t.state {
+                        crate::alerts::State::Raised => {
+                            tracing::warn!(meter, alert, data = %t.data, "alert raised")
+                        }
+                        crate::alerts::State::Resolved => {
+                            tracing::info!(meter, alert, data = %t.data, "alert resolved")
+                        }
+                    }
+                }
+                if let Ok(open) = crate::alerts::open_counts(conn) {
+                    for (alert, n) in open {
+                        metrics.set("umeme_alerts_open", &[("alert", alert)], n as f64);
+                    }
+                }
                 metrics.inc("umeme_ledger_folds_total", &[]);
                 metrics.add("umeme_ledger_folded_meters_total", &[], f.meters as u64);
                 // The rows are now as new as anything held here.

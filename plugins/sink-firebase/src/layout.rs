@@ -10,7 +10,7 @@
 //! | payment | `transactions/{id}`, `meters/{m}/balance`, `users/{uid}/{balance,latest_transaction_id,last_payment_*,last_units_purchased}` |
 //! | status | `meters/{m}/{status,online,relay,last_seen}` |
 //! | balance (the meter's own view) | `meters/{m}/{last_seen,online}` |
-//! | alert | `meters/{m}/last_alert` |
+//! | alert | `meters/{m}/last_alert` (with the episode's `state`, `raised`/`resolved`, when it has one); a site alert (no meter) writes nothing |
 //! | meter | nothing (linking meters to users stays the landlord's) |
 
 use serde_json::{json, Map, Value};
@@ -66,7 +66,8 @@ pub fn check_key(key: &str) -> Result<(), String> {
 
 /// The meter an event is about, when its kind writes under `meters/` and it is usable as a key.
 pub fn meter_of(e: &Event) -> Result<Option<&str>, String> {
-    if e.kind == "meter" {
+    // A site-wide alert (site loss) has no meter, and the dashboard's tree no place for it.
+    if e.kind == "meter" || (e.kind == "alert" && e.meter.is_none()) {
         return Ok(None);
     }
     match e.meter.as_deref() {
@@ -212,7 +213,8 @@ pub fn writes_for(e: &Event, user: Option<&User>) -> Result<Writes, String> {
         }
         "alert" => {
             let mut a = Map::new();
-            for k in ["alert", "balance", "relay"] {
+            // `state` tells a resolved episode from a new alert (issue 17's alert events).
+            for k in ["alert", "state", "balance", "relay"] {
                 if let Some(v) = data.get(k) {
                     a.insert(k.into(), v.clone());
                 }
@@ -297,6 +299,40 @@ mod tests {
         ] {
             assert!(!is_mpesa_receipt(not), "{not}");
         }
+    }
+
+    fn alert(meter: Option<&str>, data: Value) -> Event {
+        Event {
+            id: "site-000000000007".into(),
+            seq: 7,
+            gateway: "site".into(),
+            kind: "alert".into(),
+            meter: meter.map(str::to_string),
+            at: 1_000,
+            data,
+        }
+    }
+
+    #[test]
+    fn an_alert_episode_keeps_its_state_and_a_site_alert_writes_nothing() {
+        let e = alert(
+            Some("M1"),
+            json!({"alert": "spike", "state": "resolved", "wh": 900}),
+        );
+        let w = writes_for(&e, None).unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].0, "meters/M1/last_alert");
+        assert_eq!(w[0].1["alert"], "spike");
+        assert_eq!(w[0].1["state"], "resolved");
+        let old = alert(
+            Some("M1"),
+            json!({"alert": "low_balance", "balance": 2.5, "relay": "on"}),
+        );
+        let w = writes_for(&old, None).unwrap();
+        assert_eq!(w[0].1["balance"], 2.5);
+        assert!(w[0].1.get("state").is_none());
+        let site = alert(None, json!({"alert": "site_loss", "state": "raised"}));
+        assert_eq!(writes_for(&site, None).unwrap(), Vec::new());
     }
 
     #[test]
