@@ -54,6 +54,10 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Set once the broker listens; `/ready` reports it.
     pub broker_ready: Arc<AtomicBool>,
+    /// Firmware rollouts (`crate::ota`).
+    pub ota: Arc<crate::ota::OtaServer>,
+    pub ota_config: crate::config::OtaConfig,
+    pub data_dir: std::path::PathBuf,
 }
 
 type St = State<Arc<ApiState>>;
@@ -71,7 +75,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route(
             "/api/payments/unapplied/{reference}/apply",
             post(apply_unapplied),
-        );
+        )
+        .route("/api/firmware", get(firmware_list))
+        .route("/api/firmware/rollout", get(rollout_status))
+        .route("/api/firmware/rollouts", post(start_rollout));
     if state.config.allow_simulate {
         app = app.route("/daraja/simulate", post(simulate));
     }
@@ -390,6 +397,92 @@ async fn meter_payments(State(st): St, Path(id): Path<String>) -> Response {
 async fn unapplied_payments(State(st): St) -> Response {
     match st.reader.run(|c| store::unapplied(c, true)).await {
         Ok(rows) => Json(json!({ "unapplied": rows })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/firmware`: the stored images (`firmware list`).
+async fn firmware_list(State(st): St) -> Response {
+    match st.reader.run(|c| store::firmware_list(c)).await {
+        Ok(rows) => Json(json!({ "firmware": rows })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/firmware/rollout`: the current rollout and its meters (`firmware status`).
+async fn rollout_status(State(st): St) -> Response {
+    let read = st
+        .reader
+        .run(|c| {
+            let Some(r) = store::current_rollout(c)? else {
+                return Ok((None, Vec::new()));
+            };
+            let meters = store::rollout_meters(c, r.id)?;
+            Ok((Some(r), meters))
+        })
+        .await;
+    match read {
+        Ok((rollout, meters)) => Json(json!({ "rollout": rollout, "meters": meters })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// `POST /api/firmware/rollouts {"version", "meters": [...] | "all": true,
+/// "maxFailurePercent"?}` (`firmware rollout`): announced to connected meters at once.
+async fn start_rollout(State(st): St, body: Bytes) -> Response {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    struct Body {
+        version: String,
+        #[serde(default)]
+        meters: Option<Vec<String>>,
+        #[serde(default)]
+        all: bool,
+        #[serde(default)]
+        max_failure_percent: Option<u8>,
+    }
+    let b: Body = match parse_body(&st, &body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let targets = match (b.all, b.meters) {
+        (true, None) => crate::ota::Targets::All,
+        (false, Some(ms)) if !ms.is_empty() => {
+            let mut ids = Vec::with_capacity(ms.len());
+            for m in &ms {
+                match parse_meter(&st, m) {
+                    Ok(id) => ids.push(id),
+                    Err(r) => return r,
+                }
+            }
+            crate::ota::Targets::Meters(ids)
+        }
+        _ => {
+            return bad_request(
+                &st,
+                "bad_body",
+                "give either \"meters\": [...] or \"all\": true",
+            )
+        }
+    };
+    let pct = b.max_failure_percent.unwrap_or(10);
+    if pct > 100 {
+        return bad_request(&st, "bad_body", "maxFailurePercent is 0 to 100");
+    }
+    let op = Op::Ota(crate::ota::OtaOp::StartRollout {
+        version: b.version,
+        targets,
+        max_failure_percent: i64::from(pct),
+        at: now_ms(),
+    });
+    match st.writer.submit(op).await {
+        Ok(Outcome::Rollout { id }) => {
+            st.ota.wake.notify_one();
+            Json(json!({ "rollout": id })).into_response()
+        }
+        Ok(_) => internal("unexpected ledger outcome"),
+        Err(e @ LedgerError::UnknownMeter(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ LedgerError::Ota(_)) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e) => internal(e),
     }
 }

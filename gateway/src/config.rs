@@ -110,6 +110,7 @@ pub struct Config {
     pub ledger: LedgerConfig,
     pub api: ApiConfig,
     pub outbox: OutboxConfig,
+    pub ota: OtaConfig,
     pub sinks: Vec<SinkConfig>,
     pub sources: Vec<SourceConfig>,
     /// Secret files named by `*_file` keys, with where they were named, for `check_files`.
@@ -165,6 +166,8 @@ pub struct SessionLimits {
     pub status: MessageRate,
     /// Filters one session may hold; more get SUBACK failure (0x80).
     pub max_subscriptions: usize,
+    /// Firmware chunk requests (`…/ota/request`, `[ota] chunk_requests_per_second`).
+    pub ota_chunks: MessageRate,
     /// Longest topic filter accepted in a SUBSCRIBE.
     pub max_filter_bytes: usize,
     /// Warnings logged per meter per minute; the rest are counted and summarised once a minute.
@@ -186,6 +189,11 @@ impl Default for SessionLimits {
                 burst: 30,
             },
             max_subscriptions: 16,
+            // 20 chunks of 1 KiB a second: a 1 MB image in under a minute; burst twice that.
+            ota_chunks: MessageRate {
+                per_minute: 1200,
+                burst: 40,
+            },
             max_filter_bytes: 256,
             warnings_per_minute: 5,
         }
@@ -226,6 +234,30 @@ pub use umeme_http_guard::Limits as HttpLimits;
 /// Connection caps of the legacy listener: one connection per meter at boot, quickly done.
 pub const LEGACY_MAX_CONNECTIONS: usize = 128;
 pub const LEGACY_MAX_CONNECTIONS_PER_IP: usize = 4;
+
+/// `[ota]`: firmware updates over the meters' MQTT sessions (README "Firmware updates").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtaConfig {
+    /// The site's Ed25519 release public key: `firmware add` accepts only images it signed.
+    pub release_public_key: Option<[u8; 32]>,
+    /// Bytes per chunk a meter may ask for (it must fit the meter's MQTT receive buffer).
+    pub chunk_size: u16,
+    /// Meters downloading at once; the others are told to ask again later.
+    pub max_downloads: usize,
+    /// Largest image `firmware add` stores.
+    pub max_image_bytes: u64,
+}
+
+impl Default for OtaConfig {
+    fn default() -> Self {
+        OtaConfig {
+            release_public_key: None,
+            chunk_size: 1024,
+            max_downloads: 50,
+            max_image_bytes: 4 << 20,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
@@ -283,13 +315,14 @@ pub struct SourceConfig {
 }
 
 /// The event kinds of contract §6.
-pub const EVENT_KINDS: [&str; 6] = [
+pub const EVENT_KINDS: [&str; 7] = [
     "consumption",
     "payment",
     "balance",
     "status",
     "alert",
     "meter",
+    "ota",
 ];
 
 impl Config {
@@ -408,6 +441,8 @@ impl Config {
         let l = p.ledger.unwrap_or_default();
         let a = p.api.unwrap_or_default();
         let o = p.outbox.unwrap_or_default();
+        let ota = p.ota.unwrap_or_default();
+        let ota_chunks_per_s = ota.chunk_requests_per_second.map_or(20, |n| n.0 as u32);
         Config {
             source,
             gateway: GatewayConfig {
@@ -443,6 +478,10 @@ impl Config {
                             burst: b.status_burst.map_or(d.status.burst, |n| n.0 as u32),
                         },
                         max_subscriptions: b.max_subscriptions.map_or(d.max_subscriptions, |n| n.0),
+                        ota_chunks: MessageRate {
+                            per_minute: ota_chunks_per_s * 60,
+                            burst: ota_chunks_per_s * 2,
+                        },
                         ..d
                     }
                 },
@@ -497,6 +536,15 @@ impl Config {
                 retention: o
                     .retention
                     .map_or(std::time::Duration::from_secs(30 * 86_400), |d| d.0),
+            },
+            ota: {
+                let d = OtaConfig::default();
+                OtaConfig {
+                    release_public_key: ota.release_public_key.map(|k| k.0),
+                    chunk_size: ota.chunk_size.map_or(d.chunk_size, |n| n.0 as u16),
+                    max_downloads: ota.max_downloads.map_or(d.max_downloads, |n| n.0),
+                    max_image_bytes: ota.max_image_bytes.map_or(d.max_image_bytes, |b| b.0),
+                }
             },
             sinks: Vec::new(),
             sources: Vec::new(),
@@ -635,10 +683,37 @@ struct PartialConfig {
     ledger: Option<PartialLedger>,
     api: Option<PartialApi>,
     outbox: Option<PartialOutbox>,
+    ota: Option<PartialOta>,
     #[serde(default)]
     sink: Vec<PartialSink>,
     #[serde(default)]
     source: Vec<PartialSource>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialOta {
+    release_public_key: Option<PublicKeyHex>,
+    chunk_size: Option<Bounded<64, 4096>>,
+    max_downloads: Option<Bounded<1, 10_000>>,
+    chunk_requests_per_second: Option<Bounded<1, 1_000>>,
+    max_image_bytes: Option<ByteSize>,
+}
+
+/// An Ed25519 public key as 64 hex digits (`umeme-gateway firmware keygen` prints it).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "String")]
+struct PublicKeyHex([u8; 32]);
+
+impl TryFrom<String> for PublicKeyHex {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        crate::ota::parse_hex::<32>(s.trim())
+            .map(PublicKeyHex)
+            .ok_or_else(|| {
+                "release_public_key must be 64 hex digits (the public key `umeme-gateway firmware keygen` printed)".to_string()
+            })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -896,6 +971,17 @@ impl PartialConfig {
             merge_opt(&mut s.units_per_kes, l.units_per_kes);
             merge_opt(&mut s.low_balance_units, l.low_balance_units);
             merge_opt(&mut s.commit_delay, l.commit_delay);
+        }
+        if let Some(x) = o.ota {
+            let s = self.ota.get_or_insert_with(Default::default);
+            merge_opt(&mut s.release_public_key, x.release_public_key);
+            merge_opt(&mut s.chunk_size, x.chunk_size);
+            merge_opt(&mut s.max_downloads, x.max_downloads);
+            merge_opt(
+                &mut s.chunk_requests_per_second,
+                x.chunk_requests_per_second,
+            );
+            merge_opt(&mut s.max_image_bytes, x.max_image_bytes);
         }
         if let Some(x) = o.outbox {
             let s = self.outbox.get_or_insert_with(Default::default);
