@@ -403,7 +403,7 @@ async fn unapplied_payments(State(st): St) -> Response {
 
 /// `GET /api/firmware`: the stored images (`firmware list`).
 async fn firmware_list(State(st): St) -> Response {
-    match st.reader.run(|c| store::firmware_list(c)).await {
+    match st.reader.run(store::firmware_list).await {
         Ok(rows) => Json(json!({ "firmware": rows })).into_response(),
         Err(e) => internal(e),
     }
@@ -422,7 +422,9 @@ async fn rollout_status(State(st): St) -> Response {
         })
         .await;
     match read {
-        Ok((rollout, meters)) => Json(json!({ "rollout": rollout, "meters": meters })).into_response(),
+        Ok((rollout, meters)) => {
+            Json(json!({ "rollout": rollout, "meters": meters })).into_response()
+        }
         Err(e) => internal(e),
     }
 }

@@ -41,8 +41,8 @@ use crate::connect::{self, ConnectError, FirmwareForm};
 use crate::hub::{Hub, Outgoing};
 use crate::meter::MeterId;
 use crate::meter_limits::{self, MessageKind, MeterGuard, MeterGuards};
-use crate::ota::{self, ChunkAnswer, ChunkRequest, OtaOp, OtaServer};
 use crate::metrics::Metrics;
+use crate::ota::{self, ChunkAnswer, ChunkRequest, OtaOp, OtaServer};
 use crate::payload::{self, Report, StatusReport};
 use crate::store::{self, now_ms, Reader};
 use crate::untrusted::Untrusted;
@@ -682,9 +682,10 @@ impl<'a> Connection<'a> {
                     if report.state != "downloading" {
                         self.broker.ota.release(&meter);
                     }
-                    self.broker
-                        .metrics
-                        .inc("umeme_ota_status_total", &[("state", ota_state_label(&report.state))]);
+                    self.broker.metrics.inc(
+                        "umeme_ota_status_total",
+                        &[("state", ota_state_label(&report.state))],
+                    );
                     Ok((
                         Op::Ota(OtaOp::Status {
                             meter: meter.clone(),

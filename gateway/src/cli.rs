@@ -127,7 +127,12 @@ pub enum FirmwareCommand {
         #[arg(long)]
         version: String,
         /// Meter numbers, comma-separated.
-        #[arg(long, value_delimiter = ',', conflicts_with = "all", required_unless_present = "all")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            conflicts_with = "all",
+            required_unless_present = "all"
+        )]
         meters: Vec<String>,
         /// Every meter provisioned now.
         #[arg(long)]
@@ -542,9 +547,19 @@ fn firmware(config: &Config, cmd: FirmwareCommand) -> Result<(), Failure> {
             }
             let (pkcs8, public) = ota::generate_key().map_err(fail)?;
             let pub_path = ota::write_key_files(&out, &pkcs8, &public).map_err(fail)?;
-            println!("private key: {} (mode 0600; keep it off the gateway)", out.display());
-            println!("public key:  {} ({})", ota::hex(&public), pub_path.display());
-            println!("put it in the gateway's configuration:\n[ota]\nrelease_public_key = \"{}\"", ota::hex(&public));
+            println!(
+                "private key: {} (mode 0600; keep it off the gateway)",
+                out.display()
+            );
+            println!(
+                "public key:  {} ({})",
+                ota::hex(&public),
+                pub_path.display()
+            );
+            println!(
+                "put it in the gateway's configuration:\n[ota]\nrelease_public_key = \"{}\"",
+                ota::hex(&public)
+            );
             Ok(())
         }
         FirmwareCommand::Sign { file, key, version } => {
@@ -599,7 +614,12 @@ fn firmware(config: &Config, cmd: FirmwareCommand) -> Result<(), Failure> {
             let targets = if all {
                 Targets::All
             } else {
-                Targets::Meters(meters.iter().map(|m| parse_meter(m)).collect::<Result<_, _>>()?)
+                Targets::Meters(
+                    meters
+                        .iter()
+                        .map(|m| parse_meter(m))
+                        .collect::<Result<_, _>>()?,
+                )
             };
             let op = Op::Ota(OtaOp::StartRollout {
                 version: version.clone(),

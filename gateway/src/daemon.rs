@@ -431,7 +431,10 @@ async fn announce_rollouts(
             }
         };
         if !announce.is_empty() {
-            info!(meters = announce.len(), "firmware rollout: announcing to connected meters");
+            info!(
+                meters = announce.len(),
+                "firmware rollout: announcing to connected meters"
+            );
         }
         for (meter, payload, rollout) in announce {
             let sent = hub.send(

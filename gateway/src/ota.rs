@@ -182,7 +182,8 @@ pub fn write_key_files(path: &Path, pkcs8: &[u8], public: &[u8; 32]) -> Result<P
 
 /// Reads a private key file (`firmware keygen`), with the checks every secret file gets.
 pub fn read_key_file(path: &Path) -> Result<Ed25519KeyPair, OtaError> {
-    let text = umeme_plugin_sdk::read_secret_file(path).map_err(|e| OtaError::Other(e.to_string()))?;
+    let text =
+        umeme_plugin_sdk::read_secret_file(path).map_err(|e| OtaError::Other(e.to_string()))?;
     let t = text.trim();
     let der: Option<Vec<u8>> = (t.len() % 2 == 0)
         .then(|| {
@@ -339,8 +340,7 @@ impl StatusReport {
             return Err(format!("unknown ota state {:?}", w.state));
         }
         check_version(&w.version).map_err(|e| e.to_string())?;
-        if w
-            .error
+        if w.error
             .as_ref()
             .is_some_and(|e| e.len() > 64 || !e.bytes().all(|c| c.is_ascii_graphic()))
         {
@@ -478,8 +478,7 @@ fn apply_status(
         let now = store::ota_meter_state(tx, ro.id, meter.as_str())?;
         // A meter's final state stays (a repeated `confirmed` after the trial, say); so does
         // a meter outside the rollout.
-        if let Some(now) = now.filter(|s| !FINAL_STATES.contains(&s.as_str())) {
-            let _ = now;
+        if now.is_some_and(|s| !FINAL_STATES.contains(&s.as_str())) {
             store::set_ota_meter(
                 tx,
                 ro.id,
@@ -647,7 +646,8 @@ impl OtaServer {
 
     /// Answers a chunk request. The image is read once, on the blocking pool.
     pub async fn chunk(&self, meter: &MeterId, r: &ChunkRequest) -> Result<ChunkAnswer, OtaError> {
-        let no_offer = || ChunkAnswer::NoOffer(Bytes::copy_from_slice(&chunk_header(r.offset, 0, 2)));
+        let no_offer =
+            || ChunkAnswer::NoOffer(Bytes::copy_from_slice(&chunk_header(r.offset, 0, 2)));
         let Some(live) = self.live() else {
             return Ok(no_offer());
         };

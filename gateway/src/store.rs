@@ -1553,7 +1553,9 @@ const FIRMWARE_COLUMNS: &str = "version, size, sha256, signature, file, added_at
 /// Stores an image's row; `false` when the version exists already.
 pub fn insert_firmware(tx: &Connection, f: &FirmwareRow) -> Result<bool, StoreError> {
     let n = tx.execute(
-        &format!("INSERT OR IGNORE INTO firmware ({FIRMWARE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+        &format!(
+            "INSERT OR IGNORE INTO firmware ({FIRMWARE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+        ),
         params![f.version, f.size, f.sha256, f.signature, f.file, f.added_at],
     )?;
     Ok(n == 1)
