@@ -1487,6 +1487,39 @@ mod tests {
     }
 
     #[test]
+    fn ota_keys_are_validated_at_their_position() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, line, col) in [
+            ("[ota]\nrelease_public_key = \"abc\"\n", 2, 22),
+            ("[ota]\nchunk_size = 10000\n", 2, 14),
+            ("[ota]\nmax_downloads = 0\n", 2, 17),
+            ("[ota]\nchunk_requests_per_second = 0\n", 2, 29),
+            ("[ota]\nmax_image_bytes = \"4 parsecs\"\n", 2, 19),
+            ("[ota]\nrelease_key = \"x\"\n", 2, 1),
+        ] {
+            let p = write(dir.path(), "g.toml", text);
+            let e = Config::load(Some(&p)).unwrap_err();
+            assert_eq!(e.position, Some((line, col)), "{text}: {e}");
+        }
+        let key = "ab".repeat(32);
+        let p = write(
+            dir.path(),
+            "g.toml",
+            &format!("[ota]\nrelease_public_key = \"{key}\"\nchunk_size = 512\nchunk_requests_per_second = 5\n"),
+        );
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.ota.release_public_key, Some([0xab; 32]));
+        assert_eq!(c.ota.chunk_size, 512);
+        assert_eq!(
+            c.broker.session.ota_chunks,
+            MessageRate {
+                per_minute: 300,
+                burst: 10
+            }
+        );
+    }
+
+    #[test]
     fn shipped_config_parses_and_matches_the_defaults() {
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/gateway.toml");
         let c = Config::load(Some(&shipped)).unwrap();
@@ -1508,6 +1541,8 @@ mod tests {
         assert_eq!(c.api.limits, d.api.limits);
         assert_eq!(c.api.legacy_limits, d.api.legacy_limits);
         assert_eq!(c.api.legacy_listen, None);
+        assert_eq!(c.ota, d.ota);
+        assert_eq!(c.ota, OtaConfig::default());
     }
 
     #[test]
