@@ -794,3 +794,43 @@ fn two_hundred_meters_take_a_rollout_with_induced_failures_and_none_is_bricked()
         on_new
     );
 }
+
+#[test]
+fn chunk_requests_over_the_meters_rate_are_dropped_and_counted() {
+    let mut gw = Gateway::new("");
+    let (key, public) = keygen(&gw);
+    // One request a second, burst 2.
+    trust(
+        &gw,
+        &public,
+        "chunk_size = 256\nchunk_requests_per_second = 1\n",
+    );
+    gw.add_meter("M1", SECRET);
+    add_image(&gw, &key, NEW, &make_image(NEW, 2000, 8));
+    gw.start();
+    cli_ok(&gw, &["firmware", "rollout", "--version", NEW, "--all"]);
+    let mut m = gw.connect("M1", SECRET);
+    m.subscribe("smartmeter/M1/command/#", 1);
+    m.next_publish("smartmeter/M1/command/ota");
+    for i in 0..5u32 {
+        m.publish(
+            "smartmeter/M1/ota/request",
+            &format!(r#"{{"version":"{NEW}","offset":{},"len":256}}"#, i * 256),
+            QoS::AtMostOnce,
+            0,
+        );
+    }
+    // The barrier's PUBACK comes after everything published before it was handled.
+    let before = m.barrier("M1", 7);
+    let mut chunks: Vec<_> = before
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) if p.topic.ends_with("/command/ota/chunk") => Some(p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(chunks.len(), 2, "the burst is served, the rest dropped");
+    chunks.sort_by_key(|p| p.payload[3]);
+    assert_eq!(chunks[0].payload[6], 0);
+    assert!(gw.metric("umeme_mqtt_rejected_total{reason=\"rate_limited\"}") >= 3.0);
+}
