@@ -330,6 +330,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             println!("ok: {budget} (under this shell's open-file limit)");
             print_broker_limits(&config);
             print_http_limits(&config);
+            print_ota(&config);
             warn_legacy_meters(&config);
             match &config.source {
                 ConfigSource::BuiltInDefaults => {
@@ -447,6 +448,23 @@ fn print_broker_limits(config: &Config) {
         b.max_packet_bytes,
         b.auth_backoff_max_ms
     );
+}
+
+/// Whether firmware can be added, and the serving limits.
+fn print_ota(config: &Config) {
+    let o = &config.ota;
+    match o.release_public_key {
+        Some(k) => println!(
+            "ok: firmware updates: release key {}…, chunks of {} bytes, {} downloads at once, images up to {} bytes",
+            &crate::ota::hex(&k)[..16],
+            o.chunk_size,
+            o.max_downloads,
+            o.max_image_bytes
+        ),
+        None => println!(
+            "note: firmware updates: no [ota] release_public_key, so `firmware add` refuses every image"
+        ),
+    }
 }
 
 fn print_http_limits(config: &Config) {

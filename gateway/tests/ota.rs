@@ -197,7 +197,13 @@ fn keygen_sign_and_add_store_only_images_signed_by_the_configured_release_key() 
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("release_public_key is not set"));
 
+    assert!(cli_ok(&gw, &["check-config"]).contains("no [ota] release_public_key"));
     trust(&gw, &public, "");
+    let check = cli_ok(&gw, &["check-config"]);
+    assert!(
+        check.contains(&format!("release key {}…", &public[..16])),
+        "{check}"
+    );
     // Signed for another version: the version is inside the signature.
     let other = sign("9.9.9");
     let out = add(NEW, &other);
