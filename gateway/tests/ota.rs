@@ -11,8 +11,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use meter_core::ota::sim::{make_image, RamBoard};
-use meter_core::ota::{Action, Ota, Phase};
+use meter_core::ota::sim::make_image;
+use meter_sim::ota::{Fault, OtaMeter, OtaMeterResult, FACTORY_VERSION};
 use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::QoS;
 use umeme_gateway::config::Tariff;
@@ -22,9 +22,7 @@ use umeme_gateway::store;
 use umeme_gateway::writer::{apply_now, Credit, LedgerSettings, Op};
 
 const SECRET: &str = "ota-test-secret-0001";
-const OLD: &str = "1.0.0";
 const NEW: &str = "1.1.0";
-const SLOT: usize = 16 * 1024;
 
 fn cli_ok(gw: &Gateway, args: &[&str]) -> String {
     let out = gw.cli(args);
@@ -427,243 +425,6 @@ fn a_rollout_is_offered_on_subscribe_served_in_chunks_and_paused_when_too_many_f
     assert!(gw.metric("umeme_ota_status_total{state=\"failed\"}") >= 1.0);
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fault {
-    None,
-    /// The connection drops without DISCONNECT past half the image.
-    Drop,
-    /// One chunk arrives with a flipped byte.
-    Corrupt,
-    /// The power goes during a flash write.
-    PowerLoss,
-}
-
-#[derive(Debug)]
-struct MeterResult {
-    version: String,
-    bricked: bool,
-    first_energy: u64,
-    last_energy: u64,
-    resets: u32,
-    /// `downloading` statuses sent: one per start or resume of a download.
-    downloads: u32,
-}
-
-/// One simulated meter: meter-core's OTA machine on a simulated two-slot board, over a raw
-/// MQTT connection, sending consumption reports before, during and after its update.
-struct SimMeter {
-    id: String,
-    addr: std::net::SocketAddr,
-    public: [u8; 32],
-    fault: Fault,
-    seq: u32,
-    energy: u64,
-    pkid: u16,
-}
-
-impl SimMeter {
-    fn next_pkid(&mut self) -> u16 {
-        self.pkid = self.pkid.checked_add(1).unwrap_or(1);
-        self.pkid
-    }
-
-    /// Connects as the firmware does: CONNACK 3 ("come back later": all 200 share one source
-    /// address, which gets two password checks at a time) means a retry after a backoff.
-    fn connect(&self, deadline: Instant) -> RawMeter {
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            let answer = RawMeter::try_connect(self.addr, &self.id, &self.id, SECRET, true, None);
-            match answer.map(|(m, code)| (code, m)) {
-                Some((rumqttc::ConnectReturnCode::Success, m)) => return m,
-                Some((rumqttc::ConnectReturnCode::ServiceUnavailable, _)) => {
-                    assert!(Instant::now() < deadline, "{}: never got in", self.id);
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                }
-                Some((other, _)) => panic!("{}: CONNACK {other:?}", self.id),
-                None => panic!("{}: no CONNACK", self.id),
-            }
-        }
-    }
-
-    fn report(&mut self, m: &mut RawMeter) {
-        self.seq += 1;
-        self.energy += 7;
-        let pkid = self.next_pkid();
-        m.publish(
-            &format!("smartmeter/{}/consumption", self.id),
-            &v2_payload(&self.id, self.seq, self.energy),
-            QoS::AtLeastOnce,
-            pkid,
-        );
-    }
-
-    fn run(mut self, connected: &mpsc::Sender<()>, deadline: Instant) -> MeterResult {
-        let mut board = RamBoard::new(&make_image(OLD, 3000, 1), SLOT);
-        let mut version = board.reset().expect("factory image boots");
-        let (mut ota, mut acts) = Ota::boot(board, &version, self.public);
-        let first_energy = self.energy + 7;
-        let mut resets = 0;
-        let mut downloads = 0;
-        let (mut dropped, mut corrupted, mut armed) = (false, false, false);
-        let mut chunks = 0u32;
-        let mut first = true;
-        'session: loop {
-            assert!(Instant::now() < deadline, "{}: out of time", self.id);
-            let mut m = self.connect(deadline);
-            let pkid = self.next_pkid();
-            m.subscribe(&format!("smartmeter/{}/command/#", self.id), pkid);
-            self.report(&mut m);
-            if first {
-                first = false;
-                let _ = connected.send(());
-            }
-            if ota.on_trial() {
-                // Reconnected and reported on the new image: it is good.
-                acts.extend(ota.on_reported());
-            }
-            let mut queue: Vec<Action> = acts.drain(..).collect();
-            loop {
-                assert!(Instant::now() < deadline, "{}: out of time", self.id);
-                while !queue.is_empty() {
-                    match queue.remove(0) {
-                        Action::Request { offset, len } => {
-                            let mut buf = [0u8; 96];
-                            let n = ota.request_json(offset, len, &mut buf).unwrap();
-                            m.publish_with(
-                                &format!("smartmeter/{}/ota/request", self.id),
-                                &buf[..n],
-                                QoS::AtMostOnce,
-                                0,
-                                false,
-                            );
-                        }
-                        Action::Report(s) => {
-                            downloads += u32::from(s.phase == Phase::Downloading);
-                            let mut buf = [0u8; 160];
-                            let n = s.to_json(&mut buf).unwrap();
-                            let pkid = self.next_pkid();
-                            m.publish_with(
-                                &format!("smartmeter/{}/ota/status", self.id),
-                                &buf[..n],
-                                QoS::AtLeastOnce,
-                                pkid,
-                                false,
-                            );
-                        }
-                        Action::Backoff => {
-                            // The gateway serves its maximum of meters: ask again later.
-                            std::thread::sleep(Duration::from_millis(200));
-                            queue.extend(ota.next_request());
-                        }
-                        Action::Reset => {
-                            resets += 1;
-                            drop(m);
-                            let mut board = ota.into_flash();
-                            version = match board.reset() {
-                                Ok(v) => v,
-                                Err(_) => {
-                                    return MeterResult {
-                                        version: String::new(),
-                                        bricked: true,
-                                        first_energy,
-                                        last_energy: self.energy,
-                                        resets,
-                                        downloads,
-                                    }
-                                }
-                            };
-                            (ota, acts) = Ota::boot(board, &version, self.public);
-                            continue 'session;
-                        }
-                    }
-                }
-                let phase = ota.state().phase;
-                let finished = matches!(phase, Phase::RolledBack | Phase::Failed)
-                    || (phase == Phase::Confirmed && !ota.on_trial());
-                if finished {
-                    // A last report, acknowledged: everything before it on this connection
-                    // (the final status too) is committed.
-                    self.report(&mut m);
-                    let pkid = self.pkid;
-                    loop {
-                        match m.recv() {
-                            Some(Packet::PubAck(a)) if a.pkid == pkid => break,
-                            Some(Packet::Publish(p)) if p.qos == QoS::AtLeastOnce => {
-                                m.send(Packet::PubAck(rumqttc::PubAck::new(p.pkid)))
-                            }
-                            Some(_) => {}
-                            None => panic!("{}: closed before the last PUBACK", self.id),
-                        }
-                    }
-                    m.disconnect();
-                    return MeterResult {
-                        version,
-                        bricked: false,
-                        first_energy,
-                        last_energy: self.energy,
-                        resets,
-                        downloads,
-                    };
-                }
-                if self.fault == Fault::Drop && !dropped && ota.state().offset > 1500 {
-                    dropped = true;
-                    let _ = m.stream.shutdown(std::net::Shutdown::Both);
-                    continue 'session;
-                }
-                match m.recv_within(Duration::from_millis(500)) {
-                    Some(Packet::Publish(p)) => {
-                        if p.qos == QoS::AtLeastOnce {
-                            m.send(Packet::PubAck(rumqttc::PubAck::new(p.pkid)));
-                        }
-                        let leaf = p
-                            .topic
-                            .rsplit_once("/command/")
-                            .map(|(_, l)| l.to_string())
-                            .unwrap_or_default();
-                        if leaf == "ota" {
-                            if self.fault == Fault::PowerLoss && !armed {
-                                armed = true;
-                                // Erase, a few chunk writes and their saves, then the cut.
-                                ota.flash_mut().power_left = Some(9);
-                            }
-                            queue.extend(ota.on_offer(&p.payload));
-                            power_cut(&ota, &mut queue);
-                        } else if leaf == "ota/chunk" {
-                            chunks += 1;
-                            let mut payload = p.payload.to_vec();
-                            if self.fault == Fault::Corrupt && !corrupted && payload.len() > 20 {
-                                corrupted = true;
-                                payload[12] ^= 0x5a;
-                            }
-                            queue.extend(ota.on_chunk(&payload));
-                            power_cut(&ota, &mut queue);
-                            if chunks % 5 == 0 {
-                                // Readings go on during the download.
-                                self.report(&mut m);
-                            }
-                        }
-                    }
-                    Some(_) => {}
-                    None => {
-                        // A lost chunk (or nothing offered yet): ask again.
-                        queue.extend(ota.next_request());
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// A power cut mid-write: nothing the machine meant to send goes out (the board is dark); it
-/// reboots from what its flash holds.
-fn power_cut(ota: &Ota<RamBoard>, queue: &mut Vec<Action>) {
-    if ota.flash().power_left == Some(0) {
-        queue.clear();
-        queue.push(Action::Reset);
-    }
-}
-
 /// The acceptance test: 200 meters, 10% of them with a dropped connection, a corrupted
 /// chunk or a power cut during a flash write; every one ends on the new version (or rolled
 /// back), none bricked, and the ledger debited exactly what the meters reported meanwhile.
@@ -698,26 +459,21 @@ fn two_hundred_meters_take_a_rollout_with_induced_failures_and_none_is_bricked()
         .iter()
         .enumerate()
         .map(|(i, id)| {
-            let fault = match (i % 10, (i / 10) % 3) {
-                (0, 0) => Fault::Drop,
-                (0, 1) => Fault::Corrupt,
-                (0, _) => Fault::PowerLoss,
-                _ => Fault::None,
-            };
-            let meter = SimMeter {
-                id: id.clone(),
-                addr: gw.broker,
-                public,
-                fault,
-                seq: 0,
-                energy: 1000 + i as u64,
-                pkid: 0,
-            };
+            let fault = Fault::for_index(i);
+            let meter = OtaMeter::new(id, SECRET, gw.broker, public, fault, 1000 + i as u64);
             let connected = connected.clone();
             std::thread::Builder::new()
                 .name(id.clone())
                 .stack_size(256 << 10)
-                .spawn(move || (fault, meter.run(&connected, deadline)))
+                .spawn(move || {
+                    let r = meter.run(
+                        move || {
+                            let _ = connected.send(());
+                        },
+                        deadline,
+                    );
+                    (fault, r.unwrap_or_else(|e| panic!("{e}")))
+                })
                 .unwrap()
         })
         .collect();
@@ -738,7 +494,7 @@ fn two_hundred_meters_take_a_rollout_with_induced_failures_and_none_is_bricked()
         )),
     );
     assert_eq!(code, 200, "{v}");
-    let results: Vec<(Fault, MeterResult)> =
+    let results: Vec<(Fault, OtaMeterResult)> =
         threads.into_iter().map(|t| t.join().unwrap()).collect();
     let rollout_time = rollout_at.elapsed();
 
@@ -749,7 +505,7 @@ fn two_hundred_meters_take_a_rollout_with_induced_failures_and_none_is_bricked()
     assert_eq!(faulty, N / 10);
     for (f, r) in &results {
         assert!(
-            r.version == NEW || r.version == OLD,
+            r.version == NEW || r.version == FACTORY_VERSION,
             "{f:?}: {r:?} ends on a known image"
         );
         assert!(r.resets >= 1, "{f:?}: {r:?} rebooted into the new image");
