@@ -880,7 +880,18 @@ pub mod sim {
                 Trial::None => {}
             }
             let r = self.running;
-            image_version(&self.slots[r][..self.lens[r]]).ok_or(Bricked)
+            match image_version(&self.slots[r][..self.lens[r]]) {
+                Some(v) => Ok(v),
+                // A trial image that does not even start (a wrong build, say): the
+                // bootloader (or the watchdog's reset) goes back to the other slot.
+                None if self.trial == Trial::Running => {
+                    self.running = 1 - r;
+                    self.trial = Trial::None;
+                    let r = self.running;
+                    image_version(&self.slots[r][..self.lens[r]]).ok_or(Bricked)
+                }
+                None => Err(Bricked),
+            }
         }
 
         pub fn inactive(&self) -> usize {

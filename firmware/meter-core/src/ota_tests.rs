@@ -383,6 +383,37 @@ fn an_image_that_resets_before_it_confirms_rolls_back_at_the_next_reset() {
 }
 
 #[test]
+fn a_signed_image_that_does_not_start_is_rolled_back_and_the_old_one_runs() {
+    // Signed and intact, but not a bootable image for this board.
+    let image: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+    let offer = offer_json(NEW, &image, &key(), NEW);
+    let (mut ota, _, _) = boot(factory());
+    let acts = ota.on_offer(&offer);
+    let mut seen = Vec::new();
+    assert_eq!(
+        drive(
+            &mut ota,
+            &image,
+            acts,
+            &mut Faults::default(),
+            &mut 0,
+            &mut seen
+        ),
+        Stop::Reset
+    );
+    let (ota, acts, v) = boot(ota.into_flash());
+    assert_eq!(v, OLD);
+    assert_eq!(ota.state().phase, Phase::RolledBack);
+    assert!(matches!(
+        acts.as_slice(),
+        [Action::Report(Status {
+            phase: Phase::RolledBack,
+            ..
+        })]
+    ));
+}
+
+#[test]
 fn an_offer_of_the_running_version_is_answered_confirmed_and_downloads_nothing() {
     let (mut ota, _, _) = boot(factory());
     let image = make_image(OLD, 2500, 1);
