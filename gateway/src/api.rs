@@ -76,7 +76,17 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/api/payments/unapplied/{reference}/apply",
             post(apply_unapplied),
         )
-        .route("/api/firmware", get(firmware_list))
+        .route(
+            "/api/firmware",
+            get(firmware_list)
+                .post(add_firmware)
+                .layer(DefaultBodyLimit::max(
+                    // The image itself; one byte more so a too large one gets our error.
+                    usize::try_from(state.ota_config.max_image_bytes)
+                        .unwrap_or(usize::MAX)
+                        .saturating_add(1),
+                )),
+        )
         .route("/api/firmware/rollout", get(rollout_status))
         .route("/api/firmware/rollouts", post(start_rollout));
     if state.config.allow_simulate {
@@ -405,6 +415,60 @@ async fn unapplied_payments(State(st): St) -> Response {
 async fn firmware_list(State(st): St) -> Response {
     match st.reader.run(store::firmware_list).await {
         Ok(rows) => Json(json!({ "firmware": rows })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// `POST /api/firmware?version=V&signature=HEX` with the image as the body (`firmware add`):
+/// stored only when the signature verifies with `[ota] release_public_key`.
+async fn add_firmware(State(st): St, uri: axum::http::Uri, body: Bytes) -> Response {
+    let mut version = None;
+    let mut signature = None;
+    for pair in uri.query().unwrap_or("").split('&') {
+        match pair.split_once('=') {
+            Some(("version", v)) => version = Some(v.to_string()),
+            Some(("signature", s)) => signature = Some(s.to_string()),
+            _ => {}
+        }
+    }
+    let (Some(version), Some(signature)) = (version, signature) else {
+        return bad_request(
+            &st,
+            "bad_query",
+            "give ?version=V&signature=HEX (the signature `firmware sign` printed)",
+        );
+    };
+    let v = version.clone();
+    match st.reader.run(move |c| store::firmware(c, &v)).await {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            return error(
+                StatusCode::CONFLICT,
+                format!("firmware {version} exists already; give the new image another version"),
+            )
+        }
+        Err(e) => return internal(e),
+    }
+    let (config, dir) = (st.ota_config.clone(), st.data_dir.clone());
+    let prepared = tokio::task::spawn_blocking(move || {
+        crate::ota::prepare_image_bytes(&config, &dir, &body, &version, &signature, now_ms())
+    })
+    .await;
+    let row = match prepared {
+        Ok(Ok(row)) => row,
+        Ok(Err(e @ (crate::ota::OtaError::Io { .. } | crate::ota::OtaError::Other(_)))) => {
+            return internal(e)
+        }
+        Ok(Err(e)) => return bad_request(&st, "bad_firmware", e.to_string()),
+        Err(e) => return internal(e),
+    };
+    match st
+        .writer
+        .submit(Op::Ota(crate::ota::OtaOp::AddFirmware(row.clone())))
+        .await
+    {
+        Ok(_) => (StatusCode::CREATED, Json(json!({ "firmware": row }))).into_response(),
+        Err(e @ LedgerError::Ota(_)) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e) => internal(e),
     }
 }

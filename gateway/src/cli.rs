@@ -590,6 +590,15 @@ fn firmware(config: &Config, cmd: FirmwareCommand) -> Result<(), Failure> {
             version,
             signature,
         } => {
+            if store::firmware(&open(config)?, &version)
+                .context("reading firmware")?
+                .is_some()
+            {
+                return Err(anyhow!(
+                    "firmware {version} exists already; give the new image another version"
+                )
+                .into());
+            }
             let row = ota::prepare_image(
                 &config.ota,
                 &config.gateway.data_dir,

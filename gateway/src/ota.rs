@@ -241,11 +241,26 @@ pub fn prepare_image(
     signature: &str,
     at: i64,
 ) -> Result<FirmwareRow, OtaError> {
+    check_version(version)?;
+    // Checked before reading a file that may be large.
+    config.release_public_key.ok_or(OtaError::NoPublicKey)?;
+    let bytes = std::fs::read(file).map_err(io(file))?;
+    prepare_image_bytes(config, data_dir, &bytes, version, signature, at)
+}
+
+/// [`prepare_image`] for an image already in memory (the admin API's upload).
+pub fn prepare_image_bytes(
+    config: &OtaConfig,
+    data_dir: &Path,
+    bytes: &[u8],
+    version: &str,
+    signature: &str,
+    at: i64,
+) -> Result<FirmwareRow, OtaError> {
     use std::io::Write;
     check_version(version)?;
     let public = config.release_public_key.ok_or(OtaError::NoPublicKey)?;
     let sig = parse_hex::<64>(signature.trim()).ok_or(OtaError::BadSignatureFormat)?;
-    let bytes = std::fs::read(file).map_err(io(file))?;
     let size = bytes.len() as u64;
     if size == 0 {
         return Err(OtaError::Empty);
@@ -256,16 +271,18 @@ pub fn prepare_image(
             max: config.max_image_bytes,
         });
     }
-    let sha: [u8; 32] = Sha256::digest(&bytes).into();
+    let sha: [u8; 32] = Sha256::digest(bytes).into();
     if !verify(&public, version, size as u32, &sha, &sig) {
         return Err(OtaError::BadSignature);
     }
     let dir = data_dir.join(FIRMWARE_DIR);
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let name = format!("{version}.bin");
+    // The hash in the name: a second image under a version never overwrites the first one's
+    // file (its row is refused).
+    let name = format!("{version}-{}.bin", &hex(&sha)[..16]);
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(&bytes)
+    f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(io(&tmp))?;
     std::fs::rename(&tmp, dir.join(&name)).map_err(io(&dir))?;

@@ -239,12 +239,14 @@ fn keygen_sign_and_add_store_only_images_signed_by_the_configured_release_key() 
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stored = gw
-        .dir
-        .path()
-        .join("data/firmware")
-        .join(format!("{NEW}.bin"));
-    assert_eq!(std::fs::read(&stored).unwrap(), image);
+    let stored: Vec<_> = std::fs::read_dir(gw.dir.path().join("data/firmware"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let name = stored[0].file_name().unwrap().to_str().unwrap().to_string();
+    assert!(name.starts_with(&format!("{NEW}-")), "{name}");
+    assert_eq!(std::fs::read(&stored[0]).unwrap(), image);
     let list = cli_ok(&gw, &["firmware", "list"]);
     assert!(list.contains(NEW) && list.contains("5000 bytes"), "{list}");
     assert!(String::from_utf8_lossy(&add(NEW, &sig).stderr).contains("exists already"));
@@ -595,4 +597,57 @@ fn chunk_requests_over_the_meters_rate_are_dropped_and_counted() {
     chunks.sort_by_key(|p| p.payload[3]);
     assert_eq!(chunks[0].payload[6], 0);
     assert!(gw.metric("umeme_mqtt_rejected_total{reason=\"rate_limited\"}") >= 3.0);
+}
+
+#[test]
+fn an_image_is_uploaded_over_the_admin_api_only_with_a_valid_signature() {
+    let mut gw = Gateway::new("");
+    let (key, public) = keygen(&gw);
+    trust(&gw, &public, "");
+    gw.start();
+    let image = make_image(NEW, 3000, 4);
+    let file = gw.dir.path().join("fw.bin");
+    std::fs::write(&file, &image).unwrap();
+    let sig = cli_ok(
+        &gw,
+        &[
+            "firmware",
+            "sign",
+            file.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--version",
+            NEW,
+        ],
+    );
+    let upload = |query: &str, body: &[u8]| -> (u16, serde_json::Value) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(gw.api).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        write!(
+            s,
+            "POST /api/firmware?{query} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(body).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status: u16 = out[9..12].parse().unwrap();
+        let json = out.split("\r\n\r\n").nth(1).unwrap_or("");
+        (status, serde_json::from_str(json).unwrap_or_default())
+    };
+    let (code, v) = upload(&format!("version=9.9.9&signature={}", sig.trim()), &image);
+    assert_eq!(code, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("does not verify"));
+    let (code, _) = upload(&format!("version={NEW}"), &image);
+    assert_eq!(code, 400);
+    let (code, v) = upload(&format!("version={NEW}&signature={}", sig.trim()), &image);
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["firmware"]["size"], 3000);
+    let (code, _) = upload(&format!("version={NEW}&signature={}", sig.trim()), &image);
+    assert_eq!(code, 409, "a version is added once");
+    let (_, list) = gw.http("GET", "/api/firmware", None);
+    assert_eq!(list["firmware"][0]["version"], NEW);
+    assert!(cli_ok(&gw, &["firmware", "list"]).contains(NEW));
 }
