@@ -568,3 +568,45 @@ fn a_power_cut_at_every_step_ends_on_the_new_version_or_rolled_back_never_bricke
     // Cuts during the trial roll back, and the re-offer then brings the new version.
     assert!(rolled_back >= 1, "no cut fell into the trial");
 }
+
+mod arbitrary_input {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Whatever arrives on `command/ota` and `command/ota/chunk` (any bytes, any order,
+        /// mixed with a real offer and real chunks), the machine never panics, never writes
+        /// past the slot, and never switches the boot slot to anything but the signed image.
+        #[test]
+        fn arbitrary_offers_and_chunks_never_switch_to_an_unsigned_image(
+            inputs in proptest::collection::vec(
+                (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..300)),
+                0..40,
+            ),
+            real_at in 0usize..40,
+        ) {
+            let image = new_image();
+            let offer = offer_json(NEW, &image, &key(), NEW);
+            let (mut ota, _, _) = boot(factory());
+            for (i, (is_offer, bytes)) in inputs.iter().enumerate() {
+                if i == real_at {
+                    ota.on_offer(&offer);
+                }
+                let acts = if *is_offer { ota.on_offer(bytes) } else { ota.on_chunk(bytes) };
+                for a in acts {
+                    if let Action::Request { offset, len } = a {
+                        prop_assert!(offset as usize + usize::from(len) <= image.len());
+                    }
+                }
+            }
+            let board = ota.into_flash();
+            // Switched only after a complete, verified download of the signed image.
+            if board.trial != Trial::None {
+                let i = 1 - board.running;
+                prop_assert_eq!(&board.slots[i][..image.len()], &image[..]);
+            }
+        }
+    }
+}
