@@ -11,7 +11,7 @@
 //!   meters downloading at once. [`OtaServer::refresh`] follows the database, so a rollout
 //!   started from the CLI is announced like one started over the API.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -707,16 +707,6 @@ impl OtaServer {
         out.extend_from_slice(&chunk_header(r.offset, r.len, 0));
         out.extend_from_slice(&image[r.offset as usize..end as usize]);
         Ok(ChunkAnswer::Data(Bytes::from(out)))
-    }
-
-    /// Meters of the served rollout by state (for tests and `/metrics`-style summaries).
-    pub fn snapshot(&self) -> Option<(i64, BTreeMap<String, usize>)> {
-        let live = self.live()?;
-        let mut m = BTreeMap::new();
-        for s in live.meters.values() {
-            *m.entry(s.clone()).or_insert(0) += 1;
-        }
-        Some((live.rollout.id, m))
     }
 }
 

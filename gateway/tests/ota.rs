@@ -651,3 +651,47 @@ fn an_image_is_uploaded_over_the_admin_api_only_with_a_valid_signature() {
     assert_eq!(list["firmware"][0]["version"], NEW);
     assert!(cli_ok(&gw, &["firmware", "list"]).contains(NEW));
 }
+
+#[test]
+fn a_rollout_survives_a_gateway_crash_and_a_download_resumes_after_the_restart() {
+    let mut gw = Gateway::new("");
+    let (key, public) = keygen(&gw);
+    trust(&gw, &public, "chunk_size = 256\n");
+    gw.add_meter("M1", SECRET);
+    let image = make_image(NEW, 1500, 6);
+    add_image(&gw, &key, NEW, &image);
+    gw.start();
+    cli_ok(&gw, &["firmware", "rollout", "--version", NEW, "--all"]);
+    let mut m = gw.connect("M1", SECRET);
+    m.subscribe("smartmeter/M1/command/#", 1);
+    m.next_publish("smartmeter/M1/command/ota");
+    m.publish_acked(
+        "smartmeter/M1/ota/status",
+        &format!(r#"{{"state":"downloading","version":"{NEW}","offset":512,"error":null}}"#),
+        2,
+    );
+    gw.kill();
+    drop(m);
+    gw.start();
+    // The meter comes back and asks from the offset its flash holds.
+    let mut m = gw.connect("M1", SECRET);
+    m.subscribe("smartmeter/M1/command/#", 1);
+    let offer = m.next_publish("smartmeter/M1/command/ota");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&offer.payload).unwrap()["rollout"],
+        1
+    );
+    m.publish(
+        "smartmeter/M1/ota/request",
+        &format!(r#"{{"version":"{NEW}","offset":512,"len":256}}"#),
+        QoS::AtMostOnce,
+        0,
+    );
+    let c = m.next_publish("smartmeter/M1/command/ota/chunk");
+    assert_eq!(&c.payload[8..], &image[512..768]);
+    let status = cli_ok(&gw, &["firmware", "status"]);
+    assert!(
+        status.contains("downloading") && status.contains("512"),
+        "{status}"
+    );
+}
