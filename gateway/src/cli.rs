@@ -558,7 +558,9 @@ fn firmware(config: &Config, cmd: FirmwareCommand) -> Result<(), Failure> {
     };
     match cmd {
         FirmwareCommand::Keygen { out } => {
-            if out.starts_with(&config.gateway.data_dir) {
+            let abs =
+                |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+            if abs(&out).starts_with(abs(&config.gateway.data_dir)) {
                 return Err(usage(
                     "the release key must not live in the data dir: the gateway never needs it",
                 ));
