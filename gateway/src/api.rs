@@ -56,6 +56,10 @@ pub struct ApiState {
     pub broker_ready: Arc<AtomicBool>,
     /// The site's local day (`[alerts] timezone`): daily usage and site loss.
     pub zone: crate::tariff::calendar::SiteZone,
+    /// Firmware rollouts (`crate::ota`).
+    pub ota: Arc<crate::ota::OtaServer>,
+    pub ota_config: crate::config::OtaConfig,
+    pub data_dir: std::path::PathBuf,
 }
 
 type St = State<Arc<ApiState>>;
@@ -78,7 +82,20 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route(
             "/api/payments/unapplied/{reference}/apply",
             post(apply_unapplied),
-        );
+        )
+        .route(
+            "/api/firmware",
+            get(firmware_list)
+                .post(add_firmware)
+                .layer(DefaultBodyLimit::max(
+                    // The image itself; one byte more so a too large one gets our error.
+                    usize::try_from(state.ota_config.max_image_bytes)
+                        .unwrap_or(usize::MAX)
+                        .saturating_add(1),
+                )),
+        )
+        .route("/api/firmware/rollout", get(rollout_status))
+        .route("/api/firmware/rollouts", post(start_rollout));
     if state.config.allow_simulate {
         app = app.route("/daraja/simulate", post(simulate));
     }
@@ -402,6 +419,148 @@ async fn meter_payments(State(st): St, Path(id): Path<String>) -> Response {
 async fn unapplied_payments(State(st): St) -> Response {
     match st.reader.run(|c| store::unapplied(c, true)).await {
         Ok(rows) => Json(json!({ "unapplied": rows })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/firmware`: the stored images (`firmware list`).
+async fn firmware_list(State(st): St) -> Response {
+    match st.reader.run(store::firmware_list).await {
+        Ok(rows) => Json(json!({ "firmware": rows })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// `POST /api/firmware?version=V&signature=HEX` with the image as the body (`firmware add`):
+/// stored only when the signature verifies with `[ota] release_public_key`.
+async fn add_firmware(State(st): St, uri: axum::http::Uri, body: Bytes) -> Response {
+    let mut version = None;
+    let mut signature = None;
+    for pair in uri.query().unwrap_or("").split('&') {
+        match pair.split_once('=') {
+            Some(("version", v)) => version = Some(v.to_string()),
+            Some(("signature", s)) => signature = Some(s.to_string()),
+            _ => {}
+        }
+    }
+    let (Some(version), Some(signature)) = (version, signature) else {
+        return bad_request(
+            &st,
+            "bad_query",
+            "give ?version=V&signature=HEX (the signature `firmware sign` printed)",
+        );
+    };
+    let v = version.clone();
+    match st.reader.run(move |c| store::firmware(c, &v)).await {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            return error(
+                StatusCode::CONFLICT,
+                format!("firmware {version} exists already; give the new image another version"),
+            )
+        }
+        Err(e) => return internal(e),
+    }
+    let (config, dir) = (st.ota_config.clone(), st.data_dir.clone());
+    let prepared = tokio::task::spawn_blocking(move || {
+        crate::ota::prepare_image_bytes(&config, &dir, &body, &version, &signature, now_ms())
+    })
+    .await;
+    let row = match prepared {
+        Ok(Ok(row)) => row,
+        Ok(Err(e @ (crate::ota::OtaError::Io { .. } | crate::ota::OtaError::Other(_)))) => {
+            return internal(e)
+        }
+        Ok(Err(e)) => return bad_request(&st, "bad_firmware", e.to_string()),
+        Err(e) => return internal(e),
+    };
+    match st
+        .writer
+        .submit(Op::Ota(crate::ota::OtaOp::AddFirmware(row.clone())))
+        .await
+    {
+        Ok(_) => (StatusCode::CREATED, Json(json!({ "firmware": row }))).into_response(),
+        Err(e @ LedgerError::Ota(_)) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/firmware/rollout`: the current rollout and its meters (`firmware status`).
+async fn rollout_status(State(st): St) -> Response {
+    let read = st
+        .reader
+        .run(|c| {
+            let Some(r) = store::current_rollout(c)? else {
+                return Ok((None, Vec::new()));
+            };
+            let meters = store::rollout_meters(c, r.id)?;
+            Ok((Some(r), meters))
+        })
+        .await;
+    match read {
+        Ok((rollout, meters)) => {
+            Json(json!({ "rollout": rollout, "meters": meters })).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// `POST /api/firmware/rollouts {"version", "meters": [...] | "all": true,
+/// "maxFailurePercent"?}` (`firmware rollout`): announced to connected meters at once.
+async fn start_rollout(State(st): St, body: Bytes) -> Response {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    struct Body {
+        version: String,
+        #[serde(default)]
+        meters: Option<Vec<String>>,
+        #[serde(default)]
+        all: bool,
+        #[serde(default)]
+        max_failure_percent: Option<u8>,
+    }
+    let b: Body = match parse_body(&st, &body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let targets = match (b.all, b.meters) {
+        (true, None) => crate::ota::Targets::All,
+        (false, Some(ms)) if !ms.is_empty() => {
+            let mut ids = Vec::with_capacity(ms.len());
+            for m in &ms {
+                match parse_meter(&st, m) {
+                    Ok(id) => ids.push(id),
+                    Err(r) => return r,
+                }
+            }
+            crate::ota::Targets::Meters(ids)
+        }
+        _ => {
+            return bad_request(
+                &st,
+                "bad_body",
+                "give either \"meters\": [...] or \"all\": true",
+            )
+        }
+    };
+    let pct = b.max_failure_percent.unwrap_or(10);
+    if pct > 100 {
+        return bad_request(&st, "bad_body", "maxFailurePercent is 0 to 100");
+    }
+    let op = Op::Ota(crate::ota::OtaOp::StartRollout {
+        version: b.version,
+        targets,
+        max_failure_percent: i64::from(pct),
+        at: now_ms(),
+    });
+    match st.writer.submit(op).await {
+        Ok(Outcome::Rollout { id }) => {
+            st.ota.wake.notify_one();
+            Json(json!({ "rollout": id })).into_response()
+        }
+        Ok(_) => internal("unexpected ledger outcome"),
+        Err(e @ LedgerError::UnknownMeter(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ LedgerError::Ota(_)) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e) => internal(e),
     }
 }

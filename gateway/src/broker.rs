@@ -5,8 +5,8 @@
 //! secret checked by [`crate::auth`] within the limits of [`crate::admission`]; or a meter
 //! opted in to the original firmware's anonymous CONNECT), then checks every PUBLISH and
 //! SUBSCRIBE against that identity before anything else sees it:
-//! - a meter may publish only `{prefix}/{meter}/consumption|balance|status`; a publish under
-//!   another meter's tree is a spoofing attempt and closes the connection;
+//! - a meter may publish only `{prefix}/{meter}/consumption|balance|status|ota/request|ota/status`;
+//!   a publish under another meter's tree is a spoofing attempt and closes the connection;
 //! - a meter may subscribe only inside `{prefix}/{meter}/command/…`; other filters get a
 //!   SUBACK failure (0x80).
 //!
@@ -42,6 +42,7 @@ use crate::hub::{Hub, Outgoing};
 use crate::meter::MeterId;
 use crate::meter_limits::{self, MessageKind, MeterGuard, MeterGuards};
 use crate::metrics::Metrics;
+use crate::ota::{self, ChunkAnswer, ChunkRequest, OtaOp, OtaServer};
 use crate::payload::{self, Report, StatusReport};
 use crate::store::{self, now_ms, Reader};
 use crate::untrusted::Untrusted;
@@ -67,6 +68,8 @@ pub struct Broker {
     /// `[limits]` as the `command/config` every meter gets with its balance; `None` without
     /// the section (then nothing is sent, as before).
     pub meter_config: Option<payload::ConfigCommand>,
+    /// Firmware offers and chunks (`crate::ota`).
+    pub ota: Arc<OtaServer>,
 }
 
 impl Broker {
@@ -487,6 +490,7 @@ impl<'a> Connection<'a> {
                 let limits = self.broker.config.session;
                 let mut codes = Vec::with_capacity(sub.filters.len());
                 let mut balance_granted = false;
+                let mut ota_granted = false;
                 for f in sub.filters {
                     let known = s.subscriptions.iter().any(|(p, _)| *p == f.path);
                     let refusal = if f.path.len() > limits.max_filter_bytes {
@@ -524,6 +528,7 @@ impl<'a> Connection<'a> {
                         s.subscriptions.retain(|(p, _)| *p != f.path);
                         balance_granted |=
                             matches(&self.command_topic(&s.meter, "balance"), &f.path);
+                        ota_granted |= matches(&self.command_topic(&s.meter, "ota"), &f.path);
                         s.subscriptions.push((f.path, qos));
                         codes.push(SubscribeReasonCode::Success(qos));
                     }
@@ -536,6 +541,9 @@ impl<'a> Connection<'a> {
                     .map_err(|_| Close::Abnormal("write_failed"))?;
                 if balance_granted {
                     self.send_current_balance(s).await;
+                }
+                if ota_granted {
+                    self.send_ota_offer(s).await;
                 }
                 Ok(())
             }
@@ -616,11 +624,17 @@ impl<'a> Connection<'a> {
                 tokio::time::sleep(wait).await;
             }
         } else {
+            // Chunk requests have a bucket of their own: a download is many of them.
+            let kind = if leaf == "ota/request" {
+                MessageKind::OtaChunk
+            } else {
+                MessageKind::Status
+            };
             let admitted = s
                 .guard
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .admit(MessageKind::Status, Instant::now());
+                .admit(kind, Instant::now());
             if !admitted {
                 // Acknowledged and dropped, like a poison message: a flooding meter's excess
                 // never becomes an event, and a real meter does not retry it. Nothing here
@@ -662,6 +676,38 @@ impl<'a> Connection<'a> {
                     what,
                 )
             }),
+            "ota/request" => {
+                self.serve_chunk(s, &p.payload).await?;
+                pending.push_back(Box::pin(ready(pkid)));
+                return Ok(());
+            }
+            "ota/status" => match ota::StatusReport::parse(&p.payload) {
+                Ok(report) => {
+                    if report.state != "downloading" {
+                        self.broker.ota.release(&meter);
+                    }
+                    self.broker.metrics.inc(
+                        "umeme_ota_status_total",
+                        &[("state", ota_state_label(&report.state))],
+                    );
+                    Ok((
+                        Op::Ota(OtaOp::Status {
+                            meter: meter.clone(),
+                            report,
+                            at,
+                        }),
+                        "ota_status",
+                    ))
+                }
+                Err(e) => {
+                    self.broker.reject("ota_payload");
+                    if self.may_warn(s) {
+                        warn!(meter = %s.meter, error = %Untrusted(&e), "meter ota/status refused");
+                    }
+                    pending.push_back(Box::pin(ready(pkid)));
+                    return Ok(());
+                }
+            },
             "balance" => payload::parse_meter_balance(&p.payload, &meter).map(|data| {
                 (
                     Op::MeterBalance {
@@ -755,6 +801,60 @@ impl<'a> Connection<'a> {
         }
     }
 
+    /// Sends the meter its firmware offer when a rollout includes it and it has not finished;
+    /// a `pending` meter becomes `offered`.
+    async fn send_ota_offer(&mut self, s: &mut Session) {
+        let Some((payload, rollout, pending)) = self.broker.ota.offer_for(&s.meter) else {
+            return;
+        };
+        if self.publish_command(s, "ota", payload, false).await.is_ok() && pending {
+            let op = Op::Ota(OtaOp::Offered {
+                meter: s.meter.clone(),
+                rollout,
+                at: now_ms(),
+            });
+            // Informational, like presence: its commit is not waited for.
+            let _ = self.broker.writer.enqueue(op).await;
+        }
+    }
+
+    /// Answers an `ota/request` with a `command/ota/chunk` (data, busy or no offer).
+    async fn serve_chunk(&mut self, s: &mut Session, payload: &[u8]) -> Result<(), Close> {
+        let request = match ChunkRequest::parse(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                self.broker.reject("ota_payload");
+                if self.may_warn(s) {
+                    warn!(meter = %s.meter, error = %Untrusted(&e), "meter ota/request refused");
+                }
+                return Ok(());
+            }
+        };
+        let answer = match self.broker.ota.chunk(&s.meter, &request).await {
+            Ok(a) => a,
+            Err(e) => {
+                // The stored image is unreadable or changed: nobody gets a chunk of it.
+                warn!(meter = %s.meter, error = %e, "firmware chunk could not be served");
+                ChunkAnswer::NoOffer(Bytes::copy_from_slice(&ota::chunk_header(
+                    request.offset,
+                    0,
+                    2,
+                )))
+            }
+        };
+        let (result, bytes) = match answer {
+            ChunkAnswer::Data(b) => ("data", b),
+            ChunkAnswer::Busy(b) => ("busy", b),
+            ChunkAnswer::NoOffer(b) => ("no_offer", b),
+        };
+        self.broker
+            .metrics
+            .inc("umeme_ota_chunks_total", &[("result", result)]);
+        self.publish_command(s, "ota/chunk", bytes, false)
+            .await
+            .map_err(|_| Close::Abnormal("write_failed"))
+    }
+
     /// Publishes on `…/command/{leaf}` at the granted QoS if a subscription matches.
     async fn publish_command(
         &mut self,
@@ -772,6 +872,13 @@ impl<'a> Connection<'a> {
             .max_by_key(|q| *q as u8)
         else {
             return Ok(());
+        };
+        // Chunks go at QoS 0: a lost one costs the meter a timeout and the same request again,
+        // and the gateway keeps no state per chunk.
+        let qos = if leaf == "ota/chunk" {
+            QoS::AtMostOnce
+        } else {
+            qos
         };
         let mut p = Publish::from_bytes(topic, qos, payload);
         p.retain = retain;
@@ -937,6 +1044,15 @@ async fn committed(
         }
         Err(_) => Err("ledger_stopped"),
     }
+}
+
+/// A metrics label for a state the parser accepted.
+fn ota_state_label(state: &str) -> &'static str {
+    ota::METER_STATES
+        .iter()
+        .find(|s| **s == state)
+        .copied()
+        .unwrap_or("other")
 }
 
 fn kind_label(k: crate::ledger::ReportKind) -> &'static str {

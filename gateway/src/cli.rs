@@ -54,6 +54,9 @@ pub enum Command {
     /// The site as a whole: the main supply read by hand, and the loss per day.
     #[command(subcommand)]
     Site(SiteCommand),
+    /// Meter firmware: release keys, signed images, rollouts over the air.
+    #[command(subcommand)]
+    Firmware(FirmwareCommand),
     /// Manual or cash top-up; crediting the same --ref twice credits once.
     Credit {
         /// Meter number.
@@ -107,6 +110,62 @@ pub enum PaymentCommand {
         #[arg(long)]
         source: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FirmwareCommand {
+    /// Make the site's Ed25519 release key pair. The private key (mode 0600) belongs on the
+    /// release machine, not on the gateway; the public key goes into `[ota]
+    /// release_public_key` and into the meter firmware (`METER_RELEASE_PUBLIC_KEY`).
+    Keygen {
+        /// Where to write the private key (`PATH.pub` gets the public key). Refuses to
+        /// overwrite.
+        #[arg(long, value_name = "PATH", default_value = "umeme-release.key")]
+        out: PathBuf,
+    },
+    /// Sign an image for a version; prints the signature for `firmware add`.
+    Sign {
+        file: PathBuf,
+        /// The private key file `firmware keygen` wrote.
+        #[arg(long, value_name = "PATH")]
+        key: PathBuf,
+        /// The version the image carries (it is part of what is signed).
+        #[arg(long)]
+        version: String,
+    },
+    /// Store a signed image under the data dir (the signature is checked against
+    /// `[ota] release_public_key`).
+    Add {
+        file: PathBuf,
+        #[arg(long)]
+        version: String,
+        /// The signature `firmware sign` printed (128 hex digits).
+        #[arg(long)]
+        signature: String,
+    },
+    /// Stored images.
+    List,
+    /// Offer a stored version to meters; replaces a rollout that is still active or paused.
+    Rollout {
+        #[arg(long)]
+        version: String,
+        /// Meter numbers, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            conflicts_with = "all",
+            required_unless_present = "all"
+        )]
+        meters: Vec<String>,
+        /// Every meter provisioned now.
+        #[arg(long)]
+        all: bool,
+        /// Pause the rollout when more than this share of its meters failed or rolled back.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=100))]
+        max_failure_percent: u8,
+    },
+    /// The current rollout and every meter's state in it.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -270,7 +329,12 @@ pub fn run(cli: Cli) -> ExitCode {
 
 fn dispatch(cli: Cli) -> Result<(), Failure> {
     let mut config = Config::load(cli.config.as_deref())?;
-    let uses_data = !matches!(cli.command, Command::CheckConfig | Command::Plugin(_));
+    let uses_data = !matches!(
+        cli.command,
+        Command::CheckConfig
+            | Command::Plugin(_)
+            | Command::Firmware(FirmwareCommand::Keygen { .. } | FirmwareCommand::Sign { .. })
+    );
     if let Some(dir) = cli.data_dir {
         config.gateway.data_dir = dir;
     } else if uses_data && config.source == ConfigSource::BuiltInDefaults {
@@ -307,6 +371,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             println!("ok: {budget} (under this shell's open-file limit)");
             print_broker_limits(&config);
             print_http_limits(&config);
+            print_ota(&config);
             warn_legacy_meters(&config);
             match &config.source {
                 ConfigSource::BuiltInDefaults => {
@@ -339,6 +404,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Outbox(OutboxCommand::Status) => outbox_status(&config),
         Command::Payment(p) => payment(&config, p),
         Command::Site(s) => site(&config, s),
+        Command::Firmware(f) => firmware(&config, f),
         Command::Plugin(PluginCommand::Inspect { path }) => {
             let lib = crate::plugin::inspect(&path).map_err(|e| Failure {
                 code: 1,
@@ -430,6 +496,23 @@ fn print_broker_limits(config: &Config) {
     );
 }
 
+/// Whether firmware can be added, and the serving limits.
+fn print_ota(config: &Config) {
+    let o = &config.ota;
+    match o.release_public_key {
+        Some(k) => println!(
+            "ok: firmware updates: release key {}…, chunks of {} bytes, {} downloads at once, images up to {} bytes",
+            &crate::ota::hex(&k)[..16],
+            o.chunk_size,
+            o.max_downloads,
+            o.max_image_bytes
+        ),
+        None => println!(
+            "note: firmware updates: no [ota] release_public_key, so `firmware add` refuses every image"
+        ),
+    }
+}
+
 fn print_http_limits(config: &Config) {
     let api = &config.api;
     let show = |what: &str, addr: std::net::SocketAddr, l: &crate::config::HttpLimits| {
@@ -511,6 +594,158 @@ fn outbox_status(config: &Config) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+fn firmware(config: &Config, cmd: FirmwareCommand) -> Result<(), Failure> {
+    use crate::ota::{self, OtaOp, Targets};
+    let fail = |e: ota::OtaError| Failure {
+        code: 1,
+        error: e.into(),
+    };
+    match cmd {
+        FirmwareCommand::Keygen { out } => {
+            let abs =
+                |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+            if abs(&out).starts_with(abs(&config.gateway.data_dir)) {
+                return Err(usage(
+                    "the release key must not live in the data dir: the gateway never needs it",
+                ));
+            }
+            let (pkcs8, public) = ota::generate_key().map_err(fail)?;
+            let pub_path = ota::write_key_files(&out, &pkcs8, &public).map_err(fail)?;
+            println!(
+                "private key: {} (mode 0600; keep it off the gateway)",
+                out.display()
+            );
+            println!(
+                "public key:  {} ({})",
+                ota::hex(&public),
+                pub_path.display()
+            );
+            println!(
+                "put it in the gateway's configuration:\n[ota]\nrelease_public_key = \"{}\"",
+                ota::hex(&public)
+            );
+            Ok(())
+        }
+        FirmwareCommand::Sign { file, key, version } => {
+            let pair = ota::read_key_file(&key).map_err(fail)?;
+            println!("{}", ota::sign_file(&file, &version, &pair).map_err(fail)?);
+            Ok(())
+        }
+        FirmwareCommand::Add {
+            file,
+            version,
+            signature,
+        } => {
+            if store::firmware(&open(config)?, &version)
+                .context("reading firmware")?
+                .is_some()
+            {
+                return Err(anyhow!(
+                    "firmware {version} exists already; give the new image another version"
+                )
+                .into());
+            }
+            let row = ota::prepare_image(
+                &config.ota,
+                &config.gateway.data_dir,
+                &file,
+                &version,
+                &signature,
+                now_ms(),
+            )
+            .map_err(fail)?;
+            apply(config, Op::Ota(OtaOp::AddFirmware(row.clone())))?;
+            println!(
+                "added firmware {} ({} bytes, sha256 {})",
+                row.version, row.size, row.sha256
+            );
+            Ok(())
+        }
+        FirmwareCommand::List => {
+            let conn = open(config)?;
+            let rows = store::firmware_list(&conn).context("reading firmware")?;
+            if rows.is_empty() {
+                println!("no firmware stored");
+            }
+            for f in rows {
+                println!(
+                    "{:<24} {:>9} bytes  sha256 {}  added {}",
+                    f.version,
+                    f.size,
+                    f.sha256,
+                    crate::api::iso8601(f.added_at)
+                );
+            }
+            Ok(())
+        }
+        FirmwareCommand::Rollout {
+            version,
+            meters,
+            all,
+            max_failure_percent,
+        } => {
+            let targets = if all {
+                Targets::All
+            } else {
+                Targets::Meters(
+                    meters
+                        .iter()
+                        .map(|m| parse_meter(m))
+                        .collect::<Result<_, _>>()?,
+                )
+            };
+            let op = Op::Ota(OtaOp::StartRollout {
+                version: version.clone(),
+                targets,
+                max_failure_percent: i64::from(max_failure_percent),
+                at: now_ms(),
+            });
+            match apply(config, op)? {
+                Outcome::Rollout { id } => {
+                    println!("rollout {id} of firmware {version} started; the daemon offers it to connected meters within a second, to the others when they connect");
+                    Ok(())
+                }
+                _ => Err(anyhow!("unexpected ledger outcome").into()),
+            }
+        }
+        FirmwareCommand::Status => {
+            let conn = open(config)?;
+            let Some(r) = store::current_rollout(&conn).context("reading rollouts")? else {
+                println!("no rollout");
+                return Ok(());
+            };
+            let meters = store::rollout_meters(&conn, r.id).context("reading rollouts")?;
+            let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+            for m in &meters {
+                *counts.entry(m.state.as_str()).or_default() += 1;
+            }
+            println!(
+                "rollout {} of firmware {}: {} (max failures {}%), started {}",
+                r.id,
+                r.version,
+                r.state,
+                r.max_failure_percent,
+                crate::api::iso8601(r.created_at)
+            );
+            if let Some(reason) = &r.reason {
+                println!("  {reason}");
+            }
+            let summary: Vec<String> = counts.iter().map(|(s, n)| format!("{s} {n}")).collect();
+            println!("meters: {}", summary.join(", "));
+            for m in meters {
+                println!(
+                    "{:<20} {:<12} {:>9} {}",
+                    m.meter,
+                    m.state,
+                    m.offset,
+                    m.error.as_deref().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+    }
 }
 
 fn payment(config: &Config, cmd: PaymentCommand) -> Result<(), Failure> {
@@ -677,7 +912,8 @@ fn apply(config: &Config, op: Op) -> Result<Outcome, Failure> {
             | LedgerError::BadReference
             | LedgerError::NotUnapplied(_)
             | LedgerError::AmbiguousReference { .. }
-            | LedgerError::AlreadyApplied { .. }),
+            | LedgerError::AlreadyApplied { .. }
+            | LedgerError::Ota(_)),
         ) => Err(Failure {
             code: 1,
             error: e.into(),

@@ -112,6 +112,7 @@ pub struct Config {
     pub outbox: OutboxConfig,
     /// `[limits]`: `None` when no file has the section (no `command/config` is sent).
     pub limits: Option<MeterLimits>,
+    pub ota: OtaConfig,
     pub sinks: Vec<SinkConfig>,
     pub sources: Vec<SourceConfig>,
     /// `[alerts]`: anomaly and site-loss thresholds.
@@ -169,6 +170,8 @@ pub struct SessionLimits {
     pub status: MessageRate,
     /// Filters one session may hold; more get SUBACK failure (0x80).
     pub max_subscriptions: usize,
+    /// Firmware chunk requests (`…/ota/request`, `[ota] chunk_requests_per_second`).
+    pub ota_chunks: MessageRate,
     /// Longest topic filter accepted in a SUBSCRIBE.
     pub max_filter_bytes: usize,
     /// Warnings logged per meter per minute; the rest are counted and summarised once a minute.
@@ -190,6 +193,11 @@ impl Default for SessionLimits {
                 burst: 30,
             },
             max_subscriptions: 16,
+            // 20 chunks of 1 KiB a second: a 1 MB image in under a minute; burst twice that.
+            ota_chunks: MessageRate {
+                per_minute: 1200,
+                burst: 40,
+            },
             max_filter_bytes: 256,
             warnings_per_minute: 5,
         }
@@ -310,6 +318,30 @@ pub use umeme_http_guard::Limits as HttpLimits;
 pub const LEGACY_MAX_CONNECTIONS: usize = 128;
 pub const LEGACY_MAX_CONNECTIONS_PER_IP: usize = 4;
 
+/// `[ota]`: firmware updates over the meters' MQTT sessions (README "Firmware updates").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtaConfig {
+    /// The site's Ed25519 release public key: `firmware add` accepts only images it signed.
+    pub release_public_key: Option<[u8; 32]>,
+    /// Bytes per chunk a meter may ask for (it must fit the meter's MQTT receive buffer).
+    pub chunk_size: u16,
+    /// Meters downloading at once; the others are told to ask again later.
+    pub max_downloads: usize,
+    /// Largest image `firmware add` stores.
+    pub max_image_bytes: u64,
+}
+
+impl Default for OtaConfig {
+    fn default() -> Self {
+        OtaConfig {
+            release_public_key: None,
+            chunk_size: 1024,
+            max_downloads: 50,
+            max_image_bytes: 4 << 20,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
     /// Disk cap for the database's live pages; when exceeded, telemetry is dropped oldest-first.
@@ -366,13 +398,14 @@ pub struct SourceConfig {
 }
 
 /// The event kinds of contract §6.
-pub const EVENT_KINDS: [&str; 6] = [
+pub const EVENT_KINDS: [&str; 7] = [
     "consumption",
     "payment",
     "balance",
     "status",
     "alert",
     "meter",
+    "ota",
 ];
 
 impl Config {
@@ -502,6 +535,8 @@ impl Config {
                 cap_in_friendly_hours: x.cap_in_friendly_hours.unwrap_or(d.cap_in_friendly_hours),
             }
         });
+        let ota = p.ota.unwrap_or_default();
+        let ota_chunks_per_s = ota.chunk_requests_per_second.map_or(20, |n| n.0 as u32);
         Config {
             source,
             gateway: GatewayConfig {
@@ -537,6 +572,10 @@ impl Config {
                             burst: b.status_burst.map_or(d.status.burst, |n| n.0 as u32),
                         },
                         max_subscriptions: b.max_subscriptions.map_or(d.max_subscriptions, |n| n.0),
+                        ota_chunks: MessageRate {
+                            per_minute: ota_chunks_per_s * 60,
+                            burst: ota_chunks_per_s * 2,
+                        },
                         ..d
                     }
                 },
@@ -593,6 +632,15 @@ impl Config {
                     .map_or(std::time::Duration::from_secs(30 * 86_400), |d| d.0),
             },
             limits,
+            ota: {
+                let d = OtaConfig::default();
+                OtaConfig {
+                    release_public_key: ota.release_public_key.map(|k| k.0),
+                    chunk_size: ota.chunk_size.map_or(d.chunk_size, |n| n.0 as u16),
+                    max_downloads: ota.max_downloads.map_or(d.max_downloads, |n| n.0),
+                    max_image_bytes: ota.max_image_bytes.map_or(d.max_image_bytes, |b| b.0),
+                }
+            },
             sinks: Vec::new(),
             sources: Vec::new(),
             alerts: p.alerts.unwrap_or_default().resolve(),
@@ -733,6 +781,7 @@ struct PartialConfig {
     outbox: Option<PartialOutbox>,
     limits: Option<PartialLimits>,
     alerts: Option<PartialAlerts>,
+    ota: Option<PartialOta>,
     #[serde(default)]
     sink: Vec<PartialSink>,
     #[serde(default)]
@@ -866,6 +915,32 @@ impl TryFrom<String> for Zone {
         crate::tariff::calendar::SiteZone::parse(&s)
             .map(Zone)
             .map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialOta {
+    release_public_key: Option<PublicKeyHex>,
+    chunk_size: Option<Bounded<64, 4096>>,
+    max_downloads: Option<Bounded<1, 10_000>>,
+    chunk_requests_per_second: Option<Bounded<1, 1_000>>,
+    max_image_bytes: Option<ByteSize>,
+}
+
+/// An Ed25519 public key as 64 hex digits (`umeme-gateway firmware keygen` prints it).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "String")]
+struct PublicKeyHex([u8; 32]);
+
+impl TryFrom<String> for PublicKeyHex {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        crate::ota::parse_hex::<32>(s.trim())
+            .map(PublicKeyHex)
+            .ok_or_else(|| {
+                "release_public_key must be 64 hex digits (the public key `umeme-gateway firmware keygen` printed)".to_string()
+            })
     }
 }
 
@@ -1147,6 +1222,17 @@ impl PartialConfig {
         }
         if let Some(x) = o.alerts {
             self.alerts.get_or_insert_with(Default::default).merge(x);
+        }
+        if let Some(x) = o.ota {
+            let s = self.ota.get_or_insert_with(Default::default);
+            merge_opt(&mut s.release_public_key, x.release_public_key);
+            merge_opt(&mut s.chunk_size, x.chunk_size);
+            merge_opt(&mut s.max_downloads, x.max_downloads);
+            merge_opt(
+                &mut s.chunk_requests_per_second,
+                x.chunk_requests_per_second,
+            );
+            merge_opt(&mut s.max_image_bytes, x.max_image_bytes);
         }
         if let Some(x) = o.outbox {
             let s = self.outbox.get_or_insert_with(Default::default);
@@ -1735,6 +1821,39 @@ mod tests {
     }
 
     #[test]
+    fn ota_keys_are_validated_at_their_position() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, line, col) in [
+            ("[ota]\nrelease_public_key = \"abc\"\n", 2, 22),
+            ("[ota]\nchunk_size = 10000\n", 2, 14),
+            ("[ota]\nmax_downloads = 0\n", 2, 17),
+            ("[ota]\nchunk_requests_per_second = 0\n", 2, 29),
+            ("[ota]\nmax_image_bytes = \"4 parsecs\"\n", 2, 19),
+            ("[ota]\nrelease_key = \"x\"\n", 2, 1),
+        ] {
+            let p = write(dir.path(), "g.toml", text);
+            let e = Config::load(Some(&p)).unwrap_err();
+            assert_eq!(e.position, Some((line, col)), "{text}: {e}");
+        }
+        let key = "ab".repeat(32);
+        let p = write(
+            dir.path(),
+            "g.toml",
+            &format!("[ota]\nrelease_public_key = \"{key}\"\nchunk_size = 512\nchunk_requests_per_second = 5\n"),
+        );
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.ota.release_public_key, Some([0xab; 32]));
+        assert_eq!(c.ota.chunk_size, 512);
+        assert_eq!(
+            c.broker.session.ota_chunks,
+            MessageRate {
+                per_minute: 300,
+                burst: 10
+            }
+        );
+    }
+
+    #[test]
     fn shipped_config_parses_and_matches_the_defaults() {
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/gateway.toml");
         let c = Config::load(Some(&shipped)).unwrap();
@@ -1778,6 +1897,8 @@ mod tests {
         let p = write(dir.path(), "limits.toml", &block);
         let limits = Config::load(Some(&p)).unwrap().limits;
         assert_eq!(limits, Some(MeterLimits::default()), "{block}");
+        assert_eq!(c.ota, d.ota);
+        assert_eq!(c.ota, OtaConfig::default());
         assert_eq!(c.alerts, d.alerts);
     }
 

@@ -23,6 +23,7 @@ use crate::hub::{Hub, Outgoing};
 use crate::jsonl::JsonlSink;
 use crate::ledger::Rules;
 use crate::metrics::Metrics;
+use crate::ota::{OtaOp, OtaServer};
 use crate::outbox::{self, Bell, SinkRunner};
 use crate::plugin::{self, HostServices, Kind, PluginSink, SourceSupervisor};
 use crate::store::{self, Reader, StoreError};
@@ -254,6 +255,7 @@ impl Gateway {
         {
             warn!(meter = %id, source = source.as_deref().unwrap_or("any"), "meter accepts the original firmware's anonymous CONNECT: anyone on the LAN can report as it");
         }
+        let ota_server = Arc::new(OtaServer::new(config.ota.clone(), &config.gateway.data_dir));
         let broker = Arc::new(Broker {
             admission: broker::Admission::new(
                 config.broker.max_unauthenticated_per_ip,
@@ -273,6 +275,7 @@ impl Gateway {
                     crate::tariff::calendar::SiteZone::NAIROBI.offset_minutes() as i16,
                 )
             }),
+            ota: ota_server.clone(),
         });
         let mut tasks = vec![tokio::spawn(broker::serve(
             broker_listener,
@@ -280,6 +283,13 @@ impl Gateway {
             stopped(),
         ))];
         broker_ready.store(true, Ordering::Release);
+        tasks.push(tokio::spawn(announce_rollouts(
+            ota_server.clone(),
+            reader.clone(),
+            hub.clone(),
+            writer.clone(),
+            stopped(),
+        )));
 
         let api_state = Arc::new(ApiState {
             config: config.api.clone(),
@@ -297,6 +307,9 @@ impl Gateway {
             metrics: metrics.clone(),
             broker_ready,
             zone: config.alerts.zone,
+            ota: ota_server,
+            ota_config: config.ota.clone(),
+            data_dir: config.gateway.data_dir.clone(),
         });
         tasks.push(tokio::spawn(umeme_http_guard::serve(
             api_listener,
@@ -400,6 +413,58 @@ fn systemd_notify(state: &str) {
 }
 
 /// Pings systemd's watchdog (`WatchdogSec=`) at half its interval while the runtime runs.
+/// Follows the database's rollouts (once a second, or at once when the API started one) and
+/// sends a new rollout's offer to each of its connected meters; meters that connect later get
+/// it when they subscribe (`broker.rs`).
+async fn announce_rollouts(
+    ota: Arc<OtaServer>,
+    reader: Reader,
+    hub: Arc<Hub>,
+    writer: Writer,
+    done: impl std::future::Future<Output = ()>,
+) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(done);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = ota.wake.notified() => {}
+            _ = &mut done => return,
+        }
+        let server = ota.clone();
+        let announce = match reader.run(move |c| server.refresh(c)).await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "could not read the firmware rollout");
+                continue;
+            }
+        };
+        if !announce.is_empty() {
+            info!(
+                meters = announce.len(),
+                "firmware rollout: announcing to connected meters"
+            );
+        }
+        for (meter, payload, rollout) in announce {
+            let sent = hub.send(
+                &meter,
+                Outgoing::Command {
+                    leaf: "ota",
+                    payload,
+                },
+            );
+            if sent {
+                let op = crate::writer::Op::Ota(OtaOp::Offered {
+                    meter,
+                    rollout,
+                    at: store::now_ms(),
+                });
+                let _ = writer.enqueue(op).await;
+            }
+        }
+    }
+}
+
 async fn systemd_watchdog() {
     let Some(usec) = std::env::var("WATCHDOG_USEC")
         .ok()

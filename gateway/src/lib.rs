@@ -50,6 +50,7 @@ pub mod ledger;
 pub mod meter;
 pub mod meter_limits;
 pub mod metrics;
+pub mod ota;
 pub mod outbox;
 pub mod payload;
 pub mod plugin;

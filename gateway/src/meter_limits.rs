@@ -29,6 +29,8 @@ const WARNING_WINDOW: Duration = Duration::from_secs(60);
 pub enum MessageKind {
     Report,
     Status,
+    /// A firmware chunk request (`…/ota/request`).
+    OtaChunk,
 }
 
 /// The guards of every meter seen since start.
@@ -51,6 +53,7 @@ impl MeterGuards {
 pub struct MeterGuard {
     reports: TokenBucket,
     status: TokenBucket,
+    ota_chunks: TokenBucket,
     warnings: WarningBudget,
 }
 
@@ -59,6 +62,7 @@ impl MeterGuard {
         MeterGuard {
             reports: TokenBucket::full(limits.reports, now),
             status: TokenBucket::full(limits.status, now),
+            ota_chunks: TokenBucket::full(limits.ota_chunks, now),
             warnings: WarningBudget {
                 per_window: limits.warnings_per_minute,
                 window_start: now,
@@ -83,6 +87,7 @@ impl MeterGuard {
         match kind {
             MessageKind::Report => &mut self.reports,
             MessageKind::Status => &mut self.status,
+            MessageKind::OtaChunk => &mut self.ota_chunks,
         }
     }
 }

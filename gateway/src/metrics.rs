@@ -50,6 +50,16 @@ const HELP: &[(&str, &str, &str)] = &[
         "Commands published to meters.",
     ),
     (
+        "umeme_ota_chunks_total",
+        "counter",
+        "Firmware chunk requests answered, by result (data, busy, no_offer).",
+    ),
+    (
+        "umeme_ota_status_total",
+        "counter",
+        "Firmware update status reports from meters, by state.",
+    ),
+    (
         "umeme_ledger_commits_total",
         "counter",
         "SQLite transactions committed by the ledger writer (each one fsync).",

@@ -25,7 +25,7 @@ use crate::meter::MeterId;
 
 pub use rusqlite::Error as DbError;
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// Page size of new databases. A commit writes whole pages to the WAL, and at a site's pace
 /// (one report per commit) small pages mean fewer bytes per report.
@@ -155,6 +155,37 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 "#
 );
 
+/// Firmware images and rollouts (schema 6, [`migrate_v5`]): the images `firmware add` stored,
+/// each rollout, and where every meter of a rollout stands.
+const OTA_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS firmware (
+    version TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    file TEXT NOT NULL,
+    added_at INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS ota_rollouts (
+    id INTEGER PRIMARY KEY,
+    version TEXT NOT NULL,
+    state TEXT NOT NULL,
+    max_failure_percent INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    reason TEXT
+) STRICT;
+CREATE TABLE IF NOT EXISTS ota_meters (
+    rollout INTEGER NOT NULL,
+    meter TEXT NOT NULL,
+    state TEXT NOT NULL,
+    offset INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (rollout, meter)
+) STRICT;
+"#;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
@@ -214,19 +245,22 @@ fn open_with(path: &Path, gateway_id: &str, upgrade: bool) -> Result<Connection,
         .and_then(|v| v.parse().ok());
     match version {
         Some(v) if v > SCHEMA_VERSION => return Err(StoreError::NewerSchema(v)),
-        Some(1) if upgrade => {
-            migrate_v1(&tx)?;
-            migrate_v2(&tx)?;
-            migrate_v4(&tx)?;
+        Some(v) if v < SCHEMA_VERSION && upgrade => {
+            // One step per version, in order; each sets the version it reaches.
+            for from in v..SCHEMA_VERSION {
+                match from {
+                    1 => migrate_v1(&tx)?,
+                    2 => migrate_v2(&tx)?,
+                    3 => set_meta(&tx, "schema_version", 4)?,
+                    4 => migrate_v4(&tx)?,
+                    _ => migrate_v5(&tx)?,
+                }
+            }
         }
-        Some(2) if upgrade => {
-            migrate_v2(&tx)?;
-            migrate_v4(&tx)?;
-        }
-        Some(3) if upgrade => migrate_v4(&tx)?,
         Some(v) if v < SCHEMA_VERSION => return Err(StoreError::OlderSchema(v)),
         Some(_) => {}
         None => {
+            tx.execute_batch(OTA_SCHEMA)?;
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
                 [SCHEMA_VERSION.to_string()],
@@ -305,7 +339,15 @@ fn migrate_v2(tx: &Connection) -> Result<(), StoreError> {
 fn migrate_v4(tx: &Connection) -> Result<(), StoreError> {
     tracing::info!("upgrading the database to schema 5 (one time): hourly usage and alerts");
     tx.execute_batch("ALTER TABLE meters ADD COLUMN main INTEGER NOT NULL DEFAULT 0;")?;
-    set_meta(tx, "schema_version", SCHEMA_VERSION)?;
+    set_meta(tx, "schema_version", 5)?;
+    Ok(())
+}
+
+/// Schema 5 → 6: firmware images and OTA rollouts, in tables of their own.
+fn migrate_v5(tx: &Connection) -> Result<(), StoreError> {
+    tracing::info!("upgrading the database to schema 6 (firmware updates; one time)");
+    tx.execute_batch(OTA_SCHEMA)?;
+    set_meta(tx, "schema_version", 6)?;
     Ok(())
 }
 
@@ -1941,6 +1983,230 @@ pub fn kv_put(
         )?,
     };
     Ok(())
+}
+
+// ---- firmware images and rollouts (schema 6) ----
+
+/// A stored firmware image (`firmware add`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FirmwareRow {
+    pub version: String,
+    pub size: i64,
+    pub sha256: String,
+    pub signature: String,
+    /// File name under `{data_dir}/firmware/`.
+    pub file: String,
+    pub added_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RolloutRow {
+    pub id: i64,
+    pub version: String,
+    /// `active`, `paused` (too many failures), `done` (every meter finished) or `replaced`.
+    pub state: String,
+    pub max_failure_percent: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OtaMeterRow {
+    pub meter: String,
+    pub state: String,
+    pub offset: i64,
+    pub error: Option<String>,
+    pub updated_at: i64,
+}
+
+fn firmware_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FirmwareRow> {
+    Ok(FirmwareRow {
+        version: r.get(0)?,
+        size: r.get(1)?,
+        sha256: r.get(2)?,
+        signature: r.get(3)?,
+        file: r.get(4)?,
+        added_at: r.get(5)?,
+    })
+}
+
+const FIRMWARE_COLUMNS: &str = "version, size, sha256, signature, file, added_at";
+
+/// Stores an image's row; `false` when the version exists already.
+pub fn insert_firmware(tx: &Connection, f: &FirmwareRow) -> Result<bool, StoreError> {
+    let n = tx.execute(
+        &format!(
+            "INSERT OR IGNORE INTO firmware ({FIRMWARE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+        ),
+        params![f.version, f.size, f.sha256, f.signature, f.file, f.added_at],
+    )?;
+    Ok(n == 1)
+}
+
+pub fn firmware(conn: &Connection, version: &str) -> Result<Option<FirmwareRow>, StoreError> {
+    Ok(conn
+        .query_row(
+            &format!("SELECT {FIRMWARE_COLUMNS} FROM firmware WHERE version = ?1"),
+            [version],
+            firmware_row,
+        )
+        .optional()?)
+}
+
+pub fn firmware_list(conn: &Connection) -> Result<Vec<FirmwareRow>, StoreError> {
+    let mut st = conn.prepare(&format!(
+        "SELECT {FIRMWARE_COLUMNS} FROM firmware ORDER BY added_at, version"
+    ))?;
+    let rows = st.query_map([], firmware_row)?.collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+const ROLLOUT_COLUMNS: &str =
+    "id, version, state, max_failure_percent, created_at, updated_at, reason";
+
+fn rollout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
+    Ok(RolloutRow {
+        id: r.get(0)?,
+        version: r.get(1)?,
+        state: r.get(2)?,
+        max_failure_percent: r.get(3)?,
+        created_at: r.get(4)?,
+        updated_at: r.get(5)?,
+        reason: r.get(6)?,
+    })
+}
+
+/// Starts a rollout of `version` to `meters` (each `pending`); an active or paused one before
+/// it is `replaced`. Returns the new rollout's id.
+pub fn insert_rollout(
+    tx: &Connection,
+    version: &str,
+    meters: &[String],
+    max_failure_percent: i64,
+    at: i64,
+) -> Result<i64, StoreError> {
+    tx.execute(
+        "UPDATE ota_rollouts SET state = 'replaced', updated_at = ?1
+         WHERE state IN ('active', 'paused')",
+        [at],
+    )?;
+    tx.execute(
+        "INSERT INTO ota_rollouts (version, state, max_failure_percent, created_at, updated_at)
+         VALUES (?1, 'active', ?2, ?3, ?3)",
+        params![version, max_failure_percent, at],
+    )?;
+    let id = tx.last_insert_rowid();
+    let mut st = tx.prepare_cached(
+        "INSERT OR IGNORE INTO ota_meters (rollout, meter, state, updated_at)
+         VALUES (?1, ?2, 'pending', ?3)",
+    )?;
+    for m in meters {
+        st.execute(params![id, m, at])?;
+    }
+    Ok(id)
+}
+
+/// The newest rollout that is not replaced (active, paused or done).
+pub fn current_rollout(conn: &Connection) -> Result<Option<RolloutRow>, StoreError> {
+    Ok(conn
+        .query_row(
+            &format!(
+                "SELECT {ROLLOUT_COLUMNS} FROM ota_rollouts WHERE state != 'replaced'
+                 ORDER BY id DESC LIMIT 1"
+            ),
+            [],
+            rollout_row,
+        )
+        .optional()?)
+}
+
+pub fn rollout(conn: &Connection, id: i64) -> Result<Option<RolloutRow>, StoreError> {
+    Ok(conn
+        .query_row(
+            &format!("SELECT {ROLLOUT_COLUMNS} FROM ota_rollouts WHERE id = ?1"),
+            [id],
+            rollout_row,
+        )
+        .optional()?)
+}
+
+pub fn set_rollout_state(
+    tx: &Connection,
+    id: i64,
+    state: &str,
+    reason: Option<&str>,
+    at: i64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE ota_rollouts SET state = ?2, reason = ?3, updated_at = ?4 WHERE id = ?1",
+        params![id, state, reason, at],
+    )?;
+    Ok(())
+}
+
+pub fn rollout_meters(conn: &Connection, rollout: i64) -> Result<Vec<OtaMeterRow>, StoreError> {
+    let mut st = conn.prepare_cached(
+        "SELECT meter, state, offset, error, updated_at FROM ota_meters WHERE rollout = ?1
+         ORDER BY meter",
+    )?;
+    let rows = st
+        .query_map([rollout], |r| {
+            Ok(OtaMeterRow {
+                meter: r.get(0)?,
+                state: r.get(1)?,
+                offset: r.get(2)?,
+                error: r.get(3)?,
+                updated_at: r.get(4)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+pub fn ota_meter_state(
+    tx: &Connection,
+    rollout: i64,
+    meter: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(tx
+        .query_row(
+            "SELECT state FROM ota_meters WHERE rollout = ?1 AND meter = ?2",
+            params![rollout, meter],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+pub fn set_ota_meter(
+    tx: &Connection,
+    rollout: i64,
+    meter: &str,
+    state: &str,
+    offset: i64,
+    error: Option<&str>,
+    at: i64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE ota_meters SET state = ?3, offset = ?4, error = ?5, updated_at = ?6
+         WHERE rollout = ?1 AND meter = ?2",
+    )?
+    .execute(params![rollout, meter, state, offset, error, at])?;
+    Ok(())
+}
+
+/// Meters of a rollout by state.
+pub fn rollout_counts(
+    tx: &Connection,
+    rollout: i64,
+) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+    let mut st = tx.prepare_cached(
+        "SELECT state, COUNT(*) FROM ota_meters WHERE rollout = ?1 GROUP BY state",
+    )?;
+    let rows = st
+        .query_map([rollout], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
 }
 
 #[cfg(test)]

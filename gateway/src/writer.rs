@@ -198,6 +198,8 @@ pub enum Op {
     /// A payment source's payment that credits no meter, kept for the operator (a
     /// reference already kept or already credited is left as it is).
     RecordUnapplied(store::UnappliedRow),
+    /// Firmware images, rollouts and the meters' update status (`crate::ota`).
+    Ota(crate::ota::OtaOp),
     /// The operator credits a kept payment to `meter` under its own (source, reference), so it
     /// credits once however often this is asked. `source` is needed only when two sources
     /// kept the same reference.
@@ -229,6 +231,10 @@ pub enum Outcome {
     Credited {
         payment: PaymentRow,
         duplicate: bool,
+    },
+    /// A firmware rollout started (`crate::ota`).
+    Rollout {
+        id: i64,
     },
     Done,
 }
@@ -264,6 +270,9 @@ pub enum LedgerError {
     AmbiguousReference { reference: String, sources: String },
     #[error("payment {reference} was already applied to meter {meter}")]
     AlreadyApplied { reference: String, meter: String },
+    /// A firmware image or rollout the OTA rules refuse (`crate::ota`).
+    #[error("{0}")]
+    Ota(String),
 }
 
 impl From<rusqlite::Error> for LedgerError {
@@ -287,6 +296,7 @@ impl LedgerError {
             LedgerError::NotUnapplied(_) => "not_unapplied",
             LedgerError::AmbiguousReference { .. } => "ambiguous_reference",
             LedgerError::AlreadyApplied { .. } => "already_applied",
+            LedgerError::Ota(_) => "ota",
         }
     }
 }
@@ -412,6 +422,15 @@ pub fn apply_with(
             store::kv_put(tx, plugin, key, value.as_deref())?;
             done()
         }
+        Op::Ota(op) => Ok(Applied {
+            outcome: match crate::ota::apply(tx, op)? {
+                Some(id) => Outcome::Rollout { id },
+                None => Outcome::Done,
+            },
+            notice: None,
+            state: None,
+            seen: None,
+        }),
         Op::RecordUnapplied(u) => {
             // Credited already (references are unique per site, whatever the source): nothing
             // is left to apply.

@@ -18,6 +18,8 @@
 //! - [`snapshot`]: the meter's durable state as bytes.
 //! - [`flashlog`]: a wear-levelled, power-cut-safe record log on NOR flash.
 //! - [`mqtt`]: the few MQTT 3.1.1 packets a meter needs, encoded and decoded without allocation.
+//! - [`ota`]: over-the-air updates: download into the inactive slot, SHA-256 and Ed25519 checks,
+//!   trial boot, confirm or roll back (the board implements [`ota::OtaFlash`]).
 //!
 //! Architecture invariant: no floating point in the accounting path. Energy, balance and seq
 //! are integers; floats appear only at the JSON edge (`powerW`, `balance` in units).
@@ -33,6 +35,7 @@ pub mod flashlog;
 pub mod limits;
 pub mod meter;
 pub mod mqtt;
+pub mod ota;
 pub mod outbox;
 pub mod report;
 pub mod sensor;

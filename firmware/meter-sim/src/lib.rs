@@ -10,8 +10,11 @@
 //! - [`virtual_meter`]: one meter: v2 (our firmware, on `meter-core`) or v1 (the Arduino
 //!   firmware's payloads), online/offline episodes, reboots.
 //! - [`sim`]: the run: configuration, schedule, controller, summary.
+//! - [`ota`]: meters that take a firmware rollout (meter-core's OTA machine on a simulated
+//!   two-slot board), with induced drops, corrupted chunks and power cuts.
 
 pub mod api;
+pub mod ota;
 pub mod profile;
 pub mod sim;
 pub mod virtual_meter;

@@ -68,6 +68,106 @@ struct Args {
     no_provision: bool,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// OTA mode: meters that take a firmware rollout, trusting this release public key (64
+    /// hex digits, `umeme-gateway firmware keygen`). They connect, report, wait for the
+    /// rollout you start (`umeme-gateway firmware rollout --all`), update and report again.
+    #[arg(long, value_name = "HEX")]
+    ota_public_key: Option<String>,
+    /// OTA mode: every tenth meter gets an induced fault (a dropped connection, a corrupted
+    /// chunk or a power cut during a flash write).
+    #[arg(long)]
+    ota_faults: bool,
+    /// Write an image the simulated meters can boot (version VERSION, --ota-image-bytes long)
+    /// to FILE and exit: sign and add it as usual. Any other image is rolled back by them.
+    #[arg(long, num_args = 2, value_names = ["VERSION", "FILE"])]
+    ota_make_image: Option<Vec<String>>,
+    #[arg(long, default_value_t = 20_000)]
+    ota_image_bytes: usize,
+    /// OTA mode: give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    ota_timeout_s: u64,
+}
+
+/// OTA mode: one thread per meter (`meter_sim::ota`), a summary at the end. Exit 0 when every
+/// meter finished its update and none is bricked.
+async fn run_ota(a: &Args, key: &str) -> ExitCode {
+    use meter_sim::ota::{Fault, OtaMeter};
+    let public: Option<[u8; 32]> = (key.len() == 64)
+        .then(|| {
+            let mut k = [0u8; 32];
+            for (i, b) in k.iter_mut().enumerate() {
+                *b = u8::from_str_radix(key.get(2 * i..2 * i + 2)?, 16).ok()?;
+            }
+            Some(k)
+        })
+        .flatten();
+    let Some(public) = public else {
+        eprintln!("meter-sim: --ota-public-key must be 64 hex digits");
+        return ExitCode::from(2);
+    };
+    let ids: Vec<String> = (1..=a.meters)
+        .map(|n| format!("{}{n:04}", a.prefix))
+        .collect();
+    let api = meter_sim::api::Api { addr: a.api };
+    if !a.no_provision {
+        for id in &ids {
+            if let Err(e) = api.provision(id, &a.secret).await {
+                eprintln!("meter-sim: provisioning {id}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(a.ota_timeout_s);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let threads: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let fault = if a.ota_faults {
+                Fault::for_index(i)
+            } else {
+                Fault::None
+            };
+            let m = OtaMeter::new(id, &a.secret, a.broker, public, fault, 1000);
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                m.run(
+                    move || {
+                        let _ = tx.send(());
+                    },
+                    deadline,
+                )
+            })
+        })
+        .collect();
+    drop(tx);
+    let connected = rx.iter().take(ids.len()).count();
+    eprintln!(
+        "meter-sim: {connected} meters connected and reporting; start the rollout now (umeme-gateway firmware rollout --version V --all)"
+    );
+    let (mut versions, mut bricked, mut errors) = (std::collections::BTreeMap::new(), 0, 0);
+    for t in threads {
+        match t.join() {
+            Ok(Ok(r)) if r.bricked => bricked += 1,
+            Ok(Ok(r)) => *versions.entry(r.version).or_insert(0) += 1,
+            Ok(Err(e)) => {
+                errors += 1;
+                eprintln!("meter-sim: {e}");
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    println!("meter-sim OTA summary");
+    for (v, n) in &versions {
+        println!("  on {v:<12} {n} meters");
+    }
+    println!("  bricked        {bricked}");
+    println!("  unfinished     {errors}");
+    if bricked == 0 && errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 #[tokio::main]
@@ -80,6 +180,25 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
+    if let Some([version, file]) = a.ota_make_image.as_deref() {
+        let image = meter_core::ota::sim::make_image(version, a.ota_image_bytes, 2);
+        return match std::fs::write(file, &image) {
+            Ok(()) => {
+                println!(
+                    "{file}: a bootable simulated image of version {version}, {} bytes",
+                    image.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meter-sim: {file}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(key) = a.ota_public_key.clone() {
+        return run_ota(&a, &key).await;
+    }
     let profile = match Profile::parse(&a.profile) {
         Ok(p) => p,
         Err(e) => {
