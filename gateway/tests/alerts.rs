@@ -629,7 +629,7 @@ mod store_level {
     }
 
     #[test]
-    fn a_schema_3_database_is_upgraded_to_5_in_place_by_the_daemon_only() {
+    fn a_schema_3_database_is_upgraded_to_the_current_schema_in_place_by_the_daemon_only() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.db");
         {
@@ -659,7 +659,7 @@ mod store_level {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(version, "5");
+        assert_eq!(version, "6", "3 → 4 → 5 → 6");
         let m1 = MeterId::parse("M1").unwrap();
         assert!(!store::meter(&conn, &m1).unwrap().unwrap().main);
         apply_now(
