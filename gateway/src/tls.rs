@@ -20,6 +20,8 @@ pub const CA_CERT: &str = "ca.crt";
 pub const CA_KEY: &str = "ca.key";
 pub const SERVER_CERT: &str = "server.crt";
 pub const SERVER_KEY: &str = "server.key";
+/// The largest plaintext in one TLS record the gateway sends to a meter.
+pub const MAX_RECORD_PLAINTEXT: usize = 4096;
 /// The name every gateway's certificate carries besides its host name (mDNS).
 pub const DEFAULT_NAME: &str = "umeme-gateway.local";
 /// A site CA outlives any meter's service life; the firmware has it built in.
@@ -369,7 +371,7 @@ fn load(cert: &Path, key: &Path) -> Result<(CertSummary, Arc<rustls::ServerConfi
     let summary = summary(cert, &certs[0])?;
     let key_der = read_key(key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Invalid {
             path: cert.to_path_buf(),
@@ -382,6 +384,9 @@ fn load(cert: &Path, key: &Path) -> Result<(CertSummary, Arc<rustls::ServerConfi
             key: key.to_path_buf(),
             message: e.to_string(),
         })?;
+    // Records of at most 4 KiB, so a meter's TLS stack gets by with a 4 KiB read buffer
+    // instead of TLS's 16 KiB (the ESP32-C3 firmware's `link::TLS_READ`).
+    config.max_fragment_size = Some(MAX_RECORD_PLAINTEXT);
     Ok((summary, Arc::new(config)))
 }
 

@@ -315,3 +315,40 @@ fn rustls_connect(
     );
     Ok(connack[3])
 }
+
+#[test]
+fn an_expired_certificate_fails_check_config_and_is_served_with_a_warning() {
+    let tls: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut gw = Gateway::new("");
+    let dir = gw.dir.path().join("expired");
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join("server.crt"), cert.pem()).unwrap();
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join("server.key"))
+            .unwrap();
+        f.write_all(key.serialize_pem().as_bytes()).unwrap();
+    }
+    let mut gw_keys = format!(
+        "tls_listen = \"{tls}\"\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+        dir.join("server.crt").display().to_string(),
+        dir.join("server.key").display().to_string()
+    );
+    gw_keys.push('\n');
+    gw = gw.with_broker_keys(&gw_keys);
+    let out = gw.cli(&["check-config"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("expired on 2021-01-01"), "{}", text(&out));
+    gw.start();
+    gw.assert_log("TLS certificate has expired");
+    assert!(TcpStream::connect(tls).is_ok(), "served anyway");
+}

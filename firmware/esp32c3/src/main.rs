@@ -20,6 +20,7 @@
 extern crate alloc;
 
 mod config;
+mod link;
 mod session;
 
 use core::cell::RefCell;
