@@ -19,7 +19,7 @@ cd "$here"
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
 missing=""
-for p in rustc-web cargo-web rust-web-src lld-19; do
+for p in rustc-web cargo-web rust-web-src lld-19 openssl; do
   dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
 done
 if [ -n "$missing" ]; then

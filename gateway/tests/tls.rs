@@ -22,9 +22,8 @@ const BALANCE: &str = "smartmeter/METER001/command/balance";
 /// keys; started, with meter M provisioned.
 fn tls_gateway(extra_broker: &str) -> (Gateway, SocketAddr) {
     let tls: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut gw = Gateway::new("").with_broker_keys(&format!(
-        "tls_listen = \"{tls}\"\n{extra_broker}"
-    ));
+    let mut gw =
+        Gateway::new("").with_broker_keys(&format!("tls_listen = \"{tls}\"\n{extra_broker}"));
     let out = gw.cli(&["tls", "init", "--name", "localhost"]);
     assert!(out.status.success(), "tls init: {}", text(&out));
     gw.start();
@@ -48,7 +47,18 @@ fn text(out: &Output) -> String {
 /// PUBACK, which the gateway sends after the commit).
 fn mosquitto_pub(host: &str, port: u16, cafile: &Path, extra: &[&str], payload: &str) -> Output {
     Command::new(require_tool("mosquitto_pub"))
-        .args(["-h", host, "-p", &port.to_string(), "-i", M, "-u", M, "-P", SECRET])
+        .args([
+            "-h",
+            host,
+            "-p",
+            &port.to_string(),
+            "-i",
+            M,
+            "-u",
+            M,
+            "-P",
+            SECRET,
+        ])
         .args(["-V", "mqttv311", "--cafile"])
         .arg(cafile)
         .args(extra)
@@ -68,7 +78,11 @@ fn a_report_published_by_mosquitto_pub_over_tls_is_applied_and_the_balance_comes
         &[],
         &v1_payload(M, 0.04, 4.96),
     );
-    assert!(out.status.success(), "mosquitto_pub over TLS: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "mosquitto_pub over TLS: {}",
+        text(&out)
+    );
     eventually("the report's debit", || {
         (gw.balance_wh(M) == 4960).then_some(())
     });
@@ -80,7 +94,11 @@ fn a_report_published_by_mosquitto_pub_over_tls_is_applied_and_the_balance_comes
         .args(["-t", BALANCE, "-q", "1", "-C", "1", "-W", "15"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "mosquitto_sub over TLS: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "mosquitto_sub over TLS: {}",
+        text(&out)
+    );
     let cmd: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
     assert_eq!(cmd["balance"], 4.96);
@@ -128,7 +146,11 @@ fn a_host_name_not_in_the_certificate_is_refused() {
         &[],
         &v1_payload(M, 0.04, 4.96),
     );
-    assert!(!out.status.success(), "the name check must fail: {}", text(&out));
+    assert!(
+        !out.status.success(),
+        "the name check must fail: {}",
+        text(&out)
+    );
     // The same by rustls, as a meter's TLS stack checks it.
     let err = rustls_connect(tls, &ca_file(&gw), "127.0.0.1", &rustls::version::TLS13)
         .expect_err("127.0.0.1 is not a name of the certificate");
@@ -207,7 +229,8 @@ fn a_client_that_opens_tls_and_stalls_is_closed_after_the_handshake_timeout() {
 
 #[test]
 fn handshakes_in_flight_per_address_are_capped_and_the_rest_closed_at_once() {
-    let (gw, tls) = tls_gateway("max_tls_handshakes_per_ip = 2\ntls_handshake_timeout_ms = 30000\n");
+    let (gw, tls) =
+        tls_gateway("max_tls_handshakes_per_ip = 2\ntls_handshake_timeout_ms = 30000\n");
     let stalled: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(tls).unwrap()).collect();
     eventually("both handshakes admitted", || {
         (gw.metric("umeme_mqtt_connections_total") >= 2.0).then_some(())
@@ -235,11 +258,18 @@ fn check_config_reports_the_certificate_and_refuses_a_key_that_does_not_match() 
     let out = gw.cli(&["check-config"]);
     assert!(out.status.success(), "{}", text(&out));
     let said = text(&out);
-    assert!(said.contains("TLS certificate") && said.contains("localhost"), "{said}");
+    assert!(
+        said.contains("TLS certificate") && said.contains("localhost"),
+        "{said}"
+    );
     assert!(said.contains(&format!("TLS on {tls}")), "{said}");
     let show = gw.cli(&["tls", "show"]);
     assert!(show.status.success(), "{}", text(&show));
-    assert!(text(&show).contains("SHA-256 fingerprint"), "{}", text(&show));
+    assert!(
+        text(&show).contains("SHA-256 fingerprint"),
+        "{}",
+        text(&show)
+    );
 
     // Another site's key under this site's certificate.
     let other = tempfile::tempdir().unwrap();
@@ -269,7 +299,11 @@ fn tls_init_refuses_to_replace_the_site_ca_without_force() {
     let gw = Gateway::new("");
     let out = gw.cli(&["tls", "init", "--name", "gw.example", "--ip", "192.0.2.10"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("gw.example, 192.0.2.10"), "{}", text(&out));
+    assert!(
+        text(&out).contains("gw.example, 192.0.2.10"),
+        "{}",
+        text(&out)
+    );
     let out = gw.cli(&["tls", "init"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("--force"), "{}", text(&out));
@@ -347,8 +381,109 @@ fn an_expired_certificate_fails_check_config_and_is_served_with_a_warning() {
     gw = gw.with_broker_keys(&gw_keys);
     let out = gw.cli(&["check-config"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("expired on 2021-01-01"), "{}", text(&out));
+    assert!(
+        text(&out).contains("expired on 2021-01-01"),
+        "{}",
+        text(&out)
+    );
     gw.start();
     gw.assert_log("TLS certificate has expired");
     assert!(TcpStream::connect(tls).is_ok(), "served anyway");
+}
+
+#[test]
+fn the_meters_tls_stack_gets_a_session_with_the_site_ca_and_refuses_another_name() {
+    let (gw, tls) = tls_gateway("");
+    gw.simulate(M, 100.0);
+    let ca = std::fs::read(ca_file(&gw)).unwrap();
+    let ca = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(&ca).unwrap()
+    };
+    let puback = embedded_tls_report(tls, &ca, "localhost").expect("a session");
+    assert_eq!(puback, [0x40, 2, 0, 1], "PUBACK after the commit");
+    eventually("the report's debit", || {
+        (gw.balance_wh(M) == 4960).then_some(())
+    });
+    let err = embedded_tls_report(tls, &ca, "gateway.local").unwrap_err();
+    assert!(err.contains("InvalidCertificate"), "{err}");
+}
+
+/// What the ESP32-C3 firmware does (`firmware/esp32c3/src/link.rs`): embedded-tls 0.19, TLS
+/// 1.3 with AES-128-GCM, the site CA as the only trust anchor, the gateway's name checked, no
+/// clock, a 4,352-byte record buffer; then a meter's CONNECT and one QoS 1 report. Returns the
+/// PUBACK's bytes.
+fn embedded_tls_report(addr: SocketAddr, ca: &[u8], name: &str) -> Result<[u8; 4], String> {
+    use embedded_io_async::{Read as _, Write as _};
+    use embedded_tls::pki::CertVerifier;
+    use embedded_tls::{
+        Aes128GcmSha256, Certificate, CryptoProvider, NoClock, TlsConfig, TlsConnection,
+        TlsContext, TlsError, TlsVerifier,
+    };
+
+    struct SiteCa<'a> {
+        verifier: CertVerifier<'a, Aes128GcmSha256, NoClock, 1536>,
+    }
+    impl CryptoProvider for SiteCa<'_> {
+        type CipherSuite = Aes128GcmSha256;
+        type Signature = [u8; 0];
+        fn rng(&mut self) -> impl embedded_tls::CryptoRngCore {
+            rand::rngs::OsRng
+        }
+        fn verifier(&mut self) -> Result<&mut impl TlsVerifier<Aes128GcmSha256>, TlsError> {
+            Ok(&mut self.verifier)
+        }
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut read = [0u8; 4096 + 256];
+        let mut write = [0u8; 1024];
+        let mut tls: TlsConnection<_, Aes128GcmSha256> = TlsConnection::new(
+            embedded_io_adapters::tokio_1::FromTokio::new(stream),
+            &mut read,
+            &mut write,
+        );
+        let config = TlsConfig::new().with_server_name(name);
+        let provider = SiteCa {
+            verifier: CertVerifier::new(Certificate::X509(ca)),
+        };
+        let io = |e: TlsError| format!("{e:?}");
+        tokio::time::timeout(WAIT, tls.open(TlsContext::new(&config, provider)))
+            .await
+            .map_err(|_| "handshake timed out".to_string())?
+            .map_err(io)?;
+        tls.write_all(&pubsubclient_connect(M, Some((M, SECRET))))
+            .await
+            .map_err(io)?;
+        tls.flush().await.map_err(io)?;
+        let mut connack = [0u8; 4];
+        tls.read_exact(&mut connack)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+        let payload = v1_payload(M, 0.04, 4.96);
+        let mut publish = bytes::BytesMut::new();
+        let mut p = rumqttc::mqttbytes::v4::Publish::new(
+            CONSUMPTION,
+            rumqttc::mqttbytes::QoS::AtLeastOnce,
+            payload.into_bytes(),
+        );
+        p.pkid = 1;
+        p.write(&mut publish).unwrap();
+        tls.write_all(&publish).await.map_err(io)?;
+        tls.flush().await.map_err(io)?;
+        let mut puback = [0u8; 4];
+        tokio::time::timeout(WAIT, tls.read_exact(&mut puback))
+            .await
+            .map_err(|_| "no PUBACK".to_string())?
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(puback)
+    })
 }
