@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the ESP32-C3 meter firmware with Debian's Rust toolchain into an ELF and a flashable
 # app image, and prints their sizes. Installs what it needs when missing (Debian: rustc-web,
-# cargo-web, rust-web-src, lld-19; PyPI: esptool). Idempotent: a second run only relinks.
+# cargo-web, rust-web-src, lld-19, openssl; PyPI: esptool). Idempotent: a second run only relinks.
 #
 # Meter settings come from the environment at build time (see src/config.rs), e.g.
 #   METER_ID=METER001 METER_SECRET=… WIFI_SSID=… WIFI_PASSWORD=… GATEWAY_HOST=192.168.4.1 ./build.sh
