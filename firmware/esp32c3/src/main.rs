@@ -21,6 +21,7 @@ extern crate alloc;
 
 mod config;
 mod link;
+mod ota_slots;
 mod session;
 
 use core::cell::RefCell;
