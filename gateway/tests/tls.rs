@@ -487,3 +487,22 @@ fn embedded_tls_report(addr: SocketAddr, ca: &[u8], name: &str) -> Result<[u8; 4
         Ok(puback)
     })
 }
+
+#[test]
+fn plain_and_tls_meters_share_one_connection_cap() {
+    let (gw, tls) = tls_gateway("max_connections = 1\n");
+    let meter = gw.connect(M, SECRET);
+    let err = rustls_connect(tls, &ca_file(&gw), "localhost", &rustls::version::TLS13)
+        .expect_err("the one place is taken by the plain meter");
+    assert!(!err.is_empty());
+    assert_eq!(
+        gw.metric("umeme_mqtt_connect_refused_total{reason=\"max_connections\"}"),
+        1.0
+    );
+    meter.disconnect();
+    eventually("the place freed for TLS", || {
+        rustls_connect(tls, &ca_file(&gw), "localhost", &rustls::version::TLS13)
+            .ok()
+            .filter(|c| *c == 0)
+    });
+}
