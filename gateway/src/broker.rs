@@ -1,5 +1,9 @@
 //! The meter-facing MQTT 3.1.1 listener: the gateway's front door.
 //!
+//! Two listeners feed this front door, `[broker] listen` (plain TCP) and `tls_listen` (a TLS
+//! handshake first, [`Door::Tls`]); after the handshake nothing here knows which one a meter
+//! used.
+//!
 //! Each connection is one task. It reads CONNECT ([`crate::connect`]), authenticates the meter
 //! (username = meter number, client id = the username or an original firmware's form around it,
 //! secret checked by [`crate::auth`] within the limits of [`crate::admission`]; or a meter
@@ -77,6 +81,18 @@ impl Broker {
     fn refuse_connect(&self, reason: &'static str) {
         self.metrics
             .inc("umeme_mqtt_connect_refused_total", &[("reason", reason)]);
+    }
+
+    fn handshake_failed(&self, peer: SocketAddr, reason: &'static str, e: &dyn std::fmt::Display) {
+        self.metrics.inc(
+            "umeme_mqtt_tls_handshake_failures_total",
+            &[("reason", reason)],
+        );
+        if let Some(suppressed) = self.refusal_log() {
+            // rustls's messages can quote what the peer sent (SNI, alerts).
+            let error = e.to_string();
+            warn!(%peer, reason, error = %Untrusted(&error), suppressed, "TLS handshake failed; closing");
+        }
     }
 
     /// Whether a refusal may be logged now: `Some(lines suppressed since the last one)`. A
@@ -192,20 +208,6 @@ fn handshake_reason(e: &std::io::Error) -> &'static str {
         Some(rustls::Error::AlertReceived(_)) => "alert",
         Some(_) => "protocol",
         None => "io",
-    }
-}
-
-impl Broker {
-    fn handshake_failed(&self, peer: SocketAddr, reason: &'static str, e: &dyn std::fmt::Display) {
-        self.metrics.inc(
-            "umeme_mqtt_tls_handshake_failures_total",
-            &[("reason", reason)],
-        );
-        if let Some(suppressed) = self.refusal_log() {
-            // rustls's messages can quote what the peer sent (SNI, alerts).
-            let error = e.to_string();
-            warn!(%peer, reason, error = %Untrusted(&error), suppressed, "TLS handshake failed; closing");
-        }
     }
 }
 
