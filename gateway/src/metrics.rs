@@ -283,6 +283,10 @@ const EXPOSED_AT_ZERO: &[(&str, &[(&str, &str)])] = &[
         "umeme_mqtt_connect_refused_total",
         &[("reason", "connect_timeout")],
     ),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "tls_handshakes_per_ip")],
+    ),
     ("umeme_mqtt_refusal_logs_suppressed_total", &[]),
     ("umeme_mqtt_tls_connections_total", &[]),
     ("umeme_mqtt_legacy_anonymous_connects_total", &[]),
