@@ -506,3 +506,73 @@ fn plain_and_tls_meters_share_one_connection_cap() {
             .filter(|c| *c == 0)
     });
 }
+
+/// A measurement, not a check (docs/benchmarks.md, "TLS on the meter port"): the daemon's RSS
+/// with `N` idle connections that finished the TLS handshake, against `N` idle plain ones, in
+/// one run. `cargo test -p umeme-gateway --release --test tls memory -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn memory_per_idle_tls_connection_compared_with_plain() {
+    const N: usize = 500;
+    let rss_kib = |gw: &Gateway| -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", gw.pid().unwrap())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let keys = "max_unauthenticated_per_ip = 100000\nconnect_timeout_ms = 600000\nmax_tls_handshakes_per_ip = 100000\n";
+    // One gateway per kind, so neither reuses memory the other freed.
+    let (gw, _) = tls_gateway(keys);
+    let plain_before = rss_kib(&gw);
+    let plain: Vec<TcpStream> = (0..N)
+        .map(|_| TcpStream::connect(gw.broker).unwrap())
+        .collect();
+    eventually("plain connections accepted", || {
+        (gw.metric("umeme_mqtt_connections_total") >= N as f64).then_some(())
+    });
+    let plain_added = rss_kib(&gw).saturating_sub(plain_before);
+    drop(plain);
+    drop(gw);
+    let (gw, tls) = tls_gateway(keys);
+    let ca = ca_file(&gw);
+    let before = rss_kib(&gw);
+    let mut roots = rustls::RootCertStore::empty();
+    {
+        use rustls::pki_types::pem::PemObject;
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+    }
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let started = Instant::now();
+    let sessions: Vec<_> = (0..N)
+        .map(|_| {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut conn = rustls::ClientConnection::new(config.clone(), name).unwrap();
+            let mut sock = TcpStream::connect(tls).unwrap();
+            while conn.is_handshaking() {
+                conn.complete_io(&mut sock).unwrap();
+            }
+            (conn, sock)
+        })
+        .collect();
+    let handshakes = started.elapsed();
+    eventually("TLS connections accepted", || {
+        (gw.metric("umeme_mqtt_tls_connections_total") >= N as f64).then_some(())
+    });
+    let tls_added = rss_kib(&gw).saturating_sub(before);
+    println!(
+        "RSS: {before} KiB idle; +{plain_added} KiB with {N} plain connections before CONNECT ({:.1} KiB each); +{tls_added} KiB with {N} TLS connections after the handshake ({:.1} KiB each); {N} sequential TLS 1.3 handshakes (client in the same test process) in {handshakes:?}",
+        plain_added as f64 / N as f64,
+        tls_added as f64 / N as f64,
+    );
+    drop(sessions);
+}
