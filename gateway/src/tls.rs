@@ -387,6 +387,10 @@ fn load(cert: &Path, key: &Path) -> Result<(CertSummary, Arc<rustls::ServerConfi
     // Records of at most 4 KiB, so a meter's TLS stack gets by with a 4 KiB read buffer
     // instead of TLS's 16 KiB (the ESP32-C3 firmware's `link::TLS_READ`).
     config.max_fragment_size = Some(MAX_RECORD_PLAINTEXT);
+    // No session resumption: meters reconnect seldom and their TLS stack does not resume, so
+    // tickets would be bytes a meter must receive and skip, and a cache entry per connection.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok((summary, Arc::new(config)))
 }
 
