@@ -4,6 +4,12 @@
 //! carries `config::GATEWAY_TLS_NAME`. Certificate dates are not checked: a meter has no
 //! clock it can trust before it reaches the gateway.
 
+#[cfg(gateway_tls)]
+use core::cell::RefCell;
+
+use embassy_net::tcp::TcpSocket;
+#[cfg(gateway_tls)]
+use embedded_io_async::ErrorType;
 use embedded_io_async::{Read, Write};
 #[cfg(gateway_tls)]
 use embedded_tls::pki::CertVerifier;
@@ -31,22 +37,104 @@ pub const TLS_WRITE: usize = 1024;
 /// a few names is about 600 bytes.
 const CERT_MAX: usize = 1536;
 
-/// Sends what the session wrote since the last push.
+/// What the session needs of its byte stream beyond reading and writing.
 pub trait Link: Read + Write {
-    /// TLS seals and sends its buffered record here; TCP has already sent.
+    /// Sends what the session wrote since the last push: TLS seals and sends its buffered
+    /// record here; TCP has already sent.
     async fn push(&mut self) -> Result<(), ()>;
+    /// Waits until a `read` has something to return (or the peer closed). Cancel-safe: the
+    /// session waits for this inside a `select` with its timers and reads only afterwards,
+    /// because a TLS read cancelled halfway through a record would lose the record's header.
+    async fn readable(&mut self);
 }
 
-impl Link for embassy_net::tcp::TcpSocket<'_> {
+impl Link for TcpSocket<'_> {
     async fn push(&mut self) -> Result<(), ()> {
         Ok(())
+    }
+
+    async fn readable(&mut self) {
+        self.wait_read_ready().await
+    }
+}
+
+/// The TCP socket under a TLS connection, shared with [`TlsLink::readable`]. One task uses
+/// both, and the readiness wait is polled only while no TLS read or write is, so the cell is
+/// never borrowed twice at once.
+#[cfg(gateway_tls)]
+pub struct Shared<'c, 'r, 's>(pub &'c RefCell<&'r mut TcpSocket<'s>>);
+
+#[cfg(gateway_tls)]
+impl ErrorType for Shared<'_, '_, '_> {
+    type Error = embassy_net::tcp::Error;
+}
+
+#[cfg(gateway_tls)]
+impl Read for Shared<'_, '_, '_> {
+    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
+        let mut socket = self.0.borrow_mut();
+        socket.read(buf).await
     }
 }
 
 #[cfg(gateway_tls)]
-impl<S: Read + Write> Link for TlsConnection<'_, S, Aes128GcmSha256> {
+impl Write for Shared<'_, '_, '_> {
+    async fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+        let mut socket = self.0.borrow_mut();
+        socket.write(buf).await
+    }
+
+    async fn flush(&mut self) -> Result<(), Self::Error> {
+        let mut socket = self.0.borrow_mut();
+        socket.flush().await
+    }
+}
+
+/// A TLS session as the MQTT session's byte stream.
+#[cfg(gateway_tls)]
+pub struct TlsLink<'a, 'c, 'r, 's> {
+    tls: TlsConnection<'a, Shared<'c, 'r, 's>, Aes128GcmSha256>,
+    socket: &'c RefCell<&'r mut TcpSocket<'s>>,
+    /// The last read filled the caller's buffer: decrypted bytes may be waiting in the TLS
+    /// connection that the socket's readiness would not show.
+    more: bool,
+}
+
+#[cfg(gateway_tls)]
+impl ErrorType for TlsLink<'_, '_, '_, '_> {
+    type Error = TlsError;
+}
+
+#[cfg(gateway_tls)]
+impl Read for TlsLink<'_, '_, '_, '_> {
+    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
+        let n = self.tls.read(buf).await?;
+        self.more = n == buf.len();
+        Ok(n)
+    }
+}
+
+#[cfg(gateway_tls)]
+impl Write for TlsLink<'_, '_, '_, '_> {
+    async fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+        self.tls.write(buf).await
+    }
+
+    async fn flush(&mut self) -> Result<(), Self::Error> {
+        self.tls.flush().await
+    }
+}
+
+#[cfg(gateway_tls)]
+impl Link for TlsLink<'_, '_, '_, '_> {
     async fn push(&mut self) -> Result<(), ()> {
-        self.flush().await.map_err(|_| ())
+        self.tls.flush().await.map_err(|_| ())
+    }
+
+    async fn readable(&mut self) {
+        if !self.more {
+            self.socket.borrow().wait_read_ready().await
+        }
     }
 }
 
@@ -100,12 +188,17 @@ impl CryptoProvider for SiteCa {
 #[cfg(gateway_tls)]
 /// TLS 1.3 handshake on `socket`: the gateway must prove the name with a certificate of the
 /// site CA.
-pub async fn open<'a, S: Read + Write + 'a>(
-    socket: S,
+pub async fn open<'a, 'c, 'r, 's>(
+    socket: &'c RefCell<&'r mut TcpSocket<'s>>,
     read: &'a mut [u8; TLS_READ],
     write: &'a mut [u8; TLS_WRITE],
-) -> Result<TlsConnection<'a, S, Aes128GcmSha256>, TlsError> {
-    let mut tls = TlsConnection::new(socket, read, write);
+) -> Result<TlsLink<'a, 'c, 'r, 's>, TlsError>
+where
+    'c: 'a,
+    'r: 'a,
+    's: 'a,
+{
+    let mut tls = TlsConnection::new(Shared(socket), read, write);
     // One MQTT packet, one record, no wait for the TCP ACK (as on plain TCP).
     tls.set_flush_policy(FlushPolicy::Relaxed);
     let tls_config = TlsConfig::new().with_server_name(config::GATEWAY_TLS_NAME);
@@ -114,5 +207,9 @@ pub async fn open<'a, S: Read + Write + 'a>(
         verifier: CertVerifier::new(Certificate::X509(config::GATEWAY_CA_DER)),
     };
     tls.open(TlsContext::new(&tls_config, provider)).await?;
-    Ok(tls)
+    Ok(TlsLink {
+        tls,
+        socket,
+        more: false,
+    })
 }

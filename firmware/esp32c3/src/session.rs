@@ -118,7 +118,8 @@ async fn on(socket: &mut TcpSocket<'_>) -> SessionEnd {
 async fn on(socket: &mut TcpSocket<'_>) -> SessionEnd {
     let mut read = [0u8; crate::link::TLS_READ];
     let mut write = [0u8; crate::link::TLS_WRITE];
-    match crate::link::open(socket, &mut read, &mut write).await {
+    let socket = core::cell::RefCell::new(socket);
+    match crate::link::open(&socket, &mut read, &mut write).await {
         Ok(mut tls) => match session(&mut tls).await {
             Err(end) => end,
             Ok(never) => match never {},
@@ -238,15 +239,19 @@ async fn session<L: Link>(socket: &mut L) -> Result<core::convert::Infallible, S
             last_sent = Instant::now();
         }
 
-        let read = select3(
-            socket.read(&mut buf[have..]),
+        // Wait for bytes, a report or the tick; read only once bytes are there, outside the
+        // select, so no read is ever cancelled halfway (see `Link::readable`).
+        let ready = select3(
+            socket.readable(),
             REPORT_READY.wait(),
             Timer::after(Duration::from_secs(1)),
         )
         .await;
-        match read {
-            Either3::First(Ok(0)) | Either3::First(Err(_)) => return Err(SessionEnd::Tcp),
-            Either3::First(Ok(n)) => have += n,
+        match ready {
+            Either3::First(()) => match socket.read(&mut buf[have..]).await {
+                Ok(0) | Err(_) => return Err(SessionEnd::Tcp),
+                Ok(n) => have += n,
+            },
             Either3::Second(()) | Either3::Third(()) => continue,
         }
         // Handle every complete packet in the buffer (bounded by the bytes received).
