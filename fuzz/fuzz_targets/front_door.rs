@@ -53,7 +53,7 @@ fn start() -> Target {
             let gw = umeme_gateway::daemon::Gateway::start(config)
                 .await
                 .expect("gateway starts");
-            tx.send((gw.broker_addr, gw.api_addr))
+            tx.send((gw.broker_addr.expect("plain meter port"), gw.api_addr))
                 .expect("send addresses");
             std::future::pending::<()>().await;
             drop(gw);

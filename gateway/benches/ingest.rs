@@ -102,7 +102,7 @@ fn run() -> Result<()> {
     let metrics = gateway.metrics.clone();
     let load = load_rt.block_on(drive_load(
         &opts,
-        gateway.broker_addr,
+        gateway.broker_addr.expect("the plain meter port is on"),
         &meters,
         metrics.clone(),
     ));

@@ -41,6 +41,9 @@ pub struct Admission {
     max_pending_per_ip: usize,
     backoff_max: Duration,
     pending: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// TLS handshakes in flight per address (`[broker] max_tls_handshakes_per_ip`).
+    max_handshakes_per_ip: usize,
+    handshakes: Arc<Mutex<HashMap<IpAddr, usize>>>,
     by_ip: Mutex<Tracker<IpAddr>>,
     by_meter: Mutex<Tracker<String>>,
     /// Per address with checks running or waiting; removed when the last one is done.
@@ -155,12 +158,27 @@ impl<K: Hash + Eq + Clone> Tracker<K> {
     }
 }
 
+fn take_place(map: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, max: usize) -> Option<Pending> {
+    let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+    let n = m.entry(ip).or_insert(0);
+    if *n >= max {
+        return None;
+    }
+    *n += 1;
+    Some(Pending {
+        ip,
+        map: map.clone(),
+    })
+}
+
 impl Admission {
     pub fn new(max_pending_per_ip: usize, backoff_max: Duration) -> Admission {
         Admission {
             max_pending_per_ip,
             backoff_max,
             pending: Arc::new(Mutex::new(HashMap::new())),
+            max_handshakes_per_ip: usize::MAX,
+            handshakes: Arc::new(Mutex::new(HashMap::new())),
             by_ip: Mutex::new(Tracker::new()),
             by_meter: Mutex::new(Tracker::new()),
             checks: Mutex::new(HashMap::new()),
@@ -168,20 +186,22 @@ impl Admission {
         }
     }
 
+    /// Caps the TLS handshakes one address may have in flight at once.
+    pub fn with_tls_handshakes_per_ip(mut self, max: usize) -> Admission {
+        self.max_handshakes_per_ip = max;
+        self
+    }
+
     /// Takes one of `ip`'s places for a connection that has not been answered CONNACK yet;
     /// `None` when it has none left.
     pub fn enter(&self, ip: IpAddr) -> Option<Pending> {
-        let ip = peer_key(ip);
-        let mut m = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_insert(0);
-        if *n >= self.max_pending_per_ip {
-            return None;
-        }
-        *n += 1;
-        Some(Pending {
-            ip,
-            map: self.pending.clone(),
-        })
+        take_place(&self.pending, peer_key(ip), self.max_pending_per_ip)
+    }
+
+    /// Takes one of `ip`'s places for a TLS handshake, held until the handshake ends;
+    /// `None` when it has none left.
+    pub fn handshake(&self, ip: IpAddr) -> Option<Pending> {
+        take_place(&self.handshakes, peer_key(ip), self.max_handshakes_per_ip)
     }
 
     /// May a password check (argon2) run for `meter` from `ip`? `Err(reason)` when the address

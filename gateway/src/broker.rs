@@ -1,5 +1,9 @@
 //! The meter-facing MQTT 3.1.1 listener: the gateway's front door.
 //!
+//! Two listeners feed this front door, `[broker] listen` (plain TCP) and `tls_listen` (a TLS
+//! handshake first, [`Door::Tls`]); after the handshake nothing here knows which one a meter
+//! used.
+//!
 //! Each connection is one task. It reads CONNECT ([`crate::connect`]), authenticates the meter
 //! (username = meter number, client id = the username or an original firmware's form around it,
 //! secret checked by [`crate::auth`] within the limits of [`crate::admission`]; or a meter
@@ -27,8 +31,8 @@ use rumqttc::mqttbytes::{self, matches, valid_filter};
 use rumqttc::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
@@ -70,6 +74,8 @@ pub struct Broker {
     pub meter_config: Option<payload::ConfigCommand>,
     /// Firmware offers and chunks (`crate::ota`).
     pub ota: Arc<OtaServer>,
+    /// `max_connections` places shared by the plain and the TLS listener.
+    pub slots: Arc<Semaphore>,
 }
 
 impl Broker {
@@ -81,6 +87,18 @@ impl Broker {
     fn refuse_connect(&self, reason: &'static str) {
         self.metrics
             .inc("umeme_mqtt_connect_refused_total", &[("reason", reason)]);
+    }
+
+    fn handshake_failed(&self, peer: SocketAddr, reason: &'static str, e: &dyn std::fmt::Display) {
+        self.metrics.inc(
+            "umeme_mqtt_tls_handshake_failures_total",
+            &[("reason", reason)],
+        );
+        if let Some(suppressed) = self.refusal_log() {
+            // rustls's messages can quote what the peer sent (SNI, alerts).
+            let error = e.to_string();
+            warn!(%peer, reason, error = %Untrusted(&error), suppressed, "TLS handshake failed; closing");
+        }
     }
 
     /// Whether a refusal may be logged now: `Some(lines suppressed since the last one)`. A
@@ -95,13 +113,23 @@ impl Broker {
     }
 }
 
-/// Accepts meter connections until `shutdown` fires.
+/// How a listener's connections reach the MQTT session: as they are, or after a TLS
+/// handshake.
+#[derive(Clone)]
+pub enum Door {
+    Plain,
+    Tls(tokio_rustls::TlsAcceptor),
+}
+
+/// Accepts meter connections until `shutdown` fires. Both listeners run this: the same
+/// per-address admission, one pool of `max_connections` places (`Broker::slots`), and the same
+/// session code whatever the stream.
 pub async fn serve(
     listener: TcpListener,
+    door: Door,
     broker: Arc<Broker>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(broker.config.max_connections));
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -128,7 +156,7 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Ok(permit) = broker.slots.clone().try_acquire_owned() else {
             broker.refuse_connect("max_connections");
             if let Some(suppressed) = broker.refusal_log() {
                 warn!(%peer, max = broker.config.max_connections, suppressed, "connection refused: broker.max_connections reached");
@@ -136,13 +164,56 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let broker = broker.clone();
-        tokio::spawn(async move {
-            let _ = stream.set_nodelay(true);
-            let mut conn = Connection::new(stream, peer, &broker);
-            conn.run(pending).await;
-            drop(permit);
-        });
+        let _ = stream.set_nodelay(true);
+        match &door {
+            Door::Plain => {
+                let broker = broker.clone();
+                tokio::spawn(async move {
+                    Connection::new(stream, peer, &broker).run(pending).await;
+                    drop(permit);
+                });
+            }
+            Door::Tls(acceptor) => {
+                let Some(handshake) = broker.admission.handshake(peer.ip().to_canonical()) else {
+                    broker.refuse_connect("tls_handshakes_per_ip");
+                    if let Some(suppressed) = broker.refusal_log() {
+                        warn!(%peer, max = broker.config.max_tls_handshakes_per_ip, suppressed, "connection refused: broker.max_tls_handshakes_per_ip reached for this address");
+                    }
+                    continue;
+                };
+                let (broker, acceptor) = (broker.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let limit = Duration::from_millis(broker.config.tls_handshake_timeout_ms);
+                    let stream = match timeout(limit, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            return broker.handshake_failed(peer, handshake_reason(&e), &e)
+                        }
+                        Err(_) => {
+                            return broker.handshake_failed(
+                                peer,
+                                "timeout",
+                                &"no TLS handshake in time",
+                            )
+                        }
+                    };
+                    drop(handshake);
+                    broker.metrics.inc("umeme_mqtt_tls_connections_total", &[]);
+                    Connection::new(stream, peer, &broker).run(pending).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
+
+/// A metrics reason for a failed TLS handshake. `alert` is the client refusing us (most often
+/// our certificate: wrong CA, or a name it does not carry).
+fn handshake_reason(e: &std::io::Error) -> &'static str {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::AlertReceived(_)) => "alert",
+        Some(_) => "protocol",
+        None => "io",
     }
 }
 
@@ -167,16 +238,16 @@ struct Session {
     guard: Arc<Mutex<MeterGuard>>,
 }
 
-struct Connection<'a> {
-    stream: TcpStream,
+struct Connection<'a, S> {
+    stream: S,
     peer: SocketAddr,
     broker: &'a Broker,
     buf: BytesMut,
     out: BytesMut,
 }
 
-impl<'a> Connection<'a> {
-    fn new(stream: TcpStream, peer: SocketAddr, broker: &'a Broker) -> Self {
+impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
+    fn new(stream: S, peer: SocketAddr, broker: &'a Broker) -> Self {
         Connection {
             stream,
             peer,
@@ -980,7 +1051,12 @@ impl<'a> Connection<'a> {
         packet
             .write(&mut self.out, usize::MAX)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-        match timeout(WRITE_TIMEOUT, self.stream.write_all(&self.out)).await {
+        // The flush matters for TLS: the record may still sit in the session's buffer.
+        let write = async {
+            self.stream.write_all(&self.out).await?;
+            self.stream.flush().await
+        };
+        match timeout(WRITE_TIMEOUT, write).await {
             Ok(r) => r,
             Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
         }

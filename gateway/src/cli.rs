@@ -57,6 +57,9 @@ pub enum Command {
     /// Meter firmware: release keys, signed images, rollouts over the air.
     #[command(subcommand)]
     Firmware(FirmwareCommand),
+    /// TLS on the meter port: the site CA and the gateway's server certificate.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// Manual or cash top-up; crediting the same --ref twice credits once.
     Credit {
         /// Meter number.
@@ -88,6 +91,26 @@ pub enum SiteCommand {
         #[arg(long, value_name = "YYYY-MM-DD")]
         to: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TlsCommand {
+    /// Make a site CA (key and certificate) and a server certificate signed by it under the
+    /// data directory's `tls/` (keys mode 0600). Meters trust `tls/ca.crt`.
+    Init {
+        /// A DNS name meters connect to (repeatable); default: this host's name and
+        /// umeme-gateway.local.
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+        /// An IP address meters connect to (repeatable).
+        #[arg(long = "ip", value_name = "IP")]
+        ips: Vec<std::net::IpAddr>,
+        /// Replace an existing site CA: meters that trust the old one refuse the new one.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the site CA's SHA-256 fingerprint and the server certificate's names and expiry.
+    Show,
 }
 
 #[derive(Subcommand, Debug)]
@@ -370,6 +393,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             let budget = crate::fds::FdBudget::plan(crate::fds::raise_nofile_limit(), &config)?;
             println!("ok: {budget} (under this shell's open-file limit)");
             print_broker_limits(&config);
+            check_tls(&config)?;
             print_http_limits(&config);
             print_ota(&config);
             warn_legacy_meters(&config);
@@ -401,6 +425,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Meter(m) => meter(&config, m),
+        Command::Tls(t) => tls(&config, t),
         Command::Outbox(OutboxCommand::Status) => outbox_status(&config),
         Command::Payment(p) => payment(&config, p),
         Command::Site(s) => site(&config, s),
@@ -485,15 +510,109 @@ fn development_data_dir() -> Result<PathBuf, Failure> {
 /// The meter port's limits up to CONNACK (those after it are the "meter limits" line).
 fn print_broker_limits(config: &Config) {
     let b = &config.broker;
+    let ports = match (b.listen, b.tls_listen) {
+        (Some(p), Some(t)) => format!("{p} and TLS on {t}"),
+        (Some(p), None) => p.to_string(),
+        (None, Some(t)) => format!("TLS on {t} (plain listener off)"),
+        (None, None) => "nothing".into(),
+    };
     println!(
-        "ok: meter port on {}: at most {} connections, {} per address before CONNACK, CONNECT within {} ms, packets up to {} bytes, password backoff up to {} ms",
-        b.listen,
+        "ok: meter port on {ports}: at most {} connections, {} per address before CONNACK, CONNECT within {} ms, packets up to {} bytes, password backoff up to {} ms",
         b.max_connections,
         b.max_unauthenticated_per_ip,
         b.connect_timeout_ms,
         b.max_packet_bytes,
         b.auth_backoff_max_ms
     );
+    if b.tls_listen.is_some() {
+        println!(
+            "ok: meter port TLS: handshake within {} ms, {} handshakes in flight per address",
+            b.tls_handshake_timeout_ms, b.max_tls_handshakes_per_ip
+        );
+    }
+}
+
+/// With `[broker] tls_listen` set: the certificate and key the daemon would serve, readable,
+/// matching, not expired.
+fn check_tls(config: &Config) -> Result<(), Failure> {
+    let b = &config.broker;
+    if b.tls_listen.is_none() {
+        return Ok(());
+    }
+    let cert = crate::tls::check_server_files(&b.tls_cert_file, &b.tls_key_file).map_err(|e| {
+        usage(format!(
+            "[broker] tls_listen: {e}; `umeme-gateway tls init` makes the site CA and the server certificate"
+        ))
+    })?;
+    if cert.expired(crate::tls::now_unix()) {
+        return Err(usage(format!(
+            "[broker] tls_cert_file {} expired on {}: renew it with `umeme-gateway tls init --force` (or your CA)",
+            b.tls_cert_file.display(),
+            cert.not_after_text
+        )));
+    }
+    println!(
+        "ok: TLS certificate {} for {} (key {} matches), expires {}",
+        b.tls_cert_file.display(),
+        cert.names.join(", "),
+        b.tls_key_file.display(),
+        cert.not_after_text
+    );
+    Ok(())
+}
+
+fn tls(config: &Config, command: TlsCommand) -> Result<(), Failure> {
+    use crate::tls::{self, Paths};
+    let paths = Paths::under(&config.gateway.data_dir);
+    match command {
+        TlsCommand::Init { names, ips, force } => {
+            let names = if names.is_empty() && ips.is_empty() {
+                tls::default_names()
+            } else {
+                names
+            };
+            let (ca, server) = tls::init(&paths, &names, &ips, force).map_err(|e| match e {
+                tls::TlsError::Exists { .. } | tls::TlsError::BadName(_) => usage(e.to_string()),
+                other => Failure::from(anyhow::Error::new(other)),
+            })?;
+            println!(
+                "site CA: {} (key {})",
+                paths.ca_cert().display(),
+                paths.ca_key().display()
+            );
+            println!("  SHA-256 fingerprint: {}", ca.sha256);
+            println!(
+                "server certificate: {} (key {}) for {}, expires {}",
+                paths.server_cert().display(),
+                paths.server_key().display(),
+                server.names.join(", "),
+                server.not_after_text
+            );
+            println!(
+                "Meters trust {}; set [broker] tls_listen to serve TLS.",
+                paths.ca_cert().display()
+            );
+            Ok(())
+        }
+        TlsCommand::Show => {
+            let show = |path: &std::path::Path| -> Result<tls::CertSummary, Failure> {
+                let certs = tls::read_certs(path).map_err(anyhow::Error::new)?;
+                Ok(tls::summary(path, &certs[0]).map_err(anyhow::Error::new)?)
+            };
+            let ca = show(&paths.ca_cert())?;
+            println!("site CA: {}", paths.ca_cert().display());
+            println!("  subject: {}", ca.subject);
+            println!("  SHA-256 fingerprint: {}", ca.sha256);
+            println!("  expires: {}", ca.not_after_text);
+            let cert_file = &config.broker.tls_cert_file;
+            let server = show(cert_file)?;
+            println!("server certificate: {}", cert_file.display());
+            println!("  names (SANs): {}", server.names.join(", "));
+            println!("  SHA-256 fingerprint: {}", server.sha256);
+            println!("  expires: {}", server.not_after_text);
+            Ok(())
+        }
+    }
 }
 
 /// Whether firmware can be added, and the serving limits.

@@ -144,7 +144,19 @@ pub struct GatewayConfig {
 
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
-    pub listen: SocketAddr,
+    /// The plain MQTT listener (1883); `None` when `listen = "off"`.
+    pub listen: Option<SocketAddr>,
+    /// The TLS listener (`tls_listen`, off unless set; 8883 by convention).
+    pub tls_listen: Option<SocketAddr>,
+    /// The server certificate (chain) and key the TLS listener serves; by default the files
+    /// `tls init` writes under `data_dir/tls/`.
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+    /// Time a new TLS connection has to finish its handshake.
+    pub tls_handshake_timeout_ms: u64,
+    /// TLS handshakes one source address may have in flight (they cost the gateway the most
+    /// CPU of anything before CONNECT).
+    pub max_tls_handshakes_per_ip: usize,
     pub max_connections: usize,
     pub topic_prefix: TopicPrefix,
     /// Largest MQTT packet a meter may send; larger ones close the connection.
@@ -415,7 +427,7 @@ impl Config {
     pub fn development_defaults() -> Config {
         let mut c = Config::from_partial(PartialConfig::default(), ConfigSource::BuiltInDefaults);
         c.gateway.data_dir = PathBuf::from("umeme-data");
-        c.broker.listen = ([127, 0, 0, 1], 1883).into();
+        c.broker.listen = Some(([127, 0, 0, 1], 1883).into());
         c.api.allow_simulate = true;
         c
     }
@@ -449,6 +461,7 @@ impl Config {
         let mut sinks: Vec<SinkConfig> = Vec::new();
         let mut sources: Vec<SourceConfig> = Vec::new();
         let mut exposure = ApiExposure::default();
+        let mut meter_ports = MeterPorts::default();
         for file in &files {
             let text = std::fs::read_to_string(file).map_err(|e| io_error(file, e))?;
             let mut part: PartialConfig = toml::from_str(&text).map_err(|e| {
@@ -508,10 +521,14 @@ impl Config {
             if let Some(a) = &part.api {
                 exposure.note(a, file, &text);
             }
+            if let Some(b) = &part.broker {
+                meter_ports.note(b, file, &text);
+            }
             merged.merge(part);
         }
         let mut config = Config::from_partial(merged, ConfigSource::Files(files));
         exposure.check(&config.api)?;
+        meter_ports.check(&config.broker)?;
         config.secret_files = secret_files;
         config.sinks = sinks;
         config.sources = sources;
@@ -537,19 +554,41 @@ impl Config {
         });
         let ota = p.ota.unwrap_or_default();
         let ota_chunks_per_s = ota.chunk_requests_per_second.map_or(20, |n| n.0 as u32);
+        let data_dir: PathBuf = g
+            .data_dir
+            .map_or_else(|| "/var/lib/umeme-gateway".into(), |p| p.0);
         Config {
             source,
             gateway: GatewayConfig {
                 id: g.id.unwrap_or_else(|| GatewayId("site-001".into())),
-                data_dir: g
-                    .data_dir
-                    .map_or_else(|| "/var/lib/umeme-gateway".into(), |p| p.0),
+                data_dir: data_dir.clone(),
                 plugin_dir: g
                     .plugin_dir
                     .map_or_else(|| "/usr/lib/umeme-gateway/plugins".into(), |p| p.0),
             },
             broker: BrokerConfig {
-                listen: b.listen.unwrap_or_else(|| ([0, 0, 0, 0], 1883).into()),
+                listen: b
+                    .listen
+                    .map_or(Some(([0, 0, 0, 0], 1883).into()), |l| l.into_inner().0),
+                tls_listen: b.tls_listen.and_then(|l| l.into_inner().0),
+                tls_cert_file: b.tls_cert_file.map_or_else(
+                    || {
+                        data_dir
+                            .join(crate::tls::TLS_DIR)
+                            .join(crate::tls::SERVER_CERT)
+                    },
+                    |p| p.0,
+                ),
+                tls_key_file: b.tls_key_file.map_or_else(
+                    || {
+                        data_dir
+                            .join(crate::tls::TLS_DIR)
+                            .join(crate::tls::SERVER_KEY)
+                    },
+                    |p| p.0,
+                ),
+                tls_handshake_timeout_ms: b.tls_handshake_timeout_ms.map_or(10_000, |n| n.0 as u64),
+                max_tls_handshakes_per_ip: b.max_tls_handshakes_per_ip.map_or(4, |n| n.0),
                 max_connections: b.max_connections.map_or(2000, |n| n.0),
                 topic_prefix: b
                     .topic_prefix
@@ -1045,7 +1084,12 @@ struct PartialGateway {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PartialBroker {
-    listen: Option<SocketAddr>,
+    listen: Option<Spanned<ListenOrOff>>,
+    tls_listen: Option<Spanned<ListenOrOff>>,
+    tls_cert_file: Option<NonEmptyPath>,
+    tls_key_file: Option<NonEmptyPath>,
+    tls_handshake_timeout_ms: Option<Bounded<100, 600_000>>,
+    max_tls_handshakes_per_ip: Option<Bounded<1, 100_000>>,
     max_connections: Option<Bounded<1, 100_000>>,
     topic_prefix: Option<TopicPrefix>,
     max_packet_bytes: Option<Bounded<256, 1_048_576>>,
@@ -1190,6 +1234,14 @@ impl PartialConfig {
         if let Some(b) = o.broker {
             let s = self.broker.get_or_insert_with(Default::default);
             merge_opt(&mut s.listen, b.listen);
+            merge_opt(&mut s.tls_listen, b.tls_listen);
+            merge_opt(&mut s.tls_cert_file, b.tls_cert_file);
+            merge_opt(&mut s.tls_key_file, b.tls_key_file);
+            merge_opt(&mut s.tls_handshake_timeout_ms, b.tls_handshake_timeout_ms);
+            merge_opt(
+                &mut s.max_tls_handshakes_per_ip,
+                b.max_tls_handshakes_per_ip,
+            );
             merge_opt(&mut s.max_connections, b.max_connections);
             merge_opt(&mut s.topic_prefix, b.topic_prefix);
             merge_opt(&mut s.max_packet_bytes, b.max_packet_bytes);
@@ -1330,6 +1382,50 @@ impl TryFrom<String> for TopicPrefix {
 #[derive(Debug, Deserialize)]
 #[serde(try_from = "PathBuf")]
 struct NonEmptyPath(PathBuf);
+
+/// A listener's address, or `"off"` (`[broker] listen` and `tls_listen`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "String")]
+struct ListenOrOff(Option<SocketAddr>);
+
+impl TryFrom<String> for ListenOrOff {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        if s == "off" {
+            return Ok(ListenOrOff(None));
+        }
+        s.parse().map(|a| ListenOrOff(Some(a))).map_err(|_| {
+            format!("expected an address and port such as \"0.0.0.0:8883\", or \"off\"; got {s:?}")
+        })
+    }
+}
+
+/// Where `[broker] listen` and `tls_listen` were last set, to refuse a meter port with both
+/// listeners off at the key that turned the last one off.
+#[derive(Default)]
+struct MeterPorts {
+    listen: Option<(PathBuf, usize, usize)>,
+}
+
+impl MeterPorts {
+    fn note(&mut self, b: &PartialBroker, file: &Path, text: &str) {
+        if let Some(l) = &b.listen {
+            let (line, col) = line_col(text, l.span().start);
+            self.listen = Some((file.to_path_buf(), line, col));
+        }
+    }
+
+    fn check(&self, b: &BrokerConfig) -> Result<(), ConfigError> {
+        match (&self.listen, b.listen, b.tls_listen) {
+            (Some(at), None, None) => Err(ConfigError::at(
+                at,
+                "[broker] listen = \"off\" needs [broker] tls_listen: meters would have no way in"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
 
 impl TryFrom<PathBuf> for NonEmptyPath {
     type Error = &'static str;
@@ -1776,6 +1872,40 @@ mod tests {
         let c = Config::load(Some(&p)).unwrap();
         assert_eq!(c.broker.max_unauthenticated_per_ip, 4);
         assert_eq!(c.broker.auth_backoff_max_ms, 2000);
+    }
+
+    #[test]
+    fn the_plain_meter_port_can_be_turned_off_when_tls_is_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "g.toml", "[gateway]\ndata_dir = \"/srv/u\"\n");
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.broker.listen, Some(([0, 0, 0, 0], 1883).into()));
+        assert_eq!(c.broker.tls_listen, None, "TLS is off unless set");
+        assert_eq!(c.broker.tls_cert_file, Path::new("/srv/u/tls/server.crt"));
+        assert_eq!(c.broker.tls_key_file, Path::new("/srv/u/tls/server.key"));
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[broker]\nlisten = \"off\"\ntls_listen = \"0.0.0.0:8883\"\ntls_handshake_timeout_ms = 2000\nmax_tls_handshakes_per_ip = 2\n",
+        );
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.broker.listen, None);
+        assert_eq!(c.broker.tls_listen, Some(([0, 0, 0, 0], 8883).into()));
+        assert_eq!(c.broker.tls_handshake_timeout_ms, 2000);
+        assert_eq!(c.broker.max_tls_handshakes_per_ip, 2);
+    }
+
+    #[test]
+    fn both_meter_listeners_off_is_refused_at_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "g.toml", "[broker]\nlisten = \"off\"\n");
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((2, 10)), "{e}");
+        assert!(e.message.contains("tls_listen"), "{e}");
+        let p = write(dir.path(), "g.toml", "[broker]\ntls_listen = \"8883\"\n");
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((2, 14)), "{e}");
+        assert!(e.message.contains("\"off\""), "{e}");
     }
 
     #[test]

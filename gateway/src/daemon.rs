@@ -42,6 +42,8 @@ pub enum StartError {
         addr: SocketAddr,
         error: std::io::Error,
     },
+    #[error("[broker] tls_listen: {0}; `umeme-gateway tls init` makes the site CA and the server certificate")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What to do about a port that is taken: on a developer's machine the usual culprit is
@@ -53,9 +55,10 @@ fn listen_hint(what: &str, addr: &SocketAddr, e: &std::io::Error) -> String {
     let port = addr.port();
     let (who, section) = match what {
         "broker.listen" => ("another MQTT broker (mosquitto?)", "[broker] listen"),
+        "broker.tls_listen" => ("another MQTT broker (mosquitto?)", "[broker] tls_listen"),
         _ => ("another program", "[api] listen"),
     };
-    let stop = if what == "broker.listen" {
+    let stop = if what.starts_with("broker.") {
         " (`sudo systemctl disable --now mosquitto`)"
     } else {
         ""
@@ -68,7 +71,10 @@ fn listen_hint(what: &str, addr: &SocketAddr, e: &std::io::Error) -> String {
 
 /// A running gateway: its listening addresses and a way to stop it.
 pub struct Gateway {
-    pub broker_addr: SocketAddr,
+    /// The plain meter port, unless `[broker] listen = "off"`.
+    pub broker_addr: Option<SocketAddr>,
+    /// The TLS meter port, when `[broker] tls_listen` is set.
+    pub tls_addr: Option<SocketAddr>,
     pub api_addr: SocketAddr,
     /// The original firmware's lookups, when `[api] legacy_listen` is set.
     pub legacy_addr: Option<SocketAddr>,
@@ -95,7 +101,7 @@ impl Gateway {
         if config.source == ConfigSource::BuiltInDefaults {
             info!(
                 data_dir = %config.gateway.data_dir.display(),
-                broker = %config.broker.listen,
+                broker = ?config.broker.listen,
                 api = %config.api.listen,
                 "no configuration file found: running on built-in development defaults (POST /daraja/simulate enabled)"
             );
@@ -227,13 +233,40 @@ impl Gateway {
                 .await
                 .map_err(|error| StartError::Listen { what, addr, error })
         };
-        let broker_listener = bind("broker.listen", config.broker.listen).await?;
+        // The certificate is checked before anything listens, so a bad file stops the start.
+        let tls = match config.broker.tls_listen {
+            Some(_) => {
+                let b = &config.broker;
+                let (cert, server) = crate::tls::server_config(&b.tls_cert_file, &b.tls_key_file)?;
+                if cert.expired(crate::tls::now_unix()) {
+                    // Served anyway: meters without a clock do not check it, and the ledger
+                    // must not stop for it; clients that check refuse it.
+                    warn!(cert = %b.tls_cert_file.display(), not_after = %cert.not_after_text, "the meter port's TLS certificate has expired: renew it with `umeme-gateway tls init --force`");
+                }
+                info!(cert = %b.tls_cert_file.display(), names = ?cert.names, not_after = %cert.not_after_text, "TLS on the meter port");
+                Some(tokio_rustls::TlsAcceptor::from(server))
+            }
+            None => None,
+        };
+        let broker_listener = match config.broker.listen {
+            Some(addr) => Some(bind("broker.listen", addr).await?),
+            None => None,
+        };
+        let tls_listener = match config.broker.tls_listen {
+            Some(addr) => Some(bind("broker.tls_listen", addr).await?),
+            None => None,
+        };
         let api_listener = bind("api.listen", config.api.listen).await?;
         let legacy_listener = match config.api.legacy_listen {
             Some(addr) => Some(bind("api.legacy_listen", addr).await?),
             None => None,
         };
-        let broker_addr = broker_listener.local_addr().expect("bound socket");
+        let broker_addr = broker_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound socket"));
+        let tls_addr = tls_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound socket"));
         let api_addr = api_listener.local_addr().expect("bound socket");
         let legacy_addr = legacy_listener
             .as_ref()
@@ -260,7 +293,9 @@ impl Gateway {
             admission: broker::Admission::new(
                 config.broker.max_unauthenticated_per_ip,
                 Duration::from_millis(config.broker.auth_backoff_max_ms),
-            ),
+            )
+            .with_tls_handshakes_per_ip(config.broker.max_tls_handshakes_per_ip),
+            slots: Arc::new(tokio::sync::Semaphore::new(config.broker.max_connections)),
             config: config.broker.clone(),
             hub: hub.clone(),
             writer: writer.clone(),
@@ -277,11 +312,25 @@ impl Gateway {
             }),
             ota: ota_server.clone(),
         });
-        let mut tasks = vec![tokio::spawn(broker::serve(
-            broker_listener,
-            broker,
-            stopped(),
-        ))];
+        let mut tasks = Vec::new();
+        if let Some(listener) = broker_listener {
+            let door = broker::Door::Plain;
+            tasks.push(tokio::spawn(broker::serve(
+                listener,
+                door,
+                broker.clone(),
+                stopped(),
+            )));
+        }
+        if let (Some(listener), Some(acceptor)) = (tls_listener, tls) {
+            let door = broker::Door::Tls(acceptor);
+            tasks.push(tokio::spawn(broker::serve(
+                listener,
+                door,
+                broker.clone(),
+                stopped(),
+            )));
+        }
         broker_ready.store(true, Ordering::Release);
         tasks.push(tokio::spawn(announce_rollouts(
             ota_server.clone(),
@@ -339,9 +388,10 @@ impl Gateway {
                 }
             }
         }));
-        info!(broker = %broker_addr, api = %api_addr, legacy = ?legacy_addr, gateway = %config.gateway.id, "umeme-gateway ready");
+        info!(broker = ?broker_addr, tls = ?tls_addr, api = %api_addr, legacy = ?legacy_addr, gateway = %config.gateway.id, "umeme-gateway ready");
         Ok(Gateway {
             broker_addr,
+            tls_addr,
             api_addr,
             legacy_addr,
             metrics,

@@ -25,6 +25,8 @@
 //! - [`hub`]: connected meter sessions and commands to them.
 //! - [`broker`]: the meter-facing MQTT 3.1.1 listener.
 //! - [`meter_limits`]: per-meter message rates and warning budgets after CONNECT.
+//! - [`tls`]: the meter port's TLS: site CA and server certificate (`tls init`), checks,
+//!   the rustls server configuration.
 //! - [`connect`]: the meter port's CONNECT parser and the original firmwares' client ids.
 //! - [`admission`]: limits before CONNACK (per-IP, backoff after failed passwords).
 //! - [`api`]: the admin HTTP API and the original firmware's legacy listener.
@@ -57,6 +59,7 @@ pub mod plugin;
 pub mod store;
 pub mod tariff;
 pub mod usage;
+pub mod tls;
 pub mod writer;
 
 /// Untrusted text in log lines: [`untrusted::Untrusted`] escapes control characters and caps

@@ -20,6 +20,16 @@ const HELP: &[(&str, &str, &str)] = &[
         "CONNECTs refused, by reason.",
     ),
     (
+        "umeme_mqtt_tls_connections_total",
+        "counter",
+        "Meter connections that completed a TLS handshake on [broker] tls_listen.",
+    ),
+    (
+        "umeme_mqtt_tls_handshake_failures_total",
+        "counter",
+        "TLS handshakes on the meter port that failed, by reason (timeout, alert, protocol, io).",
+    ),
+    (
         "umeme_mqtt_sessions",
         "gauge",
         "Meters connected and authenticated now.",
@@ -295,7 +305,12 @@ const EXPOSED_AT_ZERO: &[(&str, &[(&str, &str)])] = &[
         "umeme_mqtt_connect_refused_total",
         &[("reason", "connect_timeout")],
     ),
+    (
+        "umeme_mqtt_connect_refused_total",
+        &[("reason", "tls_handshakes_per_ip")],
+    ),
     ("umeme_mqtt_refusal_logs_suppressed_total", &[]),
+    ("umeme_mqtt_tls_connections_total", &[]),
     ("umeme_mqtt_legacy_anonymous_connects_total", &[]),
     ("umeme_mqtt_reports_delayed_total", &[]),
     ("umeme_mqtt_warnings_suppressed_total", &[]),

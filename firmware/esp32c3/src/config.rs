@@ -26,7 +26,20 @@ pub const WIFI_SSID: &str = or(option_env!("WIFI_SSID"), "umeme-site");
 pub const WIFI_PASSWORD: &str = or(option_env!("WIFI_PASSWORD"), "change-this-password");
 /// The gateway's broker: an IPv4 address on the site LAN.
 pub const GATEWAY_HOST: &str = or(option_env!("GATEWAY_HOST"), "192.168.4.1");
-pub const GATEWAY_PORT: u16 = parse_u32(or(option_env!("GATEWAY_PORT"), "1883")) as u16;
+/// The site CA (DER) from `GATEWAY_CA_FILE` at build time (build.rs).
+#[cfg(gateway_tls)]
+pub const GATEWAY_CA_DER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gateway-ca.der"));
+/// TLS to the gateway's `[broker] tls_listen` when a site CA is built in (cfg `gateway_tls`,
+/// set by build.rs); plain MQTT on TCP (the gateway's `[broker] listen`) otherwise.
+pub const TLS: bool = cfg!(gateway_tls);
+/// The name the gateway's certificate must carry (a DNS SAN given to `tls init --name`);
+/// checked on every connect, whatever address `GATEWAY_HOST` reaches it at.
+#[cfg(gateway_tls)]
+pub const GATEWAY_TLS_NAME: &str = or(option_env!("GATEWAY_TLS_NAME"), "umeme-gateway.local");
+pub const GATEWAY_PORT: u16 = parse_u32(or(
+    option_env!("GATEWAY_PORT"),
+    if TLS { "8883" } else { "1883" },
+)) as u16;
 pub const TOPIC_PREFIX: &str = or(option_env!("TOPIC_PREFIX"), "smartmeter");
 pub const REPORT_S: u64 = parse_u32(or(option_env!("METER_REPORT_S"), "60")) as u64;
 pub const VOLTAGE_MV: u32 = parse_u32(or(option_env!("METER_VOLTAGE_MV"), "230000"));

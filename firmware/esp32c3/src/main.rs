@@ -20,6 +20,8 @@
 extern crate alloc;
 
 mod config;
+mod link;
+mod ota_slots;
 mod session;
 
 use core::cell::RefCell;

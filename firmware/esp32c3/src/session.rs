@@ -15,13 +15,13 @@ use embassy_net::Stack;
 use embassy_sync::blocking_mutex::raw::CriticalSectionRawMutex;
 use embassy_sync::signal::Signal;
 use embassy_time::{with_timeout, Duration, Instant, Timer};
-use embedded_io_async::Write as _;
 use esp_println::println;
 use heapless::String;
 use meter_core::meter::Applied;
 use meter_core::mqtt::{self, Connect, Incoming, QoS};
 use meter_core::report::max_v2_len;
 
+use crate::link::Link;
 use crate::{change_and_save, config, persisted_reports, with_meter, REPORT_READY};
 
 /// Raised once when the balance falls to the low threshold: publish a `low_balance` status.
@@ -36,6 +36,10 @@ const TX: usize = 1024;
 #[derive(Debug, Clone, Copy)]
 enum SessionEnd {
     Tcp,
+    /// The TLS handshake failed: a gateway without the site CA's certificate for
+    /// `GATEWAY_TLS_NAME`, or not speaking TLS on that port.
+    #[cfg(gateway_tls)]
+    Tls,
     Refused(u8),
     Protocol,
     Timeout,
@@ -76,10 +80,7 @@ pub async fn run_forever(stack: Stack<'static>) -> ! {
         socket.set_timeout(Some(Duration::from_secs(u64::from(KEEP_ALIVE_S) * 2)));
         let started = Instant::now();
         let end = match socket.connect((broker, config::GATEWAY_PORT)).await {
-            Ok(()) => match session(&mut socket).await {
-                Err(end) => end,
-                Ok(never) => match never {},
-            },
+            Ok(()) => on(&mut socket).await,
             Err(e) => {
                 println!("tcp connect to {broker}: {e:?}");
                 SessionEnd::Tcp
@@ -102,11 +103,40 @@ pub async fn run_forever(stack: Stack<'static>) -> ! {
     }
 }
 
-async fn send(socket: &mut TcpSocket<'_>, bytes: &[u8]) -> Result<(), SessionEnd> {
-    socket.write_all(bytes).await.map_err(|_| SessionEnd::Tcp)
+/// A session on a connected socket: plain MQTT.
+#[cfg(not(gateway_tls))]
+async fn on(socket: &mut TcpSocket<'_>) -> SessionEnd {
+    match session(socket).await {
+        Err(end) => end,
+        Ok(never) => match never {},
+    }
 }
 
-async fn session(socket: &mut TcpSocket<'_>) -> Result<core::convert::Infallible, SessionEnd> {
+/// A session on a connected socket: the TLS handshake first (the record buffers live in this
+/// future, inside `run_forever`'s).
+#[cfg(gateway_tls)]
+async fn on(socket: &mut TcpSocket<'_>) -> SessionEnd {
+    let mut read = [0u8; crate::link::TLS_READ];
+    let mut write = [0u8; crate::link::TLS_WRITE];
+    let socket = core::cell::RefCell::new(socket);
+    match crate::link::open(&socket, &mut read, &mut write).await {
+        Ok(mut tls) => match session(&mut tls).await {
+            Err(end) => end,
+            Ok(never) => match never {},
+        },
+        Err(e) => {
+            println!("tls to {}: {e:?}", config::GATEWAY_TLS_NAME);
+            SessionEnd::Tls
+        }
+    }
+}
+
+async fn send<L: Link>(socket: &mut L, bytes: &[u8]) -> Result<(), SessionEnd> {
+    socket.write_all(bytes).await.map_err(|_| SessionEnd::Tcp)?;
+    socket.push().await.map_err(|_| SessionEnd::Tcp)
+}
+
+async fn session<L: Link>(socket: &mut L) -> Result<core::convert::Infallible, SessionEnd> {
     let t = topics();
     let mut out = [0u8; 512];
     let mut buf = [0u8; RX];
@@ -209,15 +239,19 @@ async fn session(socket: &mut TcpSocket<'_>) -> Result<core::convert::Infallible
             last_sent = Instant::now();
         }
 
-        let read = select3(
-            socket.read(&mut buf[have..]),
+        // Wait for bytes, a report or the tick; read only once bytes are there, outside the
+        // select, so no read is ever cancelled halfway (see `Link::readable`).
+        let ready = select3(
+            socket.readable(),
             REPORT_READY.wait(),
             Timer::after(Duration::from_secs(1)),
         )
         .await;
-        match read {
-            Either3::First(Ok(0)) | Either3::First(Err(_)) => return Err(SessionEnd::Tcp),
-            Either3::First(Ok(n)) => have += n,
+        match ready {
+            Either3::First(()) => match socket.read(&mut buf[have..]).await {
+                Ok(0) | Err(_) => return Err(SessionEnd::Tcp),
+                Ok(n) => have += n,
+            },
             Either3::Second(()) | Either3::Third(()) => continue,
         }
         // Handle every complete packet in the buffer (bounded by the bytes received).
@@ -273,8 +307,8 @@ async fn session(socket: &mut TcpSocket<'_>) -> Result<core::convert::Infallible
 }
 
 /// Reads until one whole packet is buffered.
-async fn next_packet<'b>(
-    socket: &mut TcpSocket<'_>,
+async fn next_packet<'b, L: Link>(
+    socket: &mut L,
     buf: &'b mut [u8; RX],
     have: &mut usize,
 ) -> Result<(Incoming<'b>, usize), SessionEnd> {
