@@ -51,6 +51,9 @@ pub enum Command {
     /// Payments, and M-Pesa payments that credited no meter (unapplied).
     #[command(subcommand)]
     Payment(PaymentCommand),
+    /// The web dashboard's operator sign-in.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// Manual or cash top-up; crediting the same --ref twice credits once.
     Credit {
         /// Meter number.
@@ -62,6 +65,14 @@ pub enum Command {
         #[arg(long = "ref")]
         reference: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OperatorCommand {
+    /// Set the dashboard's operator password (10 to 128 characters), read from standard input
+    /// (not echoed on a terminal); stored argon2id-hashed in the database. Signed-in sessions
+    /// end at the daemon's next restart or their expiry.
+    Password,
 }
 
 #[derive(Subcommand, Debug)]
@@ -293,6 +304,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Meter(m) => meter(&config, m),
         Command::Outbox(OutboxCommand::Status) => outbox_status(&config),
         Command::Payment(p) => payment(&config, p),
+        Command::Operator(OperatorCommand::Password) => operator_password(&config),
         Command::Plugin(PluginCommand::Inspect { path }) => {
             let lib = crate::plugin::inspect(&path).map_err(|e| Failure {
                 code: 1,
@@ -526,6 +538,64 @@ fn payment(config: &Config, cmd: PaymentCommand) -> Result<(), Failure> {
                 }
                 _ => Err(anyhow!("unexpected ledger outcome").into()),
             }
+        }
+    }
+}
+
+fn operator_password(config: &Config) -> Result<(), Failure> {
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    if tty {
+        eprint!("operator password: ");
+    }
+    let echo = tty.then(EchoOff::new).flatten();
+    let mut line = String::new();
+    let read = stdin.read_line(&mut line);
+    drop(echo);
+    if tty {
+        eprintln!();
+    }
+    read.context("reading the password from standard input")?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    let len = password.chars().count();
+    if !(10..=128).contains(&len) || password.chars().any(char::is_control) {
+        return Err(usage(
+            "the operator password must be 10 to 128 characters, no control characters",
+        ));
+    }
+    apply(
+        config,
+        Op::SetOperatorPassword {
+            hash: auth::hash_secret(password),
+        },
+    )?;
+    println!("operator password set; sign in at the admin API's /dashboard");
+    Ok(())
+}
+
+/// Turns terminal echo off until dropped (the password prompt).
+struct EchoOff(libc::termios);
+
+impl EchoOff {
+    fn new() -> Option<EchoOff> {
+        // SAFETY: tcgetattr/tcsetattr on stdin with a termios the call fills in.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return None;
+            }
+            let saved = t;
+            t.c_lflag &= !libc::ECHO;
+            (libc::tcsetattr(0, libc::TCSANOW, &t) == 0).then_some(EchoOff(saved))
+        }
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes read in `new`.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &self.0);
         }
     }
 }

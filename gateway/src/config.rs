@@ -218,6 +218,9 @@ pub struct ApiConfig {
     pub limits: HttpLimits,
     /// The legacy listener's limits (its timeouts are the admin listener's).
     pub legacy_limits: HttpLimits,
+    /// The dashboard's session cookie carries `Secure` (the admin API is reached over HTTPS,
+    /// through a TLS-terminating proxy).
+    pub dashboard_secure_cookies: bool,
 }
 
 /// One HTTP listener's timeouts and connection caps (`[api]` keys).
@@ -470,6 +473,7 @@ impl Config {
                     allow_simulate: a.allow_simulate.is_some_and(Spanned::into_inner),
                     token_file: a.token_file.map(Spanned::into_inner),
                     legacy_listen: a.legacy_listen,
+                    dashboard_secure_cookies: a.dashboard_secure_cookies.unwrap_or(false),
                     limits: HttpLimits {
                         header_timeout,
                         request_timeout,
@@ -779,6 +783,7 @@ struct PartialApi {
     max_connections_per_ip: Option<Bounded<1, 10_000>>,
     legacy_max_connections: Option<Bounded<1, 10_000>>,
     legacy_max_connections_per_ip: Option<Bounded<1, 10_000>>,
+    dashboard_secure_cookies: Option<bool>,
 }
 
 /// `[api] legacy_meter_http`, kept so an old file gets a pointer to its replacement.
@@ -909,6 +914,7 @@ impl PartialConfig {
             merge_opt(&mut s.legacy_meter_http, a.legacy_meter_http);
             merge_opt(&mut s.token_file, a.token_file);
             merge_opt(&mut s.legacy_listen, a.legacy_listen);
+            merge_opt(&mut s.dashboard_secure_cookies, a.dashboard_secure_cookies);
             merge_opt(&mut s.header_timeout, a.header_timeout);
             merge_opt(&mut s.request_timeout, a.request_timeout);
             merge_opt(&mut s.max_connections, a.max_connections);

@@ -288,6 +288,15 @@ impl Gateway {
             hub,
             metrics: metrics.clone(),
             broker_ready,
+            dashboard: crate::dashboard::Dashboard::new(
+                crate::dashboard::DashboardSettings {
+                    secure_cookies: config.api.dashboard_secure_cookies,
+                    low_balance_wh: config.ledger.low_balance_wh,
+                    data_dir: config.gateway.data_dir.clone(),
+                    zone: Default::default(),
+                },
+                bell.clone(),
+            ),
         });
         tasks.push(tokio::spawn(umeme_http_guard::serve(
             api_listener,

@@ -1,0 +1,114 @@
+// Umeme dashboard: live updates (server-sent events) and the meter chart. No dependencies;
+// the pages work without this file, only less live.
+"use strict";
+
+(function () {
+  var dot = document.getElementById("live");
+
+  // Replaces every live region ([data-live][id]) with the same region of a fresh copy of
+  // this page, so the numbers change without a reload and forms being typed stay as they are.
+  function refresh() {
+    return fetch(location.href, { credentials: "same-origin", cache: "no-store" })
+      .then(function (r) {
+        if (r.redirected && /\/login$/.test(r.url)) { location.href = r.url; return null; }
+        return r.ok ? r.text() : null;
+      })
+      .then(function (text) {
+        if (!text) return;
+        var doc = new DOMParser().parseFromString(text, "text/html");
+        document.querySelectorAll("[data-live][id]").forEach(function (el) {
+          var fresh = doc.getElementById(el.id);
+          if (fresh) el.replaceWith(document.importNode(fresh, true));
+        });
+        drawChart();
+      });
+  }
+
+  if (dot && window.EventSource) {
+    var es = new EventSource("/dashboard/live");
+    es.addEventListener("hello", function () { dot.className = "live on"; dot.title = "live"; });
+    es.addEventListener("change", function () { refresh(); });
+    es.onerror = function () {
+      dot.className = "live";
+      dot.title = "reconnecting";
+      // A stream ended by sign-out or expiry is not reopened by the browser: go to sign-in.
+      if (es.readyState === EventSource.CLOSED) refresh();
+    };
+  }
+
+  document.querySelectorAll("[data-confirm]").forEach(function (b) {
+    b.addEventListener("click", function (e) {
+      if (!confirm(b.getAttribute("data-confirm"))) e.preventDefault();
+    });
+  });
+
+  // The meter chart: GET /api/meters/{id}/usage?from=&to=&step=hour|day answering
+  // {"points":[{"at":ms,"wh":n}]}; "no data" when the endpoint is absent or empty.
+  var step = "hour";
+  var range = document.getElementById("range");
+  if (range) {
+    range.addEventListener("click", function (e) {
+      var b = e.target.closest("button[data-step]");
+      if (!b) return;
+      step = b.getAttribute("data-step");
+      range.querySelectorAll("button").forEach(function (x) { x.className = x === b ? "on" : ""; });
+      drawChart();
+    });
+  }
+
+  function svg(tag, attrs) {
+    var el = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    Object.keys(attrs).forEach(function (k) { el.setAttribute(k, attrs[k]); });
+    return el;
+  }
+
+  function drawChart() {
+    var box = document.getElementById("chart");
+    if (!box) return;
+    var now = new Date();
+    var from = step === "hour"
+      ? new Date(now.getFullYear(), now.getMonth(), now.getDate())
+      : new Date(now.getFullYear(), now.getMonth(), 1);
+    var url = "/api/meters/" + encodeURIComponent(box.getAttribute("data-meter")) +
+      "/usage?from=" + from.getTime() + "&to=" + now.getTime() + "&step=" + step;
+    fetch(url, { credentials: "same-origin" })
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (data) { render(box, data && Array.isArray(data.points) ? data.points : []); })
+      .catch(function () { render(box, []); });
+  }
+
+  function render(box, points) {
+    box.textContent = "";
+    var max = points.reduce(function (m, p) { return Math.max(m, Number(p.wh) || 0); }, 0);
+    if (!points.length || max <= 0) {
+      var p = document.createElement("p");
+      p.className = "nodata";
+      p.textContent = "no data";
+      box.appendChild(p);
+      return;
+    }
+    var W = 600, H = 160, pad = 24, bw = (W - pad) / points.length;
+    var s = svg("svg", { viewBox: "0 0 " + W + " " + (H + 20), "class": "chart", role: "img" });
+    var top = svg("text", { x: 0, y: 10, "class": "ax" });
+    top.textContent = (max / 1000).toFixed(2) + " kWh";
+    s.appendChild(top);
+    var every = Math.max(1, Math.floor(points.length / 8));
+    points.forEach(function (p, i) {
+      var h = (Number(p.wh) || 0) / max * (H - 16), x = pad + i * bw, d = new Date(p.at);
+      var label = step === "hour" ? d.getHours() + ":00" : String(d.getDate());
+      var r = svg("rect", { x: x.toFixed(1), y: (H - h).toFixed(1), width: Math.max(1, bw * 0.8).toFixed(1), height: h.toFixed(1) });
+      var t = svg("title", {});
+      t.textContent = label + ": " + (p.wh / 1000).toFixed(3) + " kWh";
+      r.appendChild(t);
+      s.appendChild(r);
+      if (i % every === 0) {
+        var l = svg("text", { x: x.toFixed(1), y: H + 14, "class": "ax" });
+        l.textContent = label;
+        s.appendChild(l);
+      }
+    });
+    box.appendChild(s);
+  }
+
+  drawChart();
+})();
