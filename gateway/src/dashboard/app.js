@@ -7,7 +7,19 @@
 
   // Replaces every live region ([data-live][id]) with the same region of a fresh copy of
   // this page, so the numbers change without a reload and forms being typed stay as they are.
+  // One fetch at a time: a change during a fetch asks for one more afterwards, so an older
+  // answer never lands after a newer one.
+  var busy = false, again = false;
   function refresh() {
+    if (busy) { again = true; return; }
+    busy = true;
+    load().catch(function () {}).then(function () {
+      busy = false;
+      if (again) { again = false; refresh(); }
+    });
+  }
+
+  function load() {
     return fetch(location.href, { credentials: "same-origin", cache: "no-store" })
       .then(function (r) {
         if (r.redirected && /\/login$/.test(r.url)) { location.href = r.url; return null; }
@@ -28,6 +40,9 @@
     var es = new EventSource("/dashboard/live");
     es.addEventListener("hello", function () { dot.className = "live on"; dot.title = "live"; });
     es.addEventListener("change", function () { refresh(); });
+    // A stream left open by a page being navigated away from would hold one of the browser's
+    // few connections to this host.
+    window.addEventListener("pagehide", function () { es.close(); });
     es.onerror = function () {
       dot.className = "live";
       dot.title = "reconnecting";

@@ -279,6 +279,7 @@ fn refuse(st: &ApiState, status: StatusCode, reason: &'static str, msg: &str) ->
 /// for a POST checks the origin and the CSRF token (else 403).
 async fn require_session(State(st): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
+    tracing::debug!(method = %req.method(), path = %Untrusted(&path), "dashboard request");
     let Some(signed) =
         session_cookie(req.headers()).and_then(|id| st.dashboard.sessions.use_session(id))
     else {
@@ -536,6 +537,7 @@ async fn live(
             match changed {
                 Ok(Ok(())) => {
                     tokio::time::sleep(LIVE_THROTTLE).await;
+                    tracing::debug!("dashboard live change sent");
                     let seq = *rx.borrow_and_update();
                     let ev = SseEvent::default().event("change").data(seq.to_string());
                     return Some((Ok(ev), (slot, rx, id, false)));
