@@ -92,6 +92,8 @@
       .catch(function () { render(box, []); });
   }
 
+  // The same chart as the server draws (pages.rs bar_chart): bars in an SVG stretched to
+  // the box, the scale and labels in HTML.
   function render(box, points) {
     box.textContent = "";
     var max = points.reduce(function (m, p) { return Math.max(m, Number(p.wh) || 0); }, 0);
@@ -102,27 +104,31 @@
       box.appendChild(p);
       return;
     }
-    var W = 600, H = 160, pad = 24, bw = (W - pad) / points.length;
-    var s = svg("svg", { viewBox: "0 0 " + W + " " + (H + 20), "class": "chart", role: "img" });
-    var top = svg("text", { x: 0, y: 10, "class": "ax" });
+    var chart = document.createElement("div");
+    chart.className = "chart";
+    var top = document.createElement("span");
+    top.className = "ymax";
     top.textContent = (max / 1000).toFixed(2) + " kWh";
-    s.appendChild(top);
-    var every = Math.max(1, Math.floor(points.length / 8));
+    chart.appendChild(top);
+    var s = svg("svg", { viewBox: "0 0 " + points.length + " 100", preserveAspectRatio: "none", role: "img" });
+    var xl = document.createElement("div");
+    xl.className = "xl";
+    var every = Math.max(1, Math.ceil(points.length / 8));
     points.forEach(function (p, i) {
-      var h = (Number(p.wh) || 0) / max * (H - 16), x = pad + i * bw, d = new Date(p.at);
+      var h = (Number(p.wh) || 0) / max * 100, d = new Date(p.at);
       var label = step === "hour" ? d.getHours() + ":00" : String(d.getDate());
-      var r = svg("rect", { x: x.toFixed(1), y: (H - h).toFixed(1), width: Math.max(1, bw * 0.8).toFixed(1), height: h.toFixed(1) });
+      var r = svg("rect", { x: i + 0.15, y: (100 - h).toFixed(2), width: 0.7, height: h.toFixed(2) });
       var t = svg("title", {});
       t.textContent = label + ": " + (p.wh / 1000).toFixed(3) + " kWh";
       r.appendChild(t);
       s.appendChild(r);
-      if (i % every === 0) {
-        var l = svg("text", { x: x.toFixed(1), y: H + 14, "class": "ax" });
-        l.textContent = label;
-        s.appendChild(l);
-      }
+      var l = document.createElement("span");
+      if (i % every === 0) l.textContent = label;
+      xl.appendChild(l);
     });
-    box.appendChild(s);
+    chart.appendChild(s);
+    chart.appendChild(xl);
+    box.appendChild(chart);
   }
 
   drawChart();

@@ -87,51 +87,42 @@ fn stat(h: &mut Html, id: &str, label: &str, value: &str, note: &str) {
         .raw("</span></div>");
 }
 
-/// A bar chart as inline SVG: `(label, value)` pairs, labels every few bars.
+/// A bar chart: bars as inline SVG stretched to the box (no text in it, so nothing is
+/// distorted), the scale and labels as HTML beside it. `(label, value)` pairs; every few
+/// labels shown.
 pub fn bar_chart(points: &[(String, f64)], unit: &str) -> String {
     if points.iter().all(|(_, v)| *v <= 0.0) {
         return "<p class=\"nodata\">no data</p>".into();
     }
-    let (w, hgt, pad) = (600.0, 160.0, 24.0);
     let max = points.iter().map(|(_, v)| *v).fold(0.0, f64::max);
-    let bw = (w - pad) / points.len() as f64;
+    let n = points.len();
     let mut s = format!(
-        "<svg class=\"chart\" viewBox=\"0 0 {w} {}\" role=\"img\" aria-label=\"{}\">",
-        hgt + 20.0,
-        esc(unit)
-    );
-    let _ = write!(
-        s,
-        "<text x=\"0\" y=\"10\" class=\"ax\">{} {}</text>",
+        "<div class=\"chart\"><span class=\"ymax\">{} {}</span><svg viewBox=\"0 0 {n} 100\" preserveAspectRatio=\"none\" role=\"img\" aria-label=\"{}\">",
         esc(&format!("{max:.1}")),
+        esc(unit),
         esc(unit)
     );
-    let every = (points.len() / 8).max(1);
     for (i, (label, v)) in points.iter().enumerate() {
-        let bh = if max > 0.0 {
-            v / max * (hgt - 16.0)
-        } else {
-            0.0
-        };
-        let x = pad + i as f64 * bw;
+        let h = if max > 0.0 { v / max * 100.0 } else { 0.0 };
         let _ = write!(
             s,
-            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\"><title>{}: {v:.2} {}</title></rect>",
-            hgt - bh,
-            (bw * 0.8).max(1.0),
+            "<rect x=\"{}.15\" y=\"{:.2}\" width=\"0.7\" height=\"{h:.2}\"><title>{}: {v:.2} {}</title></rect>",
+            i,
+            100.0 - h,
             esc(label),
             esc(unit)
         );
-        if i % every == 0 {
-            let _ = write!(
-                s,
-                "<text x=\"{x:.1}\" y=\"{}\" class=\"ax\">{}</text>",
-                hgt + 14.0,
-                esc(label)
-            );
-        }
     }
-    s.push_str("</svg>");
+    s.push_str("</svg><div class=\"xl\">");
+    let every = n.div_ceil(8).max(1);
+    for (i, (label, _)) in points.iter().enumerate() {
+        s.push_str("<span>");
+        if i % every == 0 {
+            s.push_str(&esc(label));
+        }
+        s.push_str("</span>");
+    }
+    s.push_str("</div></div>");
     s
 }
 
@@ -149,6 +140,7 @@ pub async fn overview(State(st): St, Extension(s): Extension<Signed>) -> Respons
     let now = super::now();
     let zone = st.dashboard.settings.zone;
     let (day, month_day, day_start, _) = today(zone, now);
+    let month_end = next_month(zone.date(now)).days() - 1;
     let st2 = st.clone();
     let r = st
         .reader
@@ -161,7 +153,7 @@ pub async fn overview(State(st): St, Extension(s): Extension<Signed>) -> Respons
                 paid_today: store::payments_between(c, day_start, i64::MAX, 10_000)?,
                 energy_today,
                 energy_month,
-                days: st2.dashboard.energy_days(month_day, day),
+                days: st2.dashboard.energy_days(month_day, month_end),
             })
         })
         .await;
@@ -221,19 +213,23 @@ pub async fn overview(State(st): St, Extension(s): Extension<Signed>) -> Respons
         "meters, relay off",
     );
     let up = st.dashboard.uptime().as_secs();
-    stat(
-        &mut h,
-        "uptime",
-        "Uptime",
-        &format!("{}d {}h {}m", up / 86_400, up / 3600 % 24, up / 60 % 60),
-        "since start",
-    );
+    let uptime = match up {
+        0..=3599 => format!("{} min", up / 60),
+        3600..=86_399 => format!("{} h {} min", up / 3600, up / 60 % 60),
+        _ => format!("{} d {} h", up / 86_400, up / 3600 % 24),
+    };
+    stat(&mut h, "uptime", "Uptime", &uptime, "since start");
     let free = disk_free(&st.dashboard.settings.data_dir);
+    let used = o.outbox.used_bytes as f64;
     stat(
         &mut h,
         "disk",
         "Database",
-        &format!("{:.1} MiB", o.outbox.used_bytes as f64 / 1_048_576.0),
+        &if used < 1_048_576.0 {
+            format!("{:.0} KiB", used / 1024.0)
+        } else {
+            format!("{:.1} MiB", used / 1_048_576.0)
+        },
         &match free {
             Some(f) => format!("{:.1} GiB free on disk", f as f64 / 1_073_741_824.0),
             None => String::new(),
@@ -575,9 +571,30 @@ pub async fn meter(
     ))
 }
 
+/// The first day of the month after `date`'s.
+fn next_month(date: crate::tariff::calendar::LocalDate) -> crate::tariff::calendar::LocalDate {
+    let (year, month) = if date.month == 12 {
+        (date.year + 1, 1)
+    } else {
+        (date.year, date.month + 1)
+    };
+    crate::tariff::calendar::LocalDate {
+        year,
+        month,
+        day: 1,
+    }
+}
+
 fn event_line(e: &store::Event) -> String {
     let d = &e.data;
+    let field = |k: &str| d.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
     match e.kind.as_str() {
+        "status" => match (field("status"), field("source")) {
+            (st, src) if src == "connection" => format!("{st} (connection)"),
+            (st, _) if !st.is_empty() => st,
+            _ => describe(d),
+        },
+        "meter" => field("action").replace('_', " "),
         "consumption" => format!(
             "{} Wh used, balance {} kWh",
             d.get("debitWh").and_then(|v| v.as_i64()).unwrap_or(0),
@@ -1021,16 +1038,7 @@ pub async fn export_month(State(st): St, Query(q): Query<RangeQuery>) -> Respons
     let Some(first) = LocalDate::parse(&format!("{}-01", q.month)) else {
         return bad_range(&st, "month must be YYYY-MM");
     };
-    let (y, m) = if first.month == 12 {
-        (first.year + 1, 1)
-    } else {
-        (first.year, first.month + 1)
-    };
-    let next = LocalDate {
-        year: y,
-        month: m,
-        day: 1,
-    };
+    let next = next_month(first);
     let (from, to) = (zone.midnight(first), zone.midnight(next));
     let rows = match st
         .reader
