@@ -1463,6 +1463,26 @@ mod tests {
     }
 
     #[test]
+    fn dashboard_secure_cookies_is_off_by_default_and_a_non_boolean_is_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "g.toml", "[api]\n");
+        assert!(!Config::load(Some(&p)).unwrap().api.dashboard_secure_cookies);
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[api]\ndashboard_secure_cookies = true\n",
+        );
+        assert!(Config::load(Some(&p)).unwrap().api.dashboard_secure_cookies);
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[api]\ndashboard_secure_cookies = \"yes\"\n",
+        );
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((2, 28)), "{e}");
+    }
+
+    #[test]
     fn meter_session_limits_parse_and_a_zero_rate_is_located() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(
