@@ -1457,32 +1457,6 @@ pub fn kv_put(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_payment_is_found_by_reference_through_its_index_not_a_scan() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = open(&dir.path().join("gateway.db"), "test-site").unwrap();
-        let plan: Vec<String> = conn
-            .prepare(&format!(
-                "EXPLAIN QUERY PLAN {}",
-                payment_by_reference_sql()
-            ))
-            .unwrap()
-            .query_map(["QK1234"], |r| r.get::<_, String>(3))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert!(
-            plan.iter()
-                .any(|step| step.contains("USING INDEX payments_by_reference")),
-            "{plan:?}"
-        );
-    }
-}
-
 // ---- dashboard (reads for its pages and exports; the operator password in `meta`) ----
 
 /// The operator's dashboard password (argon2id PHC string), when one was set.
@@ -1561,6 +1535,33 @@ pub fn consumption_after(
     Ok(out)
 }
 
+/// The first event `seq` at or after time `at` (one past the newest when none), found by
+/// bisecting on `seq`: events are appended in time order, so `at` grows with `seq` (within the
+/// few milliseconds a group commit spans), and no index on `at` is needed.
+pub fn first_seq_at_or_after(conn: &Connection, at: i64) -> Result<i64, StoreError> {
+    let (mut lo, mut hi): (i64, i64) = conn.query_row(
+        "SELECT COALESCE(MIN(seq), 1), COALESCE(MAX(seq), 0) + 1 FROM events",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut st =
+        conn.prepare_cached("SELECT seq, at FROM events WHERE seq >= ?1 ORDER BY seq LIMIT 1")?;
+    // Invariant: every event before `lo` is older than `at`; none from `hi` on is needed.
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match st
+            .query_row([mid], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .optional()?
+        {
+            Some((seq, _)) if seq >= hi => hi = mid,
+            Some((seq, t)) if t < at => lo = seq + 1,
+            Some((seq, _)) => hi = seq,
+            None => hi = mid,
+        }
+    }
+    Ok(lo)
+}
+
 /// Payments with `from <= at < to`, newest first, at most `limit`.
 pub fn payments_between(
     conn: &Connection,
@@ -1578,7 +1579,12 @@ pub fn payments_between(
     Ok(rows)
 }
 
-/// The newest events, newest first: of one kind and/or one meter when given.
+/// How far back [`recent_events`] looks: there is no index by kind or meter, and a page view
+/// must not scan a site's whole history for a meter that has no alert.
+pub const RECENT_EVENTS_WINDOW: i64 = 50_000;
+
+/// The newest events, newest first: of one kind and/or one meter when given, among the newest
+/// [`RECENT_EVENTS_WINDOW`] events.
 pub fn recent_events(
     conn: &Connection,
     gateway: &str,
@@ -1589,11 +1595,17 @@ pub fn recent_events(
     let mut st = conn.prepare_cached(
         "SELECT seq, kind, meter, at, data FROM events
          WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR meter = ?2)
+           AND seq > (SELECT COALESCE(MAX(seq), 0) FROM events) - ?4
          ORDER BY seq DESC LIMIT ?3",
     )?;
     let rows = st
         .query_map(
-            params![kind, meter.map(MeterId::as_str), limit as i64],
+            params![
+                kind,
+                meter.map(MeterId::as_str),
+                limit as i64,
+                RECENT_EVENTS_WINDOW
+            ],
             |r| {
                 let seq: i64 = r.get(0)?;
                 Ok(Event {
@@ -1729,4 +1741,64 @@ fn balances_before(tx: &Connection, at: i64) -> Result<HashMap<String, i64>, Sto
         }
     }
     Ok(latest.into_iter().map(|(m, (_, b))| (m, b)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payment_is_found_by_reference_through_its_index_not_a_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("gateway.db"), "test-site").unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN {}",
+                payment_by_reference_sql()
+            ))
+            .unwrap()
+            .query_map(["QK1234"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("USING INDEX payments_by_reference")),
+            "{plan:?}"
+        );
+    }
+
+    #[test]
+    fn the_first_event_of_a_time_is_found_by_bisection_across_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("gateway.db"), "test-site").unwrap();
+        assert_eq!(first_seq_at_or_after(&conn, 0).unwrap(), 1, "empty table");
+        for at in [10, 20, 20, 30, 40, 50, 60, 70] {
+            append_event(&conn, "status", None, at, &serde_json::json!({})).unwrap();
+        }
+        // Gaps, as housekeeping leaves them.
+        conn.execute("DELETE FROM events WHERE seq IN (1, 4, 5)", [])
+            .unwrap();
+        for (at, want) in [
+            (0, 2),
+            (10, 2),
+            (11, 2),
+            (20, 2),
+            (21, 6),
+            (31, 6),
+            (50, 6),
+            (55, 7),
+            (70, 8),
+            (71, 9),
+        ] {
+            let got = first_seq_at_or_after(&conn, at).unwrap();
+            // `got` may be a gap before the event wanted; the events from it on are the same.
+            let first: Option<i64> = conn
+                .query_row("SELECT MIN(seq) FROM events WHERE seq >= ?1", [got], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(first.unwrap_or(9), want, "at {at}: got {got}");
+        }
+    }
 }

@@ -455,6 +455,18 @@ fn a_report_reaches_the_live_stream_within_two_seconds_and_the_stream_ends_at_si
     println!("report → live event: {took:?}");
     assert!(took < Duration::from_secs(2), "{took:?}");
 
+    // A payment too.
+    let t0 = Instant::now();
+    let (status, v) = common::http(
+        gw.api,
+        "POST",
+        "/daraja/simulate",
+        Some(r#"{"meter_no":"METER001","amount":20}"#),
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(live.next_event().as_deref(), Some("change"));
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     let o = origin(gw.api);
     let out = request(
         gw.api,
@@ -511,6 +523,21 @@ fn the_csv_exports_are_injection_safe_and_add_up() {
         "smartmeter/METER001/consumption",
         &v2_payload("METER001", 2, 1_400),
         2,
+    );
+    let overview = request(gw.api, "GET", "/dashboard", &[("Cookie", &cookie)], "");
+    assert!(
+        overview
+            .body
+            .contains("Energy today</span><span class=\"v\">0.40 kWh"),
+        "{}",
+        overview.body
+    );
+    assert!(
+        overview
+            .body
+            .contains("Payments today</span><span class=\"v\">KES 150.50"),
+        "{}",
+        overview.body
     );
     let csv = request(
         gw.api,

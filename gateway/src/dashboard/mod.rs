@@ -126,37 +126,44 @@ pub struct EnergyCache {
     by_day: BTreeMap<i64, i64>,
 }
 
+/// Consumption events folded into the per-day cache per reader call: the reader's one
+/// connection is shared (meter sign-ins read secrets through it), so a long catch-up lets
+/// others in between batches.
+const ENERGY_BATCH: usize = 5_000;
+
 impl Dashboard {
-    /// Wh consumed on local day `today` and in the days `month_from..=today`.
-    pub fn energy(
-        &self,
-        conn: &rusqlite::Connection,
+    /// Brings the per-day energy cache up to the newest consumption event, one batch per reader
+    /// call; a fresh cache starts at the first event of the month (`month_start_ms`).
+    pub async fn catch_up_energy(
+        self: &Arc<Self>,
+        reader: &store::Reader,
         month_from: i64,
-        today: i64,
-    ) -> Result<(i64, i64), store::StoreError> {
-        let mut cache = self.energy.lock().unwrap_or_else(|e| e.into_inner());
+        month_start_ms: i64,
+    ) -> Result<(), store::StoreError> {
         loop {
-            let batch = store::consumption_after(conn, cache.through, 20_000)?;
-            let Some(last) = batch.last().map(|p| p.seq) else {
-                break;
-            };
-            for p in &batch {
-                *cache
-                    .by_day
-                    .entry(self.settings.zone.day(p.at))
-                    .or_default() += p.debit_wh;
+            let d = self.clone();
+            let more = reader
+                .run(move |c| {
+                    let mut cache = d.energy.lock().unwrap_or_else(|e| e.into_inner());
+                    if cache.through == 0 {
+                        cache.through = store::first_seq_at_or_after(c, month_start_ms)? - 1;
+                    }
+                    let batch = store::consumption_after(c, cache.through, ENERGY_BATCH)?;
+                    for p in &batch {
+                        *cache.by_day.entry(d.settings.zone.day(p.at)).or_default() += p.debit_wh;
+                    }
+                    if let Some(last) = batch.last() {
+                        cache.through = last.seq;
+                    }
+                    // Days before this month are not needed again.
+                    cache.by_day.retain(|day, _| *day >= month_from);
+                    Ok(batch.len() == ENERGY_BATCH)
+                })
+                .await?;
+            if !more {
+                return Ok(());
             }
-            cache.through = last;
         }
-        // Days before this month are not needed again.
-        cache.by_day.retain(|d, _| *d >= month_from);
-        let day = cache.by_day.get(&today).copied().unwrap_or(0);
-        let month = cache
-            .by_day
-            .range(month_from..=today)
-            .map(|(_, wh)| wh)
-            .sum();
-        Ok((day, month))
     }
 }
 

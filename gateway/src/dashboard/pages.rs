@@ -141,11 +141,28 @@ pub async fn overview(State(st): St, Extension(s): Extension<Signed>) -> Respons
     let zone = st.dashboard.settings.zone;
     let (day, month_day, day_start, _) = today(zone, now);
     let month_end = next_month(zone.date(now)).days() - 1;
+    let (_, _, _, month_start) = today(zone, now);
+    if let Err(e) = st
+        .dashboard
+        .catch_up_energy(&st.reader, month_day, month_start)
+        .await
+    {
+        return internal(e);
+    }
+    let days = st.dashboard.energy_days(month_day, month_end);
+    let energy_today = days
+        .iter()
+        .find(|(d, _)| *d == day)
+        .map_or(0, |(_, wh)| *wh);
+    let energy_month = days
+        .iter()
+        .filter(|(d, _)| *d <= day)
+        .map(|(_, wh)| wh)
+        .sum();
     let st2 = st.clone();
     let r = st
         .reader
         .run(move |c| {
-            let (energy_today, energy_month) = st2.dashboard.energy(c, month_day, day)?;
             Ok(Overview {
                 meters: store::meters(c)?,
                 outbox: store::outbox_status(c, &st2.sinks, st2.max_bytes, now)?,
@@ -153,7 +170,7 @@ pub async fn overview(State(st): St, Extension(s): Extension<Signed>) -> Respons
                 paid_today: store::payments_between(c, day_start, i64::MAX, 10_000)?,
                 energy_today,
                 energy_month,
-                days: st2.dashboard.energy_days(month_day, month_end),
+                days,
             })
         })
         .await;
