@@ -750,3 +750,64 @@ fn in_headless_chromium_an_operator_signs_in_sees_a_report_live_tops_up_cuts_the
         out.status
     );
 }
+
+#[test]
+fn an_unapplied_payment_is_applied_to_a_meter_from_the_payments_page_once() {
+    use umeme_gateway::store::{self, UnappliedRow};
+    use umeme_gateway::writer::{self, LedgerSettings, Op};
+    let gw = gateway("");
+    gw.add_meter("METER001", "secret-001");
+    // Kept as a payment source keeps one (the ledger's own op, on the same file, as the CLI
+    // writes beside the daemon).
+    let mut conn = store::open(&gw.db_path(), "test-site").unwrap();
+    let op = Op::RecordUnapplied(UnappliedRow {
+        source: "mpesa".into(),
+        reference: "RKTQDM7W6S".into(),
+        amount_cents: 30_000,
+        account: "METER0O1".into(),
+        phone: None,
+        reason: "unknown account".into(),
+        raw: None,
+        received_at: store::now_ms(),
+        applied_meter: None,
+        applied_at: None,
+    });
+    let settings = LedgerSettings {
+        rules: umeme_gateway::ledger::Rules { low_balance_wh: 0 },
+        tariff: umeme_gateway::config::Tariff::try_from(0.05).unwrap(),
+    };
+    writer::apply_now(&mut conn, &op, &settings).unwrap();
+    drop(conn);
+
+    let (cookie, csrf) = sign_in(&gw, TOKEN);
+    let page = request(
+        gw.api,
+        "GET",
+        "/dashboard/payments",
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert!(page.body.contains("RKTQDM7W6S") && page.body.contains("METER0O1"));
+    let o = origin(gw.api);
+    let body = format!("csrf={csrf}&reference=RKTQDM7W6S&source=mpesa&meter=METER001");
+    for expected in ["Payment RKTQDM7W6S credited to METER001", "Apply refused"] {
+        let a = request(
+            gw.api,
+            "POST",
+            "/dashboard/payments/apply",
+            &[FORM, ("Origin", &o), ("Cookie", &cookie)],
+            &body,
+        );
+        assert_eq!(a.status, 303, "{}", a.body);
+        let after = request(
+            gw.api,
+            "GET",
+            "/dashboard/payments",
+            &[("Cookie", &cookie)],
+            "",
+        );
+        assert!(after.body.contains(expected), "{expected}: {}", after.body);
+    }
+    // 300 KES at the default 0.05 units per KES: 15 units, once.
+    assert_eq!(gw.balance_wh_with_token("METER001"), 15_000);
+}

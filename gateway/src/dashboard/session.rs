@@ -100,7 +100,10 @@ impl Sessions {
 
     /// The live session `id`, marked as used now (its flash message is taken).
     pub fn use_session(&self, id: &str) -> Option<Signed> {
-        let now = Instant::now();
+        self.use_at(id, Instant::now())
+    }
+
+    fn use_at(&self, id: &str, now: Instant) -> Option<Signed> {
         let mut map = self.map();
         let s = map.get_mut(id)?;
         if s.expired(now) {
@@ -200,6 +203,34 @@ mod tests {
         assert_eq!(s.len(), MAX_SESSIONS);
         assert!(s.alive(&first.id), "recently used: kept");
         assert!(!s.alive(&others[0].id), "least recently used: ended");
+    }
+
+    #[test]
+    fn a_session_ends_after_its_idle_time_and_after_its_absolute_lifetime_however_used() {
+        let s = Sessions::default();
+        let a = s.create("token");
+        let t0 = Instant::now();
+        assert!(s
+            .use_at(&a.id, t0 + IDLE - Duration::from_secs(1))
+            .is_some());
+        assert!(
+            s.use_at(&a.id, t0 + IDLE * 2 - Duration::from_secs(2))
+                .is_some(),
+            "use renews the idle time"
+        );
+        assert!(s.use_at(&a.id, t0 + IDLE * 4).is_none(), "idle too long");
+        assert!(!s.alive(&a.id), "and removed");
+        let b = s.create("password");
+        let t0 = Instant::now();
+        let mut t = t0;
+        // Used every IDLE/2 right up to the absolute lifetime: never idle, still ended.
+        while t + IDLE / 2 < t0 + ABSOLUTE {
+            t += IDLE / 2;
+            assert!(s.use_at(&b.id, t).is_some());
+        }
+        assert!(s
+            .use_at(&b.id, t0 + ABSOLUTE + Duration::from_secs(1))
+            .is_none());
     }
 
     #[test]
