@@ -810,4 +810,9 @@ fn an_unapplied_payment_is_applied_to_a_meter_from_the_payments_page_once() {
     }
     // 300 KES at the default 0.05 units per KES: 15 units, once.
     assert_eq!(gw.balance_wh_with_token("METER001"), 15_000);
+    assert_eq!(
+        gw.metric("umeme_dashboard_refused_total{reason=\"apply_refused\"}"),
+        1.0
+    );
+    gw.assert_log("dashboard action refused");
 }

@@ -669,6 +669,14 @@ fn back(st: &ApiState, s: &Signed, to: &str, message: String) -> Response {
     Redirect::to(to).into_response()
 }
 
+/// An action refused for its input: a warn line, a counter, and the reason shown on the page.
+fn refused(st: &ApiState, s: &Signed, to: &str, reason: &'static str, message: String) -> Response {
+    st.metrics
+        .inc("umeme_dashboard_refused_total", &[("reason", reason)]);
+    warn!(reason, to = %Untrusted(to), message = %Untrusted(&message), "dashboard action refused");
+    back(st, s, to, message)
+}
+
 fn meter_url(id: &MeterId) -> String {
     format!("/dashboard/meters/{}", urlenc(id.as_str()))
 }
@@ -691,10 +699,11 @@ pub async fn topup(
         .ok()
         .and_then(kes_to_cents)
     else {
-        return back(
+        return refused(
             &st,
             &s,
             &to,
+            "bad_amount",
             "Top-up refused: the amount must be a positive KES amount with at most two decimals."
                 .into(),
         );
@@ -736,7 +745,13 @@ pub async fn topup(
             | LedgerError::ReferenceConflict
             | LedgerError::UnknownMeter(_)),
         ) => {
-            format!("Top-up refused: {e}.")
+            return refused(
+                &st,
+                &s,
+                &to,
+                "topup_refused",
+                format!("Top-up refused: {e}."),
+            );
         }
         Err(e) => return internal(e),
     };
@@ -761,10 +776,11 @@ pub async fn relay(
         || reason.chars().count() > 200
         || reason.chars().any(char::is_control)
     {
-        return back(
+        return refused(
             &st,
             &s,
             &to,
+            "bad_relay",
             "Relay: choose on or off and give a reason (at most 200 characters).".into(),
         );
     }
@@ -847,10 +863,11 @@ pub async fn details(
     let (name, phone) = (clean(f.get("name")), clean(f.get("phone")));
     for v in [&name, &phone].into_iter().flatten() {
         if v.chars().count() > 100 || v.chars().any(char::is_control) {
-            return back(
+            return refused(
                 &st,
                 &s,
                 &to,
+                "bad_details",
                 "Name and phone must be at most 100 printable characters.".into(),
             );
         }
@@ -939,7 +956,7 @@ pub async fn apply(
     let to = "/dashboard/payments";
     let meter = match MeterId::parse(f.get("meter").trim()) {
         Ok(m) => m,
-        Err(e) => return back(&st, &s, to, format!("Apply refused: {e}.")),
+        Err(e) => return refused(&st, &s, to, "bad_meter_id", format!("Apply refused: {e}.")),
     };
     let source = Some(f.get("source").to_string()).filter(|v| !v.is_empty());
     let op = Op::ApplyUnapplied {
@@ -959,7 +976,7 @@ pub async fn apply(
             | LedgerError::UnknownMeter(_)
             | LedgerError::AlreadyApplied { .. }
             | LedgerError::AmbiguousReference { .. }),
-        ) => format!("Apply refused: {e}."),
+        ) => return refused(&st, &s, to, "apply_refused", format!("Apply refused: {e}.")),
         Err(e) => return internal(e),
     };
     back(&st, &s, to, msg)
