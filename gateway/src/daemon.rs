@@ -298,6 +298,12 @@ impl Gateway {
                 bell.clone(),
             ),
         });
+        let dashboard = api_state.dashboard.clone();
+        let done = stopped();
+        tasks.push(tokio::spawn(async move {
+            done.await;
+            dashboard.shutdown();
+        }));
         tasks.push(tokio::spawn(umeme_http_guard::serve(
             api_listener,
             api::router(api_state.clone()),

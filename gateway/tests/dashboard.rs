@@ -816,3 +816,21 @@ fn an_unapplied_payment_is_applied_to_a_meter_from_the_payments_page_once() {
     );
     gw.assert_log("dashboard action refused");
 }
+
+#[test]
+fn an_open_live_stream_does_not_hold_up_the_daemons_stop() {
+    let mut gw = gateway("");
+    let (cookie, _) = sign_in(&gw, TOKEN);
+    let mut live = Stream::open(gw.api, &cookie);
+    assert_eq!(live.next_event().as_deref(), Some("hello"));
+    let t0 = Instant::now();
+    // SAFETY: signals our own child process.
+    unsafe { libc::kill(gw.pid().unwrap() as i32, libc::SIGTERM) };
+    assert_eq!(live.next_event(), None, "the stream ends");
+    common::eventually("the daemon to exit", || (!gw.is_running()).then_some(()));
+    println!(
+        "stopped {:?} after SIGTERM with a live stream open",
+        t0.elapsed()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}

@@ -76,6 +76,9 @@ pub struct Dashboard {
     changes: watch::Sender<u64>,
     streams: AtomicUsize,
     energy: Mutex<EnergyCache>,
+    /// Set when the daemon stops: live streams end (else each would hold the shutdown for
+    /// the HTTP guard's whole grace period).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Dashboard {
@@ -92,6 +95,7 @@ impl Dashboard {
             changes,
             streams: AtomicUsize::new(0),
             energy: Mutex::new(EnergyCache::default()),
+            stopping: Default::default(),
         });
         let weak: Weak<Dashboard> = Arc::downgrade(&d);
         let spawned = std::thread::Builder::new()
@@ -111,6 +115,11 @@ impl Dashboard {
             warn!(error = %e, "cannot start the dashboard's live-update thread; pages still work");
         }
         d
+    }
+
+    /// Ends the live streams within a second (the daemon is stopping).
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
     }
 
     pub fn uptime(&self) -> Duration {
@@ -538,7 +547,8 @@ async fn live(
         }
         loop {
             let changed = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
-            if !slot.0.dashboard.sessions.alive(&id) {
+            let d = &slot.0.dashboard;
+            if !d.sessions.alive(&id) || d.stopping.load(Ordering::Acquire) {
                 return None;
             }
             match changed {
