@@ -138,6 +138,15 @@ try:
     except urllib.error.HTTPError as e:
         assert e.code == 403, e.code
 
+    step("at 360 px wide nothing overflows sideways")
+    d.set_window_size(360, 800)
+    for path in ("/dashboard", "/dashboard/meters", "/dashboard/meters/" + a.meter, "/dashboard/payments"):
+        d.get(BASE + path)
+        inner, scroll = d.execute_script(
+            "return [window.innerWidth, document.documentElement.scrollWidth]")
+        assert scroll <= inner, f"{path}: {scroll} px wide in a {inner} px window"
+    d.set_window_size(1280, 900)
+
     step("sign out: the session no longer opens pages")
     d.find_element(By.CSS_SELECTOR, "form.out button").click()
     wait(d, lambda: d.current_url.endswith("/dashboard/login"), "signed out")
