@@ -566,6 +566,29 @@ fn the_csv_exports_are_injection_safe_and_add_up() {
         "{lines:?}"
     );
     assert!(csv.body.contains("\r\n"));
+    for (range, rows) in [
+        ("from=2099-01-01", 0),
+        ("to=2000-01-01", 0),
+        ("from=2000-01-01&to=2099-12-31", 2),
+    ] {
+        let a = request(
+            gw.api,
+            "GET",
+            &format!("/dashboard/export/payments.csv?{range}"),
+            &[("Cookie", &cookie)],
+            "",
+        );
+        assert_eq!(a.status, 200);
+        assert_eq!(a.body.lines().count(), 1 + rows, "{range}: {}", a.body);
+    }
+    let bad = request(
+        gw.api,
+        "GET",
+        "/dashboard/export/payments.csv?from=yesterday",
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert_eq!(bad.status, 400);
 
     let month = {
         let ms = std::time::SystemTime::now()
