@@ -29,7 +29,9 @@ try:
             d.get(base + path)
             WebDriverWait(d, 10).until(lambda _: "on" in d.find_element(By.ID, "live").get_attribute("class"))
             height = d.execute_script("return document.documentElement.scrollHeight")
-            d.set_window_size(width, min(height, 2400))
+            # The window's size includes what is not page (headless Chromium keeps a margin).
+            extra = d.execute_script("return window.outerHeight - window.innerHeight")
+            d.set_window_size(width, min(height, 2400) + extra)
             out = os.path.join(a.out, f"{name}-{width}.png")
             d.save_screenshot(out)
             print(out, os.path.getsize(out), "bytes")
