@@ -60,6 +60,8 @@ pub struct ApiState {
     pub ota: Arc<crate::ota::OtaServer>,
     pub ota_config: crate::config::OtaConfig,
     pub data_dir: std::path::PathBuf,
+    /// The web dashboard's sessions and live updates (`/dashboard`).
+    pub dashboard: Arc<crate::dashboard::Dashboard>,
 }
 
 type St = State<Arc<ApiState>>;
@@ -104,6 +106,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     {
         app = app.route("/api/debug/clock", post(debug_clock));
     }
+    app = app.merge(crate::dashboard::router(state.clone()));
     app.fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
@@ -195,7 +198,14 @@ pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 /// Enforces the bearer token (when configured) on every request that reads or changes data.
 async fn guard(State(st): St, req: Request, next: Next) -> Response {
     if let Some(token) = &st.token {
-        if needs_token(&st, req.uri().path()) && !bearer_matches(req.headers(), token) {
+        // A dashboard session reads what the token reads (its scripts fetch `/api/…`), never
+        // writes: a POST still needs the token, so a session cannot be ridden by a forged form.
+        let session_read = req.method() == axum::http::Method::GET
+            && crate::dashboard::has_session(&st, req.headers());
+        if needs_token(&st, req.uri().path())
+            && !bearer_matches(req.headers(), token)
+            && !session_read
+        {
             st.metrics
                 .inc("umeme_http_rejected_total", &[("reason", "unauthorized")]);
             warn!(
@@ -219,6 +229,8 @@ fn needs_token(st: &ApiState, path: &str) -> bool {
     match path {
         "/health" | "/ready" => false,
         "/metrics" => !st.config.listen.ip().is_loopback(),
+        // The dashboard signs its own requests in with a session (`dashboard.rs`).
+        p if p == "/dashboard" || p.starts_with("/dashboard/") => false,
         _ => true,
     }
 }

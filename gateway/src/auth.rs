@@ -103,6 +103,12 @@ fn verify_in(blocks: &mut Vec<argon2::Block>, phc: &str, secret: &str) -> bool {
     check().unwrap_or(false)
 }
 
+/// Checks a password against a PHC string made by [`hash_secret`] (the dashboard's operator
+/// password); blocks for one argon2 run, so call it off the tokio workers.
+pub fn verify_password(phc: &str, password: &str) -> bool {
+    verify_in(&mut Vec::new(), phc, password)
+}
+
 type Check = (String, String, tokio::sync::oneshot::Sender<bool>);
 
 /// Password checks waiting for an auth thread. Checks from addresses and meter numbers with no

@@ -60,6 +60,9 @@ pub enum Command {
     /// TLS on the meter port: the site CA and the gateway's server certificate.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// The web dashboard's operator sign-in.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// Manual or cash top-up; crediting the same --ref twice credits once.
     Credit {
         /// Meter number.
@@ -111,6 +114,14 @@ pub enum TlsCommand {
     },
     /// Print the site CA's SHA-256 fingerprint and the server certificate's names and expiry.
     Show,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OperatorCommand {
+    /// Set the dashboard's operator password (10 to 128 characters), read from standard input
+    /// (not echoed on a terminal); stored argon2id-hashed in the database. Signed-in sessions
+    /// end at the daemon's next restart or their expiry.
+    Password,
 }
 
 #[derive(Subcommand, Debug)]
@@ -430,6 +441,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Payment(p) => payment(&config, p),
         Command::Site(s) => site(&config, s),
         Command::Firmware(f) => firmware(&config, f),
+        Command::Operator(OperatorCommand::Password) => operator_password(&config),
         Command::Plugin(PluginCommand::Inspect { path }) => {
             let lib = crate::plugin::inspect(&path).map_err(|e| Failure {
                 code: 1,
@@ -984,6 +996,64 @@ fn site(config: &Config, cmd: SiteCommand) -> Result<(), Failure> {
                 );
             }
             Ok(())
+        }
+    }
+}
+
+fn operator_password(config: &Config) -> Result<(), Failure> {
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    if tty {
+        eprint!("operator password: ");
+    }
+    let echo = tty.then(EchoOff::new).flatten();
+    let mut line = String::new();
+    let read = stdin.read_line(&mut line);
+    drop(echo);
+    if tty {
+        eprintln!();
+    }
+    read.context("reading the password from standard input")?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    let len = password.chars().count();
+    if !(10..=128).contains(&len) || password.chars().any(char::is_control) {
+        return Err(usage(
+            "the operator password must be 10 to 128 characters, no control characters",
+        ));
+    }
+    apply(
+        config,
+        Op::SetOperatorPassword {
+            hash: auth::hash_secret(password),
+        },
+    )?;
+    println!("operator password set; sign in at the admin API's /dashboard");
+    Ok(())
+}
+
+/// Turns terminal echo off until dropped (the password prompt).
+struct EchoOff(libc::termios);
+
+impl EchoOff {
+    fn new() -> Option<EchoOff> {
+        // SAFETY: tcgetattr/tcsetattr on stdin with a termios the call fills in.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return None;
+            }
+            let saved = t;
+            t.c_lflag &= !libc::ECHO;
+            (libc::tcsetattr(0, libc::TCSANOW, &t) == 0).then_some(EchoOff(saved))
+        }
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes read in `new`.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &self.0);
         }
     }
 }

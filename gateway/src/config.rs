@@ -321,6 +321,9 @@ pub struct ApiConfig {
     pub limits: HttpLimits,
     /// The legacy listener's limits (its timeouts are the admin listener's).
     pub legacy_limits: HttpLimits,
+    /// The dashboard's session cookie carries `Secure` (the admin API is reached over HTTPS,
+    /// through a TLS-terminating proxy).
+    pub dashboard_secure_cookies: bool,
 }
 
 /// One HTTP listener's timeouts and connection caps (`[api]` keys).
@@ -642,6 +645,7 @@ impl Config {
                     allow_simulate: a.allow_simulate.is_some_and(Spanned::into_inner),
                     token_file: a.token_file.map(Spanned::into_inner),
                     legacy_listen: a.legacy_listen,
+                    dashboard_secure_cookies: a.dashboard_secure_cookies.unwrap_or(false),
                     limits: HttpLimits {
                         header_timeout,
                         request_timeout,
@@ -1137,6 +1141,7 @@ struct PartialApi {
     max_connections_per_ip: Option<Bounded<1, 10_000>>,
     legacy_max_connections: Option<Bounded<1, 10_000>>,
     legacy_max_connections_per_ip: Option<Bounded<1, 10_000>>,
+    dashboard_secure_cookies: Option<bool>,
 }
 
 /// `[api] legacy_meter_http`, kept so an old file gets a pointer to its replacement.
@@ -1298,6 +1303,7 @@ impl PartialConfig {
             merge_opt(&mut s.legacy_meter_http, a.legacy_meter_http);
             merge_opt(&mut s.token_file, a.token_file);
             merge_opt(&mut s.legacy_listen, a.legacy_listen);
+            merge_opt(&mut s.dashboard_secure_cookies, a.dashboard_secure_cookies);
             merge_opt(&mut s.header_timeout, a.header_timeout);
             merge_opt(&mut s.request_timeout, a.request_timeout);
             merge_opt(&mut s.max_connections, a.max_connections);
@@ -2093,6 +2099,26 @@ mod tests {
         assert_eq!(c.api.limits.max_connections, 8);
         assert_eq!(c.api.legacy_limits.max_connections_per_ip, 2);
         assert_eq!(c.api.legacy_listen, Some(([0, 0, 0, 0], 8081).into()));
+    }
+
+    #[test]
+    fn dashboard_secure_cookies_is_off_by_default_and_a_non_boolean_is_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "g.toml", "[api]\n");
+        assert!(!Config::load(Some(&p)).unwrap().api.dashboard_secure_cookies);
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[api]\ndashboard_secure_cookies = true\n",
+        );
+        assert!(Config::load(Some(&p)).unwrap().api.dashboard_secure_cookies);
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[api]\ndashboard_secure_cookies = \"yes\"\n",
+        );
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position, Some((2, 28)), "{e}");
     }
 
     #[test]

@@ -359,7 +359,22 @@ impl Gateway {
             ota: ota_server,
             ota_config: config.ota.clone(),
             data_dir: config.gateway.data_dir.clone(),
+            dashboard: crate::dashboard::Dashboard::new(
+                crate::dashboard::DashboardSettings {
+                    secure_cookies: config.api.dashboard_secure_cookies,
+                    low_balance_wh: config.ledger.low_balance_wh,
+                    data_dir: config.gateway.data_dir.clone(),
+                    zone: config.alerts.zone,
+                },
+                bell.clone(),
+            ),
         });
+        let dashboard = api_state.dashboard.clone();
+        let done = stopped();
+        tasks.push(tokio::spawn(async move {
+            done.await;
+            dashboard.shutdown();
+        }));
         tasks.push(tokio::spawn(umeme_http_guard::serve(
             api_listener,
             api::router(api_state.clone()),

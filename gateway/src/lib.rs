@@ -30,6 +30,7 @@
 //! - [`connect`]: the meter port's CONNECT parser and the original firmwares' client ids.
 //! - [`admission`]: limits before CONNACK (per-IP, backoff after failed passwords).
 //! - [`api`]: the admin HTTP API and the original firmware's legacy listener.
+//! - [`dashboard`]: the operator's web pages on the admin API (sessions, CSRF, live updates).
 //! - [`fds`]: the file-descriptor budget shared by the listeners.
 //! - [`metrics`]: counters for `/metrics`.
 //! - [`daemon`]: wiring for `run`.
@@ -45,6 +46,7 @@ pub mod config;
 pub mod connect;
 pub mod consumption;
 pub mod daemon;
+pub mod dashboard;
 pub mod fds;
 pub mod hub;
 pub mod jsonl;

@@ -125,6 +125,21 @@ const HELP: &[(&str, &str, &str)] = &[
         "HTTP requests of the admin API and the legacy listener, by status class.",
     ),
     (
+        "umeme_dashboard_signin_total",
+        "counter",
+        "Dashboard sign-ins, by outcome (ok, failed, throttled).",
+    ),
+    (
+        "umeme_dashboard_refused_total",
+        "counter",
+        "Dashboard requests refused, by reason (no_session, csrf, cross_origin, ...).",
+    ),
+    (
+        "umeme_dashboard_streams",
+        "gauge",
+        "Dashboard live-update streams open now.",
+    ),
+    (
         "umeme_http_rejected_total",
         "counter",
         "Admin API requests refused, by reason.",

@@ -2209,6 +2209,292 @@ pub fn rollout_counts(
     Ok(rows)
 }
 
+// ---- dashboard (reads for its pages and exports; the operator password in `meta`) ----
+
+/// The operator's dashboard password (argon2id PHC string), when one was set.
+pub fn operator_password_hash(conn: &Connection) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'operator_password'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+pub fn set_operator_password_hash(tx: &Connection, hash: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('operator_password', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [hash],
+    )?;
+    Ok(())
+}
+
+/// Replaces a meter's name and phone (`None` clears); `false` for an unknown meter.
+pub fn set_meter_details(
+    tx: &Connection,
+    id: &MeterId,
+    name: Option<&str>,
+    phone: Option<&str>,
+) -> Result<bool, StoreError> {
+    let n = tx.execute(
+        "UPDATE meters SET name = ?2, phone = ?3 WHERE id = ?1",
+        params![id.as_str(), name, phone],
+    )?;
+    Ok(n == 1)
+}
+
+/// One consumption event, reduced to what the dashboard sums.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumptionPoint {
+    pub seq: i64,
+    pub meter: String,
+    pub at: i64,
+    pub debit_wh: i64,
+    pub balance_wh: i64,
+}
+
+/// Consumption events with `seq > after`, oldest first (by the primary key, so a cache can
+/// catch up cheaply).
+pub fn consumption_after(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<ConsumptionPoint>, StoreError> {
+    let mut st = conn.prepare_cached(
+        "SELECT seq, meter, at, data FROM events
+         WHERE seq > ?1 AND kind = 'consumption' AND typeof(data) = 'blob' AND meter IS NOT NULL
+         ORDER BY seq LIMIT ?2",
+    )?;
+    let mut rows = st.query(params![after, limit as i64])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let rusqlite::types::ValueRef::Blob(data) = r.get_ref(3)? else {
+            continue;
+        };
+        let Ok(c) = Consumption::decode(data) else {
+            continue;
+        };
+        out.push(ConsumptionPoint {
+            seq: r.get(0)?,
+            meter: r.get(1)?,
+            at: r.get(2)?,
+            debit_wh: c.debit_wh,
+            balance_wh: c.account.balance_wh,
+        });
+    }
+    Ok(out)
+}
+
+/// The first event `seq` at or after time `at` (one past the newest when none), found by
+/// bisecting on `seq`: events are appended in time order, so `at` grows with `seq` (within the
+/// few milliseconds a group commit spans), and no index on `at` is needed.
+pub fn first_seq_at_or_after(conn: &Connection, at: i64) -> Result<i64, StoreError> {
+    let (mut lo, mut hi): (i64, i64) = conn.query_row(
+        "SELECT COALESCE(MIN(seq), 1), COALESCE(MAX(seq), 0) + 1 FROM events",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut st =
+        conn.prepare_cached("SELECT seq, at FROM events WHERE seq >= ?1 ORDER BY seq LIMIT 1")?;
+    // Invariant: every event before `lo` is older than `at`; none from `hi` on is needed.
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match st
+            .query_row([mid], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .optional()?
+        {
+            Some((seq, _)) if seq >= hi => hi = mid,
+            Some((seq, t)) if t < at => lo = seq + 1,
+            Some((seq, _)) => hi = seq,
+            None => hi = mid,
+        }
+    }
+    Ok(lo)
+}
+
+/// Payments with `from <= at < to`, newest first, at most `limit`.
+pub fn payments_between(
+    conn: &Connection,
+    from: i64,
+    to: i64,
+    limit: usize,
+) -> Result<Vec<PaymentRow>, StoreError> {
+    let mut st = conn.prepare(&format!(
+        "SELECT {PAYMENT_COLUMNS} FROM payments WHERE at >= ?1 AND at < ?2
+         ORDER BY at DESC, event_seq DESC LIMIT ?3"
+    ))?;
+    let rows = st
+        .query_map(params![from, to, limit as i64], payment_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// How far back [`recent_events`] looks: there is no index by kind or meter, and a page view
+/// must not scan a site's whole history for a meter that has no alert.
+pub const RECENT_EVENTS_WINDOW: i64 = 50_000;
+
+/// The newest events, newest first: of one kind and/or one meter when given, among the newest
+/// [`RECENT_EVENTS_WINDOW`] events.
+pub fn recent_events(
+    conn: &Connection,
+    gateway: &str,
+    kind: Option<&str>,
+    meter: Option<&MeterId>,
+    limit: usize,
+) -> Result<Vec<Event>, StoreError> {
+    let mut st = conn.prepare_cached(
+        "SELECT seq, kind, meter, at, data FROM events
+         WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR meter = ?2)
+           AND seq > (SELECT COALESCE(MAX(seq), 0) FROM events) - ?4
+         ORDER BY seq DESC LIMIT ?3",
+    )?;
+    let rows = st
+        .query_map(
+            params![
+                kind,
+                meter.map(MeterId::as_str),
+                limit as i64,
+                RECENT_EVENTS_WINDOW
+            ],
+            |r| {
+                let seq: i64 = r.get(0)?;
+                Ok(Event {
+                    id: event_id(gateway, seq),
+                    seq,
+                    gateway: gateway.to_string(),
+                    kind: r.get(1)?,
+                    meter: r.get(2)?,
+                    at: r.get(3)?,
+                    data: event_data(r.get_ref(4)?),
+                })
+            },
+        )?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// One meter's month for the dashboard's export: energy debited, payments, and its balance
+/// at both ends (`None` where the events that would tell were pruned).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MeterPeriod {
+    pub meter: String,
+    pub name: Option<String>,
+    pub energy_wh: i64,
+    pub payments: i64,
+    pub paid_cents: i64,
+    pub credit_wh: i64,
+    pub opening_wh: Option<i64>,
+    pub closing_wh: Option<i64>,
+}
+
+/// Every meter's [`MeterPeriod`] for `from <= at < to`, by meter id.
+pub fn period_summary(
+    conn: &Connection,
+    from: i64,
+    to: i64,
+) -> Result<Vec<MeterPeriod>, StoreError> {
+    snapshot(conn, |tx| {
+        let mut out: std::collections::BTreeMap<String, MeterPeriod> = Default::default();
+        let mut created = HashMap::new();
+        {
+            let mut st = tx.prepare("SELECT id, name, created_at FROM meters")?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let id: String = r.get(0)?;
+                created.insert(id.clone(), r.get::<_, i64>(2)?);
+                out.insert(
+                    id.clone(),
+                    MeterPeriod {
+                        meter: id,
+                        name: r.get(1)?,
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        {
+            let mut st = tx.prepare(
+                "SELECT meter, data FROM events WHERE kind = 'consumption' AND at >= ?1 AND at < ?2
+                 AND typeof(data) = 'blob' AND meter IS NOT NULL",
+            )?;
+            let mut rows = st.query(params![from, to])?;
+            while let Some(r) = rows.next()? {
+                let rusqlite::types::ValueRef::Blob(data) = r.get_ref(1)? else {
+                    continue;
+                };
+                if let (Ok(c), Some(m)) = (
+                    Consumption::decode(data),
+                    out.get_mut(&r.get::<_, String>(0)?),
+                ) {
+                    m.energy_wh += c.debit_wh;
+                }
+            }
+        }
+        {
+            let mut st = tx.prepare(
+                "SELECT meter, COUNT(*), SUM(amount_cents), SUM(credit_wh) FROM payments
+                 WHERE at >= ?1 AND at < ?2 GROUP BY meter",
+            )?;
+            let mut rows = st.query(params![from, to])?;
+            while let Some(r) = rows.next()? {
+                if let Some(m) = out.get_mut(&r.get::<_, String>(0)?) {
+                    m.payments = r.get(1)?;
+                    m.paid_cents = r.get(2)?;
+                    m.credit_wh = r.get(3)?;
+                }
+            }
+        }
+        let opening = balances_before(tx, from)?;
+        let closing = balances_before(tx, to)?;
+        for (id, m) in out.iter_mut() {
+            let born = created.get(id).copied().unwrap_or(0);
+            // A meter provisioned later had nothing yet: its balance was 0.
+            m.opening_wh = opening.get(id).copied().or((born >= from).then_some(0));
+            m.closing_wh = closing.get(id).copied().or((born >= to).then_some(0));
+            if m.closing_wh.is_none() && m.opening_wh.is_some() && m.energy_wh == 0 {
+                m.closing_wh = m.opening_wh;
+            }
+        }
+        Ok(out.into_values().collect())
+    })
+}
+
+/// Each meter's balance after its last ledger change before `at` (a consumption event or a
+/// payment, whichever came later).
+fn balances_before(tx: &Connection, at: i64) -> Result<HashMap<String, i64>, StoreError> {
+    let mut latest: HashMap<String, (i64, i64)> = HashMap::new();
+    {
+        let mut st = tx.prepare(
+            "SELECT e.meter, e.seq, e.data FROM events e
+             JOIN (SELECT meter, MAX(seq) AS seq FROM events
+                   WHERE kind = 'consumption' AND at < ?1 AND meter IS NOT NULL GROUP BY meter) l
+             ON e.seq = l.seq",
+        )?;
+        let mut rows = st.query([at])?;
+        while let Some(r) = rows.next()? {
+            let rusqlite::types::ValueRef::Blob(data) = r.get_ref(2)? else {
+                continue;
+            };
+            if let Ok(c) = Consumption::decode(data) {
+                latest.insert(r.get(0)?, (r.get(1)?, c.account.balance_wh));
+            }
+        }
+    }
+    let mut st = tx.prepare(
+        "SELECT meter, MAX(event_seq), balance_after_wh FROM payments WHERE at < ?1 GROUP BY meter",
+    )?;
+    let mut rows = st.query([at])?;
+    while let Some(r) = rows.next()? {
+        let (meter, seq, balance): (String, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        if latest.get(&meter).is_none_or(|(s, _)| seq > *s) {
+            latest.insert(meter, (seq, balance));
+        }
+    }
+    Ok(latest.into_iter().map(|(m, (_, b))| (m, b)).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2232,5 +2518,39 @@ mod tests {
                 .any(|step| step.contains("USING INDEX payments_by_reference")),
             "{plan:?}"
         );
+    }
+
+    #[test]
+    fn the_first_event_of_a_time_is_found_by_bisection_across_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("gateway.db"), "test-site").unwrap();
+        assert_eq!(first_seq_at_or_after(&conn, 0).unwrap(), 1, "empty table");
+        for at in [10, 20, 20, 30, 40, 50, 60, 70] {
+            append_event(&conn, "status", None, at, &serde_json::json!({})).unwrap();
+        }
+        // Gaps, as housekeeping leaves them.
+        conn.execute("DELETE FROM events WHERE seq IN (1, 4, 5)", [])
+            .unwrap();
+        for (at, want) in [
+            (0, 2),
+            (10, 2),
+            (11, 2),
+            (20, 2),
+            (21, 6),
+            (31, 6),
+            (50, 6),
+            (55, 7),
+            (70, 8),
+            (71, 9),
+        ] {
+            let got = first_seq_at_or_after(&conn, at).unwrap();
+            // `got` may be a gap before the event wanted; the events from it on are the same.
+            let first: Option<i64> = conn
+                .query_row("SELECT MIN(seq) FROM events WHERE seq >= ?1", [got], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(first.unwrap_or(9), want, "at {at}: got {got}");
+        }
     }
 }

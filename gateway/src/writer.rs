@@ -209,6 +209,18 @@ pub enum Op {
         meter: MeterId,
         at: i64,
     },
+    /// The dashboard operator's password (`umeme-gateway operator password`), as its argon2id
+    /// PHC string; kept in `meta`, no event (it is a secret).
+    SetOperatorPassword {
+        hash: String,
+    },
+    /// The operator edits a meter's name and phone (`None` clears).
+    SetMeterDetails {
+        meter: MeterId,
+        name: Option<String>,
+        phone: Option<String>,
+        at: i64,
+    },
 }
 
 /// A payment: a reference credits once per site (see [`ledger::payment_reference`]).
@@ -527,6 +539,23 @@ pub fn apply_with(
             store::append_event(tx, "meter", Some(meter), *at, &data)?;
             // A session that came in anonymously must not outlive the opt-out.
             revoked(meter)
+        }
+        Op::SetOperatorPassword { hash } => {
+            store::set_operator_password_hash(tx, hash)?;
+            done()
+        }
+        Op::SetMeterDetails {
+            meter,
+            name,
+            phone,
+            at,
+        } => {
+            if !store::set_meter_details(tx, meter, name.as_deref(), phone.as_deref())? {
+                return Err(LedgerError::UnknownMeter(meter.clone()));
+            }
+            let data = json!({"action": "details_changed", "name": name, "phone": phone});
+            store::append_event(tx, "meter", Some(meter), *at, &data)?;
+            done()
         }
     }
 }
