@@ -60,8 +60,8 @@ pub mod payload;
 pub mod plugin;
 pub mod store;
 pub mod tariff;
-pub mod usage;
 pub mod tls;
+pub mod usage;
 pub mod writer;
 
 /// Untrusted text in log lines: [`untrusted::Untrusted`] escapes control characters and caps
