@@ -13,7 +13,7 @@ use umeme_gateway::daemon::Gateway;
 
 fn sim(gw: &Gateway, meters: usize, mode: Mode) -> SimConfig {
     SimConfig {
-        broker: gw.broker_addr,
+        broker: gw.broker_addr.expect("the plain meter port is on"),
         api: gw.api_addr,
         meters,
         mode,

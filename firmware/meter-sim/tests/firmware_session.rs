@@ -183,13 +183,13 @@ async fn firmware_codec_and_meter_agree_with_the_gateway() {
     let api = Api { addr: gw.api_addr };
 
     // A wrong secret is refused with CONNACK 4 or 5.
-    let (_, code) = Session::open(gw.broker_addr, "not-the-secret").await;
+    let (_, code) = Session::open(gw.broker_addr.expect("plain port"), "not-the-secret").await;
     assert!(code == 4 || code == 5, "refused: {code}");
 
     let credited = api.credit(ID, 100.0).await.expect("credit");
     assert_eq!(credited, 5000, "100 KES at 0.05 units/KES");
 
-    let (mut s, code) = Session::open(gw.broker_addr, SECRET).await;
+    let (mut s, code) = Session::open(gw.broker_addr.expect("plain port"), SECRET).await;
     assert_eq!(code, 0);
     let mut out = [0u8; 128];
     let n = mqtt::subscribe(
@@ -284,7 +284,7 @@ async fn the_firmware_applies_the_gateways_limits_and_its_trip_status_becomes_an
     let gw = gateway_with(&dir, 1, limits).await;
     let api = Api { addr: gw.api_addr };
     api.credit(ID, 100.0).await.expect("credit");
-    let (mut s, code) = Session::open(gw.broker_addr, SECRET).await;
+    let (mut s, code) = Session::open(gw.broker_addr.expect("plain port"), SECRET).await;
     assert_eq!(code, 0);
     let mut out = [0u8; 256];
     let n = mqtt::subscribe(

@@ -17,7 +17,7 @@ const WH_PER_STEP: u64 = 2300 / 60 + 1;
 
 fn sim(gw: &Gateway, meters: usize, minutes: u64) -> SimConfig {
     SimConfig {
-        broker: gw.broker_addr,
+        broker: gw.broker_addr.expect("the plain meter port is on"),
         api: gw.api_addr,
         meters,
         mode: Mode::V2,
