@@ -553,7 +553,7 @@ fn settings(config: &Config) -> LedgerSettings {
         rules: Rules {
             low_balance_wh: config.ledger.low_balance_wh,
         },
-        tariff: config.ledger.tariff,
+        tariff: config.ledger.tariff.clone(),
     }
 }
 

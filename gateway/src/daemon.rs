@@ -129,7 +129,7 @@ impl Gateway {
             rules: Rules {
                 low_balance_wh: config.ledger.low_balance_wh,
             },
-            tariff: config.ledger.tariff,
+            tariff: config.ledger.tariff.clone(),
         };
         let options = WriterOptions {
             sinks: config.sinks.iter().map(|s| s.name.clone()).collect(),

@@ -256,6 +256,13 @@ pub struct BalanceCommand {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ack_seq: Option<u32>,
     pub relay: Relay,
+    /// The money ledger's balance in KES net of debt (issue 16): negative while in debt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance_kes: Option<f64>,
+    /// Whether the meter may cut its relay for lack of credit now: false in the tariff's
+    /// friendly hours and holidays (issue 16; the meter's handling is the firmware's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub may_cut: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

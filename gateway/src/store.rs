@@ -25,7 +25,7 @@ use crate::meter::MeterId;
 
 pub use rusqlite::Error as DbError;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Page size of new databases. A commit writes whole pages to the WAL, and at a site's pace
 /// (one report per commit) small pages mean fewer bytes per report.
@@ -64,7 +64,9 @@ CREATE TABLE IF NOT EXISTS meters (
     created_at INTEGER NOT NULL,
     state_seq INTEGER NOT NULL DEFAULT 0,
     legacy_anonymous INTEGER NOT NULL DEFAULT 0,
-    legacy_source TEXT
+    legacy_source TEXT,
+    tariff TEXT,
+    money BLOB
 ) STRICT;
 CREATE TABLE IF NOT EXISTS payments (
     source TEXT NOT NULL,
@@ -187,8 +189,13 @@ fn open_with(path: &Path, gateway_id: &str, upgrade: bool) -> Result<Connection,
         Some(1) if upgrade => {
             migrate_v1(&tx)?;
             migrate_v2(&tx)?;
+            migrate_v3(&tx)?;
         }
-        Some(2) if upgrade => migrate_v2(&tx)?,
+        Some(2) if upgrade => {
+            migrate_v2(&tx)?;
+            migrate_v3(&tx)?;
+        }
+        Some(3) if upgrade => migrate_v3(&tx)?,
         Some(v) if v < SCHEMA_VERSION => return Err(StoreError::OlderSchema(v)),
         Some(_) => {}
         None => {
@@ -259,7 +266,23 @@ fn migrate_v2(tx: &Connection) -> Result<(), StoreError> {
         "ALTER TABLE meters ADD COLUMN legacy_anonymous INTEGER NOT NULL DEFAULT 0;
          ALTER TABLE meters ADD COLUMN legacy_source TEXT;",
     )?;
-    set_meta(tx, "schema_version", SCHEMA_VERSION)?;
+    set_meta(tx, "schema_version", 3)?;
+    Ok(())
+}
+
+/// Schema 3 → 4 (issue 16, the money ledger): meters learn their tariff (`NULL`: the site's
+/// default) and their money account (`money`, the compact form of
+/// [`crate::consumption::money_column`]). The money stays `NULL` here: the writer converts a
+/// meter's Wh balance at its tariff's price the first time it touches the account
+/// ([`crate::ledger::Account::ensure_money`]), since only it knows the configured tariffs. So
+/// a flat-rate site's balances keep their value.
+fn migrate_v3(tx: &Connection) -> Result<(), StoreError> {
+    tracing::info!("upgrading the database from schema 3 to 4 (one time)");
+    tx.execute_batch(
+        "ALTER TABLE meters ADD COLUMN tariff TEXT;
+         ALTER TABLE meters ADD COLUMN money BLOB;",
+    )?;
+    set_meta(tx, "schema_version", 4)?;
     Ok(())
 }
 
@@ -301,10 +324,21 @@ pub struct MeterRow {
     pub legacy_anonymous: bool,
     /// When set, an anonymous CONNECT must come from this address.
     pub legacy_source: Option<String>,
+    /// The meter's tariff; `None`: the site's default.
+    pub tariff: Option<String>,
+    /// The money account (issue 16); `None` until the writer first priced this meter.
+    #[serde(skip)]
+    pub money: Option<crate::tariff::account::MoneyAccount>,
 }
 
 const METER_COLUMNS: &str = "id, name, phone, balance_wh, ledger_seq, v2_seq, total_consumed_wh, \
-     status, online, last_seen, created_at, state_seq, legacy_anonymous, legacy_source";
+     status, online, last_seen, created_at, state_seq, legacy_anonymous, legacy_source, tariff, money";
+
+/// `meters.money`: absent, or a damaged value read as absent (the writer then converts the Wh
+/// balance again rather than failing every op of the meter).
+fn money_of(bytes: Option<Vec<u8>>) -> Option<crate::tariff::account::MoneyAccount> {
+    bytes.and_then(|b| crate::consumption::money_from_column(&b).ok())
+}
 
 fn meter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(MeterRow, i64)> {
     let id: String = r.get(0)?;
@@ -326,6 +360,8 @@ fn meter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(MeterRow, i64)> {
         created_at: r.get(10)?,
         legacy_anonymous: r.get(12)?,
         legacy_source: r.get(13)?,
+        tariff: r.get(14)?,
+        money: money_of(r.get(15)?),
     };
     Ok((row, r.get(11)?))
 }
@@ -340,6 +376,7 @@ impl MeterRow {
         self.ack_seq = a.v2_seq;
         self.total_consumed_wh = a.total_consumed_wh;
         self.relay = crate::payload::Relay::for_balance(a.balance_wh);
+        self.money.clone_from(&a.money);
         self.last_seen = Some(self.last_seen.map_or(newer.at, |t| t.max(newer.at)));
     }
 }
@@ -484,10 +521,19 @@ pub fn set_secret_hash(tx: &Connection, id: &MeterId, hash: &str) -> Result<bool
 /// A meter's account as its row has it, and the `seq` of the event the row reflects. Newer
 /// consumption events may exist: see [`account`].
 pub fn account_row(tx: &Connection, id: &MeterId) -> Result<Option<(Account, i64)>, StoreError> {
+    Ok(account_row_with_tariff(tx, id)?.map(|(a, seq, _)| (a, seq)))
+}
+
+/// [`account_row`] and the meter's tariff (`None`: the default), in the same statement: the
+/// report path reads nothing more than before.
+pub fn account_row_with_tariff(
+    tx: &Connection,
+    id: &MeterId,
+) -> Result<Option<(Account, i64, Option<String>)>, StoreError> {
     Ok(tx
         .prepare_cached(
             "SELECT balance_wh, ledger_seq, v2_seq, v2_energy_wh, v1_total_wh, total_consumed_wh,
-                    state_seq
+                    state_seq, tariff, money
              FROM meters WHERE id = ?1",
         )?
         .query_row([id.as_str()], |r| {
@@ -499,11 +545,22 @@ pub fn account_row(tx: &Connection, id: &MeterId) -> Result<Option<(Account, i64
                     v2_energy_wh: r.get(3)?,
                     v1_total_wh: r.get(4)?,
                     total_consumed_wh: r.get(5)?,
+                    money: money_of(r.get(8)?),
                 },
                 r.get(6)?,
+                r.get(7)?,
             ))
         })
         .optional()?)
+}
+
+/// Sets (or with `None` clears, back to the default) a meter's tariff; `Ok(false)` when the
+/// meter does not exist.
+pub fn set_tariff(tx: &Connection, id: &MeterId, tariff: Option<&str>) -> Result<bool, StoreError> {
+    Ok(tx.execute(
+        "UPDATE meters SET tariff = ?2 WHERE id = ?1",
+        params![id.as_str(), tariff],
+    )? == 1)
 }
 
 /// A meter's account, up to date: its row, or the newest consumption event after the row.
@@ -530,7 +587,7 @@ pub fn save_account(
     let n = tx
         .prepare_cached(
             "UPDATE meters SET balance_wh = ?2, ledger_seq = ?3, v2_seq = ?4, v2_energy_wh = ?5,
-             v1_total_wh = ?6, total_consumed_wh = ?7, state_seq = ?8
+             v1_total_wh = ?6, total_consumed_wh = ?7, state_seq = ?8, money = ?9
              WHERE id = ?1 AND state_seq < ?8",
         )?
         .execute(params![
@@ -541,7 +598,8 @@ pub fn save_account(
             a.v2_energy_wh,
             a.v1_total_wh,
             a.total_consumed_wh,
-            state_seq
+            state_seq,
+            a.money.as_ref().map(crate::consumption::money_column),
         ])?;
     Ok(n == 1)
 }

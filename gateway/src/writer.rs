@@ -21,7 +21,7 @@ use std::ops::RangeInclusive;
 
 use crate::config::Tariff;
 use crate::consumption::Consumption;
-use crate::ledger::{self, Account, ReportApplied, ReportKind, ReportRefused, Rules};
+use crate::ledger::{self, Account, PriceAt, ReportApplied, ReportKind, ReportRefused, Rules};
 use crate::meter::{wh_to_units, MeterId};
 use crate::metrics::Metrics;
 use crate::outbox::Bell;
@@ -509,25 +509,24 @@ fn seen(
 
 /// The meter's current account: its row, or a newer one from `accounts`.
 fn known(tx: &Connection, meter: &MeterId, accounts: Accounts<'_>) -> Result<Account, LedgerError> {
-    let unknown = || LedgerError::UnknownMeter(meter.clone());
-    match accounts {
-        Accounts::Stored => store::account(tx, meter)?.ok_or_else(unknown),
-        Accounts::Live(newer) => {
-            let (row, state_seq) = store::account_row(tx, meter)?.ok_or_else(unknown)?;
-            Ok(match newer(meter) {
-                Some(v) if v.seq > state_seq => v.account,
-                _ => row,
-            })
-        }
-    }
+    Ok(known_with_tariff(tx, meter, accounts)?.0)
 }
 
-fn balance_notice(meter: &MeterId, a: &crate::ledger::Account) -> (MeterId, Notice) {
-    (
-        meter.clone(),
-        Notice::Balance(balance_command_for(a, store::now_ms())),
-    )
+/// [`known`] and the meter's tariff name (`None`: the default), from the same row read.
+fn known_with_tariff(
+    tx: &Connection,
+    meter: &MeterId,
+    accounts: Accounts<'_>,
+) -> Result<(Account, Option<String>), LedgerError> {
+    let unknown = || LedgerError::UnknownMeter(meter.clone());
+    let (row, state_seq, tariff) = store::account_row_with_tariff(tx, meter)?.ok_or_else(unknown)?;
+    let newer = match accounts {
+        Accounts::Stored => store::account(tx, meter)?,
+        Accounts::Live(newer) => newer(meter).filter(|v| v.seq > state_seq).map(|v| v.account),
+    };
+    Ok((newer.unwrap_or(row), tariff))
 }
+
 
 fn revoked(meter: &MeterId) -> Result<Applied, LedgerError> {
     Ok(Applied {
@@ -547,7 +546,41 @@ pub fn balance_command_for(a: &crate::ledger::Account, now: i64) -> BalanceComma
         ledger_seq: a.ledger_seq,
         ack_seq: a.v2_seq,
         relay: a.relay(),
+        balance_kes: a
+            .money
+            .as_ref()
+            .map(|m| (m.balance_cents - m.debt.total()) as f64 / 100.0),
+        may_cut: None,
     }
+}
+
+/// [`balance_command_for`] with the meter's tariff at `now`: the relay stays on in friendly
+/// hours, and `mayCut` says whether the meter may cut for lack of credit.
+pub fn balance_command_priced(a: &Account, p: PriceAt<'_>) -> BalanceCommand {
+    let mut cmd = balance_command_for(a, p.at_ms);
+    if a.money.is_some() {
+        let friendly = crate::tariff::account::is_friendly(p.tariff, p.zone, p.at_ms);
+        cmd.may_cut = Some(!friendly);
+        if friendly {
+            cmd.relay = crate::payload::Relay::On;
+        }
+    }
+    cmd
+}
+
+/// The meter's tariff in force at `at`, warning once per op when the meter names a tariff
+/// the configuration no longer has (the default prices it then).
+fn tariff_for(
+    s: &LedgerSettings,
+    meter: &MeterId,
+    name: Option<&str>,
+    at: i64,
+) -> Arc<crate::tariff::Tariff> {
+    if let Some(n) = name.filter(|n| !s.tariff.knows(n)) {
+        tracing::warn!(meter = %meter, tariff = %Untrusted(n),
+            "the meter's tariff is not configured; the default tariff prices it");
+    }
+    s.tariff.in_force(name, at)
 }
 
 fn apply_report(
@@ -558,8 +591,14 @@ fn apply_report(
     s: &LedgerSettings,
     accounts: Accounts<'_>,
 ) -> Result<Applied, LedgerError> {
-    let mut account = known(tx, meter, accounts)?;
-    let applied = account.apply_report(report, &s.rules)?;
+    let (mut account, tariff_name) = known_with_tariff(tx, meter, accounts)?;
+    let tariff = tariff_for(s, meter, tariff_name.as_deref(), at);
+    let p = PriceAt {
+        tariff: &tariff,
+        zone: s.tariff.zone,
+        at_ms: at,
+    };
+    let (applied, priced) = account.apply_report_priced(report, &s.rules, p)?;
     if matches!(applied.kind, ReportKind::Stale | ReportKind::Repeat) {
         // A retry of something already applied: no event, no command.
         return seen(tx, meter, at, accounts, Outcome::Report(applied));
@@ -571,6 +610,9 @@ fn apply_report(
         kind: applied.kind,
         debit_wh: applied.debit_wh,
         account: account.clone(),
+        itemised: priced
+            .as_ref()
+            .map(|c| crate::consumption::Itemised::from_applied(&tariff.name, c)),
     };
     let seq = store::append_consumption(tx, meter, at, &record)?;
     for alert in &applied.alerts {
@@ -578,7 +620,12 @@ fn apply_report(
                           "balance": wh_to_units(account.balance_wh), "relay": account.relay()});
         store::append_event(tx, "alert", Some(meter), at, &data)?;
     }
-    let notice = (applied.debit_wh != 0).then(|| balance_notice(meter, &account));
+    let notice = (applied.debit_wh != 0).then(|| {
+        (
+            meter.clone(),
+            Notice::Balance(balance_command_priced(&account, p)),
+        )
+    });
     Ok(Applied {
         outcome: Outcome::Report(applied),
         notice,
@@ -622,14 +669,30 @@ fn apply_credit(
             seen: None,
         });
     }
-    let mut account = known(tx, &c.meter, accounts)?;
-    let credit_wh = s.tariff.credit_wh(c.amount_cents);
-    account.credit(credit_wh);
+    let (mut account, tariff_name) = known_with_tariff(tx, &c.meter, accounts)?;
+    let tariff = tariff_for(s, &c.meter, tariff_name.as_deref(), c.at);
+    let p = PriceAt {
+        tariff: &tariff,
+        zone: s.tariff.zone,
+        at_ms: c.at,
+    };
+    let before_wh = account.ensure_money(p).clone();
+    let before_wh = ledger::units_shown(&before_wh, p);
+    let paid = account.credit_priced(c.amount_cents, p);
+    // The Wh the payment added to what the meter is shown (debt recovery included).
+    let credit_wh = account.balance_wh - before_wh;
+    let m = account.money.as_ref().expect("ensure_money");
     let mut data = json!({
         "source": c.source, "reference": reference,
         "amount": c.amount_cents as f64 / 100.0, "amountCents": c.amount_cents,
         "creditWh": credit_wh, "units": wh_to_units(credit_wh),
         "balanceWh": account.balance_wh, "balance": wh_to_units(account.balance_wh),
+        "tariff": tariff.name,
+        "toBalanceCents": paid.to_balance,
+        "debtRecoveredCents": {"emergency": paid.recovered.emergency,
+            "standing": paid.recovered.standing, "arrears": paid.recovered.arrears},
+        "balanceKes": crate::consumption::cents_kes(m.balance_cents),
+        "debtKes": crate::consumption::cents_kes(m.debt.total()),
     });
     if let Some(phone) = &c.phone {
         data["phone"] = json!(phone);
@@ -654,7 +717,10 @@ fn apply_credit(
             payment,
             duplicate: false,
         },
-        notice: Some(balance_notice(&c.meter, &account)),
+        notice: Some((
+            c.meter.clone(),
+            Notice::Balance(balance_command_priced(&account, p)),
+        )),
         state: None,
         seen: None,
     })
