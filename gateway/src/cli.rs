@@ -118,6 +118,10 @@ pub enum MeterCommand {
         /// Accept the anonymous CONNECT only from this address.
         #[arg(long, value_name = "IP")]
         legacy_source: Option<std::net::IpAddr>,
+        /// Price this meter by the `[[tariffs]]` entry of this name (default: the site's
+        /// `[ledger] default_tariff`).
+        #[arg(long, value_name = "NAME")]
+        tariff: Option<String>,
     },
     /// Change a meter's settings.
     Set {
@@ -128,6 +132,10 @@ pub enum MeterCommand {
         /// Pin the anonymous CONNECT to this source address; `any` removes the pin.
         #[arg(long, value_name = "IP|any")]
         legacy_source: Option<String>,
+        /// Put the meter on this tariff from now on (`default`: the site's default tariff).
+        /// Reports already applied keep their price.
+        #[arg(long, value_name = "NAME|default")]
+        tariff: Option<String>,
     },
     /// List meters with their balances.
     List,
@@ -530,6 +538,18 @@ fn payment(config: &Config, cmd: PaymentCommand) -> Result<(), Failure> {
     }
 }
 
+/// A usage error naming the configured tariffs when `name` is not one of them.
+fn known_tariff(config: &Config, name: &str) -> Result<(), Failure> {
+    if config.ledger.tariff.knows(name) {
+        Ok(())
+    } else {
+        Err(usage(format!(
+            "unknown tariff {name:?}: the configuration has {}",
+            config.ledger.tariff.names().join(", ")
+        )))
+    }
+}
+
 fn parse_meter(id: &str) -> Result<MeterId, Failure> {
     MeterId::parse(id).map_err(|e| usage(e.to_string()))
 }
@@ -573,7 +593,8 @@ fn apply(config: &Config, op: Op) -> Result<Outcome, Failure> {
             | LedgerError::BadReference
             | LedgerError::NotUnapplied(_)
             | LedgerError::AmbiguousReference { .. }
-            | LedgerError::AlreadyApplied { .. }),
+            | LedgerError::AlreadyApplied { .. }
+            | LedgerError::UnknownTariff { .. }),
         ) => Err(Failure {
             code: 1,
             error: e.into(),
@@ -640,10 +661,14 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             phone,
             legacy_anonymous,
             legacy_source,
+            tariff,
         } => {
             let meter = parse_meter(&id)?;
             if legacy_source.is_some() && !legacy_anonymous {
                 return Err(usage("--legacy-source needs --legacy-anonymous"));
+            }
+            if let Some(t) = &tariff {
+                known_tariff(config, t)?;
             }
             let (secret, generated) = secret_or_generated(secret)?;
             let op = Op::AddMeter {
@@ -655,6 +680,17 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             };
             apply(config, op)?;
             println!("added meter {meter}");
+            if let Some(t) = tariff {
+                apply(
+                    config,
+                    Op::SetTariff {
+                        meter: meter.clone(),
+                        tariff: Some(t.clone()),
+                        at: now_ms(),
+                    },
+                )?;
+                println!("tariff: {t}");
+            }
             let reference_max = 12;
             if meter.as_str().chars().count() > reference_max {
                 // M-Pesa's STK AccountReference limit; the Daraja source refuses such pushes.
@@ -684,8 +720,33 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             id,
             legacy_anonymous,
             legacy_source,
+            tariff,
         } => {
             let meter = parse_meter(&id)?;
+            if let Some(t) = tariff {
+                let name = (t != "default").then_some(t);
+                if let Some(n) = &name {
+                    known_tariff(config, n)?;
+                }
+                apply(
+                    config,
+                    Op::SetTariff {
+                        meter: meter.clone(),
+                        tariff: name.clone(),
+                        at: now_ms(),
+                    },
+                )?;
+                println!(
+                    "{meter}: tariff {}",
+                    name.unwrap_or_else(|| format!(
+                        "{} (the site's default)",
+                        config.ledger.tariff.default_name()
+                    ))
+                );
+                if legacy_anonymous.is_none() && legacy_source.is_none() {
+                    return Ok(());
+                }
+            }
             let source = match legacy_source.as_deref() {
                 None => None,
                 Some("any") => Some(None),
@@ -701,7 +762,7 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             };
             if legacy_anonymous.is_none() && source.is_none() {
                 return Err(usage(
-                    "nothing to set: give --legacy-anonymous or --legacy-source",
+                    "nothing to set: give --tariff, --legacy-anonymous or --legacy-source",
                 ));
             }
             apply(
@@ -770,6 +831,27 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
                 wh_to_units(m.total_consumed_wh)
             );
             println!("ledger seq:     {}", m.ledger_seq);
+            println!(
+                "tariff:         {}",
+                m.tariff.clone().unwrap_or_else(|| format!(
+                    "{} (the site's default)",
+                    config.ledger.tariff.default_name()
+                ))
+            );
+            if let Some(money) = &m.money {
+                println!("balance KES:    {}", format_cents(money.balance_cents));
+                println!(
+                    "debt KES:       {} (emergency {}, standing {}, arrears {})",
+                    format_cents(money.debt.total()),
+                    format_cents(money.debt.emergency),
+                    format_cents(money.debt.standing),
+                    format_cents(money.debt.arrears)
+                );
+                println!(
+                    "emergency:      {}",
+                    if money.emergency_armed { "in use" } else { "not in use" }
+                );
+            }
             println!("status:         {}", m.status.as_deref().unwrap_or("-"));
             println!(
                 "legacy anon:    {}",

@@ -160,6 +160,13 @@ pub enum Op {
         source: Option<Option<String>>,
         at: i64,
     },
+    /// Put a meter on a tariff (`None`: back to the site's default). Its money account
+    /// continues (balance, debt, band counter); reports from now on are priced by the new one.
+    SetTariff {
+        meter: MeterId,
+        tariff: Option<String>,
+        at: i64,
+    },
     /// A sink took delivery of every event through `through`, except the `dead` ones
     /// (`seq`, event JSON, reason), which go to the dead-letter table.
     SinkProgress {
@@ -250,6 +257,8 @@ pub enum LedgerError {
     AmbiguousReference { reference: String, sources: String },
     #[error("payment {reference} was already applied to meter {meter}")]
     AlreadyApplied { reference: String, meter: String },
+    #[error("unknown tariff {name:?} (configured: {known})")]
+    UnknownTariff { name: String, known: String },
 }
 
 impl From<rusqlite::Error> for LedgerError {
@@ -273,6 +282,7 @@ impl LedgerError {
             LedgerError::NotUnapplied(_) => "not_unapplied",
             LedgerError::AmbiguousReference { .. } => "ambiguous_reference",
             LedgerError::AlreadyApplied { .. } => "already_applied",
+            LedgerError::UnknownTariff { .. } => "unknown_tariff",
         }
     }
 }
@@ -435,6 +445,20 @@ pub fn apply_with(
                 return Err(LedgerError::MeterExists(meter.clone()));
             }
             let data = json!({"action": "added", "name": name, "phone": phone});
+            store::append_event(tx, "meter", Some(meter), *at, &data)?;
+            done()
+        }
+        Op::SetTariff { meter, tariff, at } => {
+            if let Some(name) = tariff.as_deref().filter(|n| !s.tariff.knows(n)) {
+                return Err(LedgerError::UnknownTariff {
+                    name: name.to_owned(),
+                    known: s.tariff.names().join(", "),
+                });
+            }
+            if !store::set_tariff(tx, meter, tariff.as_deref())? {
+                return Err(LedgerError::UnknownMeter(meter.clone()));
+            }
+            let data = json!({"action": "tariff_changed", "tariff": tariff});
             store::append_event(tx, "meter", Some(meter), *at, &data)?;
             done()
         }

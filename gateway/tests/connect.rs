@@ -360,7 +360,7 @@ fn a_schema_2_database_is_upgraded_in_place_with_every_meter_credential_only() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(version, "3");
+    assert_eq!(version, "4");
 }
 
 #[test]

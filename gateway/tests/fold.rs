@@ -209,7 +209,7 @@ fn a_schema_1_database_is_upgraded_in_place_and_keeps_numbering_its_events() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(version, "3");
+    assert_eq!(version, "4");
     drop(conn);
     // Opening again is a no-op.
     let conn = store::open(&path, "site").unwrap();
