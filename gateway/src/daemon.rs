@@ -305,6 +305,25 @@ impl Gateway {
                 stopped(),
             )));
         }
+        // Standing charges fall due at local midnights whether or not a meter reports: the
+        // ledger charges them at start and then every STANDING_EVERY.
+        let charger = writer.clone();
+        let done = stopped();
+        tasks.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(STANDING_EVERY);
+            tokio::pin!(done);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {
+                        let op = crate::writer::Op::AccrueStanding { at: ledger_clock_ms() };
+                        if let Err(e) = charger.submit(op).await {
+                            warn!(error = %e, "standing charges could not be applied; retried at the next run");
+                        }
+                    }
+                    _ = &mut done => return,
+                }
+            }
+        }));
         let ticker = writer.clone();
         let done = stopped();
         tasks.push(tokio::spawn(async move {
@@ -388,6 +407,24 @@ fn systemd_notify(state: &str) {
     if let Err(e) = sent {
         warn!(error = %e, state, "cannot notify systemd");
     }
+}
+
+/// How often the daemon charges standing charges that have fallen due (they are also charged
+/// with every report and payment of a meter).
+const STANDING_EVERY: Duration = Duration::from_secs(600);
+
+/// The time standing charges are charged at: now, shifted in debug builds by
+/// `UMEME_TEST_CLOCK_OFFSET_MS` so a test can let days pass (release builds never read it).
+fn ledger_clock_ms() -> i64 {
+    let offset = if cfg!(debug_assertions) {
+        std::env::var("UMEME_TEST_CLOCK_OFFSET_MS")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    crate::store::now_ms().saturating_add(offset)
 }
 
 /// Pings systemd's watchdog (`WatchdogSec=`) at half its interval while the runtime runs.

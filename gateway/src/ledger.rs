@@ -135,9 +135,8 @@ impl Account {
     pub fn ensure_money(&mut self, p: PriceAt<'_>) -> &mut MoneyAccount {
         let wh = self.balance_wh;
         self.money.get_or_insert_with(|| {
+            // The first standing charge is for the day the account joins the money ledger.
             let mut m = MoneyAccount::new(p.zone, p.at_ms);
-            // A standing charge starts with the money ledger, not at the meter's creation.
-            m.standing_due_ms = m.standing_due_ms.max(p.at_ms);
             let marginal = crate::tariff::price::marginal_fine_per_wh(
                 p.tariff, p.zone, p.at_ms, m.month,
             );

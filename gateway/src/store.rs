@@ -554,6 +554,15 @@ pub fn account_row_with_tariff(
         .optional()?)
 }
 
+/// Every meter's id (for the standing-charge timer).
+pub fn meter_ids(tx: &Connection) -> Result<Vec<MeterId>, StoreError> {
+    let mut st = tx.prepare_cached("SELECT id FROM meters ORDER BY id")?;
+    let ids = st
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ids.iter().filter_map(|i| MeterId::parse(i).ok()).collect())
+}
+
 /// Sets (or with `None` clears, back to the default) a meter's tariff; `Ok(false)` when the
 /// meter does not exist.
 pub fn set_tariff(tx: &Connection, id: &MeterId, tariff: Option<&str>) -> Result<bool, StoreError> {
@@ -1080,7 +1089,7 @@ pub struct MeterChange {
     pub seq: i64,
     pub kind: String,
     pub meter: String,
-    /// A payment's source (`manual` for the CLI's credits).
+    /// A payment's source (`manual` for the CLI's credits); a meter event's action.
     pub source: Option<String>,
 }
 
@@ -1089,11 +1098,13 @@ pub fn meter_changes_after(conn: &Connection, after: i64) -> Result<Vec<MeterCha
     let mut st = conn.prepare_cached(
         "SELECT seq, kind, meter,
                 CASE WHEN kind = 'payment' AND typeof(data) = 'text'
-                     THEN json_extract(data, '$.source') END
+                     THEN json_extract(data, '$.source')
+                     WHEN kind = 'meter' THEN json_extract(data, '$.action') END
          FROM events
          WHERE seq > ?1 AND meter IS NOT NULL
            AND (kind = 'payment' OR (kind = 'meter' AND typeof(data) = 'text'
-                AND json_extract(data, '$.action') IN ('removed', 'secret_changed', 'legacy_changed')))
+                AND json_extract(data, '$.action') IN ('removed', 'secret_changed', 'legacy_changed',
+                                                       'emergency_credit', 'standing_charge')))
          ORDER BY seq",
     )?;
     let rows = st

@@ -167,6 +167,16 @@ pub enum Op {
         tariff: Option<String>,
         at: i64,
     },
+    /// A tenant asks for emergency credit (`command/emergency`, the CLI, the API).
+    Emergency {
+        meter: MeterId,
+        at: i64,
+    },
+    /// Charges every standing-charge period due by `at` to every meter, connected or not
+    /// (the daemon's timer).
+    AccrueStanding {
+        at: i64,
+    },
     /// A sink took delivery of every event through `through`, except the `dead` ones
     /// (`seq`, event JSON, reason), which go to the dead-letter table.
     SinkProgress {
@@ -257,6 +267,8 @@ pub enum LedgerError {
     AmbiguousReference { reference: String, sources: String },
     #[error("payment {reference} was already applied to meter {meter}")]
     AlreadyApplied { reference: String, meter: String },
+    #[error("emergency credit refused: {0}")]
+    Emergency(#[from] crate::tariff::account::EmergencyRefused),
     #[error("unknown tariff {name:?} (configured: {known})")]
     UnknownTariff { name: String, known: String },
 }
@@ -283,6 +295,7 @@ impl LedgerError {
             LedgerError::AmbiguousReference { .. } => "ambiguous_reference",
             LedgerError::AlreadyApplied { .. } => "already_applied",
             LedgerError::UnknownTariff { .. } => "unknown_tariff",
+            LedgerError::Emergency(_) => "emergency_refused",
         }
     }
 }
@@ -460,6 +473,13 @@ pub fn apply_with(
             }
             let data = json!({"action": "tariff_changed", "tariff": tariff});
             store::append_event(tx, "meter", Some(meter), *at, &data)?;
+            done()
+        }
+        Op::Emergency { meter, at } => apply_emergency(tx, meter, *at, s, accounts),
+        Op::AccrueStanding { at } => {
+            for meter in store::meter_ids(tx)? {
+                accrue_standing(tx, &meter, *at, s, accounts)?;
+            }
             done()
         }
         Op::RemoveMeter { meter, at } => {
@@ -748,6 +768,90 @@ fn apply_credit(
         state: None,
         seen: None,
     })
+}
+
+/// A meter's account moved by something other than a report (emergency credit, a standing
+/// charge): the event `data` (completed with the balances) and the row, written at once as of
+/// that event like a payment's.
+fn save_with_event(
+    tx: &Connection,
+    meter: &MeterId,
+    account: &Account,
+    at: i64,
+    mut data: serde_json::Value,
+) -> Result<(), LedgerError> {
+    if let Some(m) = &account.money {
+        data["balanceWh"] = json!(account.balance_wh);
+        data["balance"] = json!(wh_to_units(account.balance_wh));
+        data["balanceKes"] = json!(crate::consumption::cents_kes(m.balance_cents));
+        data["debtKes"] = json!(crate::consumption::cents_kes(m.debt.total()));
+    }
+    let seq = store::append_event(tx, "meter", Some(meter), at, &data)?;
+    store::save_account(tx, meter.as_str(), account, seq)?;
+    Ok(())
+}
+
+fn apply_emergency(
+    tx: &Connection,
+    meter: &MeterId,
+    at: i64,
+    s: &LedgerSettings,
+    accounts: Accounts<'_>,
+) -> Result<Applied, LedgerError> {
+    let (mut account, tariff_name) = known_with_tariff(tx, meter, accounts)?;
+    let tariff = tariff_for(s, meter, tariff_name.as_deref(), at);
+    let p = PriceAt {
+        tariff: &tariff,
+        zone: s.tariff.zone,
+        at_ms: at,
+    };
+    let m = account.ensure_money(p);
+    let standing = m.accrue_standing(p.tariff, at);
+    m.request_emergency(p.tariff)?;
+    account.balance_wh = ledger::units_shown(m, p);
+    account.ledger_seq += 1;
+    let data = json!({"action": "emergency_credit", "tariff": tariff.name,
+        "limitKes": tariff.emergency_credit.to_string(), "standingCents": standing.cents});
+    save_with_event(tx, meter, &account, at, data)?;
+    Ok(Applied {
+        outcome: Outcome::Done,
+        notice: Some((
+            meter.clone(),
+            Notice::Balance(balance_command_priced(&account, p)),
+        )),
+        state: None,
+        seen: None,
+    })
+}
+
+/// Charges the standing-charge periods due by `at` (nothing is written when none is due).
+fn accrue_standing(
+    tx: &Connection,
+    meter: &MeterId,
+    at: i64,
+    s: &LedgerSettings,
+    accounts: Accounts<'_>,
+) -> Result<(), LedgerError> {
+    let (mut account, tariff_name) = known_with_tariff(tx, meter, accounts)?;
+    let tariff = tariff_for(s, meter, tariff_name.as_deref(), at);
+    if tariff.standing_charge.is_none() {
+        return Ok(());
+    }
+    let p = PriceAt {
+        tariff: &tariff,
+        zone: s.tariff.zone,
+        at_ms: at,
+    };
+    let m = account.ensure_money(p);
+    let c = m.accrue_standing(p.tariff, at);
+    if c.cents == 0 {
+        return Ok(());
+    }
+    account.balance_wh = ledger::units_shown(m, p);
+    account.ledger_seq += 1;
+    let data = json!({"action": "standing_charge", "tariff": tariff.name, "periods": c.periods,
+        "cents": c.cents, "fromBalanceCents": c.from_balance, "toDebtCents": c.to_debt});
+    save_with_event(tx, meter, &account, at, data)
 }
 
 fn apply_unapplied(
@@ -1163,6 +1267,18 @@ impl ExternalWatch {
                             ("outcome", "credited"),
                         ],
                     );
+                    notify(
+                        &meter,
+                        Notice::Balance(balance_command_for(&a, store::now_ms())),
+                    )
+                }
+                // The account changed (`source` holds a meter event's action): a new balance.
+                ("meter", Some(a))
+                    if matches!(
+                        source.as_deref(),
+                        Some("emergency_credit" | "standing_charge")
+                    ) =>
+                {
                     notify(
                         &meter,
                         Notice::Balance(balance_command_for(&a, store::now_ms())),
