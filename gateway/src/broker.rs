@@ -917,9 +917,8 @@ async fn committed(
         }
         Ok(Ok(_)) => Ok(pkid),
         Ok(Err(
-            e @ (LedgerError::Refused(_)
-            | LedgerError::UnknownMeter(_)
-            | LedgerError::Emergency(_)),
+            e
+            @ (LedgerError::Refused(_) | LedgerError::UnknownMeter(_) | LedgerError::Emergency(_)),
         )) => {
             metrics.inc("umeme_mqtt_rejected_total", &[("reason", e.reason())]);
             if may_warn() {

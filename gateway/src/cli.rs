@@ -143,6 +143,16 @@ pub enum MeterCommand {
     Show { id: String },
     /// Remove a meter (its payments and events stay for audit); ends its session.
     Remove { id: String },
+    /// Grant the tenant's request for emergency credit (as the meter's `command/emergency`).
+    Emergency { id: String },
+    /// Print a meter's statement for a month: opening, payments, energy by band and period,
+    /// charges, taxes, standing charges, debt, closing.
+    Statement {
+        id: String,
+        /// `YYYY-MM` in the site's time zone (default: this month).
+        #[arg(long)]
+        month: Option<String>,
+    },
     /// Replace a meter's secret; prints the new one when --secret is not given.
     SetSecret {
         id: String,
@@ -594,7 +604,8 @@ fn apply(config: &Config, op: Op) -> Result<Outcome, Failure> {
             | LedgerError::NotUnapplied(_)
             | LedgerError::AmbiguousReference { .. }
             | LedgerError::AlreadyApplied { .. }
-            | LedgerError::UnknownTariff { .. }),
+            | LedgerError::UnknownTariff { .. }
+            | LedgerError::Emergency(_)),
         ) => Err(Failure {
             code: 1,
             error: e.into(),
@@ -849,7 +860,11 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
                 );
                 println!(
                     "emergency:      {}",
-                    if money.emergency_armed { "in use" } else { "not in use" }
+                    if money.emergency_armed {
+                        "in use"
+                    } else {
+                        "not in use"
+                    }
                 );
             }
             println!("status:         {}", m.status.as_deref().unwrap_or("-"));
@@ -877,6 +892,45 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
                     p.source,
                     p.reference
                 );
+            }
+            Ok(())
+        }
+        MeterCommand::Emergency { id } => {
+            let meter = parse_meter(&id)?;
+            apply(
+                config,
+                Op::Emergency {
+                    meter: meter.clone(),
+                    at: now_ms(),
+                },
+            )?;
+            let conn = open(config)?;
+            let m = meter_row(&conn, &meter)?;
+            println!(
+                "{meter}: emergency credit granted; the meter may now use {} Wh",
+                m.balance_wh
+            );
+            Ok(())
+        }
+        MeterCommand::Statement { id, month } => {
+            let meter = parse_meter(&id)?;
+            let month =
+                month.unwrap_or_else(|| crate::api::current_month(config.ledger.tariff.zone));
+            let conn = open(config)?;
+            let s = crate::statement::build(&conn, &config.ledger.tariff, &meter, &month).map_err(
+                |e| match e {
+                    crate::statement::StatementError::Store(e) => {
+                        Failure::from(anyhow::Error::from(e))
+                    }
+                    e => Failure {
+                        code: 1,
+                        error: e.into(),
+                    },
+                },
+            )?;
+            print!("{s}");
+            if !s.adds_up() {
+                eprintln!("warning: this statement does not add up: events are missing or damaged");
             }
             Ok(())
         }

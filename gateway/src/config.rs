@@ -1430,7 +1430,11 @@ impl TryFrom<f64> for Tariff {
 /// file (a version repeated across files, a default naming no tariff).
 #[derive(Default)]
 struct TariffBook {
-    entries: Vec<(String, Option<crate::tariff::calendar::LocalDate>, (PathBuf, usize, usize))>,
+    entries: Vec<(
+        String,
+        Option<crate::tariff::calendar::LocalDate>,
+        (PathBuf, usize, usize),
+    )>,
     default_at: Option<(PathBuf, usize, usize)>,
 }
 
@@ -1452,7 +1456,11 @@ impl TariffBook {
                 ));
             }
             let key = (t.get_ref().name.clone(), t.get_ref().effective_from);
-            if self.entries.iter().any(|(n, d, _)| (n, d) == (&key.0, &key.1)) {
+            if self
+                .entries
+                .iter()
+                .any(|(n, d, _)| (n, d) == (&key.0, &key.1))
+            {
                 let when = key.1.map_or("without effective_from".into(), |d| {
                     format!("effective from {d}")
                 });
@@ -1463,7 +1471,8 @@ impl TariffBook {
                     format!("tariff {:?} {when} is configured twice", key.0),
                 ));
             }
-            self.entries.push((key.0, key.1, (file.to_path_buf(), at.0, at.1)));
+            self.entries
+                .push((key.0, key.1, (file.to_path_buf(), at.0, at.1)));
         }
         if let Some(d) = part.ledger.as_ref().and_then(|l| l.default_tariff.as_ref()) {
             let (line, col) = line_col(text, d.span().start);

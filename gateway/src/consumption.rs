@@ -71,6 +71,8 @@ pub struct Itemised {
     pub debit_cents: i64,
     /// Of those, cents the balance could not cover (emergency credit or arrears).
     pub to_debt_cents: i64,
+    /// Standing charges that fell due by this report and were charged with it.
+    pub standing_cents: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,10 +84,23 @@ pub struct EnergyItem {
 }
 
 impl Itemised {
-    pub fn from_applied(tariff: &str, c: &crate::tariff::account::ConsumptionApplied) -> Itemised {
-        Itemised {
+    /// What a report did to the money: its price (`None` when it used no energy) and the
+    /// standing charges that fell due with it; `None` when neither.
+    pub fn from_applied(
+        tariff: &str,
+        c: Option<&crate::tariff::account::ConsumptionApplied>,
+        standing_cents: i64,
+    ) -> Option<Itemised> {
+        if c.is_none() && standing_cents == 0 {
+            return None;
+        }
+        let mut it = Itemised {
             tariff: tariff.to_owned(),
-            energy: c
+            standing_cents,
+            ..Itemised::default()
+        };
+        if let Some(c) = c {
+            it.energy = c
                 .priced
                 .energy
                 .iter()
@@ -95,12 +110,13 @@ impl Itemised {
                     wh: l.wh,
                     fine: l.fine,
                 })
-                .collect(),
-            charges: c.priced.charges.iter().map(|l| l.fine).collect(),
-            taxes: c.priced.taxes.iter().map(|l| l.fine).collect(),
-            debit_cents: c.debit_cents,
-            to_debt_cents: c.to_emergency + c.to_arrears,
+                .collect();
+            it.charges = c.priced.charges.iter().map(|l| l.fine).collect();
+            it.taxes = c.priced.taxes.iter().map(|l| l.fine).collect();
+            it.debit_cents = c.debit_cents;
+            it.to_debt_cents = c.to_emergency + c.to_arrears;
         }
+        Some(it)
     }
 
     /// The exact total of the lines.
@@ -125,6 +141,7 @@ impl Itemised {
             "totalKes": fine_kes(self.total_fine()),
             "debitCents": self.debit_cents,
             "toDebtCents": self.to_debt_cents,
+            "standingCents": self.standing_cents,
         })
     }
 }
@@ -350,6 +367,7 @@ impl Consumption {
                 }
                 put_signed(&mut out, it.debit_cents);
                 put_signed(&mut out, it.to_debt_cents);
+                put_signed(&mut out, it.standing_cents);
             }
         }
         out
@@ -438,8 +456,8 @@ impl Consumption {
             }
             if mf & HAS_ITEMS != 0 {
                 let len = usize::try_from(r.varint()?).map_err(|_| DecodeError::BadField)?;
-                let tariff = String::from_utf8(r.take(len)?.to_vec())
-                    .map_err(|_| DecodeError::BadField)?;
+                let tariff =
+                    String::from_utf8(r.take(len)?.to_vec()).map_err(|_| DecodeError::BadField)?;
                 let n = r.varint()?;
                 let mut energy = Vec::new();
                 for _ in 0..n {
@@ -469,6 +487,7 @@ impl Consumption {
                     taxes,
                     debit_cents: r.signed()?,
                     to_debt_cents: r.signed()?,
+                    standing_cents: r.signed()?,
                 });
             }
         }

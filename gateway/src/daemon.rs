@@ -288,6 +288,7 @@ impl Gateway {
             hub,
             metrics: metrics.clone(),
             broker_ready,
+            pricing: Arc::new(config.ledger.tariff.clone()),
         });
         tasks.push(tokio::spawn(umeme_http_guard::serve(
             api_listener,

@@ -137,9 +137,8 @@ impl Account {
         self.money.get_or_insert_with(|| {
             // The first standing charge is for the day the account joins the money ledger.
             let mut m = MoneyAccount::new(p.zone, p.at_ms);
-            let marginal = crate::tariff::price::marginal_fine_per_wh(
-                p.tariff, p.zone, p.at_ms, m.month,
-            );
+            let marginal =
+                crate::tariff::price::marginal_fine_per_wh(p.tariff, p.zone, p.at_ms, m.month);
             let fpc = crate::tariff::price::FINE_PER_CENT;
             let cents = |wh: i64| -> i64 {
                 // ceil(wh × marginal / cent): floor(cents / marginal) is then wh again.
@@ -163,7 +162,14 @@ impl Account {
         report: &Report,
         rules: &Rules,
         p: PriceAt<'_>,
-    ) -> Result<(ReportApplied, Option<ConsumptionApplied>), ReportRefused> {
+    ) -> Result<
+        (
+            ReportApplied,
+            Option<ConsumptionApplied>,
+            crate::tariff::account::StandingApplied,
+        ),
+        ReportRefused,
+    > {
         let saved = self.clone();
         let (debit_wh, kind, drift) = self.register(report)?;
         if matches!(kind, ReportKind::Stale | ReportKind::Repeat) {
@@ -175,6 +181,7 @@ impl Account {
                     balance_drift_wh: drift,
                 },
                 None,
+                Default::default(),
             ));
         }
         let before = self.balance_wh;
@@ -221,22 +228,26 @@ impl Account {
                 balance_drift_wh: drift,
             },
             priced,
+            standing,
         ))
     }
 
     /// A payment on the money ledger: debt recovery first ([`MoneyAccount::apply_payment`]),
-    /// after any standing charge due.
+    /// after any standing charge due (returned, so the payment's event itemises it).
     pub fn credit_priced(
         &mut self,
         cents: i64,
         p: PriceAt<'_>,
-    ) -> crate::tariff::account::PaymentApplied {
+    ) -> (
+        crate::tariff::account::PaymentApplied,
+        crate::tariff::account::StandingApplied,
+    ) {
         let m = self.ensure_money(p);
-        m.accrue_standing(p.tariff, p.at_ms);
+        let standing = m.accrue_standing(p.tariff, p.at_ms);
         let applied = m.apply_payment(p.tariff, cents);
         self.balance_wh = units_shown(m, p);
         self.ledger_seq += 1;
-        applied
+        (applied, standing)
     }
 
     /// Applies a consumption report. A refused report leaves the account untouched.
@@ -257,7 +268,10 @@ impl Account {
 
     /// The register rules: how much energy a report adds, what kind of report it is, and the
     /// v1 balance drift. Moves the registers; a refused report moves nothing.
-    fn register(&mut self, report: &Report) -> Result<(i64, ReportKind, Option<i64>), ReportRefused> {
+    fn register(
+        &mut self,
+        report: &Report,
+    ) -> Result<(i64, ReportKind, Option<i64>), ReportRefused> {
         Ok(match report {
             Report::V2(r) => {
                 let energy = r.energy_wh as i64;

@@ -52,6 +52,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod payload;
 pub mod plugin;
+pub mod statement;
 pub mod store;
 pub mod tariff;
 pub mod writer;

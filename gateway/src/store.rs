@@ -997,6 +997,43 @@ pub fn fold<'a>(
     })
 }
 
+/// One of a meter's events that moves its money: a consumption record, or a payment's or a
+/// meter event's JSON (emergency credit, standing charge).
+#[derive(Debug, Clone)]
+pub enum LedgerEvent {
+    Consumption(Consumption),
+    Json(serde_json::Value),
+}
+
+/// A meter's ledger events before `before_ms`, oldest first, handed to `f` one at a time (for
+/// statements: the whole history is never held in memory).
+pub fn meter_ledger_events(
+    conn: &Connection,
+    meter: &MeterId,
+    before_ms: i64,
+    mut f: impl FnMut(&str, i64, LedgerEvent),
+) -> Result<(), StoreError> {
+    let mut st = conn.prepare(
+        "SELECT kind, at, data FROM events
+         WHERE meter = ?1 AND at < ?2 AND kind IN ('consumption', 'payment', 'meter')
+         ORDER BY seq",
+    )?;
+    let mut rows = st.query(params![meter.as_str(), before_ms])?;
+    while let Some(r) = rows.next()? {
+        let kind: String = r.get(0)?;
+        let at: i64 = r.get(1)?;
+        let e = match r.get_ref(2)? {
+            rusqlite::types::ValueRef::Blob(b) => match Consumption::decode(b) {
+                Ok(c) => LedgerEvent::Consumption(c),
+                Err(_) => continue,
+            },
+            v => LedgerEvent::Json(event_data(v)),
+        };
+        f(&kind, at, e);
+    }
+    Ok(())
+}
+
 /// An event as sinks see it (contract §6): the SDK's type, so plugins and the gateway share it.
 pub use umeme_plugin_sdk::Event;
 

@@ -563,14 +563,16 @@ fn known_with_tariff(
     accounts: Accounts<'_>,
 ) -> Result<(Account, Option<String>), LedgerError> {
     let unknown = || LedgerError::UnknownMeter(meter.clone());
-    let (row, state_seq, tariff) = store::account_row_with_tariff(tx, meter)?.ok_or_else(unknown)?;
+    let (row, state_seq, tariff) =
+        store::account_row_with_tariff(tx, meter)?.ok_or_else(unknown)?;
     let newer = match accounts {
         Accounts::Stored => store::account(tx, meter)?,
-        Accounts::Live(newer) => newer(meter).filter(|v| v.seq > state_seq).map(|v| v.account),
+        Accounts::Live(newer) => newer(meter)
+            .filter(|v| v.seq > state_seq)
+            .map(|v| v.account),
     };
     Ok((newer.unwrap_or(row), tariff))
 }
-
 
 fn revoked(meter: &MeterId) -> Result<Applied, LedgerError> {
     Ok(Applied {
@@ -642,7 +644,7 @@ fn apply_report(
         zone: s.tariff.zone,
         at_ms: at,
     };
-    let (applied, priced) = account.apply_report_priced(report, &s.rules, p)?;
+    let (applied, priced, standing) = account.apply_report_priced(report, &s.rules, p)?;
     if matches!(applied.kind, ReportKind::Stale | ReportKind::Repeat) {
         // A retry of something already applied: no event, no command.
         return seen(tx, meter, at, accounts, Outcome::Report(applied));
@@ -654,9 +656,11 @@ fn apply_report(
         kind: applied.kind,
         debit_wh: applied.debit_wh,
         account: account.clone(),
-        itemised: priced
-            .as_ref()
-            .map(|c| crate::consumption::Itemised::from_applied(&tariff.name, c)),
+        itemised: crate::consumption::Itemised::from_applied(
+            &tariff.name,
+            priced.as_ref(),
+            standing.cents,
+        ),
     };
     let seq = store::append_consumption(tx, meter, at, &record)?;
     for alert in &applied.alerts {
@@ -722,7 +726,7 @@ fn apply_credit(
     };
     let before_wh = account.ensure_money(p).clone();
     let before_wh = ledger::units_shown(&before_wh, p);
-    let paid = account.credit_priced(c.amount_cents, p);
+    let (paid, standing) = account.credit_priced(c.amount_cents, p);
     // The Wh the payment added to what the meter is shown (debt recovery included).
     let credit_wh = account.balance_wh - before_wh;
     let m = account.money.as_ref().expect("ensure_money");
@@ -733,6 +737,7 @@ fn apply_credit(
         "balanceWh": account.balance_wh, "balance": wh_to_units(account.balance_wh),
         "tariff": tariff.name,
         "toBalanceCents": paid.to_balance,
+        "standingCents": standing.cents,
         "debtRecoveredCents": {"emergency": paid.recovered.emergency,
             "standing": paid.recovered.standing, "arrears": paid.recovered.arrears},
         "balanceKes": crate::consumption::cents_kes(m.balance_cents),

@@ -50,6 +50,30 @@ fn ok(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Publishes and returns the `command/balance` it caused, which may arrive before or after
+/// the PUBACK.
+fn publish_for_balance(
+    m: &mut RawMeter,
+    topic: &str,
+    payload: &str,
+    pkid: u16,
+) -> serde_json::Value {
+    let balance = balance_topic("METER001");
+    let before = m.publish_acked(topic, payload, pkid);
+    for p in before {
+        use rumqttc::mqttbytes::v4::{Packet, PubAck};
+        if let Packet::Publish(p) = p {
+            if p.qos == rumqttc::mqttbytes::QoS::AtLeastOnce {
+                m.send(Packet::PubAck(PubAck::new(p.pkid)));
+            }
+            if p.topic == balance {
+                return balance_json(&p);
+            }
+        }
+    }
+    balance_json(&m.next_publish(&balance))
+}
+
 fn balance_topic(meter: &str) -> String {
     format!("smartmeter/{meter}/command/balance")
 }
@@ -81,12 +105,12 @@ fn a_schema_3_database_upgrades_in_place_and_a_flat_rate_meter_keeps_its_4_960_w
         &v2_payload("METER001", 1, 1_000),
         1,
     );
-    m.publish_acked(
+    let next = publish_for_balance(
+        &mut m,
         "smartmeter/METER001/consumption",
         &v2_payload("METER001", 2, 1_040),
         2,
     );
-    let next = balance_json(&m.next_publish(&balance_topic("METER001")));
     assert_eq!(next["balanceWh"], 4_920, "{next}");
     assert_eq!(next["balanceKes"], 98.4, "{next}");
     // A payment: KES 1 is 50 Wh at the same price.
@@ -121,8 +145,7 @@ fn the_worked_example_kes_500_on_the_kplc_like_tariff_buys_25_081_wh_and_25_kwh_
     assert_eq!(paid["mayCut"], true, "{paid}");
     let report = "smartmeter/METER001/consumption";
     m.publish_acked(report, &v2_payload("METER001", 1, 0), 1);
-    m.publish_acked(report, &v2_payload("METER001", 2, 25_000), 2);
-    let after = balance_json(&m.next_publish(&topic));
+    let after = publish_for_balance(&mut m, report, &v2_payload("METER001", 2, 25_000), 2);
     // 498.375 KES debited as 49 837 cents (the half cent is carried): 1.63 KES left, which
     // is 81 Wh at 19.935 KES/kWh.
     assert_eq!(after["balanceKes"], 1.63, "{after}");
@@ -153,6 +176,134 @@ fn the_worked_example_kes_500_on_the_kplc_like_tariff_buys_25_081_wh_and_25_kwh_
     assert_eq!(used.data["debitWh"], 25_000);
     assert_eq!(used.data["balanceWh"], 81);
     assert_eq!(used.data["balanceKes"], "1.63");
+
+    // Step 4: 10 kWh more cross the 30 kWh edge: 225.728 KES, 22 573 cents with the half
+    // cent carried; 1.63 from the balance, 224.10 become arrears.
+    let short = publish_for_balance(&mut m, report, &v2_payload("METER001", 3, 35_000), 3);
+    assert_eq!(short["balanceKes"], -224.1, "{short}");
+    // The debt in Wh at the marginal price, now of the 30–100 kWh band: 16.50 + 4.54 of
+    // charges + REP 0.825 + VAT 3.3456 = 25.2106 KES/kWh.
+    assert_eq!(short["balanceWh"], -8_890, "{short}");
+    let meter = gw.meter("METER001");
+    assert_eq!(meter["debt_kes"]["arrears"], "224.10", "{meter}");
+    // Step 5: the next KES 500: 25 % (125.00) repays arrears, 375.00 becomes balance.
+    gw.simulate("METER001", 500.0);
+    let repaid = balance_json(&m.next_publish(&topic));
+    assert_eq!(
+        repaid["balanceKes"], 275.9,
+        "375.00 less 99.10 still owed: {repaid}"
+    );
+    let meter = gw.meter("METER001");
+    assert_eq!(meter["balance_kes"], "375.00", "{meter}");
+    assert_eq!(meter["debt_kes"]["arrears"], "99.10", "{meter}");
+
+    // The month's statement adds up to the cent, through the CLI and the API.
+    let printed = ok(&gw.cli(&["meter", "statement", "METER001"]));
+    for line in [
+        "opening:        0.00 KES (balance 0.00, debt 0.00)",
+        "payments:       1000.00 KES",
+        "energy:         35000 Wh",
+        "consumption:    724.103 KES exact, 724.10 KES debited",
+        "closing:        275.90 KES (balance 375.00, debt 99.10)",
+    ] {
+        assert!(printed.contains(line), "{line:?} in\n{printed}");
+    }
+    let (status, st) = gw.http("GET", "/api/meters/METER001/statement", None);
+    assert_eq!(status, 200, "{st}");
+    assert_eq!(st["addsUp"], true, "{st}");
+    assert_eq!(st["payments_cents"], 100_000);
+    assert_eq!(st["consumption_debited_cents"], 72_410);
+    assert_eq!(st["energy"][0]["name"], "energy 0–30 kWh");
+    assert_eq!(st["energy"][0]["wh"], 30_000);
+    assert_eq!(st["energy"][0]["kes"], "364.20");
+    assert_eq!(st["energy"][1]["name"], "energy 30–100 kWh");
+    assert_eq!(st["energy"][1]["kes"], "82.50");
+    assert_eq!(st["taxes"][1]["name"], "vat");
+    assert_eq!(st["closing"]["debt_cents"], 9_910);
+    let (status, bad) = gw.http("GET", "/api/meters/METER001/statement?month=2026-13", None);
+    assert_eq!(status, 400, "{bad}");
+}
+
+#[test]
+fn emergency_credit_is_granted_once_from_the_meter_the_cli_or_the_api_and_refused_with_a_reason() {
+    let mut gw = Gateway::new(DOMESTIC);
+    gw.add_meter("METER001", SECRET);
+    gw.add_meter("METER002", SECRET);
+    ok(&gw.cli(&["meter", "set", "METER002", "--tariff", "flat20"]));
+    gw.start();
+    let mut m = gw.connect("METER001", SECRET);
+    let topic = balance_topic("METER001");
+    m.subscribe(&topic, 1);
+    let _ = m.next_publish(&topic);
+    // The tenant presses the meter's button: KES 100 of emergency credit, 5 016 Wh.
+    let granted = publish_for_balance(&mut m, "smartmeter/METER001/command/emergency", "{}", 1);
+    assert_eq!(granted["balanceWh"], 5_016, "{granted}");
+    assert_eq!(granted["balanceKes"], 0.0, "{granted}");
+    // Again: acknowledged (the meter must not retry), refused, counted.
+    m.publish_acked("smartmeter/METER001/command/emergency", "{}", 2);
+    assert_eq!(
+        gw.metric("umeme_mqtt_rejected_total{reason=\"emergency_refused\"}"),
+        1.0
+    );
+    gw.assert_log("emergency credit is already in use");
+    let (status, v) = gw.http("POST", "/api/meters/METER001/emergency", None);
+    assert_eq!(status, 409, "{v}");
+    // A tariff without emergency credit: the CLI says so.
+    let out = gw.cli(&["meter", "emergency", "METER002"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("offers no emergency credit"), "{err}");
+    // A payment repays the emergency credit first, and ends it: it may be asked for again.
+    gw.simulate("METER001", 150.0);
+    let repaid = balance_json(&m.next_publish(&topic));
+    assert_eq!(repaid["balanceKes"], 150.0, "nothing was used: {repaid}");
+    let (status, v) = gw.http("POST", "/api/meters/METER001/emergency", None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["meter"]["emergency_in_use"], true, "{v}");
+}
+
+#[test]
+fn standing_charges_are_charged_daily_while_the_meter_is_offline() {
+    let extra = r#"
+[ledger]
+default_tariff = "access"
+
+[[tariffs]]
+name = "access"
+bands = [{ from_kwh = 0, price = "20" }]
+standing_charge = { amount = "5.00", every_days = 1 }
+"#;
+    let mut gw = Gateway::new(extra);
+    gw.add_meter("METER001", SECRET);
+    gw.start();
+    // Today's charge falls due when the meter joins the money ledger (the timer at start, or
+    // the payment, whichever comes first); it is recovered first from the payment.
+    gw.simulate("METER001", 100.0);
+    let balance = |gw: &Gateway| gw.meter("METER001")["balance_kes"].clone();
+    assert_eq!(balance(&gw), "95.00");
+    gw.kill();
+    // Two days later (the daemon's clock for standing charges, debug builds only); the meter
+    // never connects.
+    gw.env.push((
+        "UMEME_TEST_CLOCK_OFFSET_MS".into(),
+        (2 * 86_400_000).to_string(),
+    ));
+    gw.start();
+    let charged = eventually("two more daily charges", || {
+        let b = balance(&gw);
+        (b == "85.00").then_some(b)
+    });
+    assert_eq!(charged, "85.00");
+    // Each charge is itemised where it was charged; the statement has all three days.
+    let (status, st) = gw.http("GET", "/api/meters/METER001/statement", None);
+    assert_eq!(status, 200, "{st}");
+    if st["closing"]["balance_cents"] == 8_500 {
+        // The two later days may fall in next month's statement near a month's end.
+        assert_eq!(st["standing_cents"], 1_500, "{st}");
+    }
+    assert_eq!(st["addsUp"], true, "{st}");
+    let printed = ok(&gw.cli(&["meter", "statement", "METER001"]));
+    assert!(printed.contains("standing:"), "{printed}");
 }
 
 #[test]
@@ -214,7 +365,11 @@ fn check_config_error(extra: &str) -> String {
 fn check_config_refuses_bad_tariffs_at_the_field_with_file_line_and_column() {
     // The harness's config ends with `extra` and a newline: line n of `extra` is this far in.
     let base = Gateway::new("");
-    let before = std::fs::read_to_string(&base.config).unwrap().lines().count() - 1;
+    let before = std::fs::read_to_string(&base.config)
+        .unwrap()
+        .lines()
+        .count()
+        - 1;
     let line = |n: usize| format!("gateway.toml:{}:", before + n);
     let cases: [(&str, usize, &str); 5] = [
         (
