@@ -760,6 +760,86 @@ mod tests {
         assert_eq!(Consumption::decode(&other), Err(DecodeError::Format(9)));
     }
 
+    fn money() -> MoneyAccount {
+        MoneyAccount {
+            balance_cents: 163,
+            carry_fine: 500_000_000_000,
+            debt: Debt {
+                emergency: 0,
+                standing: 500,
+                arrears: 22_410,
+            },
+            month: MonthUsage {
+                month: MonthKey(2026 * 12 + 2),
+                wh: 35_000,
+            },
+            emergency_armed: true,
+            standing_due_ms: 1_772_398_800_000,
+            last_report_ms: 1_772_470_000_123,
+        }
+    }
+
+    #[test]
+    fn a_money_record_keeps_the_account_and_the_itemised_price_and_old_records_still_decode() {
+        let flat = Consumption {
+            report: Report::V2(v2(9_411, 1_751_750)),
+            kind: ReportKind::Debited,
+            debit_wh: 12,
+            account: account(9_411, 1_751_750),
+            itemised: None,
+        };
+        let old = flat.encode();
+        assert_eq!(old[0], 1, "no money account: still format 1");
+        let mut a = account(9_411, 1_751_750);
+        a.money = Some(money());
+        let priced = Consumption {
+            account: a,
+            itemised: Some(Itemised {
+                tariff: "flat".into(),
+                energy: vec![EnergyItem {
+                    band: 0,
+                    tou: None,
+                    wh: 12,
+                    fine: 24_000_000_000_000,
+                }],
+                charges: vec![],
+                taxes: vec![],
+                debit_cents: 24,
+                to_debt_cents: 0,
+                standing_cents: 0,
+            }),
+            ..flat.clone()
+        };
+        let bytes = priced.encode();
+        assert_eq!(bytes[0], 2);
+        // Measured: this report is 39 bytes without the money ledger and 93 with it (the
+        // money account about 37, the itemised price about 17): under half of the JSON.
+        assert!(bytes.len() <= 96, "{} bytes (format 1: {})", bytes.len(), old.len());
+        assert_eq!(Consumption::decode(&bytes), Ok(priced.clone()));
+        assert_eq!(Consumption::decode(&old), Ok(flat));
+        let json = priced.to_json();
+        assert_eq!(json["balanceKes"], "1.63");
+        assert_eq!(json["debtKes"], "229.10");
+        assert_eq!(json["priced"]["totalKes"], "0.24");
+        assert_eq!(json["balanceWh"], 48_250, "the original fields stay");
+        for n in 0..bytes.len() {
+            assert!(Consumption::decode(&bytes[..n]).is_err(), "prefix {n}");
+        }
+        assert_eq!(
+            money_from_column(&money_column(&money())),
+            Ok(money()),
+            "the meters.money column round-trips"
+        );
+    }
+
+    #[test]
+    fn fine_amounts_print_as_exact_kes() {
+        assert_eq!(fine_kes(15_175 * FINE_PER_CENT / 10), "15.175");
+        assert_eq!(fine_kes(30_350 * FINE_PER_CENT), "303.50");
+        assert_eq!(fine_kes(1), "0.00000000000001");
+        assert_eq!(cents_kes(-22_410), "-224.10");
+    }
+
     fn any_float() -> impl Strategy<Value = f64> {
         prop_oneof![
             (-1_000_000_000i64..1_000_000_000).prop_map(|m| m as f64 / 1000.0),

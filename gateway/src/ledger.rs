@@ -488,6 +488,47 @@ mod tests {
         );
     }
 
+    fn flat(price: &str) -> crate::tariff::Tariff {
+        crate::tariff::Tariff::flat("flat", crate::tariff::Decimal::parse(price).unwrap())
+    }
+
+    #[test]
+    fn a_unit_ledger_balance_moves_onto_the_money_ledger_keeping_its_wh() {
+        let zone = SiteZone::NAIROBI;
+        for (price, wh) in [
+            ("20", 4_960),
+            ("20", -40),
+            ("33.3333", 4_960),
+            ("12.14", 1),
+            ("25.2106", 123_457),
+        ] {
+            let t = flat(price);
+            let p = PriceAt {
+                tariff: &t,
+                zone,
+                at_ms: 1_772_470_000_000,
+            };
+            let mut a = Account {
+                balance_wh: wh,
+                ..Default::default()
+            };
+            let m = a.ensure_money(p).clone();
+            assert_eq!(units_shown(&m, p), wh, "{wh} Wh at {price}");
+        }
+        // 4 960 Wh at 0.05 units/KES (20 KES/kWh) is exactly KES 99.20.
+        let t = flat("20");
+        let p = PriceAt {
+            tariff: &t,
+            zone,
+            at_ms: 0,
+        };
+        let mut a = Account {
+            balance_wh: 4_960,
+            ..Default::default()
+        };
+        assert_eq!(a.ensure_money(p).balance_cents, 9_920);
+    }
+
     #[test]
     fn payment_references_are_trimmed_and_bounded() {
         assert_eq!(payment_reference(" QK1234\t"), Some("QK1234"));
