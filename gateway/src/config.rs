@@ -1328,6 +1328,8 @@ pub struct Tariff {
     versions: Vec<Arc<crate::tariff::Tariff>>,
     /// `[ledger] default_tariff` (else the first tariff by name, or the implicit one).
     default: String,
+    /// The implicit flat tariff, built once (the report path must not allocate it).
+    implicit: Arc<crate::tariff::Tariff>,
 }
 
 /// The name of the flat tariff a site without `[[tariffs]]` has.
@@ -1335,19 +1337,24 @@ pub const IMPLICIT_TARIFF: &str = "flat";
 
 impl Tariff {
     fn from_units_per_kes_unchecked(u: f64) -> Tariff {
+        Tariff::from_nano_units((u * 1e9) as i64)
+    }
+
+    fn from_nano_units(nano_units_per_kes: i64) -> Tariff {
         Tariff {
-            nano_units_per_kes: (u * 1e9) as i64,
+            nano_units_per_kes,
             zone: crate::tariff::calendar::SiteZone::NAIROBI,
             versions: Vec::new(),
             default: IMPLICIT_TARIFF.into(),
+            implicit: Arc::new(Tariff::implicit(nano_units_per_kes)),
         }
     }
 
-    /// The implicit flat tariff's price: `1 / units_per_kes` KES per kWh, rounded to the
-    /// nearest 0.0001 KES (exact for the usual 0.05, 0.1, 0.04, …).
-    fn implicit(&self) -> crate::tariff::Tariff {
-        let price = (10_000_000_000_000i128 + i128::from(self.nano_units_per_kes) / 2)
-            / i128::from(self.nano_units_per_kes.max(1));
+    /// The implicit flat tariff: `1 / units_per_kes` KES per kWh, rounded to the nearest
+    /// 0.0001 KES (exact for the usual 0.05, 0.1, 0.04, …).
+    fn implicit(nano_units_per_kes: i64) -> crate::tariff::Tariff {
+        let price = (10_000_000_000_000i128 + i128::from(nano_units_per_kes) / 2)
+            / i128::from(nano_units_per_kes.max(1));
         crate::tariff::Tariff::flat(
             IMPLICIT_TARIFF,
             crate::tariff::Decimal(price.min(i128::from(crate::tariff::MAX_DECIMAL)) as i64),
@@ -1381,7 +1388,7 @@ impl Tariff {
     /// configured falls back to the default (the caller warns).
     pub fn in_force(&self, meter_tariff: Option<&str>, at_ms: i64) -> Arc<crate::tariff::Tariff> {
         if self.versions.is_empty() {
-            return Arc::new(self.implicit());
+            return self.implicit.clone();
         }
         let name = meter_tariff
             .filter(|n| self.knows(n))
@@ -1414,10 +1421,7 @@ impl TryFrom<f64> for Tariff {
     type Error = String;
     fn try_from(u: f64) -> Result<Self, String> {
         if u.is_finite() && u > 0.0 && u <= 1000.0 {
-            Ok(Tariff {
-                nano_units_per_kes: (u * 1e9).round() as i64,
-                ..Tariff::from_units_per_kes_unchecked(0.05)
-            })
+            Ok(Tariff::from_nano_units((u * 1e9).round() as i64))
         } else {
             Err(format!(
                 "{u} is out of range: expected more than 0 and at most 1000"
@@ -1426,15 +1430,18 @@ impl TryFrom<f64> for Tariff {
     }
 }
 
+/// A tariff version's name, effective date and where it stands.
+type TariffEntry = (
+    String,
+    Option<crate::tariff::calendar::LocalDate>,
+    (PathBuf, usize, usize),
+);
+
 /// Where each `[[tariffs]]` entry and `default_tariff` stood, for the checks that need every
 /// file (a version repeated across files, a default naming no tariff).
 #[derive(Default)]
 struct TariffBook {
-    entries: Vec<(
-        String,
-        Option<crate::tariff::calendar::LocalDate>,
-        (PathBuf, usize, usize),
-    )>,
+    entries: Vec<TariffEntry>,
     default_at: Option<(PathBuf, usize, usize)>,
 }
 

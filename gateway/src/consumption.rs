@@ -814,7 +814,12 @@ mod tests {
         assert_eq!(bytes[0], 2);
         // Measured: this report is 39 bytes without the money ledger and 93 with it (the
         // money account about 37, the itemised price about 17): under half of the JSON.
-        assert!(bytes.len() <= 96, "{} bytes (format 1: {})", bytes.len(), old.len());
+        assert!(
+            bytes.len() <= 96,
+            "{} bytes (format 1: {})",
+            bytes.len(),
+            old.len()
+        );
         assert_eq!(Consumption::decode(&bytes), Ok(priced.clone()));
         assert_eq!(Consumption::decode(&old), Ok(flat));
         let json = priced.to_json();

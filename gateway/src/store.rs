@@ -1001,7 +1001,7 @@ pub fn fold<'a>(
 /// meter event's JSON (emergency credit, standing charge).
 #[derive(Debug, Clone)]
 pub enum LedgerEvent {
-    Consumption(Consumption),
+    Consumption(Box<Consumption>),
     Json(serde_json::Value),
 }
 
@@ -1024,7 +1024,7 @@ pub fn meter_ledger_events(
         let at: i64 = r.get(1)?;
         let e = match r.get_ref(2)? {
             rusqlite::types::ValueRef::Blob(b) => match Consumption::decode(b) {
-                Ok(c) => LedgerEvent::Consumption(c),
+                Ok(c) => LedgerEvent::Consumption(Box::new(c)),
                 Err(_) => continue,
             },
             v => LedgerEvent::Json(event_data(v)),
