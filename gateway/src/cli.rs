@@ -285,6 +285,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             print_broker_limits(&config);
             print_http_limits(&config);
             warn_legacy_meters(&config);
+            check_meter_tariffs(&config)?;
             match &config.source {
                 ConfigSource::BuiltInDefaults => {
                     println!("ok: no configuration file; the built-in development defaults apply")
@@ -650,6 +651,39 @@ fn warn_legacy_meters(config: &Config) {
             },
         );
     }
+}
+
+/// check-config refuses a configuration in which a provisioned meter's tariff is missing
+/// (removed or renamed in `[[tariffs]]`): the daemon would price it by the default tariff.
+fn check_meter_tariffs(config: &Config) -> Result<(), Failure> {
+    let path = config.db_path();
+    if !path.exists() {
+        return Ok(());
+    }
+    let Ok(conn) = store::open_read_only(&path) else {
+        return Ok(());
+    };
+    // An older schema has no tariffs on meters yet.
+    let missing: Vec<String> = store::meters(&conn)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| {
+            let t = m.tariff?;
+            (!config.ledger.tariff.knows(&t)).then(|| format!("{} ({t:?})", m.id))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Failure {
+        code: 1,
+        error: anyhow::anyhow!(
+            "meters on a tariff the configuration does not have: {}; configured: {} \
+             (add the tariff back, or `umeme-gateway meter set METER --tariff NAME|default`)",
+            missing.join(", "),
+            config.ledger.tariff.names().join(", ")
+        ),
+    })
 }
 
 /// The risk of a legacy-anonymous meter, said where it is switched on.

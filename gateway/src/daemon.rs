@@ -105,6 +105,13 @@ impl Gateway {
             source,
         };
         let conn = store::open(&db_path, config.gateway.id.as_str()).map_err(store_err)?;
+        for m in store::meters(&conn).unwrap_or_default() {
+            if let Some(t) = m.tariff.filter(|t| !config.ledger.tariff.knows(t)) {
+                warn!(meter = %m.id, tariff = %crate::untrusted::Untrusted(&t),
+                    default = config.ledger.tariff.default_name(),
+                    "the meter's tariff is not configured: the default tariff prices it");
+            }
+        }
         let reader = Reader::open(&db_path).map_err(store_err)?;
 
         let metrics = Arc::new(Metrics::default());

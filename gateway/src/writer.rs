@@ -614,8 +614,9 @@ pub fn balance_command_priced(a: &Account, p: PriceAt<'_>) -> BalanceCommand {
     cmd
 }
 
-/// The meter's tariff in force at `at`, warning once per op when the meter names a tariff
-/// the configuration no longer has (the default prices it then).
+/// The meter's tariff in force at `at`. A tariff the configuration no longer has falls back
+/// to the default: the daemon warns of such meters once at start and `check-config` refuses
+/// them, so this path (every report) does not log.
 fn tariff_for(
     s: &LedgerSettings,
     meter: &MeterId,
@@ -623,8 +624,7 @@ fn tariff_for(
     at: i64,
 ) -> Arc<crate::tariff::Tariff> {
     if let Some(n) = name.filter(|n| !s.tariff.knows(n)) {
-        tracing::warn!(meter = %meter, tariff = %Untrusted(n),
-            "the meter's tariff is not configured; the default tariff prices it");
+        tracing::debug!(meter = %meter, tariff = %Untrusted(n), "unconfigured tariff: default used");
     }
     s.tariff.in_force(name, at)
 }

@@ -330,6 +330,19 @@ fn meter_add_and_set_take_a_configured_tariff_refuse_an_unknown_one_and_show_pri
 
     let out = gw.cli(&["meter", "set", "METER001", "--tariff", "nonesuch"]);
     assert!(!out.status.success());
+    // A tariff removed from the configuration while a meter is on it: check-config refuses.
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    let without = text.replace("name = \"flat20\"", "name = \"flat25\"");
+    std::fs::write(&gw.config, &without).unwrap();
+    let out = gw.cli(&["check-config"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("meters on a tariff the configuration does not have: METER001 (\"flat20\")"),
+        "{err}"
+    );
+    std::fs::write(&gw.config, &text).unwrap();
+    ok(&gw.cli(&["check-config"]));
     ok(&gw.cli(&["meter", "set", "METER001", "--tariff", "default"]));
     let shown = ok(&gw.cli(&["meter", "show", "METER001"]));
     assert!(
