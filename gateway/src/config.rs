@@ -1828,6 +1828,48 @@ mod tests {
     }
 
     #[test]
+    fn a_tariff_version_is_in_force_from_local_midnight_of_its_date_and_meters_fall_back_to_the_default(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[site]\ntimezone = \"Africa/Nairobi\"\n[ledger]\ndefault_tariff = \"home\"\n\
+             [[tariffs]]\nname = \"home\"\nbands = [{ from_kwh = 0, price = \"20\" }]\n\
+             [[tariffs]]\nname = \"home\"\neffective_from = \"2026-07-01\"\n\
+             bands = [{ from_kwh = 0, price = \"22.50\" }]\n\
+             [[tariffs]]\nname = \"shop\"\nbands = [{ from_kwh = 0, price = \"30\" }]\n",
+        );
+        let c = Config::load(Some(&p)).unwrap();
+        let t = &c.ledger.tariff;
+        // 2026-07-01 00:00 in Nairobi is 2026-06-30 21:00 UTC.
+        let edge = crate::tariff::calendar::SiteZone::NAIROBI
+            .midnight(crate::tariff::calendar::LocalDate::parse("2026-07-01").unwrap());
+        let price = |name: Option<&str>, at: i64| t.in_force(name, at).bands[0].price.0;
+        assert_eq!(price(None, edge - 1), 200_000);
+        assert_eq!(price(None, edge), 225_000);
+        assert_eq!(price(Some("home"), edge), 225_000);
+        assert_eq!(price(Some("shop"), edge), 300_000);
+        assert_eq!(
+            price(Some("gone"), edge),
+            225_000,
+            "an unknown name: the default"
+        );
+        assert_eq!(t.names(), ["home", "shop"]);
+
+        // The same version twice is refused at the second.
+        let p = write(
+            dir.path(),
+            "twice.toml",
+            "[[tariffs]]\nname = \"a\"\nbands = [{ from_kwh = 0, price = \"1\" }]\n\
+             [[tariffs]]\nname = \"a\"\nbands = [{ from_kwh = 0, price = \"2\" }]\n",
+        );
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(4), "{e}");
+        assert!(e.message.contains("configured twice"), "{e}");
+    }
+
+    #[test]
     fn tariff_credits_exact_whole_wh() {
         let t = Tariff::try_from(0.05).unwrap();
         assert_eq!(t.credit_wh(100 * 100), 5_000);
