@@ -147,7 +147,8 @@ impl Account {
             if wh > 0 {
                 m.balance_cents = cents(wh);
             } else if wh < 0 {
-                m.debt.arrears = (i128::from(-wh) * marginal / fpc) as i64;
+                let owed = i128::from(wh).abs() * marginal / fpc;
+                m.debt.arrears = owed.min(i128::from(i64::MAX / 4)) as i64;
             }
             m
         })
