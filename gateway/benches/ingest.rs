@@ -13,6 +13,9 @@
 //! cargo bench -p umeme-gateway --bench ingest [-- --meters N --seconds S --window W --baseline-seconds B]
 //! ```
 //!
+//! `UMEME_BENCH_TARIFF=banded-tou` puts every meter on a banded time-of-use tariff with
+//! charges and taxes instead of the implicit flat one.
+//!
 //! The same settings can come from `UMEME_BENCH_METERS`, `UMEME_BENCH_SECONDS`,
 //! `UMEME_BENCH_WINDOW` and `UMEME_BENCH_BASELINE_SECONDS`; arguments win. Without `--bench`
 //! (which `cargo bench` passes, and `cargo test --benches` does not) it runs a tiny smoke
@@ -247,10 +250,42 @@ fn write_config(dir: &Path, meters: usize) -> Result<PathBuf> {
         // Every bench meter connects from 127.0.0.1 at once.
         meters + 16
     );
+    let mut text = text;
+    // `UMEME_BENCH_TARIFF=banded-tou`: every meter on a banded, time-of-use tariff with dated
+    // charges and taxes (issue 16: within 10 % of the implicit flat tariff).
+    if std::env::var("UMEME_BENCH_TARIFF").as_deref() == Ok("banded-tou") {
+        text.push_str(BANDED_TOU);
+    }
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
+
+const BANDED_TOU: &str = r#"
+[ledger]
+default_tariff = "domestic-tou"
+
+[[tariffs]]
+name = "domestic-tou"
+bands = [
+  { from_kwh = 0, to_kwh = 30, price = "12.14" },
+  { from_kwh = 30, to_kwh = 100, price = "16.50" },
+  { from_kwh = 100, price = "18.57" },
+]
+tou = [
+  { name = "peak", days = "all", from_hour = 18, to_hour = 22, multiplier = "1.2" },
+  { name = "off-peak", days = "all", from_hour = 22, to_hour = 18, multiplier = "0.9" },
+]
+charges = [
+  { name = "fuel_energy", rates = [{ from = "2026-01-01", price = "3.10" }] },
+  { name = "forex", rates = [{ from = "2026-01-01", price = "0.85" }] },
+  { name = "epra_levy", rates = [{ from = "2026-01-01", price = "0.08" }] },
+]
+taxes = [
+  { name = "rep_levy", percent = "5", on = ["energy"] },
+  { name = "vat", percent = "16", on = ["energy", "fuel_energy", "forex"] },
+]
+"#;
 
 fn runtime(name: &str) -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()

@@ -62,6 +62,8 @@ pub struct ApiState {
     pub data_dir: std::path::PathBuf,
     /// The web dashboard's sessions and live updates (`/dashboard`).
     pub dashboard: Arc<crate::dashboard::Dashboard>,
+    /// The site's tariffs, to name the lines of a statement.
+    pub pricing: Arc<crate::config::Tariff>,
 }
 
 type St = State<Arc<ApiState>>;
@@ -79,6 +81,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/site/loss", get(site_loss))
         .route("/api/site/usage", get(site_usage))
         .route("/api/site/readings", post(site_reading))
+        .route("/api/meters/{id}/emergency", post(meter_emergency))
+        .route("/api/meters/{id}/statement", get(meter_statement))
         .route("/api/outbox", get(outbox))
         .route("/api/payments/unapplied", get(unapplied_payments))
         .route(
@@ -327,8 +331,17 @@ async fn list_meters(State(st): St) -> Response {
 
 fn meter_json(st: &ApiState, m: store::MeterRow) -> Value {
     let connected = st.hub.is_connected(&m.id);
+    let money = m.money.clone();
     let mut v = serde_json::to_value(m).unwrap_or_default();
     v["connected"] = json!(connected);
+    // The money ledger (issue 16), once the meter is on it.
+    if let Some(m) = money {
+        use crate::consumption::cents_kes;
+        v["balance_kes"] = json!(cents_kes(m.balance_cents));
+        v["debt_kes"] = json!({"emergency": cents_kes(m.debt.emergency),
+            "standing": cents_kes(m.debt.standing), "arrears": cents_kes(m.debt.arrears)});
+        v["emergency_in_use"] = json!(m.emergency_armed);
+    }
     v
 }
 
@@ -425,6 +438,87 @@ async fn meter_payments(State(st): St, Path(id): Path<String>) -> Response {
         Ok((None, _)) => error(StatusCode::NOT_FOUND, format!("unknown meter {id}")),
         Err(e) => internal(e),
     }
+}
+
+/// `POST /api/meters/{id}/emergency`: the tenant's request for emergency credit, as if from
+/// the meter (`command/emergency`); 409 with the reason when the tariff offers none or it is
+/// already in use.
+async fn meter_emergency(State(st): St, Path(id): Path<String>) -> Response {
+    let id = match parse_meter(&st, &id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let op = Op::Emergency {
+        meter: id.clone(),
+        at: now_ms(),
+    };
+    match st.writer.submit(op).await {
+        Ok(_) => {
+            let lookup = id.clone();
+            match st.reader.run(move |c| store::meter(c, &lookup)).await {
+                Ok(Some(m)) => {
+                    Json(json!({"emergency": true, "meter": meter_json(&st, m)})).into_response()
+                }
+                Ok(None) => error(StatusCode::NOT_FOUND, format!("unknown meter {id}")),
+                Err(e) => internal(e),
+            }
+        }
+        Err(e @ LedgerError::UnknownMeter(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ LedgerError::Emergency(_)) => {
+            st.metrics.inc(
+                "umeme_http_rejected_total",
+                &[("reason", "emergency_refused")],
+            );
+            warn!(meter = %id, error = %e, "emergency credit refused");
+            error(StatusCode::CONFLICT, e.to_string())
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/meters/{id}/statement?month=YYYY-MM` (default: this month, local time).
+async fn meter_statement(
+    State(st): St,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let id = match parse_meter(&st, &id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let month = q
+        .get("month")
+        .cloned()
+        .unwrap_or_else(|| current_month(st.pricing.zone));
+    let pricing = st.pricing.clone();
+    let lookup = id.clone();
+    let m = month.clone();
+    let r = st
+        .reader
+        .run(move |c| Ok(crate::statement::build(c, &pricing, &lookup, &m)))
+        .await;
+    match r {
+        Ok(Ok(s)) => {
+            let adds_up = s.adds_up();
+            let mut v = serde_json::to_value(&s).unwrap_or_default();
+            v["addsUp"] = json!(adds_up);
+            Json(v).into_response()
+        }
+        Ok(Err(e @ crate::statement::StatementError::BadMonth(_))) => {
+            bad_request(&st, "bad_month", e.to_string())
+        }
+        Ok(Err(e @ crate::statement::StatementError::UnknownMeter(_))) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(e),
+    }
+}
+
+/// This month (`YYYY-MM`) in the site's zone.
+pub fn current_month(zone: crate::tariff::calendar::SiteZone) -> String {
+    let d = zone.date(now_ms());
+    format!("{:04}-{:02}", d.year, d.month)
 }
 
 /// Payments a source kept because they credited no meter, not applied yet (oldest first).

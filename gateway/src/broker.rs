@@ -9,7 +9,8 @@
 //! secret checked by [`crate::auth`] within the limits of [`crate::admission`]; or a meter
 //! opted in to the original firmware's anonymous CONNECT), then checks every PUBLISH and
 //! SUBSCRIBE against that identity before anything else sees it:
-//! - a meter may publish only `{prefix}/{meter}/consumption|balance|status|ota/request|ota/status`;
+//! - a meter may publish only
+//!   `{prefix}/{meter}/consumption|balance|status|ota/request|ota/status|command/emergency`;
 //!   a publish under another meter's tree is a spoofing attempt and closes the connection;
 //! - a meter may subscribe only inside `{prefix}/{meter}/command/…`; other filters get a
 //!   SUBACK failure (0x80).
@@ -779,6 +780,15 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
                     return Ok(());
                 }
             },
+            // A tenant's request for emergency credit (issue 16), from a button on the meter;
+            // the payload is not read.
+            "command/emergency" => Ok((
+                Op::Emergency {
+                    meter: meter.clone(),
+                    at,
+                },
+                "emergency",
+            )),
             "balance" => payload::parse_meter_balance(&p.payload, &meter).map(|data| {
                 (
                     Op::MeterBalance {
@@ -1107,7 +1117,10 @@ async fn committed(
             }
             Ok(pkid)
         }
-        Ok(Err(e @ (LedgerError::Refused(_) | LedgerError::UnknownMeter(_)))) => {
+        Ok(Err(
+            e
+            @ (LedgerError::Refused(_) | LedgerError::UnknownMeter(_) | LedgerError::Emergency(_)),
+        )) => {
             metrics.inc("umeme_mqtt_rejected_total", &[("reason", e.reason())]);
             if may_warn() {
                 warn!(%meter, what, error = %e, "meter publish refused by the ledger");

@@ -234,6 +234,10 @@ pub enum MeterCommand {
         /// Accept the anonymous CONNECT only from this address.
         #[arg(long, value_name = "IP")]
         legacy_source: Option<std::net::IpAddr>,
+        /// Price this meter by the `[[tariffs]]` entry of this name (default: the site's
+        /// `[ledger] default_tariff`).
+        #[arg(long, value_name = "NAME")]
+        tariff: Option<String>,
     },
     /// Change a meter's settings.
     Set {
@@ -244,6 +248,10 @@ pub enum MeterCommand {
         /// Pin the anonymous CONNECT to this source address; `any` removes the pin.
         #[arg(long, value_name = "IP|any")]
         legacy_source: Option<String>,
+        /// Put the meter on this tariff from now on (`default`: the site's default tariff).
+        /// Reports already applied keep their price.
+        #[arg(long, value_name = "NAME|default")]
+        tariff: Option<String>,
         /// Mark this meter as the site's main (bulk) meter, whose consumption is the site's
         /// supply for site loss (`--main false` unmarks it; one meter is main at a time).
         #[arg(long, value_name = "true|false", num_args = 0..=1, default_missing_value = "true",
@@ -269,6 +277,16 @@ pub enum MeterCommand {
     Show { id: String },
     /// Remove a meter (its payments and events stay for audit); ends its session.
     Remove { id: String },
+    /// Grant the tenant's request for emergency credit (as the meter's `command/emergency`).
+    Emergency { id: String },
+    /// Print a meter's statement for a month: opening, payments, energy by band and period,
+    /// charges, taxes, standing charges, debt, closing.
+    Statement {
+        id: String,
+        /// `YYYY-MM` in the site's time zone (default: this month).
+        #[arg(long)]
+        month: Option<String>,
+    },
     /// Replace a meter's secret; prints the new one when --secret is not given.
     SetSecret {
         id: String,
@@ -408,6 +426,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             print_http_limits(&config);
             print_ota(&config);
             warn_legacy_meters(&config);
+            check_meter_tariffs(&config)?;
             match &config.source {
                 ConfigSource::BuiltInDefaults => {
                     println!("ok: no configuration file; the built-in development defaults apply")
@@ -1058,6 +1077,18 @@ impl Drop for EchoOff {
     }
 }
 
+/// A usage error naming the configured tariffs when `name` is not one of them.
+fn known_tariff(config: &Config, name: &str) -> Result<(), Failure> {
+    if config.ledger.tariff.knows(name) {
+        Ok(())
+    } else {
+        Err(usage(format!(
+            "unknown tariff {name:?}: the configuration has {}",
+            config.ledger.tariff.names().join(", ")
+        )))
+    }
+}
+
 fn parse_meter(id: &str) -> Result<MeterId, Failure> {
     MeterId::parse(id).map_err(|e| usage(e.to_string()))
 }
@@ -1081,7 +1112,7 @@ fn settings(config: &Config) -> LedgerSettings {
         rules: Rules {
             low_balance_wh: config.ledger.low_balance_wh,
         },
-        tariff: config.ledger.tariff,
+        tariff: config.ledger.tariff.clone(),
     }
 }
 
@@ -1102,7 +1133,9 @@ fn apply(config: &Config, op: Op) -> Result<Outcome, Failure> {
             | LedgerError::NotUnapplied(_)
             | LedgerError::AmbiguousReference { .. }
             | LedgerError::AlreadyApplied { .. }
-            | LedgerError::Ota(_)),
+            | LedgerError::Ota(_)
+            | LedgerError::UnknownTariff { .. }
+            | LedgerError::Emergency(_)),
         ) => Err(Failure {
             code: 1,
             error: e.into(),
@@ -1149,6 +1182,39 @@ fn warn_legacy_meters(config: &Config) {
     }
 }
 
+/// check-config refuses a configuration in which a provisioned meter's tariff is missing
+/// (removed or renamed in `[[tariffs]]`): the daemon would price it by the default tariff.
+fn check_meter_tariffs(config: &Config) -> Result<(), Failure> {
+    let path = config.db_path();
+    if !path.exists() {
+        return Ok(());
+    }
+    let Ok(conn) = store::open_read_only(&path) else {
+        return Ok(());
+    };
+    // An older schema has no tariffs on meters yet.
+    let missing: Vec<String> = store::meters(&conn)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| {
+            let t = m.tariff?;
+            (!config.ledger.tariff.knows(&t)).then(|| format!("{} ({t:?})", m.id))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Failure {
+        code: 1,
+        error: anyhow::anyhow!(
+            "meters on a tariff the configuration does not have: {}; configured: {} \
+             (add the tariff back, or `umeme-gateway meter set METER --tariff NAME|default`)",
+            missing.join(", "),
+            config.ledger.tariff.names().join(", ")
+        ),
+    })
+}
+
 /// The risk of a legacy-anonymous meter, said where it is switched on.
 fn warn_legacy(meter: &MeterId, source: Option<&str>) {
     eprintln!(
@@ -1169,10 +1235,14 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             phone,
             legacy_anonymous,
             legacy_source,
+            tariff,
         } => {
             let meter = parse_meter(&id)?;
             if legacy_source.is_some() && !legacy_anonymous {
                 return Err(usage("--legacy-source needs --legacy-anonymous"));
+            }
+            if let Some(t) = &tariff {
+                known_tariff(config, t)?;
             }
             let (secret, generated) = secret_or_generated(secret)?;
             let op = Op::AddMeter {
@@ -1184,6 +1254,17 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             };
             apply(config, op)?;
             println!("added meter {meter}");
+            if let Some(t) = tariff {
+                apply(
+                    config,
+                    Op::SetTariff {
+                        meter: meter.clone(),
+                        tariff: Some(t.clone()),
+                        at: now_ms(),
+                    },
+                )?;
+                println!("tariff: {t}");
+            }
             let reference_max = 12;
             if meter.as_str().chars().count() > reference_max {
                 // M-Pesa's STK AccountReference limit; the Daraja source refuses such pushes.
@@ -1213,9 +1294,32 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             id,
             legacy_anonymous,
             legacy_source,
+            tariff,
             main,
         } => {
             let meter = parse_meter(&id)?;
+            let did_something = tariff.is_some() || main.is_some();
+            if let Some(t) = tariff {
+                let name = (t != "default").then_some(t);
+                if let Some(n) = &name {
+                    known_tariff(config, n)?;
+                }
+                apply(
+                    config,
+                    Op::SetTariff {
+                        meter: meter.clone(),
+                        tariff: name.clone(),
+                        at: now_ms(),
+                    },
+                )?;
+                println!(
+                    "{meter}: tariff {}",
+                    name.unwrap_or_else(|| format!(
+                        "{} (the site's default)",
+                        config.ledger.tariff.default_name()
+                    ))
+                );
+            }
             if let Some(main) = main {
                 apply(
                     config,
@@ -1233,9 +1337,9 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
                         "not the main meter"
                     }
                 );
-                if legacy_anonymous.is_none() && legacy_source.is_none() {
-                    return Ok(());
-                }
+            }
+            if did_something && legacy_anonymous.is_none() && legacy_source.is_none() {
+                return Ok(());
             }
             let source = match legacy_source.as_deref() {
                 None => None,
@@ -1252,7 +1356,7 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             };
             if legacy_anonymous.is_none() && source.is_none() {
                 return Err(usage(
-                    "nothing to set: give --legacy-anonymous, --legacy-source or --main",
+                    "nothing to set: give --tariff, --main, --legacy-anonymous or --legacy-source",
                 ));
             }
             apply(
@@ -1324,6 +1428,31 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             if m.main {
                 println!("main meter:     yes (the site's supply for site loss)");
             }
+            println!(
+                "tariff:         {}",
+                m.tariff.clone().unwrap_or_else(|| format!(
+                    "{} (the site's default)",
+                    config.ledger.tariff.default_name()
+                ))
+            );
+            if let Some(money) = &m.money {
+                println!("balance KES:    {}", format_cents(money.balance_cents));
+                println!(
+                    "debt KES:       {} (emergency {}, standing {}, arrears {})",
+                    format_cents(money.debt.total()),
+                    format_cents(money.debt.emergency),
+                    format_cents(money.debt.standing),
+                    format_cents(money.debt.arrears)
+                );
+                println!(
+                    "emergency:      {}",
+                    if money.emergency_armed {
+                        "in use"
+                    } else {
+                        "not in use"
+                    }
+                );
+            }
             println!("status:         {}", m.status.as_deref().unwrap_or("-"));
             println!(
                 "legacy anon:    {}",
@@ -1387,6 +1516,45 @@ fn meter(config: &Config, cmd: MeterCommand) -> Result<(), Failure> {
             }
             let total: i64 = points.iter().map(|p| p.wh).sum();
             println!("{:<17} {:>12.3}", "total", wh_to_units(total));
+            Ok(())
+        }
+        MeterCommand::Emergency { id } => {
+            let meter = parse_meter(&id)?;
+            apply(
+                config,
+                Op::Emergency {
+                    meter: meter.clone(),
+                    at: now_ms(),
+                },
+            )?;
+            let conn = open(config)?;
+            let m = meter_row(&conn, &meter)?;
+            println!(
+                "{meter}: emergency credit granted; the meter may now use {} Wh",
+                m.balance_wh
+            );
+            Ok(())
+        }
+        MeterCommand::Statement { id, month } => {
+            let meter = parse_meter(&id)?;
+            let month =
+                month.unwrap_or_else(|| crate::api::current_month(config.ledger.tariff.zone));
+            let conn = open(config)?;
+            let s = crate::statement::build(&conn, &config.ledger.tariff, &meter, &month).map_err(
+                |e| match e {
+                    crate::statement::StatementError::Store(e) => {
+                        Failure::from(anyhow::Error::from(e))
+                    }
+                    e => Failure {
+                        code: 1,
+                        error: e.into(),
+                    },
+                },
+            )?;
+            print!("{s}");
+            if !s.adds_up() {
+                eprintln!("warning: this statement does not add up: events are missing or damaged");
+            }
             Ok(())
         }
         MeterCommand::Remove { id } => {

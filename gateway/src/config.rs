@@ -8,6 +8,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -465,6 +467,7 @@ impl Config {
         let mut sources: Vec<SourceConfig> = Vec::new();
         let mut exposure = ApiExposure::default();
         let mut meter_ports = MeterPorts::default();
+        let mut tariff_book = TariffBook::default();
         for file in &files {
             let text = std::fs::read_to_string(file).map_err(|e| io_error(file, e))?;
             let mut part: PartialConfig = toml::from_str(&text).map_err(|e| {
@@ -527,9 +530,11 @@ impl Config {
             if let Some(b) = &part.broker {
                 meter_ports.note(b, file, &text);
             }
+            tariff_book.note(&part, file, &text)?;
             merged.merge(part);
         }
         let mut config = Config::from_partial(merged, ConfigSource::Files(files));
+        tariff_book.check(&mut config.ledger.tariff)?;
         exposure.check(&config.api)?;
         meter_ports.check(&config.broker)?;
         config.secret_files = secret_files;
@@ -625,9 +630,26 @@ impl Config {
                 auth_backoff_max_ms: b.auth_backoff_max_ms.map_or(10_000, |n| n.0 as u64),
             },
             ledger: LedgerConfig {
-                tariff: l
-                    .units_per_kes
-                    .unwrap_or(Tariff::from_units_per_kes_unchecked(0.05)),
+                tariff: {
+                    let mut t = l
+                        .units_per_kes
+                        .unwrap_or(Tariff::from_units_per_kes_unchecked(0.05));
+                    t.zone = p.site.and_then(|s| s.timezone).map_or(t.zone, |z| z.0);
+                    t.versions = p
+                        .tariffs
+                        .into_iter()
+                        .map(|v| Arc::new(v.into_inner()))
+                        .collect();
+                    t.versions.sort_by(|a, b| {
+                        (&a.name, a.effective_from).cmp(&(&b.name, b.effective_from))
+                    });
+                    if let Some(d) = l.default_tariff {
+                        t.default = d.into_inner();
+                    } else if let Some(first) = t.versions.first() {
+                        t.default = first.name.clone();
+                    }
+                    t
+                },
                 low_balance_wh: l.low_balance_units.map_or(3_000, |u| u.0),
                 commit_delay: l.commit_delay.map_or(DEFAULT_COMMIT_DELAY, |d| d.0),
             },
@@ -818,6 +840,10 @@ fn io_error(path: &Path, e: std::io::Error) -> ConfigError {
 #[serde(deny_unknown_fields)]
 struct PartialConfig {
     gateway: Option<PartialGateway>,
+    site: Option<PartialSite>,
+    /// Tariff versions (issue 16); checked in [`Config::load`], where spans are known.
+    #[serde(default)]
+    tariffs: Vec<Spanned<crate::tariff::Tariff>>,
     broker: Option<PartialBroker>,
     ledger: Option<PartialLedger>,
     api: Option<PartialApi>,
@@ -1087,6 +1113,12 @@ struct PartialGateway {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct PartialSite {
+    timezone: Option<Zone>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PartialBroker {
     listen: Option<Spanned<ListenOrOff>>,
     tls_listen: Option<Spanned<ListenOrOff>>,
@@ -1122,6 +1154,7 @@ struct PartialLimits {
 #[serde(deny_unknown_fields)]
 struct PartialLedger {
     units_per_kes: Option<Tariff>,
+    default_tariff: Option<Spanned<String>>,
     low_balance_units: Option<UnitsAsWh>,
     commit_delay: Option<CommitDelay>,
 }
@@ -1230,6 +1263,11 @@ fn merge_opt<T>(into: &mut Option<T>, from: Option<T>) {
 
 impl PartialConfig {
     fn merge(&mut self, o: PartialConfig) {
+        if let Some(x) = o.site {
+            let s = self.site.get_or_insert_with(Default::default);
+            merge_opt(&mut s.timezone, x.timezone);
+        }
+        self.tariffs.extend(o.tariffs);
         if let Some(g) = o.gateway {
             let s = self.gateway.get_or_insert_with(Default::default);
             merge_opt(&mut s.id, g.id);
@@ -1265,6 +1303,7 @@ impl PartialConfig {
         if let Some(l) = o.ledger {
             let s = self.ledger.get_or_insert_with(Default::default);
             merge_opt(&mut s.units_per_kes, l.units_per_kes);
+            merge_opt(&mut s.default_tariff, l.default_tariff);
             merge_opt(&mut s.low_balance_units, l.low_balance_units);
             merge_opt(&mut s.commit_delay, l.commit_delay);
         }
@@ -1736,19 +1775,96 @@ impl TryFrom<f64> for UnitsAsWh {
     }
 }
 
-/// The price of energy: units (kWh) per KES, held exactly as nano-units per KES so that a
-/// credit never loses a Wh to floating point (0.05 × 100 KES is exactly 5000 Wh).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// The site's pricing (issue 16): `[site] timezone`, the `[[tariffs]]` versions and
+/// `[ledger] default_tariff`; without `[[tariffs]]`, one implicit flat tariff named
+/// [`IMPLICIT_TARIFF`] at `1 / [ledger] units_per_kes` KES per kWh. (The type kept its name
+/// from when it was only `units_per_kes`, held exactly as nano-units per KES.)
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(try_from = "f64")]
 pub struct Tariff {
     nano_units_per_kes: i64,
+    /// `[site] timezone`.
+    pub zone: crate::tariff::calendar::SiteZone,
+    /// Every version of every tariff, by name then `effective_from` (none first).
+    versions: Vec<Arc<crate::tariff::Tariff>>,
+    /// `[ledger] default_tariff` (else the first tariff by name, or the implicit one).
+    default: String,
+    /// The implicit flat tariff, built once (the report path must not allocate it).
+    implicit: Arc<crate::tariff::Tariff>,
 }
 
+/// The name of the flat tariff a site without `[[tariffs]]` has.
+pub const IMPLICIT_TARIFF: &str = "flat";
+
 impl Tariff {
-    const fn from_units_per_kes_unchecked(u: f64) -> Tariff {
+    fn from_units_per_kes_unchecked(u: f64) -> Tariff {
+        Tariff::from_nano_units((u * 1e9) as i64)
+    }
+
+    fn from_nano_units(nano_units_per_kes: i64) -> Tariff {
         Tariff {
-            nano_units_per_kes: (u * 1e9) as i64,
+            nano_units_per_kes,
+            zone: crate::tariff::calendar::SiteZone::NAIROBI,
+            versions: Vec::new(),
+            default: IMPLICIT_TARIFF.into(),
+            implicit: Arc::new(Tariff::implicit(nano_units_per_kes)),
         }
+    }
+
+    /// The implicit flat tariff: `1 / units_per_kes` KES per kWh, rounded to the nearest
+    /// 0.0001 KES (exact for the usual 0.05, 0.1, 0.04, …).
+    fn implicit(nano_units_per_kes: i64) -> crate::tariff::Tariff {
+        let price = (10_000_000_000_000i128 + i128::from(nano_units_per_kes) / 2)
+            / i128::from(nano_units_per_kes.max(1));
+        crate::tariff::Tariff::flat(
+            IMPLICIT_TARIFF,
+            crate::tariff::Decimal(price.min(i128::from(crate::tariff::MAX_DECIMAL)) as i64),
+        )
+    }
+
+    /// Whether `[[tariffs]]` (or the implicit tariff) has a tariff of this name.
+    pub fn knows(&self, name: &str) -> bool {
+        if self.versions.is_empty() {
+            return name == IMPLICIT_TARIFF;
+        }
+        self.versions.iter().any(|v| v.name == name)
+    }
+
+    /// The tariff names, for messages.
+    pub fn names(&self) -> Vec<String> {
+        let mut n: Vec<String> = self.versions.iter().map(|v| v.name.clone()).collect();
+        n.dedup();
+        if n.is_empty() {
+            n.push(IMPLICIT_TARIFF.into());
+        }
+        n
+    }
+
+    pub fn default_name(&self) -> &str {
+        &self.default
+    }
+
+    /// The version of a meter's tariff (`None`: the default) in force at `at_ms`: the newest
+    /// whose `effective_from` has begun (local midnight), else the oldest. A name no longer
+    /// configured falls back to the default (the caller warns).
+    pub fn in_force(&self, meter_tariff: Option<&str>, at_ms: i64) -> Arc<crate::tariff::Tariff> {
+        if self.versions.is_empty() {
+            return self.implicit.clone();
+        }
+        let name = meter_tariff
+            .filter(|n| self.knows(n))
+            .unwrap_or(&self.default);
+        let mut chosen = None;
+        for v in self.versions.iter().filter(|v| v.name == name) {
+            let starts = v.effective_from.map_or(i64::MIN, |d| self.zone.midnight(d));
+            if chosen.is_none() || starts <= at_ms {
+                chosen = Some(v);
+            }
+        }
+        chosen
+            .or_else(|| self.versions.first())
+            .cloned()
+            .expect("versions is not empty")
     }
 
     pub fn units_per_kes(&self) -> f64 {
@@ -1766,15 +1882,122 @@ impl TryFrom<f64> for Tariff {
     type Error = String;
     fn try_from(u: f64) -> Result<Self, String> {
         if u.is_finite() && u > 0.0 && u <= 1000.0 {
-            Ok(Tariff {
-                nano_units_per_kes: (u * 1e9).round() as i64,
-            })
+            Ok(Tariff::from_nano_units((u * 1e9).round() as i64))
         } else {
             Err(format!(
                 "{u} is out of range: expected more than 0 and at most 1000"
             ))
         }
     }
+}
+
+/// A tariff version's name, effective date and where it stands.
+type TariffEntry = (
+    String,
+    Option<crate::tariff::calendar::LocalDate>,
+    (PathBuf, usize, usize),
+);
+
+/// Where each `[[tariffs]]` entry and `default_tariff` stood, for the checks that need every
+/// file (a version repeated across files, a default naming no tariff).
+#[derive(Default)]
+struct TariffBook {
+    entries: Vec<TariffEntry>,
+    default_at: Option<(PathBuf, usize, usize)>,
+}
+
+impl TariffBook {
+    /// Checks each tariff of one file with [`crate::tariff::Tariff::validate`], located at the
+    /// field it names (else at the entry).
+    fn note(&mut self, part: &PartialConfig, file: &Path, text: &str) -> Result<(), ConfigError> {
+        for (i, t) in part.tariffs.iter().enumerate() {
+            let at = line_col(text, t.span().start);
+            if let Err(errors) = t.get_ref().validate() {
+                let first = &errors[0];
+                let span = locate_field(text, i, &first.field).unwrap_or(t.span());
+                let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+                return Err(ConfigError::in_file(
+                    file,
+                    text,
+                    Some(span),
+                    format!("tariff {:?}: {}", t.get_ref().name, all.join("; ")),
+                ));
+            }
+            let key = (t.get_ref().name.clone(), t.get_ref().effective_from);
+            if self
+                .entries
+                .iter()
+                .any(|(n, d, _)| (n, d) == (&key.0, &key.1))
+            {
+                let when = key.1.map_or("without effective_from".into(), |d| {
+                    format!("effective from {d}")
+                });
+                return Err(ConfigError::in_file(
+                    file,
+                    text,
+                    Some(t.span()),
+                    format!("tariff {:?} {when} is configured twice", key.0),
+                ));
+            }
+            self.entries
+                .push((key.0, key.1, (file.to_path_buf(), at.0, at.1)));
+        }
+        if let Some(d) = part.ledger.as_ref().and_then(|l| l.default_tariff.as_ref()) {
+            let (line, col) = line_col(text, d.span().start);
+            self.default_at = Some((file.to_path_buf(), line, col));
+        }
+        Ok(())
+    }
+
+    fn check(&self, t: &mut Tariff) -> Result<(), ConfigError> {
+        if let Some(at) = &self.default_at {
+            if !t.knows(&t.default) {
+                return Err(ConfigError::at(
+                    at,
+                    format!(
+                        "default_tariff {:?} is not a configured tariff (known: {})",
+                        t.default,
+                        t.names().join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The span of `tariffs[entry].<field>` (`bands[1].from_kwh`, `tou`) in `text`: the deepest
+/// part of the path that exists.
+fn locate_field(text: &str, entry: usize, field: &str) -> Option<std::ops::Range<usize>> {
+    use toml::de::{DeTable, DeValue};
+    let doc = DeTable::parse(text).ok()?;
+    let tariffs = doc.get_ref().get("tariffs")?;
+    let DeValue::Array(a) = tariffs.get_ref() else {
+        return None;
+    };
+    let mut at = a.get(entry)?;
+    let mut span = at.span();
+    for part in field.split('.') {
+        let (key, index) = match part.split_once('[') {
+            Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let DeValue::Table(t) = at.get_ref() else {
+            break;
+        };
+        let Some(v) = t.get(key) else { break };
+        at = v;
+        span = at.span();
+        if let Some(i) = index {
+            let DeValue::Array(a) = at.get_ref() else {
+                break;
+            };
+            let Some(v) = a.get(i) else { break };
+            at = v;
+            span = at.span();
+        }
+    }
+    Some(span)
 }
 
 impl From<MeterIdError> for ConfigError {
@@ -2253,6 +2476,48 @@ mod tests {
         );
         assert_eq!(excerpt("a\x1b[2Jb", 1, 2), "\n  1 | a?[2Jb\n    |  ^");
         assert_eq!(excerpt("x", 3, 1), "", "no line, no excerpt");
+    }
+
+    #[test]
+    fn a_tariff_version_is_in_force_from_local_midnight_of_its_date_and_meters_fall_back_to_the_default(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "g.toml",
+            "[site]\ntimezone = \"Africa/Nairobi\"\n[ledger]\ndefault_tariff = \"home\"\n\
+             [[tariffs]]\nname = \"home\"\nbands = [{ from_kwh = 0, price = \"20\" }]\n\
+             [[tariffs]]\nname = \"home\"\neffective_from = \"2026-07-01\"\n\
+             bands = [{ from_kwh = 0, price = \"22.50\" }]\n\
+             [[tariffs]]\nname = \"shop\"\nbands = [{ from_kwh = 0, price = \"30\" }]\n",
+        );
+        let c = Config::load(Some(&p)).unwrap();
+        let t = &c.ledger.tariff;
+        // 2026-07-01 00:00 in Nairobi is 2026-06-30 21:00 UTC.
+        let edge = crate::tariff::calendar::SiteZone::NAIROBI
+            .midnight(crate::tariff::calendar::LocalDate::parse("2026-07-01").unwrap());
+        let price = |name: Option<&str>, at: i64| t.in_force(name, at).bands[0].price.0;
+        assert_eq!(price(None, edge - 1), 200_000);
+        assert_eq!(price(None, edge), 225_000);
+        assert_eq!(price(Some("home"), edge), 225_000);
+        assert_eq!(price(Some("shop"), edge), 300_000);
+        assert_eq!(
+            price(Some("gone"), edge),
+            225_000,
+            "an unknown name: the default"
+        );
+        assert_eq!(t.names(), ["home", "shop"]);
+
+        // The same version twice is refused at the second.
+        let p = write(
+            dir.path(),
+            "twice.toml",
+            "[[tariffs]]\nname = \"a\"\nbands = [{ from_kwh = 0, price = \"1\" }]\n\
+             [[tariffs]]\nname = \"a\"\nbands = [{ from_kwh = 0, price = \"2\" }]\n",
+        );
+        let e = Config::load(Some(&p)).unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(4), "{e}");
+        assert!(e.message.contains("configured twice"), "{e}");
     }
 
     #[test]

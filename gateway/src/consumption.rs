@@ -9,6 +9,12 @@
 //!
 //! Layout (format 1): `[format][flags][fields]`, fields as LEB128 varints (signed ones
 //! zig-zagged), floats as an exact thousandth count when they have one, else 8 raw bytes.
+//! Format 2 (issue 16, the money ledger) appends `[money flags]`, the money account after the
+//! report (balance in cents, sub-cent carry, debt buckets, band counter and its month,
+//! standing-charge due time, last priced report) and the report's itemised price (tariff
+//! name, energy by band and time-of-use period, each charge, each tax, cents debited and
+//! what went to debt). A record without a money account is still written as format 1, and
+//! format-1 records (older databases) still decode.
 
 use serde_json::{json, Value};
 
@@ -17,6 +23,13 @@ use crate::meter::wh_to_units;
 use crate::payload::{Report, V2Report};
 
 const FORMAT: u8 = 1;
+/// Format 1 plus the money account and the itemised price.
+const FORMAT_MONEY: u8 = 2;
+
+// money flags, after the format-1 fields of a format-2 record
+const HAS_MONEY: u8 = 1;
+const ARMED: u8 = 2;
+const HAS_ITEMS: u8 = 4;
 
 // flags, byte 1
 const KIND_MASK: u8 = 0b0000_0111;
@@ -40,7 +53,201 @@ pub struct Consumption {
     pub kind: ReportKind,
     pub debit_wh: i64,
     pub account: Account,
+    /// How the report was priced (money ledger, a report that used energy).
+    pub itemised: Option<Itemised>,
 }
+
+/// A report's price, itemised, in fine units (10⁻¹² cent, [`FINE_PER_CENT`]): indexes refer
+/// to the tariff named (its version in force when the report was applied).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Itemised {
+    pub tariff: String,
+    pub energy: Vec<EnergyItem>,
+    /// One per charge of the tariff, in its order.
+    pub charges: Vec<i128>,
+    /// One per tax of the tariff, in its order.
+    pub taxes: Vec<i128>,
+    /// Whole cents debited (the exact total plus the carry before, rounded down).
+    pub debit_cents: i64,
+    /// Of those, cents the balance could not cover (emergency credit or arrears).
+    pub to_debt_cents: i64,
+    /// Standing charges that fell due by this report and were charged with it.
+    pub standing_cents: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnergyItem {
+    pub band: u32,
+    pub tou: Option<u32>,
+    pub wh: i64,
+    pub fine: i128,
+}
+
+impl Itemised {
+    /// What a report did to the money: its price (`None` when it used no energy) and the
+    /// standing charges that fell due with it; `None` when neither.
+    pub fn from_applied(
+        tariff: &str,
+        c: Option<&crate::tariff::account::ConsumptionApplied>,
+        standing_cents: i64,
+    ) -> Option<Itemised> {
+        if c.is_none() && standing_cents == 0 {
+            return None;
+        }
+        let mut it = Itemised {
+            tariff: tariff.to_owned(),
+            standing_cents,
+            ..Itemised::default()
+        };
+        if let Some(c) = c {
+            it.energy = c
+                .priced
+                .energy
+                .iter()
+                .map(|l| EnergyItem {
+                    band: l.band as u32,
+                    tou: l.tou.map(|t| t as u32),
+                    wh: l.wh,
+                    fine: l.fine,
+                })
+                .collect();
+            it.charges = c.priced.charges.iter().map(|l| l.fine).collect();
+            it.taxes = c.priced.taxes.iter().map(|l| l.fine).collect();
+            it.debit_cents = c.debit_cents;
+            it.to_debt_cents = c.to_emergency + c.to_arrears;
+        }
+        Some(it)
+    }
+
+    /// The exact total of the lines.
+    pub fn total_fine(&self) -> i128 {
+        self.energy.iter().map(|e| e.fine).sum::<i128>()
+            + self.charges.iter().sum::<i128>()
+            + self.taxes.iter().sum::<i128>()
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "tariff": self.tariff,
+            "energy": self.energy.iter().map(|e| json!({
+                "band": e.band, "tou": e.tou, "wh": e.wh, "kes": fine_kes(e.fine)
+            })).collect::<Vec<_>>(),
+            "charges": self.charges.iter().enumerate().map(|(i, f)| json!({
+                "charge": i, "kes": fine_kes(*f)
+            })).collect::<Vec<_>>(),
+            "taxes": self.taxes.iter().enumerate().map(|(i, f)| json!({
+                "tax": i, "kes": fine_kes(*f)
+            })).collect::<Vec<_>>(),
+            "totalKes": fine_kes(self.total_fine()),
+            "debitCents": self.debit_cents,
+            "toDebtCents": self.to_debt_cents,
+            "standingCents": self.standing_cents,
+        })
+    }
+}
+
+use crate::tariff::price::FINE_PER_CENT;
+
+/// An exact amount in fine units as KES text with at least two decimals and no more than
+/// it needs (`"15.175"`, `"303.50"`).
+pub fn fine_kes(fine: i128) -> String {
+    let sign = if fine < 0 { "-" } else { "" };
+    let a = fine.unsigned_abs();
+    // 10⁻¹² cent = 10⁻¹⁴ KES.
+    let unit = 100 * FINE_PER_CENT as u128;
+    let mut frac = format!("{:014}", a % unit);
+    while frac.len() > 2 && frac.ends_with('0') {
+        frac.pop();
+    }
+    format!("{sign}{}.{frac}", a / unit)
+}
+
+/// Cents as KES text (`"500.00"`).
+pub fn cents_kes(cents: i64) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    let a = cents.unsigned_abs();
+    format!("{sign}{}.{:02}", a / 100, a % 100)
+}
+
+/// A money account as stored in `meters.money` and in a format-2 record.
+pub fn encode_money(m: &MoneyAccount, out: &mut Vec<u8>) {
+    for v in [
+        m.balance_cents,
+        m.carry_fine as i64,
+        m.debt.emergency,
+        m.debt.standing,
+        m.debt.arrears,
+        m.month.month.0,
+        m.month.wh,
+        m.standing_due_ms,
+        m.last_report_ms,
+    ] {
+        put_signed(out, v);
+    }
+}
+
+/// [`encode_money`]'s bytes (the `meters.money` column) back; the armed flag is its own byte
+/// there.
+pub fn money_column(m: &MoneyAccount) -> Vec<u8> {
+    let mut out = vec![u8::from(m.emergency_armed)];
+    encode_money(m, &mut out);
+    out
+}
+
+pub fn money_from_column(bytes: &[u8]) -> Result<MoneyAccount, DecodeError> {
+    let mut r = Cursor { bytes, at: 0 };
+    let armed = r.byte()? != 0;
+    let m = decode_money(&mut r, armed)?;
+    if r.at != bytes.len() {
+        return Err(DecodeError::BadField);
+    }
+    Ok(m)
+}
+
+fn decode_money(r: &mut Cursor<'_>, armed: bool) -> Result<MoneyAccount, DecodeError> {
+    Ok(MoneyAccount {
+        balance_cents: r.signed()?,
+        carry_fine: i128::from(r.signed()?),
+        debt: Debt {
+            emergency: r.signed()?,
+            standing: r.signed()?,
+            arrears: r.signed()?,
+        },
+        month: MonthUsage {
+            month: MonthKey(r.signed()?),
+            wh: r.signed()?,
+        },
+        emergency_armed: armed,
+        standing_due_ms: r.signed()?,
+        last_report_ms: r.signed()?,
+    })
+}
+
+/// An exact amount (≥ 0) of the itemised price as `mantissa << 4 | exponent` (`v = m × 10^e`,
+/// `e ≤ 15`): prices have few significant digits and many trailing zeros in fine units (a
+/// charge is always a multiple of 10⁷), so this is 2–3 bytes where the plain varint is 6–7.
+fn put_fine(out: &mut Vec<u8>, v: i128) {
+    let mut m = v.max(0) as u128;
+    let mut e = 0u128;
+    while e < 15 && m != 0 && m % 10 == 0 {
+        m /= 10;
+        e += 1;
+    }
+    // Far beyond any real amount (10³⁶ fine is 10²² KES); saturate rather than wrap.
+    put_u128(out, (m.min(u128::MAX >> 4) << 4) | e);
+}
+
+fn put_u128(out: &mut Vec<u8>, mut v: u128) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+use crate::tariff::account::{Debt, MoneyAccount};
+use crate::tariff::calendar::MonthKey;
+use crate::tariff::price::MonthUsage;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -77,7 +284,8 @@ impl Consumption {
                 flags |= HAS_V2_ENERGY;
             }
         }
-        out.push(FORMAT);
+        let money = self.account.money.is_some() || self.itemised.is_some();
+        out.push(if money { FORMAT_MONEY } else { FORMAT });
         out.push(flags);
         for v in [
             self.debit_wh,
@@ -140,13 +348,49 @@ impl Consumption {
                 put_signed(&mut out, e);
             }
         }
+        if money {
+            let mut mf = 0;
+            if let Some(m) = &a.money {
+                mf |= HAS_MONEY;
+                if m.emergency_armed {
+                    mf |= ARMED;
+                }
+            }
+            if self.itemised.is_some() {
+                mf |= HAS_ITEMS;
+            }
+            out.push(mf);
+            if let Some(m) = &a.money {
+                encode_money(m, &mut out);
+            }
+            if let Some(it) = &self.itemised {
+                put_varint(&mut out, it.tariff.len() as u64);
+                out.extend_from_slice(it.tariff.as_bytes());
+                put_varint(&mut out, it.energy.len() as u64);
+                for e in &it.energy {
+                    put_varint(&mut out, u64::from(e.band));
+                    put_varint(&mut out, e.tou.map_or(0, |t| u64::from(t) + 1));
+                    put_signed(&mut out, e.wh);
+                    put_fine(&mut out, e.fine);
+                }
+                for list in [&it.charges, &it.taxes] {
+                    put_varint(&mut out, list.len() as u64);
+                    for f in list {
+                        put_fine(&mut out, *f);
+                    }
+                }
+                put_signed(&mut out, it.debit_cents);
+                put_signed(&mut out, it.to_debt_cents);
+                put_signed(&mut out, it.standing_cents);
+            }
+        }
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Consumption, DecodeError> {
         let mut r = Cursor { bytes, at: 0 };
         let format = r.byte()?;
-        if format != FORMAT {
+        if format != FORMAT && format != FORMAT_MONEY {
             return Err(DecodeError::Format(format));
         }
         let flags = r.byte()?;
@@ -159,6 +403,7 @@ impl Consumption {
             v1_total_wh: r.signed()?,
             v2_seq: None,
             v2_energy_wh: None,
+            money: None,
         };
         let report = if flags & V2 == 0 {
             Report::V1 {
@@ -217,6 +462,49 @@ impl Consumption {
                 account.v2_energy_wh = Some(r.signed()?);
             }
         }
+        let mut itemised = None;
+        if format == FORMAT_MONEY {
+            let mf = r.byte()?;
+            if mf & HAS_MONEY != 0 {
+                account.money = Some(decode_money(&mut r, mf & ARMED != 0)?);
+            }
+            if mf & HAS_ITEMS != 0 {
+                let len = usize::try_from(r.varint()?).map_err(|_| DecodeError::BadField)?;
+                let tariff =
+                    String::from_utf8(r.take(len)?.to_vec()).map_err(|_| DecodeError::BadField)?;
+                let n = r.varint()?;
+                let mut energy = Vec::new();
+                for _ in 0..n {
+                    let band = u32::try_from(r.varint()?).map_err(|_| DecodeError::BadField)?;
+                    let tou = match r.varint()? {
+                        0 => None,
+                        t => Some(u32::try_from(t - 1).map_err(|_| DecodeError::BadField)?),
+                    };
+                    energy.push(EnergyItem {
+                        band,
+                        tou,
+                        wh: r.signed()?,
+                        fine: r.fine()?,
+                    });
+                }
+                let mut lists = [Vec::new(), Vec::new()];
+                for list in &mut lists {
+                    for _ in 0..r.varint()? {
+                        list.push(r.fine()?);
+                    }
+                }
+                let [charges, taxes] = lists;
+                itemised = Some(Itemised {
+                    tariff,
+                    energy,
+                    charges,
+                    taxes,
+                    debit_cents: r.signed()?,
+                    to_debt_cents: r.signed()?,
+                    standing_cents: r.signed()?,
+                });
+            }
+        }
         if r.at != bytes.len() {
             return Err(DecodeError::BadField);
         }
@@ -225,6 +513,7 @@ impl Consumption {
             kind,
             debit_wh,
             account,
+            itemised,
         })
     }
 
@@ -255,6 +544,14 @@ impl Consumption {
                 "outcome".into(),
                 json!(format!("{:?}", self.kind).to_lowercase()),
             );
+            // The money ledger's fields are added; the original dashboard's stay as they are.
+            if let Some(m) = &a.money {
+                obj.insert("balanceKes".into(), json!(cents_kes(m.balance_cents)));
+                obj.insert("debtKes".into(), json!(cents_kes(m.debt.total())));
+            }
+            if let Some(it) = &self.itemised {
+                obj.insert("priced".into(), it.to_json());
+            }
         }
         data
     }
@@ -347,6 +644,27 @@ impl<'a> Cursor<'a> {
         Err(DecodeError::BadField)
     }
 
+    fn fine(&mut self) -> Result<i128, DecodeError> {
+        let x = self.u128()?;
+        let e = (x & 15) as u32;
+        (x >> 4)
+            .checked_mul(10u128.pow(e))
+            .and_then(|v| i128::try_from(v).ok())
+            .ok_or(DecodeError::BadField)
+    }
+
+    fn u128(&mut self) -> Result<u128, DecodeError> {
+        let mut v: u128 = 0;
+        for shift in (0..127).step_by(7) {
+            let b = self.byte()?;
+            v |= u128::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(DecodeError::BadField)
+    }
+
     fn signed(&mut self) -> Result<i64, DecodeError> {
         let v = self.varint()?;
         Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
@@ -392,6 +710,7 @@ mod tests {
             v2_energy_wh: Some(energy),
             v1_total_wh: 0,
             total_consumed_wh: 1_751_750,
+            money: None,
         }
     }
 
@@ -402,6 +721,7 @@ mod tests {
             kind: ReportKind::Debited,
             debit_wh: 12,
             account: account(9_411, 1_751_750),
+            itemised: None,
         };
         let bytes = c.encode();
         assert!(bytes.len() <= 40, "{} bytes", bytes.len());
@@ -433,7 +753,9 @@ mod tests {
                 v2_energy_wh: None,
                 v1_total_wh: 300,
                 total_consumed_wh: 900,
+                money: None,
             },
+            itemised: None,
         };
         let back = Consumption::decode(&c.encode()).expect("decodes");
         assert_eq!(back, c);
@@ -447,6 +769,7 @@ mod tests {
             kind: ReportKind::Baseline,
             debit_wh: 0,
             account: account(1, 2),
+            itemised: None,
         }
         .encode();
         for n in 0..bytes.len() {
@@ -458,6 +781,86 @@ mod tests {
         let mut other = bytes;
         other[0] = 9;
         assert_eq!(Consumption::decode(&other), Err(DecodeError::Format(9)));
+    }
+
+    fn money() -> MoneyAccount {
+        MoneyAccount {
+            balance_cents: 163,
+            carry_fine: 500_000_000_000,
+            debt: Debt {
+                emergency: 0,
+                standing: 500,
+                arrears: 22_410,
+            },
+            month: MonthUsage {
+                month: MonthKey(2026 * 12 + 2),
+                wh: 35_000,
+            },
+            emergency_armed: true,
+            standing_due_ms: 1_772_398_800_000,
+            last_report_ms: 1_772_470_000_123,
+        }
+    }
+
+    #[test]
+    fn a_money_record_keeps_the_account_and_the_itemised_price_and_old_records_still_decode() {
+        let flat = Consumption {
+            report: Report::V2(v2(9_411, 1_751_750)),
+            kind: ReportKind::Debited,
+            debit_wh: 12,
+            account: account(9_411, 1_751_750),
+            itemised: None,
+        };
+        let old = flat.encode();
+        assert_eq!(old[0], 1, "no money account: still format 1");
+        let mut a = account(9_411, 1_751_750);
+        a.money = Some(money());
+        let priced = Consumption {
+            account: a,
+            itemised: Some(Itemised {
+                tariff: "flat".into(),
+                energy: vec![EnergyItem {
+                    band: 0,
+                    tou: None,
+                    wh: 12,
+                    fine: 24_000_000_000_000,
+                }],
+                charges: vec![],
+                taxes: vec![],
+                debit_cents: 24,
+                to_debt_cents: 0,
+                standing_cents: 0,
+            }),
+            ..flat.clone()
+        };
+        let bytes = priced.encode();
+        assert_eq!(bytes[0], 2);
+        // This report is 39 bytes without the money ledger and 88 with it (the money account
+        // about 37 bytes, the itemised price about 12): under half of the JSON it replaces.
+        assert_eq!((bytes.len(), old.len()), (88, 39));
+        assert_eq!(Consumption::decode(&bytes), Ok(priced.clone()));
+        assert_eq!(Consumption::decode(&old), Ok(flat));
+        let json = priced.to_json();
+        assert_eq!(json["balanceKes"], "1.63");
+        assert_eq!(json["debtKes"], "229.10");
+        assert_eq!(json["priced"]["totalKes"], "0.24");
+        assert_eq!(json["balanceWh"], 48_250, "the original fields stay");
+        for n in 0..bytes.len() {
+            assert!(Consumption::decode(&bytes[..n]).is_err(), "prefix {n}");
+        }
+        assert_eq!(
+            money_from_column(&money_column(&money())),
+            Ok(money()),
+            "the meters.money column round-trips"
+        );
+    }
+
+    #[test]
+    fn fine_amounts_print_as_exact_kes() {
+        assert_eq!(fine_kes(15_175 * FINE_PER_CENT / 10), "15.175");
+        assert_eq!(fine_kes(30_350 * FINE_PER_CENT), "303.50");
+        assert_eq!(fine_kes(1), "0.00000000000001");
+        assert_eq!(cents_kes(-22_410), "-224.10");
     }
 
     fn any_float() -> impl Strategy<Value = f64> {
@@ -503,6 +906,16 @@ mod tests {
 
     proptest! {
         #[test]
+        fn every_exact_amount_round_trips(mantissa in 0u128..(1 << 100), zeros in 0u32..20) {
+            let v = (mantissa.saturating_mul(10u128.pow(zeros)) >> 4) as i128;
+            let mut out = Vec::new();
+            put_fine(&mut out, v);
+            let mut r = Cursor { bytes: &out, at: 0 };
+            prop_assert_eq!(r.fine(), Ok(v));
+            prop_assert_eq!(r.at, out.len());
+        }
+
+        #[test]
         fn every_record_round_trips(
             report in any_report(),
             kind in 0u8..6,
@@ -530,7 +943,9 @@ mod tests {
                     v2_energy_wh: v2_energy,
                     v1_total_wh: v1_total,
                     total_consumed_wh: total,
+                    money: None,
                 },
+                itemised: None,
             };
             let back = Consumption::decode(&c.encode()).expect("decodes");
             // Compare bit for bit: -0.0 and 0.0 must stay apart.

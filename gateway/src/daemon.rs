@@ -112,6 +112,13 @@ impl Gateway {
             source,
         };
         let conn = store::open(&db_path, config.gateway.id.as_str()).map_err(store_err)?;
+        for m in store::meters(&conn).unwrap_or_default() {
+            if let Some(t) = m.tariff.filter(|t| !config.ledger.tariff.knows(t)) {
+                warn!(meter = %m.id, tariff = %crate::untrusted::Untrusted(&t),
+                    default = config.ledger.tariff.default_name(),
+                    "the meter's tariff is not configured: the default tariff prices it");
+            }
+        }
         let reader = Reader::open(&db_path).map_err(store_err)?;
 
         let metrics = Arc::new(Metrics::default());
@@ -136,7 +143,7 @@ impl Gateway {
             rules: Rules {
                 low_balance_wh: config.ledger.low_balance_wh,
             },
-            tariff: config.ledger.tariff,
+            tariff: config.ledger.tariff.clone(),
         };
         let options = WriterOptions {
             sinks: config.sinks.iter().map(|s| s.name.clone()).collect(),
@@ -368,6 +375,7 @@ impl Gateway {
                 },
                 bell.clone(),
             ),
+            pricing: Arc::new(config.ledger.tariff.clone()),
         });
         let dashboard = api_state.dashboard.clone();
         let done = stopped();
@@ -391,6 +399,25 @@ impl Gateway {
                 stopped(),
             )));
         }
+        // Standing charges fall due at local midnights whether or not a meter reports: the
+        // ledger charges them at start and then every STANDING_EVERY.
+        let charger = writer.clone();
+        let done = stopped();
+        tasks.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(STANDING_EVERY);
+            tokio::pin!(done);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {
+                        let op = crate::writer::Op::AccrueStanding { at: ledger_clock_ms() };
+                        if let Err(e) = charger.submit(op).await {
+                            warn!(error = %e, "standing charges could not be applied; retried at the next run");
+                        }
+                    }
+                    _ = &mut done => return,
+                }
+            }
+        }));
         let ticker = writer.clone();
         let done = stopped();
         tasks.push(tokio::spawn(async move {
@@ -475,6 +502,24 @@ fn systemd_notify(state: &str) {
     if let Err(e) = sent {
         warn!(error = %e, state, "cannot notify systemd");
     }
+}
+
+/// How often the daemon charges standing charges that have fallen due (they are also charged
+/// with every report and payment of a meter).
+const STANDING_EVERY: Duration = Duration::from_secs(600);
+
+/// The time standing charges are charged at: now, shifted in debug builds by
+/// `UMEME_TEST_CLOCK_OFFSET_MS` so a test can let days pass (release builds never read it).
+fn ledger_clock_ms() -> i64 {
+    let offset = if cfg!(debug_assertions) {
+        std::env::var("UMEME_TEST_CLOCK_OFFSET_MS")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    crate::store::now_ms().saturating_add(offset)
 }
 
 /// Pings systemd's watchdog (`WatchdogSec=`) at half its interval while the runtime runs.

@@ -4,6 +4,10 @@
 //! these rules change it, and the store writes it back in the same transaction as the events.
 
 use crate::payload::{Relay, Report};
+use crate::tariff::account::{ConsumptionApplied, MoneyAccount};
+use crate::tariff::calendar::SiteZone;
+use crate::tariff::price::{Interval, MAX_INTERVAL_MS};
+use crate::tariff::Tariff;
 
 /// A single report that claims more than this much energy since the last one is refused
 /// rather than draining a balance: 1 MWh is months of a household's use.
@@ -24,7 +28,23 @@ pub struct Account {
     /// v1: the last `totalConsumed`, rounded to Wh; a new meter starts at 0 (boot).
     pub v1_total_wh: i64,
     pub total_consumed_wh: i64,
+    /// The money account (issue 16). `None` for an account from before the money ledger
+    /// (schema 3) until the writer first touches it: [`Account::ensure_money`] converts its
+    /// `balance_wh` at the meter's tariff then. With it, `balance_wh` is derived: the credit in
+    /// Wh at the marginal price when the account last changed, negative for debt.
+    pub money: Option<MoneyAccount>,
 }
+
+/// The tariff and clock a priced step runs under.
+#[derive(Debug, Clone, Copy)]
+pub struct PriceAt<'a> {
+    pub tariff: &'a Tariff,
+    pub zone: SiteZone,
+    pub at_ms: i64,
+}
+
+/// Energy shown when the price is 0 (a free tariff): plenty, and far from overflowing.
+const FREE_ENERGY_WH: i64 = 1_000_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rules {
@@ -78,11 +98,157 @@ impl Alert {
 pub enum ReportRefused {
     #[error("report claims {delta_wh} Wh since the last one (limit {MAX_REPORT_DELTA_WH})")]
     ImplausibleDelta { delta_wh: i64 },
+    #[error("report cannot be priced: {0}")]
+    Price(#[from] crate::tariff::price::PriceError),
+}
+
+/// The credit a money account shows as Wh at `p`: units at the marginal price (rounded down),
+/// or, with no credit, the debt as negative Wh (rounded away from zero), so a flat-rate site
+/// sees the same numbers as with the unit ledger.
+pub fn units_shown(m: &MoneyAccount, p: PriceAt<'_>) -> i64 {
+    let credit = m.credit_cents(p.tariff);
+    if credit > 0 {
+        return m
+            .units_wh(p.tariff, p.zone, p.at_ms)
+            .unwrap_or(FREE_ENERGY_WH);
+    }
+    let debt = m.debt.total();
+    if debt == 0 {
+        return 0;
+    }
+    let marginal = crate::tariff::price::marginal_fine_per_wh(p.tariff, p.zone, p.at_ms, m.month);
+    if marginal <= 0 {
+        return 0;
+    }
+    let fine = i128::from(debt) * crate::tariff::price::FINE_PER_CENT;
+    -(((fine + marginal - 1) / marginal).min(i128::from(FREE_ENERGY_WH)) as i64)
 }
 
 impl Account {
     pub fn relay(&self) -> Relay {
         Relay::for_balance(self.balance_wh)
+    }
+
+    /// Puts an account from before the money ledger on it: its Wh balance (credit, or debt
+    /// when negative) becomes cents at the tariff's marginal price at `p`, rounded so that
+    /// the meter is shown the same Wh (a flat-rate site's balances keep their value).
+    pub fn ensure_money(&mut self, p: PriceAt<'_>) -> &mut MoneyAccount {
+        let wh = self.balance_wh;
+        self.money.get_or_insert_with(|| {
+            // The first standing charge is for the day the account joins the money ledger.
+            let mut m = MoneyAccount::new(p.zone, p.at_ms);
+            let marginal =
+                crate::tariff::price::marginal_fine_per_wh(p.tariff, p.zone, p.at_ms, m.month);
+            let fpc = crate::tariff::price::FINE_PER_CENT;
+            let cents = |wh: i64| -> i64 {
+                // ceil(wh × marginal / cent): floor(cents / marginal) is then wh again.
+                ((i128::from(wh) * marginal + fpc - 1) / fpc).min(i128::from(i64::MAX / 4)) as i64
+            };
+            if wh > 0 {
+                m.balance_cents = cents(wh);
+            } else if wh < 0 {
+                let owed = i128::from(wh).abs() * marginal / fpc;
+                m.debt.arrears = owed.min(i128::from(i64::MAX / 4)) as i64;
+            }
+            m
+        })
+    }
+
+    /// Applies a consumption report priced by the money ledger at `p` (the report's arrival):
+    /// the energy since the last report is spread over the time since it ([`Interval`]).
+    /// Standing charges due by then are charged first. A refused report leaves the account
+    /// untouched.
+    pub fn apply_report_priced(
+        &mut self,
+        report: &Report,
+        rules: &Rules,
+        p: PriceAt<'_>,
+    ) -> Result<
+        (
+            ReportApplied,
+            Option<ConsumptionApplied>,
+            crate::tariff::account::StandingApplied,
+        ),
+        ReportRefused,
+    > {
+        let saved = self.clone();
+        let (debit_wh, kind, drift) = self.register(report)?;
+        if matches!(kind, ReportKind::Stale | ReportKind::Repeat) {
+            return Ok((
+                ReportApplied {
+                    debit_wh,
+                    kind,
+                    alerts: Vec::new(),
+                    balance_drift_wh: drift,
+                },
+                None,
+                Default::default(),
+            ));
+        }
+        let before = self.balance_wh;
+        let m = self.ensure_money(p);
+        let standing = m.accrue_standing(p.tariff, p.at_ms);
+        let start = m
+            .last_report_ms
+            .clamp(p.at_ms.saturating_sub(MAX_INTERVAL_MS), p.at_ms);
+        m.last_report_ms = p.at_ms;
+        let priced = if debit_wh > 0 {
+            let iv = Interval {
+                start_ms: start,
+                end_ms: p.at_ms,
+                wh: debit_wh,
+            };
+            match m.apply_consumption(p.tariff, p.zone, iv) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    *self = saved;
+                    return Err(e.into());
+                }
+            }
+        } else {
+            None
+        };
+        let shown = units_shown(m, p);
+        self.balance_wh = shown;
+        self.total_consumed_wh += debit_wh;
+        if debit_wh > 0 || standing.cents > 0 {
+            self.ledger_seq += 1;
+        }
+        let mut alerts = Vec::new();
+        if before > rules.low_balance_wh && shown <= rules.low_balance_wh && debit_wh > 0 {
+            alerts.push(Alert::LowBalance);
+        }
+        if before > 0 && shown <= 0 && debit_wh > 0 {
+            alerts.push(Alert::Exhausted);
+        }
+        Ok((
+            ReportApplied {
+                debit_wh,
+                kind,
+                alerts,
+                balance_drift_wh: drift,
+            },
+            priced,
+            standing,
+        ))
+    }
+
+    /// A payment on the money ledger: debt recovery first ([`MoneyAccount::apply_payment`]),
+    /// after any standing charge due (returned, so the payment's event itemises it).
+    pub fn credit_priced(
+        &mut self,
+        cents: i64,
+        p: PriceAt<'_>,
+    ) -> (
+        crate::tariff::account::PaymentApplied,
+        crate::tariff::account::StandingApplied,
+    ) {
+        let m = self.ensure_money(p);
+        let standing = m.accrue_standing(p.tariff, p.at_ms);
+        let applied = m.apply_payment(p.tariff, cents);
+        self.balance_wh = units_shown(m, p);
+        self.ledger_seq += 1;
+        (applied, standing)
     }
 
     /// Applies a consumption report. A refused report leaves the account untouched.
@@ -91,7 +257,23 @@ impl Account {
         report: &Report,
         rules: &Rules,
     ) -> Result<ReportApplied, ReportRefused> {
-        let (debit_wh, kind, drift) = match report {
+        let (debit_wh, kind, drift) = self.register(report)?;
+        let alerts = self.debit(debit_wh, rules);
+        Ok(ReportApplied {
+            debit_wh,
+            kind,
+            alerts,
+            balance_drift_wh: drift,
+        })
+    }
+
+    /// The register rules: how much energy a report adds, what kind of report it is, and the
+    /// v1 balance drift. Moves the registers; a refused report moves nothing.
+    fn register(
+        &mut self,
+        report: &Report,
+    ) -> Result<(i64, ReportKind, Option<i64>), ReportRefused> {
+        Ok(match report {
             Report::V2(r) => {
                 let energy = r.energy_wh as i64;
                 match (self.v2_seq, self.v2_energy_wh) {
@@ -140,13 +322,6 @@ impl Account {
                 let drift = (claimed - after).abs();
                 (debit, kind, (drift > V1_BALANCE_DRIFT_WH).then_some(drift))
             }
-        };
-        let alerts = self.debit(debit_wh, rules);
-        Ok(ReportApplied {
-            debit_wh,
-            kind,
-            alerts,
-            balance_drift_wh: drift,
         })
     }
 
@@ -312,6 +487,47 @@ mod tests {
             a.apply_report(&v2(5, 10_600), &RULES).unwrap().alerts,
             [Alert::LowBalance]
         );
+    }
+
+    fn flat(price: &str) -> crate::tariff::Tariff {
+        crate::tariff::Tariff::flat("flat", crate::tariff::Decimal::parse(price).unwrap())
+    }
+
+    #[test]
+    fn a_unit_ledger_balance_moves_onto_the_money_ledger_keeping_its_wh() {
+        let zone = SiteZone::NAIROBI;
+        for (price, wh) in [
+            ("20", 4_960),
+            ("20", -40),
+            ("33.3333", 4_960),
+            ("12.14", 1),
+            ("25.2106", 123_457),
+        ] {
+            let t = flat(price);
+            let p = PriceAt {
+                tariff: &t,
+                zone,
+                at_ms: 1_772_470_000_000,
+            };
+            let mut a = Account {
+                balance_wh: wh,
+                ..Default::default()
+            };
+            let m = a.ensure_money(p).clone();
+            assert_eq!(units_shown(&m, p), wh, "{wh} Wh at {price}");
+        }
+        // 4 960 Wh at 0.05 units/KES (20 KES/kWh) is exactly KES 99.20.
+        let t = flat("20");
+        let p = PriceAt {
+            tariff: &t,
+            zone,
+            at_ms: 0,
+        };
+        let mut a = Account {
+            balance_wh: 4_960,
+            ..Default::default()
+        };
+        assert_eq!(a.ensure_money(p).balance_cents, 9_920);
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub mod ota;
 pub mod outbox;
 pub mod payload;
 pub mod plugin;
+pub mod statement;
 pub mod store;
 pub mod tariff;
 pub mod tls;

@@ -292,6 +292,9 @@ pub struct BalanceCommand {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ack_seq: Option<u32>,
     pub relay: Relay,
+    /// The money ledger's balance in KES net of debt (issue 16): negative while in debt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance_kes: Option<f64>,
     /// `false` in the tariff's friendly hours: the v2 meter does not cut for lack of credit
     /// (the power cap still applies unless `[limits] cap_in_friendly_hours = false`). Sent only
     /// when false; a meter reads an absent one as true.

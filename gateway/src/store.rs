@@ -65,7 +65,9 @@ CREATE TABLE IF NOT EXISTS meters (
     state_seq INTEGER NOT NULL DEFAULT 0,
     legacy_anonymous INTEGER NOT NULL DEFAULT 0,
     legacy_source TEXT,
-    main INTEGER NOT NULL DEFAULT 0
+    main INTEGER NOT NULL DEFAULT 0,
+    tariff TEXT,
+    money BLOB
 ) STRICT;
 CREATE TABLE IF NOT EXISTS payments (
     source TEXT NOT NULL,
@@ -251,7 +253,7 @@ fn open_with(path: &Path, gateway_id: &str, upgrade: bool) -> Result<Connection,
                 match from {
                     1 => migrate_v1(&tx)?,
                     2 => migrate_v2(&tx)?,
-                    3 => set_meta(&tx, "schema_version", 4)?,
+                    3 => migrate_v3(&tx)?,
                     4 => migrate_v4(&tx)?,
                     _ => migrate_v5(&tx)?,
                 }
@@ -332,6 +334,22 @@ fn migrate_v2(tx: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Schema 3 → 4 (issue 16, the money ledger): meters learn their tariff (`NULL`: the site's
+/// default) and their money account (`money`, the compact form of
+/// [`crate::consumption::money_column`]). The money stays `NULL` here: the writer converts a
+/// meter's Wh balance at its tariff's price the first time it touches the account
+/// ([`crate::ledger::Account::ensure_money`]), since only it knows the configured tariffs. So
+/// a flat-rate site's balances keep their value.
+fn migrate_v3(tx: &Connection) -> Result<(), StoreError> {
+    tracing::info!("upgrading the database from schema 3 to 4 (one time)");
+    tx.execute_batch(
+        "ALTER TABLE meters ADD COLUMN tariff TEXT;
+         ALTER TABLE meters ADD COLUMN money BLOB;",
+    )?;
+    set_meta(tx, "schema_version", 4)?;
+    Ok(())
+}
+
 /// Schema 4 → 5 (on this branch: 3 → 5; schema 4 is the money ledger's): meters learn whether
 /// they are the site's main (bulk) meter. The usage, site reading, alert state and meter watch
 /// tables are new, created by [`SCHEMA`]; hourly usage starts with the first fold after the
@@ -406,10 +424,22 @@ pub struct MeterRow {
     pub legacy_source: Option<String>,
     /// The site's main (bulk) meter: its consumption is the site's supply (site loss).
     pub main: bool,
+    /// The meter's tariff; `None`: the site's default.
+    pub tariff: Option<String>,
+    /// The money account (issue 16); `None` until the writer first priced this meter.
+    #[serde(skip)]
+    pub money: Option<crate::tariff::account::MoneyAccount>,
 }
 
 const METER_COLUMNS: &str = "id, name, phone, balance_wh, ledger_seq, v2_seq, total_consumed_wh, \
-     status, online, last_seen, created_at, state_seq, legacy_anonymous, legacy_source, main";
+     status, online, last_seen, created_at, state_seq, legacy_anonymous, legacy_source, main, tariff, \
+     money";
+
+/// `meters.money`: absent, or a damaged value read as absent (the writer then converts the Wh
+/// balance again rather than failing every op of the meter).
+fn money_of(bytes: Option<Vec<u8>>) -> Option<crate::tariff::account::MoneyAccount> {
+    bytes.and_then(|b| crate::consumption::money_from_column(&b).ok())
+}
 
 fn meter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(MeterRow, i64)> {
     let id: String = r.get(0)?;
@@ -432,6 +462,8 @@ fn meter_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(MeterRow, i64)> {
         legacy_anonymous: r.get(12)?,
         legacy_source: r.get(13)?,
         main: r.get(14)?,
+        tariff: r.get(15)?,
+        money: money_of(r.get(16)?),
     };
     Ok((row, r.get(11)?))
 }
@@ -446,6 +478,7 @@ impl MeterRow {
         self.ack_seq = a.v2_seq;
         self.total_consumed_wh = a.total_consumed_wh;
         self.relay = crate::payload::Relay::for_balance(a.balance_wh);
+        self.money.clone_from(&a.money);
         self.last_seen = Some(self.last_seen.map_or(newer.at, |t| t.max(newer.at)));
     }
 }
@@ -595,10 +628,19 @@ pub fn set_secret_hash(tx: &Connection, id: &MeterId, hash: &str) -> Result<bool
 /// A meter's account as its row has it, and the `seq` of the event the row reflects. Newer
 /// consumption events may exist: see [`account`].
 pub fn account_row(tx: &Connection, id: &MeterId) -> Result<Option<(Account, i64)>, StoreError> {
+    Ok(account_row_with_tariff(tx, id)?.map(|(a, seq, _)| (a, seq)))
+}
+
+/// [`account_row`] and the meter's tariff (`None`: the default), in the same statement: the
+/// report path reads nothing more than before.
+pub fn account_row_with_tariff(
+    tx: &Connection,
+    id: &MeterId,
+) -> Result<Option<(Account, i64, Option<String>)>, StoreError> {
     Ok(tx
         .prepare_cached(
             "SELECT balance_wh, ledger_seq, v2_seq, v2_energy_wh, v1_total_wh, total_consumed_wh,
-                    state_seq
+                    state_seq, tariff, money
              FROM meters WHERE id = ?1",
         )?
         .query_row([id.as_str()], |r| {
@@ -610,11 +652,31 @@ pub fn account_row(tx: &Connection, id: &MeterId) -> Result<Option<(Account, i64
                     v2_energy_wh: r.get(3)?,
                     v1_total_wh: r.get(4)?,
                     total_consumed_wh: r.get(5)?,
+                    money: money_of(r.get(8)?),
                 },
                 r.get(6)?,
+                r.get(7)?,
             ))
         })
         .optional()?)
+}
+
+/// Every meter's id (for the standing-charge timer).
+pub fn meter_ids(tx: &Connection) -> Result<Vec<MeterId>, StoreError> {
+    let mut st = tx.prepare_cached("SELECT id FROM meters ORDER BY id")?;
+    let ids = st
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ids.iter().filter_map(|i| MeterId::parse(i).ok()).collect())
+}
+
+/// Sets (or with `None` clears, back to the default) a meter's tariff; `Ok(false)` when the
+/// meter does not exist.
+pub fn set_tariff(tx: &Connection, id: &MeterId, tariff: Option<&str>) -> Result<bool, StoreError> {
+    Ok(tx.execute(
+        "UPDATE meters SET tariff = ?2 WHERE id = ?1",
+        params![id.as_str(), tariff],
+    )? == 1)
 }
 
 /// A meter's account, up to date: its row, or the newest consumption event after the row.
@@ -641,7 +703,7 @@ pub fn save_account(
     let n = tx
         .prepare_cached(
             "UPDATE meters SET balance_wh = ?2, ledger_seq = ?3, v2_seq = ?4, v2_energy_wh = ?5,
-             v1_total_wh = ?6, total_consumed_wh = ?7, state_seq = ?8
+             v1_total_wh = ?6, total_consumed_wh = ?7, state_seq = ?8, money = ?9
              WHERE id = ?1 AND state_seq < ?8",
         )?
         .execute(params![
@@ -652,7 +714,8 @@ pub fn save_account(
             a.v2_energy_wh,
             a.v1_total_wh,
             a.total_consumed_wh,
-            state_seq
+            state_seq,
+            a.money.as_ref().map(crate::consumption::money_column),
         ])?;
     Ok(n == 1)
 }
@@ -1458,6 +1521,43 @@ pub fn alert_events(
     Ok(rows)
 }
 
+/// One of a meter's events that moves its money: a consumption record, or a payment's or a
+/// meter event's JSON (emergency credit, standing charge).
+#[derive(Debug, Clone)]
+pub enum LedgerEvent {
+    Consumption(Box<Consumption>),
+    Json(serde_json::Value),
+}
+
+/// A meter's ledger events before `before_ms`, oldest first, handed to `f` one at a time (for
+/// statements: the whole history is never held in memory).
+pub fn meter_ledger_events(
+    conn: &Connection,
+    meter: &MeterId,
+    before_ms: i64,
+    mut f: impl FnMut(&str, i64, LedgerEvent),
+) -> Result<(), StoreError> {
+    let mut st = conn.prepare(
+        "SELECT kind, at, data FROM events
+         WHERE meter = ?1 AND at < ?2 AND kind IN ('consumption', 'payment', 'meter')
+         ORDER BY seq",
+    )?;
+    let mut rows = st.query(params![meter.as_str(), before_ms])?;
+    while let Some(r) = rows.next()? {
+        let kind: String = r.get(0)?;
+        let at: i64 = r.get(1)?;
+        let e = match r.get_ref(2)? {
+            rusqlite::types::ValueRef::Blob(b) => match Consumption::decode(b) {
+                Ok(c) => LedgerEvent::Consumption(Box::new(c)),
+                Err(_) => continue,
+            },
+            v => LedgerEvent::Json(event_data(v)),
+        };
+        f(&kind, at, e);
+    }
+    Ok(())
+}
+
 /// An event as sinks see it (contract §6): the SDK's type, so plugins and the gateway share it.
 pub use umeme_plugin_sdk::Event;
 
@@ -1550,7 +1650,7 @@ pub struct MeterChange {
     pub seq: i64,
     pub kind: String,
     pub meter: String,
-    /// A payment's source (`manual` for the CLI's credits).
+    /// A payment's source (`manual` for the CLI's credits); a meter event's action.
     pub source: Option<String>,
 }
 
@@ -1559,11 +1659,13 @@ pub fn meter_changes_after(conn: &Connection, after: i64) -> Result<Vec<MeterCha
     let mut st = conn.prepare_cached(
         "SELECT seq, kind, meter,
                 CASE WHEN kind = 'payment' AND typeof(data) = 'text'
-                     THEN json_extract(data, '$.source') END
+                     THEN json_extract(data, '$.source')
+                     WHEN kind = 'meter' THEN json_extract(data, '$.action') END
          FROM events
          WHERE seq > ?1 AND meter IS NOT NULL
            AND (kind = 'payment' OR (kind = 'meter' AND typeof(data) = 'text'
-                AND json_extract(data, '$.action') IN ('removed', 'secret_changed', 'legacy_changed')))
+                AND json_extract(data, '$.action') IN ('removed', 'secret_changed', 'legacy_changed',
+                                                       'emergency_credit', 'standing_charge')))
          ORDER BY seq",
     )?;
     let rows = st

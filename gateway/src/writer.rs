@@ -21,7 +21,7 @@ use std::ops::RangeInclusive;
 
 use crate::config::Tariff;
 use crate::consumption::Consumption;
-use crate::ledger::{self, Account, ReportApplied, ReportKind, ReportRefused, Rules};
+use crate::ledger::{self, Account, PriceAt, ReportApplied, ReportKind, ReportRefused, Rules};
 use crate::meter::{wh_to_units, MeterId};
 use crate::metrics::Metrics;
 use crate::outbox::Bell;
@@ -174,6 +174,23 @@ pub enum Op {
         source: Option<Option<String>>,
         at: i64,
     },
+    /// Put a meter on a tariff (`None`: back to the site's default). Its money account
+    /// continues (balance, debt, band counter); reports from now on are priced by the new one.
+    SetTariff {
+        meter: MeterId,
+        tariff: Option<String>,
+        at: i64,
+    },
+    /// A tenant asks for emergency credit (`command/emergency`, the CLI, the API).
+    Emergency {
+        meter: MeterId,
+        at: i64,
+    },
+    /// Charges every standing-charge period due by `at` to every meter, connected or not
+    /// (the daemon's timer).
+    AccrueStanding {
+        at: i64,
+    },
     /// A sink took delivery of every event through `through`, except the `dead` ones
     /// (`seq`, event JSON, reason), which go to the dead-letter table.
     SinkProgress {
@@ -285,6 +302,10 @@ pub enum LedgerError {
     /// A firmware image or rollout the OTA rules refuse (`crate::ota`).
     #[error("{0}")]
     Ota(String),
+    #[error("emergency credit refused: {0}")]
+    Emergency(#[from] crate::tariff::account::EmergencyRefused),
+    #[error("unknown tariff {name:?} (configured: {known})")]
+    UnknownTariff { name: String, known: String },
 }
 
 impl From<rusqlite::Error> for LedgerError {
@@ -309,6 +330,8 @@ impl LedgerError {
             LedgerError::AmbiguousReference { .. } => "ambiguous_reference",
             LedgerError::AlreadyApplied { .. } => "already_applied",
             LedgerError::Ota(_) => "ota",
+            LedgerError::UnknownTariff { .. } => "unknown_tariff",
+            LedgerError::Emergency(_) => "emergency_refused",
         }
     }
 }
@@ -494,6 +517,27 @@ pub fn apply_with(
             store::append_event(tx, "meter", Some(meter), *at, &data)?;
             done()
         }
+        Op::SetTariff { meter, tariff, at } => {
+            if let Some(name) = tariff.as_deref().filter(|n| !s.tariff.knows(n)) {
+                return Err(LedgerError::UnknownTariff {
+                    name: name.to_owned(),
+                    known: s.tariff.names().join(", "),
+                });
+            }
+            if !store::set_tariff(tx, meter, tariff.as_deref())? {
+                return Err(LedgerError::UnknownMeter(meter.clone()));
+            }
+            let data = json!({"action": "tariff_changed", "tariff": tariff});
+            store::append_event(tx, "meter", Some(meter), *at, &data)?;
+            done()
+        }
+        Op::Emergency { meter, at } => apply_emergency(tx, meter, *at, s, accounts),
+        Op::AccrueStanding { at } => {
+            for meter in store::meter_ids(tx)? {
+                accrue_standing(tx, &meter, *at, s, accounts)?;
+            }
+            done()
+        }
         Op::RemoveMeter { meter, at } => {
             if !store::delete_meter(tx, meter)? {
                 return Err(LedgerError::UnknownMeter(meter.clone()));
@@ -594,24 +638,25 @@ fn seen(
 
 /// The meter's current account: its row, or a newer one from `accounts`.
 fn known(tx: &Connection, meter: &MeterId, accounts: Accounts<'_>) -> Result<Account, LedgerError> {
-    let unknown = || LedgerError::UnknownMeter(meter.clone());
-    match accounts {
-        Accounts::Stored => store::account(tx, meter)?.ok_or_else(unknown),
-        Accounts::Live(newer) => {
-            let (row, state_seq) = store::account_row(tx, meter)?.ok_or_else(unknown)?;
-            Ok(match newer(meter) {
-                Some(v) if v.seq > state_seq => v.account,
-                _ => row,
-            })
-        }
-    }
+    Ok(known_with_tariff(tx, meter, accounts)?.0)
 }
 
-fn balance_notice(meter: &MeterId, a: &crate::ledger::Account) -> (MeterId, Notice) {
-    (
-        meter.clone(),
-        Notice::Balance(balance_command_for(a, store::now_ms())),
-    )
+/// [`known`] and the meter's tariff name (`None`: the default), from the same row read.
+fn known_with_tariff(
+    tx: &Connection,
+    meter: &MeterId,
+    accounts: Accounts<'_>,
+) -> Result<(Account, Option<String>), LedgerError> {
+    let unknown = || LedgerError::UnknownMeter(meter.clone());
+    let (row, state_seq, tariff) =
+        store::account_row_with_tariff(tx, meter)?.ok_or_else(unknown)?;
+    let newer = match accounts {
+        Accounts::Stored => store::account(tx, meter)?,
+        Accounts::Live(newer) => newer(meter)
+            .filter(|v| v.seq > state_seq)
+            .map(|v| v.account),
+    };
+    Ok((newer.unwrap_or(row), tariff))
 }
 
 fn revoked(meter: &MeterId) -> Result<Applied, LedgerError> {
@@ -632,9 +677,41 @@ pub fn balance_command_for(a: &crate::ledger::Account, now: i64) -> BalanceComma
         ledger_seq: a.ledger_seq,
         ack_seq: a.v2_seq,
         relay: a.relay(),
-        // The tariff's friendly hours will set this (issue 16); until then meters may cut.
+        balance_kes: a
+            .money
+            .as_ref()
+            .map(|m| (m.balance_cents - m.debt.total()) as f64 / 100.0),
         may_cut: true,
     }
+}
+
+/// [`balance_command_for`] with the meter's tariff at `now`: the relay stays on in friendly
+/// hours, and `mayCut` says whether the meter may cut for lack of credit.
+pub fn balance_command_priced(a: &Account, p: PriceAt<'_>) -> BalanceCommand {
+    let mut cmd = balance_command_for(a, p.at_ms);
+    if a.money.is_some() {
+        let friendly = crate::tariff::account::is_friendly(p.tariff, p.zone, p.at_ms);
+        cmd.may_cut = !friendly;
+        if friendly {
+            cmd.relay = crate::payload::Relay::On;
+        }
+    }
+    cmd
+}
+
+/// The meter's tariff in force at `at`. A tariff the configuration no longer has falls back
+/// to the default: the daemon warns of such meters once at start and `check-config` refuses
+/// them, so this path (every report) does not log.
+fn tariff_for(
+    s: &LedgerSettings,
+    meter: &MeterId,
+    name: Option<&str>,
+    at: i64,
+) -> Arc<crate::tariff::Tariff> {
+    if let Some(n) = name.filter(|n| !s.tariff.knows(n)) {
+        tracing::debug!(meter = %meter, tariff = %Untrusted(n), "unconfigured tariff: default used");
+    }
+    s.tariff.in_force(name, at)
 }
 
 fn apply_report(
@@ -645,8 +722,14 @@ fn apply_report(
     s: &LedgerSettings,
     accounts: Accounts<'_>,
 ) -> Result<Applied, LedgerError> {
-    let mut account = known(tx, meter, accounts)?;
-    let applied = account.apply_report(report, &s.rules)?;
+    let (mut account, tariff_name) = known_with_tariff(tx, meter, accounts)?;
+    let tariff = tariff_for(s, meter, tariff_name.as_deref(), at);
+    let p = PriceAt {
+        tariff: &tariff,
+        zone: s.tariff.zone,
+        at_ms: at,
+    };
+    let (applied, priced, standing) = account.apply_report_priced(report, &s.rules, p)?;
     if matches!(applied.kind, ReportKind::Stale | ReportKind::Repeat) {
         // A retry of something already applied: no event, no command.
         return seen(tx, meter, at, accounts, Outcome::Report(applied));
@@ -658,6 +741,11 @@ fn apply_report(
         kind: applied.kind,
         debit_wh: applied.debit_wh,
         account: account.clone(),
+        itemised: crate::consumption::Itemised::from_applied(
+            &tariff.name,
+            priced.as_ref(),
+            standing.cents,
+        ),
     };
     let seq = store::append_consumption(tx, meter, at, &record)?;
     for alert in &applied.alerts {
@@ -665,7 +753,12 @@ fn apply_report(
                           "balance": wh_to_units(account.balance_wh), "relay": account.relay()});
         store::append_event(tx, "alert", Some(meter), at, &data)?;
     }
-    let notice = (applied.debit_wh != 0).then(|| balance_notice(meter, &account));
+    let notice = (applied.debit_wh != 0).then(|| {
+        (
+            meter.clone(),
+            Notice::Balance(balance_command_priced(&account, p)),
+        )
+    });
     Ok(Applied {
         outcome: Outcome::Report(applied),
         notice,
@@ -709,14 +802,31 @@ fn apply_credit(
             seen: None,
         });
     }
-    let mut account = known(tx, &c.meter, accounts)?;
-    let credit_wh = s.tariff.credit_wh(c.amount_cents);
-    account.credit(credit_wh);
+    let (mut account, tariff_name) = known_with_tariff(tx, &c.meter, accounts)?;
+    let tariff = tariff_for(s, &c.meter, tariff_name.as_deref(), c.at);
+    let p = PriceAt {
+        tariff: &tariff,
+        zone: s.tariff.zone,
+        at_ms: c.at,
+    };
+    let before_wh = account.ensure_money(p).clone();
+    let before_wh = ledger::units_shown(&before_wh, p);
+    let (paid, standing) = account.credit_priced(c.amount_cents, p);
+    // The Wh the payment added to what the meter is shown (debt recovery included).
+    let credit_wh = account.balance_wh - before_wh;
+    let m = account.money.as_ref().expect("ensure_money");
     let mut data = json!({
         "source": c.source, "reference": reference,
         "amount": c.amount_cents as f64 / 100.0, "amountCents": c.amount_cents,
         "creditWh": credit_wh, "units": wh_to_units(credit_wh),
         "balanceWh": account.balance_wh, "balance": wh_to_units(account.balance_wh),
+        "tariff": tariff.name,
+        "toBalanceCents": paid.to_balance,
+        "standingCents": standing.cents,
+        "debtRecoveredCents": {"emergency": paid.recovered.emergency,
+            "standing": paid.recovered.standing, "arrears": paid.recovered.arrears},
+        "balanceKes": crate::consumption::cents_kes(m.balance_cents),
+        "debtKes": crate::consumption::cents_kes(m.debt.total()),
     });
     if let Some(phone) = &c.phone {
         data["phone"] = json!(phone);
@@ -741,10 +851,97 @@ fn apply_credit(
             payment,
             duplicate: false,
         },
-        notice: Some(balance_notice(&c.meter, &account)),
+        notice: Some((
+            c.meter.clone(),
+            Notice::Balance(balance_command_priced(&account, p)),
+        )),
         state: None,
         seen: None,
     })
+}
+
+/// A meter's account moved by something other than a report (emergency credit, a standing
+/// charge): the event `data` (completed with the balances) and the row, written at once as of
+/// that event like a payment's.
+fn save_with_event(
+    tx: &Connection,
+    meter: &MeterId,
+    account: &Account,
+    at: i64,
+    mut data: serde_json::Value,
+) -> Result<(), LedgerError> {
+    if let Some(m) = &account.money {
+        data["balanceWh"] = json!(account.balance_wh);
+        data["balance"] = json!(wh_to_units(account.balance_wh));
+        data["balanceKes"] = json!(crate::consumption::cents_kes(m.balance_cents));
+        data["debtKes"] = json!(crate::consumption::cents_kes(m.debt.total()));
+    }
+    let seq = store::append_event(tx, "meter", Some(meter), at, &data)?;
+    store::save_account(tx, meter.as_str(), account, seq)?;
+    Ok(())
+}
+
+fn apply_emergency(
+    tx: &Connection,
+    meter: &MeterId,
+    at: i64,
+    s: &LedgerSettings,
+    accounts: Accounts<'_>,
+) -> Result<Applied, LedgerError> {
+    let (mut account, tariff_name) = known_with_tariff(tx, meter, accounts)?;
+    let tariff = tariff_for(s, meter, tariff_name.as_deref(), at);
+    let p = PriceAt {
+        tariff: &tariff,
+        zone: s.tariff.zone,
+        at_ms: at,
+    };
+    let m = account.ensure_money(p);
+    let standing = m.accrue_standing(p.tariff, at);
+    m.request_emergency(p.tariff)?;
+    account.balance_wh = ledger::units_shown(m, p);
+    account.ledger_seq += 1;
+    let data = json!({"action": "emergency_credit", "tariff": tariff.name,
+        "limitKes": tariff.emergency_credit.to_string(), "standingCents": standing.cents});
+    save_with_event(tx, meter, &account, at, data)?;
+    Ok(Applied {
+        outcome: Outcome::Done,
+        notice: Some((
+            meter.clone(),
+            Notice::Balance(balance_command_priced(&account, p)),
+        )),
+        state: None,
+        seen: None,
+    })
+}
+
+/// Charges the standing-charge periods due by `at` (nothing is written when none is due).
+fn accrue_standing(
+    tx: &Connection,
+    meter: &MeterId,
+    at: i64,
+    s: &LedgerSettings,
+    accounts: Accounts<'_>,
+) -> Result<(), LedgerError> {
+    let (mut account, tariff_name) = known_with_tariff(tx, meter, accounts)?;
+    let tariff = tariff_for(s, meter, tariff_name.as_deref(), at);
+    if tariff.standing_charge.is_none() {
+        return Ok(());
+    }
+    let p = PriceAt {
+        tariff: &tariff,
+        zone: s.tariff.zone,
+        at_ms: at,
+    };
+    let m = account.ensure_money(p);
+    let c = m.accrue_standing(p.tariff, at);
+    if c.cents == 0 {
+        return Ok(());
+    }
+    account.balance_wh = ledger::units_shown(m, p);
+    account.ledger_seq += 1;
+    let data = json!({"action": "standing_charge", "tariff": tariff.name, "periods": c.periods,
+        "cents": c.cents, "fromBalanceCents": c.from_balance, "toDebtCents": c.to_debt});
+    save_with_event(tx, meter, &account, at, data)
 }
 
 fn apply_unapplied(
@@ -1224,6 +1421,18 @@ impl ExternalWatch {
                             ("outcome", "credited"),
                         ],
                     );
+                    notify(
+                        &meter,
+                        Notice::Balance(balance_command_for(&a, store::now_ms())),
+                    )
+                }
+                // The account changed (`source` holds a meter event's action): a new balance.
+                ("meter", Some(a))
+                    if matches!(
+                        source.as_deref(),
+                        Some("emergency_credit" | "standing_charge")
+                    ) =>
+                {
                     notify(
                         &meter,
                         Notice::Balance(balance_command_for(&a, store::now_ms())),

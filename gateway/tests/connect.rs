@@ -330,6 +330,8 @@ fn a_schema_2_database_is_upgraded_in_place_with_every_meter_credential_only() {
         "ALTER TABLE meters DROP COLUMN legacy_anonymous;
          ALTER TABLE meters DROP COLUMN legacy_source;
          ALTER TABLE meters DROP COLUMN main;
+         ALTER TABLE meters DROP COLUMN tariff;
+         ALTER TABLE meters DROP COLUMN money;
          UPDATE meta SET value = '2' WHERE key = 'schema_version';",
     )
     .unwrap();

@@ -454,6 +454,7 @@ fn build(p: &Params) -> Tariff {
         }
     }
     let t = Tariff {
+        effective_from: None,
         name: "random".into(),
         bands,
         tou,

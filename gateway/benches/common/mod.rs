@@ -270,7 +270,7 @@ pub fn provision<'a>(config: &Config, meters: impl Iterator<Item = &'a String>) 
         rules: Rules {
             low_balance_wh: config.ledger.low_balance_wh,
         },
-        tariff: config.ledger.tariff,
+        tariff: config.ledger.tariff.clone(),
     };
     let secret_hash = auth::hash_secret(SECRET);
     let mut next_note = started + Duration::from_secs(2);

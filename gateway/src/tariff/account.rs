@@ -40,6 +40,9 @@ pub struct MoneyAccount {
     pub emergency_armed: bool,
     /// When the next standing charge falls due (a local midnight).
     pub standing_due_ms: i64,
+    /// When the last report was priced: the start of the next report's interval (the writer
+    /// keeps it; the pricing steps here take intervals as arguments).
+    pub last_report_ms: i64,
 }
 
 /// What a report did: the itemised price and where the cents came from.
@@ -88,6 +91,7 @@ impl MoneyAccount {
             },
             emergency_armed: false,
             standing_due_ms: zone.midnight(zone.date(assigned_ms)),
+            last_report_ms: assigned_ms,
         }
     }
 

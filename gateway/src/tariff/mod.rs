@@ -111,6 +111,10 @@ impl<'de, const SCALE: u32> serde::Deserialize<'de> for Decimal<SCALE> {
 #[serde(deny_unknown_fields)]
 pub struct Tariff {
     pub name: String,
+    /// A version of the tariff `name` in force from 00:00 local time of this date until the
+    /// next version's (absent: from the beginning). Set in `[[tariffs]]`; the engine ignores it.
+    #[serde(default)]
+    pub effective_from: Option<LocalDate>,
     /// Energy price by kWh consumed in the local calendar month; one open band is a flat price.
     pub bands: Vec<Band>,
     /// Time-of-use multipliers of the band price; empty means 1 at all times.
@@ -320,6 +324,28 @@ fn cell(weekend: bool, hour: u8) -> String {
 }
 
 impl Tariff {
+    /// One open band at `price`, nothing else: the implicit tariff of a site without
+    /// `[[tariffs]]` (its price is `1 / [ledger] units_per_kes`).
+    pub fn flat(name: &str, price: PerKwh) -> Tariff {
+        Tariff {
+            name: name.to_owned(),
+            effective_from: None,
+            bands: vec![Band {
+                from_kwh: 0,
+                to_kwh: None,
+                price,
+            }],
+            tou: Vec::new(),
+            charges: Vec::new(),
+            taxes: Vec::new(),
+            standing_charge: None,
+            minimum_topup: Decimal(0),
+            emergency_credit: Decimal(0),
+            friendly: FriendlyHours::default(),
+            debt_recovery_percent: None,
+        }
+    }
+
     /// Every problem at once, each naming its field.
     pub fn validate(&self) -> Result<(), Vec<TariffError>> {
         let mut e = Vec::new();

@@ -102,6 +102,8 @@ pub struct Gateway {
     log_path: PathBuf,
     /// `RLIMIT_NOFILE` (soft and hard) the daemon starts under, when set.
     pub nofile_limit: Option<u64>,
+    /// Extra environment variables for the daemon (e.g. `UMEME_TEST_CLOCK_OFFSET_MS`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Gateway {
@@ -140,6 +142,7 @@ impl Gateway {
             log,
             log_path,
             nofile_limit: None,
+            env: Vec::new(),
         }
     }
 
@@ -164,6 +167,7 @@ impl Gateway {
         cmd.args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info,umeme_gateway=debug")
+            .envs(self.env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(n) = self.nofile_limit {

@@ -83,6 +83,23 @@ pub fn meter_of(e: &Event) -> Result<Option<&str>, String> {
     }
 }
 
+/// The money ledger's fields (issue 16), added beside the original dashboard's, which stay as
+/// they are: the balance and debt in KES, the itemised price of a report, the tariff and the
+/// debt a payment recovered.
+fn money_fields(data: &Map<String, Value>, record: &mut Map<String, Value>) {
+    for (from, to) in [
+        ("balanceKes", "balance_kes"),
+        ("debtKes", "debt_kes"),
+        ("priced", "priced"),
+        ("tariff", "tariff"),
+        ("debtRecoveredCents", "debt_recovered_cents"),
+    ] {
+        if let Some(v) = data.get(from) {
+            record.insert(to.into(), v.clone());
+        }
+    }
+}
+
 /// Whether this event updates the `users/{uid}` mirror (so its meter's `user_id` is needed).
 pub fn needs_user(e: &Event) -> bool {
     matches!(e.kind.as_str(), "consumption" | "payment")
@@ -123,6 +140,7 @@ pub fn writes_for(e: &Event, user: Option<&User>) -> Result<Writes, String> {
             record.insert("source".into(), json!("gateway"));
             record.insert("gateway".into(), json!(e.gateway));
             record.insert("seq".into(), json!(e.seq));
+            money_fields(data, &mut record);
             w.push((format!("unit_consumption/{}", e.id), Value::Object(record)));
             w.push((m("balance"), balance.clone()));
             w.push((m("total_consumed"), total));
@@ -175,6 +193,7 @@ pub fn writes_for(e: &Event, user: Option<&User>) -> Result<Writes, String> {
             }
             record.insert("gateway".into(), json!(e.gateway));
             record.insert("seq".into(), json!(e.seq));
+            money_fields(data, &mut record);
             w.push((format!("transactions/{}", e.id), Value::Object(record)));
             w.push((m("balance"), balance.clone()));
             if user.is_some() {
@@ -278,6 +297,39 @@ fn cents_as_kes(data: &Map<String, Value>) -> Result<Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn money_ledger_fields_are_added_beside_the_original_ones() {
+        let e = Event {
+            id: "site-000000000007".into(),
+            seq: 7,
+            gateway: "site".into(),
+            kind: "consumption".into(),
+            meter: Some("METER001".into()),
+            at: 1_772_470_000_000,
+            data: json!({"v": 2, "debitWh": 25000, "unitsDebited": 25.0, "balanceWh": 81,
+                "balance": 0.081, "totalConsumedWh": 25000, "balanceKes": "1.63",
+                "debtKes": "0.00", "priced": {"tariff": "domestic", "totalKes": "498.375"}}),
+        };
+        let w = writes_for(&e, None).unwrap();
+        let record = &w
+            .iter()
+            .find(|(p, _)| p.starts_with("unit_consumption/"))
+            .unwrap()
+            .1;
+        assert_eq!(record["balance_kes"], "1.63");
+        assert_eq!(record["priced"]["totalKes"], "498.375");
+        assert_eq!(
+            record["units_after"], 0.081,
+            "the dashboard's field is unchanged"
+        );
+        let mut plain = e.clone();
+        plain.data = json!({"v": 2, "debitWh": 3, "unitsDebited": 0.003, "balanceWh": 81,
+            "balance": 0.081, "totalConsumedWh": 3});
+        let w = writes_for(&plain, None).unwrap();
+        let record = &w[0].1;
+        assert!(record.get("balance_kes").is_none() && record.get("priced").is_none());
+    }
 
     #[test]
     fn keys_with_firebase_forbidden_characters_are_refused() {
