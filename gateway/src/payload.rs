@@ -463,6 +463,7 @@ mod tests {
             ledger_seq: 2,
             ack_seq: None,
             relay: Relay::On,
+            balance_kes: None,
             may_cut: true,
         };
         let j = serde_json::to_value(&c).unwrap();

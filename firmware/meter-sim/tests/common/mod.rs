@@ -25,7 +25,7 @@ fn provision(config: &Config, meters: usize) {
         rules: Rules {
             low_balance_wh: config.ledger.low_balance_wh,
         },
-        tariff: config.ledger.tariff,
+        tariff: config.ledger.tariff.clone(),
     };
     let hash = auth::hash_secret(SECRET);
     for n in 1..=meters {
