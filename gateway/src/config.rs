@@ -560,6 +560,11 @@ impl Config {
                 cap_in_friendly_hours: x.cap_in_friendly_hours.unwrap_or(d.cap_in_friendly_hours),
             }
         });
+        let site_zone = p
+            .site
+            .as_ref()
+            .and_then(|s| s.timezone)
+            .map_or(crate::tariff::calendar::SiteZone::NAIROBI, |z| z.0);
         let ota = p.ota.unwrap_or_default();
         let ota_chunks_per_s = ota.chunk_requests_per_second.map_or(20, |n| n.0 as u32);
         let data_dir: PathBuf = g
@@ -634,7 +639,7 @@ impl Config {
                     let mut t = l
                         .units_per_kes
                         .unwrap_or(Tariff::from_units_per_kes_unchecked(0.05));
-                    t.zone = p.site.and_then(|s| s.timezone).map_or(t.zone, |z| z.0);
+                    t.zone = site_zone;
                     t.versions = p
                         .tariffs
                         .into_iter()
@@ -708,7 +713,16 @@ impl Config {
             },
             sinks: Vec::new(),
             sources: Vec::new(),
-            alerts: p.alerts.unwrap_or_default().resolve(),
+            alerts: {
+                let a = p.alerts.unwrap_or_default();
+                // `[alerts] timezone` overrides; the site's zone is the default.
+                let own_zone = a.timezone.is_some();
+                let mut t = a.resolve();
+                if !own_zone {
+                    t.zone = site_zone;
+                }
+                t
+            },
             secret_files: Vec::new(),
         }
     }

@@ -310,11 +310,11 @@ impl Gateway {
             reader: reader.clone(),
             metrics: metrics.clone(),
             guards: Default::default(),
-            // Until `[site] timezone` is wired (tariff branch), the default site zone.
+            // The meters count their daily allowance from local midnight of the site zone.
             meter_config: config.limits.map(|l| {
                 l.config_command(
                     config.ledger.low_balance_wh,
-                    crate::tariff::calendar::SiteZone::NAIROBI.offset_minutes() as i16,
+                    config.ledger.tariff.zone.offset_minutes() as i16,
                 )
             }),
             ota: ota_server.clone(),
@@ -371,7 +371,7 @@ impl Gateway {
                     secure_cookies: config.api.dashboard_secure_cookies,
                     low_balance_wh: config.ledger.low_balance_wh,
                     data_dir: config.gateway.data_dir.clone(),
-                    zone: config.alerts.zone,
+                    zone: config.ledger.tariff.zone,
                 },
                 bell.clone(),
             ),
