@@ -640,6 +640,8 @@ mod store_level {
             // Back to what schema 3 had: no main column, none of the usage or alert tables.
             conn.execute_batch(
                 "ALTER TABLE meters DROP COLUMN main;
+                 ALTER TABLE meters DROP COLUMN tariff;
+                 ALTER TABLE meters DROP COLUMN money;
                  DROP TABLE usage_hours; DROP TABLE site_readings;
                  DROP TABLE alert_state; DROP TABLE meter_watch;
                  UPDATE meta SET value = '3' WHERE key = 'schema_version';",

@@ -259,6 +259,9 @@ fn a_schema_3_database_is_upgraded_in_place_to_schema_6_by_the_daemon() {
     let db = rusqlite::Connection::open(gw.db_path()).unwrap();
     db.execute_batch(
         "DROP TABLE firmware; DROP TABLE ota_rollouts; DROP TABLE ota_meters;
+         ALTER TABLE meters DROP COLUMN tariff;
+         ALTER TABLE meters DROP COLUMN money;
+         ALTER TABLE meters DROP COLUMN main;
          UPDATE meta SET value = '3' WHERE key = 'schema_version';",
     )
     .unwrap();
