@@ -686,7 +686,8 @@ async fn meter_usage(
         .map(|v| query_time(&st, "from", v))
         .transpose()
     {
-        Ok(f) => f.unwrap_or(to - span),
+        // Saturating: an extreme `to` is refused by `usage::buckets`, not overflowed here.
+        Ok(f) => f.unwrap_or(to.saturating_sub(span)),
         Err(r) => return r,
     };
     let (zone, lookup) = (st.zone, id.clone());
@@ -743,7 +744,8 @@ async fn site_usage(
         .map(|v| query_time(&st, "from", v))
         .transpose()
     {
-        Ok(f) => f.unwrap_or(to - span),
+        // Saturating: an extreme `to` is refused by `usage::buckets`, not overflowed here.
+        Ok(f) => f.unwrap_or(to.saturating_sub(span)),
         Err(r) => return r,
     };
     let zone = st.zone;
