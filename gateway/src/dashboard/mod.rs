@@ -424,7 +424,7 @@ async fn login(
         );
     }
     let ip = peer.ip();
-    if !st.dashboard.signin.allowed(ip) {
+    if !st.dashboard.signin.try_begin(ip) {
         st.metrics
             .inc("umeme_dashboard_signin_total", &[("outcome", "throttled")]);
         warn!(peer = %Untrusted(&ip.to_string()), "dashboard sign-in refused: too many failures from this address");
@@ -443,7 +443,7 @@ async fn login(
     let who = match verify(&st, &secret).await {
         Some(who) => who,
         None => {
-            st.dashboard.signin.failed(ip);
+            // Already counted by `try_begin`.
             st.metrics
                 .inc("umeme_dashboard_signin_total", &[("outcome", "failed")]);
             warn!(peer = %Untrusted(&ip.to_string()), "dashboard sign-in failed");

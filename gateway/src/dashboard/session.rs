@@ -156,16 +156,10 @@ impl SignInLimit {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether `peer` may try to sign in now.
-    pub fn allowed(&self, peer: IpAddr) -> bool {
-        let key = umeme_http_guard::peer_key(peer);
-        match self.map().get(&key) {
-            Some((n, since)) => *n < SIGNIN_FAILURES || since.elapsed() > SIGNIN_WINDOW,
-            None => true,
-        }
-    }
-
-    pub fn failed(&self, peer: IpAddr) {
+    /// Whether `peer` may try to sign in now; if so the try counts as a failure at once, and
+    /// [`SignInLimit::succeeded`] forgets it. Checked and counted under one lock: guesses sent
+    /// in parallel (the password check is slow) cannot all pass before any is counted.
+    pub fn try_begin(&self, peer: IpAddr) -> bool {
         let key = umeme_http_guard::peer_key(peer);
         let now = Instant::now();
         let mut map = self.map();
@@ -181,7 +175,11 @@ impl SignInLimit {
         if now.duration_since(e.1) > SIGNIN_WINDOW {
             *e = (0, now);
         }
+        if e.0 >= SIGNIN_FAILURES {
+            return false;
+        }
         e.0 += 1;
+        true
     }
 
     pub fn succeeded(&self, peer: IpAddr) {
@@ -248,11 +246,12 @@ mod tests {
         let a: IpAddr = "2001:db8::1".parse().unwrap();
         let b: IpAddr = "2001:db8::2".parse().unwrap();
         for _ in 0..SIGNIN_FAILURES {
-            assert!(l.allowed(a));
-            l.failed(a);
+            assert!(l.try_begin(a));
         }
-        assert!(!l.allowed(a));
-        assert!(!l.allowed(b), "same /64");
-        assert!(l.allowed("10.0.0.1".parse().unwrap()));
+        assert!(!l.try_begin(a));
+        assert!(!l.try_begin(b), "same /64");
+        assert!(l.try_begin("10.0.0.1".parse().unwrap()));
+        l.succeeded(a);
+        assert!(l.try_begin(b), "a success forgets the address's tries");
     }
 }
