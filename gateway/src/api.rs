@@ -200,12 +200,11 @@ async fn guard(State(st): St, req: Request, next: Next) -> Response {
     if let Some(token) = &st.token {
         // A dashboard session reads what the token reads (its scripts fetch `/api/…`), never
         // writes: a POST still needs the token, so a session cannot be ridden by a forged form.
-        let session_read = req.method() == axum::http::Method::GET
-            && crate::dashboard::has_session(&st, req.headers());
-        if needs_token(&st, req.uri().path())
-            && !bearer_matches(req.headers(), token)
-            && !session_read
-        {
+        let needs = needs_token(&st, req.uri().path()) && !bearer_matches(req.headers(), token);
+        let session_read = needs
+            && req.method() == axum::http::Method::GET
+            && crate::dashboard::has_session(&st, req.headers()).await;
+        if needs && !session_read {
             st.metrics
                 .inc("umeme_http_rejected_total", &[("reason", "unauthorized")]);
             warn!(

@@ -97,3 +97,89 @@ fn parallel_sign_in_guesses_from_one_address_get_no_more_than_five_tries() {
     let throttled = statuses.iter().filter(|s| **s == 429).count();
     assert_eq!((tried, throttled), (5, 7), "{statuses:?}");
 }
+
+const TOKEN: &str = "review-admin-token-0123456789";
+
+/// A started gateway whose admin API needs [`TOKEN`].
+fn with_token() -> Gateway {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap().keep();
+    let token = dir.join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut gw = Gateway::new(&format!("token_file = {:?}\n", token.display().to_string()));
+    gw.start();
+    gw
+}
+
+/// Signs in to the dashboard through the harness's client (`Host: test`); the cookie.
+fn dashboard_sign_in(gw: &Gateway, secret: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(gw.api).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let body = format!("secret={secret}");
+    write!(
+        s,
+        "POST /dashboard/login HTTP/1.1\r\nHost: test\r\nOrigin: http://test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 303"), "{raw}");
+    raw.lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_string()
+}
+
+/// A caretaker's password leaked, the operator set a new one with the CLI: sessions signed in
+/// with the old one kept every right (credit cash, rotate secrets) for up to 12 hours, since
+/// the daemon never learned of the change.
+#[test]
+fn a_new_operator_password_ends_the_sessions_signed_in_with_the_old_one() {
+    let gw = with_token();
+    set_operator_password(&gw, "caretaker-pass-2026");
+    let cookie = dashboard_sign_in(&gw, "caretaker-pass-2026");
+    let (s, _) = http(
+        gw.api,
+        "GET",
+        "/dashboard/meters",
+        None,
+        &[("Cookie", &cookie)],
+    );
+    assert_eq!(s, 200);
+    let (s, _) = http(gw.api, "GET", "/api/meters", None, &[("Cookie", &cookie)]);
+    assert_eq!(s, 200, "a session reads the admin API");
+
+    set_operator_password(&gw, "a-new-pass-after-the-leak");
+    let (s, v) = http(
+        gw.api,
+        "GET",
+        "/dashboard/export/month.csv?month=2026-11",
+        None,
+        &[("Cookie", &cookie)],
+    );
+    assert_eq!(s, 401, "{v}");
+    let (s, _) = http(
+        gw.api,
+        "GET",
+        "/dashboard/meters",
+        None,
+        &[("Cookie", &cookie)],
+    );
+    assert_eq!(s, 303, "back to the sign-in page");
+    let (s, _) = http(gw.api, "GET", "/api/meters", None, &[("Cookie", &cookie)]);
+    assert_eq!(s, 401);
+    // The new password signs in.
+    let fresh = dashboard_sign_in(&gw, "a-new-pass-after-the-leak");
+    let (s, _) = http(
+        gw.api,
+        "GET",
+        "/dashboard/meters",
+        None,
+        &[("Cookie", &fresh)],
+    );
+    assert_eq!(s, 200);
+}

@@ -31,6 +31,7 @@ pub fn random_token() -> String {
 struct Session {
     csrf: String,
     who: &'static str,
+    credential: Option<String>,
     created: Instant,
     last: Instant,
     flash: Option<String>,
@@ -49,6 +50,9 @@ pub struct Signed {
     pub csrf: String,
     /// `token` or `password`: how the operator signed in.
     pub who: &'static str,
+    /// The operator password's stored hash at sign-in (`password` sessions): a session ends
+    /// once the stored one differs (a new password set with the CLI).
+    pub credential: Option<String>,
     /// A message from the previous action (shown once).
     pub flash: Option<String>,
 }
@@ -64,7 +68,7 @@ impl Sessions {
     }
 
     /// A new session; the least recently used one ends when the table is full.
-    pub fn create(&self, who: &'static str) -> Signed {
+    pub fn create(&self, who: &'static str, credential: Option<String>) -> Signed {
         let now = Instant::now();
         let mut map = self.map();
         map.retain(|_, s| !s.expired(now));
@@ -85,6 +89,7 @@ impl Sessions {
             Session {
                 csrf: csrf.clone(),
                 who,
+                credential: credential.clone(),
                 created: now,
                 last: now,
                 flash: None,
@@ -94,6 +99,7 @@ impl Sessions {
             id,
             csrf,
             who,
+            credential,
             flash: None,
         }
     }
@@ -115,8 +121,18 @@ impl Sessions {
             id: id.to_string(),
             csrf: s.csrf.clone(),
             who: s.who,
+            credential: s.credential.clone(),
             flash: s.flash.take(),
         })
+    }
+
+    /// The password hash a live session `id` signed in with (`Some(None)`: the token), without
+    /// counting as use.
+    pub fn credential(&self, id: &str) -> Option<Option<String>> {
+        let now = Instant::now();
+        let map = self.map();
+        let s = map.get(id).filter(|s| !s.expired(now))?;
+        Some(s.credential.clone())
     }
 
     /// Whether `id` is a live session, without counting as use (a live stream's check).
@@ -194,10 +210,10 @@ mod tests {
     #[test]
     fn a_full_session_table_ends_the_least_recently_used_session() {
         let s = Sessions::default();
-        let first = s.create("token");
-        let others: Vec<_> = (1..MAX_SESSIONS).map(|_| s.create("token")).collect();
+        let first = s.create("token", None);
+        let others: Vec<_> = (1..MAX_SESSIONS).map(|_| s.create("token", None)).collect();
         assert!(s.use_session(&first.id).is_some());
-        s.create("password");
+        s.create("password", None);
         assert_eq!(s.len(), MAX_SESSIONS);
         assert!(s.alive(&first.id), "recently used: kept");
         assert!(!s.alive(&others[0].id), "least recently used: ended");
@@ -206,7 +222,7 @@ mod tests {
     #[test]
     fn a_session_ends_after_its_idle_time_and_after_its_absolute_lifetime_however_used() {
         let s = Sessions::default();
-        let a = s.create("token");
+        let a = s.create("token", None);
         let t0 = Instant::now();
         assert!(s
             .use_at(&a.id, t0 + IDLE - Duration::from_secs(1))
@@ -218,7 +234,7 @@ mod tests {
         );
         assert!(s.use_at(&a.id, t0 + IDLE * 4).is_none(), "idle too long");
         assert!(!s.alive(&a.id), "and removed");
-        let b = s.create("password");
+        let b = s.create("password", None);
         let t0 = Instant::now();
         let mut t = t0;
         // Used every IDLE/2 right up to the absolute lifetime: never idle, still ended.
@@ -234,7 +250,7 @@ mod tests {
     #[test]
     fn a_flash_message_is_shown_once() {
         let s = Sessions::default();
-        let a = s.create("token");
+        let a = s.create("token", None);
         s.set_flash(&a.id, "done".into());
         assert_eq!(s.use_session(&a.id).unwrap().flash.as_deref(), Some("done"));
         assert_eq!(s.use_session(&a.id).unwrap().flash, None);
