@@ -183,3 +183,69 @@ fn a_new_operator_password_ends_the_sessions_signed_in_with_the_old_one() {
     );
     assert_eq!(s, 200);
 }
+
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+
+fn set_clock(gw: &Gateway, ms: i64) {
+    let (status, v) = gw.http(
+        "POST",
+        "/api/debug/clock",
+        Some(&format!(r#"{{"nowMs":{ms}}}"#)),
+    );
+    assert_eq!(status, 200, "{v}");
+}
+
+fn spike_events(gw: &Gateway, meter: &str) -> usize {
+    let (status, v) = gw.http(
+        "GET",
+        &format!("/api/alerts?meter={meter}&limit=1000"),
+        None,
+    );
+    assert_eq!(status, 200, "{v}");
+    v["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"]["alert"] == "spike" && e["data"]["state"] == "raised")
+        .count()
+}
+
+/// The spike rule remembered the newest hour it judged and judged only later hours: a clock
+/// that ran ahead (a wrong NTP answer, a mistyped `date`) and was put right left that hour in
+/// the future, and no spike was judged until real time caught up with it.
+#[test]
+fn a_clock_put_back_after_running_ahead_does_not_stop_spike_judgements() {
+    let mut gw = Gateway::new("");
+    gw.start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let t0 = now - now.rem_euclid(DAY) + 2 * DAY;
+    set_clock(&gw, t0 + 10 * HOUR + 60_000);
+    gw.add_meter("JUMP1", SECRET);
+    let mut m = gw.connect("JUMP1", SECRET);
+    let (mut seq, mut energy) = (0u32, 0u64);
+    let mut report = |m: &mut RawMeter, wh: u64| {
+        seq += 1;
+        energy += wh;
+        m.publish_acked(
+            "smartmeter/JUMP1/consumption",
+            &v2_payload("JUMP1", seq, energy),
+            seq as u16,
+        );
+    };
+    report(&mut m, 0);
+    for day in 0..3 {
+        set_clock(&gw, t0 + day * DAY + 10 * HOUR + 5 * 60_000);
+        report(&mut m, 200);
+        set_clock(&gw, t0 + day * DAY + 11 * HOUR + 5 * 60_000);
+    }
+    // The clock runs 30 days ahead for a fold, then is put right.
+    set_clock(&gw, t0 + 33 * DAY);
+    set_clock(&gw, t0 + 3 * DAY + 10 * HOUR + 5 * 60_000);
+    report(&mut m, 2000);
+    set_clock(&gw, t0 + 3 * DAY + 11 * HOUR + 5 * 60_000);
+    assert_eq!(spike_events(&gw, "JUMP1"), 1);
+}
