@@ -1118,13 +1118,25 @@ fn aggregate(
 /// every meter's rows: cheap once a day, not every fold).
 fn prune_usage(tx: &Connection, now: i64, retention_days: i64) -> Result<(), StoreError> {
     let today = now.div_euclid(MS_PER_DAY);
-    if meta_int(tx, "usage_pruned_day")? >= today {
+    // Once a day; any other day than the last, so a clock put back does not stop pruning.
+    if meta_int(tx, "usage_pruned_day")? == today {
         return Ok(());
     }
+    // The cutoff follows the clock but moves at most two days past the last one: a clock that
+    // runs years ahead for a moment costs two days of history, not all of it.
+    let last = meta_int(tx, "usage_pruned_through")?;
+    let mut cutoff = now - retention_days * MS_PER_DAY;
+    if last > 0 {
+        cutoff = cutoff.min(last + USAGE_PRUNE_STEP_MS);
+    }
     tx.prepare_cached("DELETE FROM usage_hours WHERE hour < ?1")?
-        .execute([now - retention_days * MS_PER_DAY])?;
+        .execute([cutoff])?;
+    set_meta(tx, "usage_pruned_through", cutoff.max(last))?;
     set_meta(tx, "usage_pruned_day", today)
 }
+
+/// How far the usage prune's cutoff may move in one pass (see `prune_usage`).
+const USAGE_PRUNE_STEP_MS: i64 = 2 * MS_PER_DAY;
 
 /// Days of hourly usage kept (`[alerts] usage_retention_days`' default): 400 days is 9,600
 /// rows per meter, about 200 KiB each, and covers a year plus a month for comparisons.

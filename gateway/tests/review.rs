@@ -249,3 +249,89 @@ fn a_clock_put_back_after_running_ahead_does_not_stop_spike_judgements() {
     set_clock(&gw, t0 + 3 * DAY + 11 * HOUR + 5 * 60_000);
     assert_eq!(spike_events(&gw, "JUMP1"), 1);
 }
+
+fn usage_wh(gw: &Gateway, meter: &str, from: i64, to: i64) -> i64 {
+    let (status, v) = gw.http(
+        "GET",
+        &format!("/api/meters/{meter}/usage?from={from}&to={to}&step=hour"),
+        None,
+    );
+    assert_eq!(status, 200, "{v}");
+    v["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["wh"].as_i64().unwrap())
+        .sum()
+}
+
+/// Hourly usage was pruned against the wall clock alone: one fold while the clock ran more
+/// than `usage_retention_days` ahead deleted every meter's whole history (charts, spike
+/// baselines, site loss), for good.
+#[test]
+fn a_clock_that_runs_years_ahead_for_a_moment_does_not_delete_the_usage_history() {
+    let mut gw = Gateway::new("");
+    gw.start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let t0 = now - now.rem_euclid(DAY) + 2 * DAY;
+    set_clock(&gw, t0 + 10 * HOUR);
+    gw.add_meter("HIST1", SECRET);
+    let mut m = gw.connect("HIST1", SECRET);
+    m.publish_acked(
+        "smartmeter/HIST1/consumption",
+        &v2_payload("HIST1", 1, 0),
+        1,
+    );
+    m.publish_acked(
+        "smartmeter/HIST1/consumption",
+        &v2_payload("HIST1", 2, 300),
+        2,
+    );
+    // Two days on, the history is folded and pruned as usual.
+    set_clock(&gw, t0 + 2 * DAY);
+    assert_eq!(usage_wh(&gw, "HIST1", t0, t0 + DAY), 300);
+    // Two years ahead for a fold, then put right.
+    set_clock(&gw, t0 + 730 * DAY);
+    set_clock(&gw, t0 + 3 * DAY);
+    assert_eq!(usage_wh(&gw, "HIST1", t0, t0 + DAY), 300);
+}
+
+/// The bound on the prune's step leaves ordinary pruning as it was: a day past the retention,
+/// an hour's usage is gone; younger hours stay.
+#[test]
+fn hourly_usage_older_than_the_retention_is_pruned_as_days_pass() {
+    let mut gw = Gateway::new("[alerts]\nusage_retention_days = 31\n");
+    gw.start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let t0 = now - now.rem_euclid(DAY) + 2 * DAY;
+    set_clock(&gw, t0 + 10 * HOUR);
+    gw.add_meter("OLD1", SECRET);
+    let mut m = gw.connect("OLD1", SECRET);
+    m.publish_acked("smartmeter/OLD1/consumption", &v2_payload("OLD1", 1, 0), 1);
+    m.publish_acked(
+        "smartmeter/OLD1/consumption",
+        &v2_payload("OLD1", 2, 300),
+        2,
+    );
+    set_clock(&gw, t0 + 2 * DAY + 10 * HOUR);
+    m.publish_acked(
+        "smartmeter/OLD1/consumption",
+        &v2_payload("OLD1", 3, 400),
+        3,
+    );
+    // One fold a day, as a running gateway has.
+    for day in 3..=32 {
+        set_clock(&gw, t0 + day * DAY + HOUR);
+        if day == 31 {
+            assert_eq!(usage_wh(&gw, "OLD1", t0, t0 + DAY), 300, "31 days: kept");
+        }
+    }
+    assert_eq!(usage_wh(&gw, "OLD1", t0, t0 + DAY), 0, "32 days: pruned");
+    assert_eq!(usage_wh(&gw, "OLD1", t0 + 2 * DAY, t0 + 3 * DAY), 100);
+}
