@@ -335,3 +335,83 @@ fn hourly_usage_older_than_the_retention_is_pruned_as_days_pass() {
     assert_eq!(usage_wh(&gw, "OLD1", t0, t0 + DAY), 0, "32 days: pruned");
     assert_eq!(usage_wh(&gw, "OLD1", t0 + 2 * DAY, t0 + 3 * DAY), 100);
 }
+
+fn cli_ok(gw: &Gateway, args: &[&str]) -> String {
+    let out = gw.cli(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A meter on a persistent session (clean session 0) that was away when a rollout started
+/// comes back with its subscriptions restored and sends no SUBSCRIBE: it got its balance but
+/// never the offer, so it stayed `pending` for the whole rollout.
+#[test]
+fn a_meter_resuming_a_persistent_session_is_offered_the_rollout_it_missed() {
+    let mut gw = Gateway::new("");
+    let key = gw.dir.path().join("release.key");
+    cli_ok(&gw, &["firmware", "keygen", "--out", key.to_str().unwrap()]);
+    let public = std::fs::read_to_string(key.with_extension("key.pub")).unwrap();
+    let mut text = std::fs::read_to_string(&gw.config).unwrap();
+    text.push_str(&format!(
+        "\n[ota]\nrelease_public_key = \"{}\"\n",
+        public.trim()
+    ));
+    std::fs::write(&gw.config, text).unwrap();
+    let image = gw.dir.path().join("fw.bin");
+    std::fs::write(&image, vec![7u8; 600]).unwrap();
+    let file = image.to_str().unwrap();
+    let sig = cli_ok(
+        &gw,
+        &[
+            "firmware",
+            "sign",
+            file,
+            "--key",
+            key.to_str().unwrap(),
+            "--version",
+            "2.0.0",
+        ],
+    );
+    cli_ok(
+        &gw,
+        &[
+            "firmware",
+            "add",
+            file,
+            "--version",
+            "2.0.0",
+            "--signature",
+            sig.trim(),
+        ],
+    );
+    gw.add_meter("PERS1", SECRET);
+    gw.start();
+
+    let (mut m, _) = RawMeter::connect(gw.broker, "PERS1", "PERS1", SECRET, false, None);
+    m.subscribe("smartmeter/PERS1/command/#", 1);
+    m.next_publish("smartmeter/PERS1/command/balance");
+    m.disconnect();
+    gw.wait_log("meter disconnected");
+    cli_ok(
+        &gw,
+        &[
+            "firmware",
+            "rollout",
+            "--version",
+            "2.0.0",
+            "--meters",
+            "PERS1",
+        ],
+    );
+    gw.wait_log("firmware rollout: announcing");
+
+    let (mut m, code) = RawMeter::connect(gw.broker, "PERS1", "PERS1", SECRET, false, None);
+    assert_eq!(code, rumqttc::ConnectReturnCode::Success);
+    let offer = m.next_publish("smartmeter/PERS1/command/ota");
+    let o: serde_json::Value = serde_json::from_slice(&offer.payload).unwrap();
+    assert_eq!(o["version"], "2.0.0");
+}
