@@ -258,7 +258,9 @@ fn a_schema_3_database_is_upgraded_in_place_to_schema_6_by_the_daemon() {
     gw.add_meter("M1", SECRET);
     let db = rusqlite::Connection::open(gw.db_path()).unwrap();
     db.execute_batch(
+        // Schema 3 had neither the OTA tables nor schema 5's `meters.main`.
         "DROP TABLE firmware; DROP TABLE ota_rollouts; DROP TABLE ota_meters;
+         ALTER TABLE meters DROP COLUMN main;
          UPDATE meta SET value = '3' WHERE key = 'schema_version';",
     )
     .unwrap();
