@@ -2426,7 +2426,22 @@ pub fn period_summary(
                 );
             }
         }
-        {
+        // The outbox removes events oldest first (by seq) once delivered and past retention:
+        // when the oldest kept one is later than `from`, the period's events may be gone, and
+        // its energy comes from the hourly usage store (kept `usage_retention_days`) instead.
+        let oldest_event: Option<i64> = tx
+            .query_row("SELECT at FROM events ORDER BY seq LIMIT 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if oldest_event.is_none_or(|at| at > from) {
+            for (id, m) in out.iter_mut() {
+                m.energy_wh = usage_hours(tx, id, from, to)?
+                    .iter()
+                    .map(|(_, wh)| wh)
+                    .sum();
+            }
+        } else {
             let mut st = tx.prepare(
                 "SELECT meter, data FROM events WHERE kind = 'consumption' AND at >= ?1 AND at < ?2
                  AND typeof(data) = 'blob' AND meter IS NOT NULL",

@@ -415,3 +415,73 @@ fn a_meter_resuming_a_persistent_session_is_offered_the_rollout_it_missed() {
     let o: serde_json::Value = serde_json::from_slice(&offer.payload).unwrap();
     assert_eq!(o["version"], "2.0.0");
 }
+
+/// The monthly summary summed a month's energy from its consumption events, which the outbox
+/// removes `[outbox] retention` (30 days) after delivery: last month exported mid-month showed
+/// part of its energy, an older month 0 kWh for every meter, with nothing to tell. The hourly
+/// usage store keeps 400 days.
+#[test]
+fn the_monthly_summary_keeps_a_months_energy_after_its_events_were_pruned() {
+    let gw = with_token();
+    let auth = format!("Bearer {TOKEN}");
+    let clock = |ms: i64| {
+        let body = format!(r#"{{"nowMs":{ms}}}"#);
+        let (s, v) = http(
+            gw.api,
+            "POST",
+            "/api/debug/clock",
+            Some(&body),
+            &[("Authorization", &auth)],
+        );
+        assert_eq!(s, 200, "{v}");
+    };
+    let march_10 = 1_804_680_000_000; // 2027-03-10T12:00Z
+    clock(march_10);
+    gw.add_meter("MONTH1", SECRET);
+    let mut m = gw.connect("MONTH1", SECRET);
+    m.publish_acked(
+        "smartmeter/MONTH1/consumption",
+        &v2_payload("MONTH1", 1, 0),
+        1,
+    );
+    m.publish_acked(
+        "smartmeter/MONTH1/consumption",
+        &v2_payload("MONTH1", 2, 300),
+        2,
+    );
+    drop(m);
+    let cookie = dashboard_sign_in(&gw, TOKEN);
+    let energy = || {
+        let (s, v) = http(
+            gw.api,
+            "GET",
+            "/dashboard/export/month.csv?month=2027-03",
+            None,
+            &[("Cookie", &cookie)],
+        );
+        assert_eq!(s, 200, "{v}");
+        let csv = v.as_str().unwrap().to_string();
+        let row = csv
+            .lines()
+            .find(|l| l.contains("MONTH1"))
+            .unwrap()
+            .to_string();
+        row.split(',').nth(3).unwrap().to_string()
+    };
+    clock(march_10 + DAY);
+    assert_eq!(energy(), "300");
+    // Two months on, the outbox's housekeeping (every 5 s) removes March's events.
+    clock(1_810_814_400_000); // 2027-05-20T12:00Z
+    let db = rusqlite::Connection::open(gw.db_path()).unwrap();
+    eventually("March's consumption events to be pruned", || {
+        let n: i64 = db
+            .query_row(
+                "SELECT COUNT(*) FROM events WHERE kind = 'consumption' AND at < ?1",
+                [march_10 + DAY],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (n == 0).then_some(())
+    });
+    assert_eq!(energy(), "300");
+}
