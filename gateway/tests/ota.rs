@@ -628,7 +628,7 @@ fn an_image_is_uploaded_over_the_admin_api_only_with_a_valid_signature() {
         s.set_read_timeout(Some(WAIT)).unwrap();
         write!(
             s,
-            "POST /api/firmware?{query} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "POST /api/firmware?{query} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         )
         .unwrap();

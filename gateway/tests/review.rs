@@ -72,8 +72,8 @@ fn parallel_sign_in_guesses_from_one_address_get_no_more_than_five_tries() {
     gw.start();
     set_operator_password(&gw, "caretaker-pass-2026");
     let api = gw.api;
-    // The harness's client sends `Host: test`; the same-origin check compares with it.
-    let origin = "http://test".to_string();
+    // The harness's client sends `Host: localhost`; the same-origin check compares with it.
+    let origin = "http://localhost".to_string();
     let start = std::sync::Arc::new(std::sync::Barrier::new(12));
     let guesses: Vec<_> = (0..12)
         .map(|i| {
@@ -112,7 +112,7 @@ fn with_token() -> Gateway {
     gw
 }
 
-/// Signs in to the dashboard through the harness's client (`Host: test`); the cookie.
+/// Signs in to the dashboard through the harness's client (`Host: localhost`); the cookie.
 fn dashboard_sign_in(gw: &Gateway, secret: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(gw.api).unwrap();
@@ -120,7 +120,7 @@ fn dashboard_sign_in(gw: &Gateway, secret: &str) -> String {
     let body = format!("secret={secret}");
     write!(
         s,
-        "POST /dashboard/login HTTP/1.1\r\nHost: test\r\nOrigin: http://test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /dashboard/login HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -484,4 +484,66 @@ fn the_monthly_summary_keeps_a_months_energy_after_its_events_were_pruned() {
         (n == 0).then_some(())
     });
     assert_eq!(energy(), "300");
+}
+
+/// README's "Behind HTTPS" has a reverse proxy on the gateway forward to the loopback admin
+/// API, where no `token_file` is needed: the dashboard then asked for a password while every
+/// `/api/…` route (meters with names and phones, applying payments, adding meters, firmware
+/// rollouts) answered anyone reaching the proxy. A token-less API now answers local requests
+/// only: a proxy's forwarding headers or a Host that is not loopback (the name a proxy passes
+/// through, or a DNS-rebinding page's) get 403 and a pointer to `token_file`.
+#[test]
+fn a_token_less_admin_api_refuses_requests_through_a_proxy_or_under_a_foreign_host() {
+    let mut gw = Gateway::new("");
+    gw.start();
+    gw.add_meter("PROXY1", SECRET);
+    let api = gw.api.to_string();
+    for headers in [
+        vec![("Host", "gateway.example.com")],
+        vec![("Host", "192.168.1.10:443")],
+        vec![("Host", api.as_str()), ("X-Forwarded-For", "203.0.113.7")],
+        vec![("Host", api.as_str()), ("Forwarded", "for=203.0.113.7")],
+        vec![("Host", api.as_str()), ("X-Real-IP", "203.0.113.7")],
+        vec![("Host", "evil.example:8080")],
+    ] {
+        for (method, path) in [
+            ("GET", "/api/meters"),
+            ("GET", "/metrics"),
+            ("GET", "/dashboard/login"),
+        ] {
+            let (s, v) = raw_http(&gw, method, path, &headers);
+            assert_eq!(s, 403, "{method} {path} {headers:?}: {v}");
+            if path.starts_with("/api") {
+                assert!(v.contains("token_file"), "{v}");
+            }
+        }
+    }
+    // Local requests as before, and probes from anywhere.
+    for host in [api.as_str(), "localhost:8080", "127.0.0.1", "[::1]:8080"] {
+        let (s, v) = raw_http(&gw, "GET", "/api/meters", &[("Host", host)]);
+        assert_eq!(s, 200, "{host}: {v}");
+    }
+    let (s, _) = raw_http(&gw, "GET", "/health", &[("Host", "gateway.example.com")]);
+    assert_eq!(s, 200);
+    assert!(gw.metric("umeme_http_rejected_total{reason=\"not_local\"}") >= 18.0);
+}
+
+/// One request with exactly `headers` (and `Connection: close`): status and body.
+fn raw_http(gw: &Gateway, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(gw.api).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    (
+        status,
+        out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
 }
