@@ -365,6 +365,7 @@ impl Gateway {
                     low_balance_wh: config.ledger.low_balance_wh,
                     data_dir: config.gateway.data_dir.clone(),
                     zone: config.alerts.zone,
+                    export_reader: Reader::open(&db_path).map_err(store_err)?,
                 },
                 bell.clone(),
             ),

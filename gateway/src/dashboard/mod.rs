@@ -64,6 +64,10 @@ pub struct DashboardSettings {
     pub data_dir: PathBuf,
     /// TODO(lead, after the tariff merge): `[site] timezone`.
     pub zone: SiteZone,
+    /// A read connection of the exports' own: an export reads a whole period (seconds on a
+    /// big events table), and the shared reader is what every meter CONNECT needs for its
+    /// secret.
+    pub export_reader: store::Reader,
 }
 
 pub struct Dashboard {
