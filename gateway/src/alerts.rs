@@ -25,7 +25,7 @@ const MS_PER_DAY: i64 = 86_400_000;
 /// Site loss looks back this many local days for the newest one with a main reading (a
 /// reading by hand is often entered a day or two late).
 const SITE_LOSS_LOOKBACK_DAYS: i64 = 7;
-/// `meta` key: the newest UTC hour the spike rule has judged.
+/// `meta` key: the UTC hour the spike rule judged last.
 const SPIKE_JUDGED_HOUR: &str = "alerts_spike_hour";
 
 /// `[alerts]`: every threshold, with the defaults README documents.
@@ -330,9 +330,11 @@ pub fn evaluate(
     let raised_at =
         |meter: &str, k: Kind| open.get(&(meter.to_string(), k.as_str().into())).copied();
     // The newest complete UTC hour: a fold runs within minutes of its end. Its usage no
-    // longer changes, so spikes are judged once per hour, not at every fold.
+    // longer changes, so spikes are judged once per hour, not at every fold. Any other hour
+    // than the last judged one, not only a later one: a clock that ran ahead and was put right
+    // must not stop the rule until real time catches up.
     let hour = now - now.rem_euclid(MS_PER_HOUR) - MS_PER_HOUR;
-    let judge_spikes = store::meta_value(tx, SPIKE_JUDGED_HOUR)? < hour;
+    let judge_spikes = store::meta_value(tx, SPIKE_JUDGED_HOUR)? != hour;
     if judge_spikes {
         store::set_meta_value(tx, SPIKE_JUDGED_HOUR, hour)?;
     }

@@ -201,15 +201,42 @@ pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 
 /// Enforces the bearer token (when configured) on every request that reads or changes data.
 async fn guard(State(st): St, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    // Without a token (allowed on loopback only) and for the loopback-only open `/metrics`,
+    // only local requests: a reverse proxy on the gateway (README "Behind HTTPS") or a
+    // DNS-rebinding page in a browser there would make them anyone's.
+    let open_locally = match &st.token {
+        None => !matches!(path, "/health" | "/ready"),
+        Some(token) => {
+            path == "/metrics" && !needs_token(&st, path) && !bearer_matches(req.headers(), token)
+        }
+    };
+    if open_locally && !local_request(req.headers()) {
+        st.metrics
+            .inc("umeme_http_rejected_total", &[("reason", "not_local")]);
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok());
+        warn!(
+            path = %Untrusted(path),
+            host = %Untrusted(host.unwrap_or("")),
+            "admin API request through a proxy or under another host name refused: it has no token"
+        );
+        return error(
+            StatusCode::FORBIDDEN,
+            "this admin API answers local requests only (this one came through a proxy or under \
+             another host name): set [api] token_file to reach it from elsewhere",
+        );
+    }
     if let Some(token) = &st.token {
         // A dashboard session reads what the token reads (its scripts fetch `/api/…`), never
         // writes: a POST still needs the token, so a session cannot be ridden by a forged form.
-        let session_read = req.method() == axum::http::Method::GET
-            && crate::dashboard::has_session(&st, req.headers());
-        if needs_token(&st, req.uri().path())
-            && !bearer_matches(req.headers(), token)
-            && !session_read
-        {
+        let needs = needs_token(&st, req.uri().path()) && !bearer_matches(req.headers(), token);
+        let session_read = needs
+            && req.method() == axum::http::Method::GET
+            && crate::dashboard::has_session(&st, req.headers()).await;
+        if needs && !session_read {
             st.metrics
                 .inc("umeme_http_rejected_total", &[("reason", "unauthorized")]);
             warn!(
@@ -226,6 +253,34 @@ async fn guard(State(st): St, req: Request, next: Next) -> Response {
         }
     }
     next.run(req).await
+}
+
+/// Whether a request is local: no proxy's forwarding header, and a `Host` (if any) that names
+/// loopback (`localhost`, `127.0.0.1`, `[::1]`, with or without a port).
+fn local_request(headers: &HeaderMap) -> bool {
+    const FORWARDED: [&str; 4] = [
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-real-ip",
+    ];
+    if FORWARDED.iter().any(|h| headers.contains_key(*h)) {
+        return false;
+    }
+    let Some(host) = headers.get(header::HOST) else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Probes carry no data; metrics stay open to a scraper on the same host only.
@@ -780,7 +835,8 @@ async fn meter_usage(
         .map(|v| query_time(&st, "from", v))
         .transpose()
     {
-        Ok(f) => f.unwrap_or(to - span),
+        // Saturating: an extreme `to` is refused by `usage::buckets`, not overflowed here.
+        Ok(f) => f.unwrap_or(to.saturating_sub(span)),
         Err(r) => return r,
     };
     let (zone, lookup) = (st.zone, id.clone());
@@ -837,7 +893,8 @@ async fn site_usage(
         .map(|v| query_time(&st, "from", v))
         .transpose()
     {
-        Ok(f) => f.unwrap_or(to - span),
+        // Saturating: an extreme `to` is refused by `usage::buckets`, not overflowed here.
+        Ok(f) => f.unwrap_or(to.saturating_sub(span)),
         Err(r) => return r,
     };
     let zone = st.zone;

@@ -322,6 +322,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
         self.presence(&session.meter, true).await;
         if session_present {
             self.send_current_balance(&mut session).await;
+            // Restored subscriptions come without a SUBSCRIBE: a rollout started while the
+            // meter was away is offered here, else it would never be.
+            self.send_ota_offer(&mut session).await;
         }
         let close = self.serve(&mut session, registration.rx).await;
         self.finish(&session, close).await;

@@ -372,6 +372,7 @@ impl Gateway {
                     low_balance_wh: config.ledger.low_balance_wh,
                     data_dir: config.gateway.data_dir.clone(),
                     zone: config.ledger.tariff.zone,
+                    export_reader: Reader::open(&db_path).map_err(store_err)?,
                 },
                 bell.clone(),
             ),

@@ -1181,13 +1181,25 @@ fn aggregate(
 /// every meter's rows: cheap once a day, not every fold).
 fn prune_usage(tx: &Connection, now: i64, retention_days: i64) -> Result<(), StoreError> {
     let today = now.div_euclid(MS_PER_DAY);
-    if meta_int(tx, "usage_pruned_day")? >= today {
+    // Once a day; any other day than the last, so a clock put back does not stop pruning.
+    if meta_int(tx, "usage_pruned_day")? == today {
         return Ok(());
     }
+    // The cutoff follows the clock but moves at most two days past the last one: a clock that
+    // runs years ahead for a moment costs two days of history, not all of it.
+    let last = meta_int(tx, "usage_pruned_through")?;
+    let mut cutoff = now - retention_days * MS_PER_DAY;
+    if last > 0 {
+        cutoff = cutoff.min(last + USAGE_PRUNE_STEP_MS);
+    }
     tx.prepare_cached("DELETE FROM usage_hours WHERE hour < ?1")?
-        .execute([now - retention_days * MS_PER_DAY])?;
+        .execute([cutoff])?;
+    set_meta(tx, "usage_pruned_through", cutoff.max(last))?;
     set_meta(tx, "usage_pruned_day", today)
 }
+
+/// How far the usage prune's cutoff may move in one pass (see `prune_usage`).
+const USAGE_PRUNE_STEP_MS: i64 = 2 * MS_PER_DAY;
 
 /// Days of hourly usage kept (`[alerts] usage_retention_days`' default): 400 days is 9,600
 /// rows per meter, about 200 KiB each, and covers a year plus a month for comparisons.
@@ -2516,7 +2528,22 @@ pub fn period_summary(
                 );
             }
         }
-        {
+        // The outbox removes events oldest first (by seq) once delivered and past retention:
+        // when the oldest kept one is later than `from`, the period's events may be gone, and
+        // its energy comes from the hourly usage store (kept `usage_retention_days`) instead.
+        let oldest_event: Option<i64> = tx
+            .query_row("SELECT at FROM events ORDER BY seq LIMIT 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if oldest_event.is_none_or(|at| at > from) {
+            for (id, m) in out.iter_mut() {
+                m.energy_wh = usage_hours(tx, id, from, to)?
+                    .iter()
+                    .map(|(_, wh)| wh)
+                    .sum();
+            }
+        } else {
             let mut st = tx.prepare(
                 "SELECT meter, data FROM events WHERE kind = 'consumption' AND at >= ?1 AND at < ?2
                  AND typeof(data) = 'blob' AND meter IS NOT NULL",

@@ -14,6 +14,9 @@ const MS_PER_DAY: i64 = 86_400_000;
 /// store's default retention).
 pub const MAX_HOURS: i64 = 31 * 24;
 pub const MAX_DAYS: i64 = 400;
+/// Times are refused beyond ±this (UTC ms of 10000-01-01): the bucket arithmetic stays far
+/// from `i64`'s ends, whatever a query says.
+pub const MAX_TIME_MS: i64 = 253_402_300_800_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -44,6 +47,8 @@ pub enum RangeError {
     Empty,
     #[error("the range holds {0} buckets; at most {MAX_HOURS} hours or {MAX_DAYS} days")]
     TooLong(i64),
+    #[error("from and to must lie between years -9999 and 9999")]
+    OutOfRange,
 }
 
 /// The starts (UTC ms) of every bucket starting in `from..to` (hours: UTC hours; days: local
@@ -54,6 +59,10 @@ pub fn buckets(
     to: i64,
     step: Step,
 ) -> Result<(Vec<i64>, i64), RangeError> {
+    if !(-MAX_TIME_MS..=MAX_TIME_MS).contains(&from) || !(-MAX_TIME_MS..=MAX_TIME_MS).contains(&to)
+    {
+        return Err(RangeError::OutOfRange);
+    }
     if to <= from {
         return Err(RangeError::Empty);
     }

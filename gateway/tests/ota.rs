@@ -258,6 +258,7 @@ fn a_schema_3_database_is_upgraded_in_place_to_schema_6_by_the_daemon() {
     gw.add_meter("M1", SECRET);
     let db = rusqlite::Connection::open(gw.db_path()).unwrap();
     db.execute_batch(
+        // Schema 3 had neither the OTA tables nor the later meter columns.
         "DROP TABLE firmware; DROP TABLE ota_rollouts; DROP TABLE ota_meters;
          ALTER TABLE meters DROP COLUMN tariff;
          ALTER TABLE meters DROP COLUMN money;
@@ -629,7 +630,7 @@ fn an_image_is_uploaded_over_the_admin_api_only_with_a_valid_signature() {
         s.set_read_timeout(Some(WAIT)).unwrap();
         write!(
             s,
-            "POST /api/firmware?{query} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "POST /api/firmware?{query} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         )
         .unwrap();

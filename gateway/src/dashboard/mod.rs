@@ -64,6 +64,10 @@ pub struct DashboardSettings {
     pub data_dir: PathBuf,
     /// TODO(lead, after the tariff merge): `[site] timezone`.
     pub zone: SiteZone,
+    /// A read connection of the exports' own: an export reads a whole period (seconds on a
+    /// big events table), and the shared reader is what every meter CONNECT needs for its
+    /// secret.
+    pub export_reader: store::Reader,
 }
 
 pub struct Dashboard {
@@ -271,8 +275,34 @@ pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
 
 /// Whether the request carries a live dashboard session (the admin API's GETs accept it in
 /// place of the bearer token, so the dashboard's scripts can read `/api/…`).
-pub fn has_session(st: &ApiState, headers: &HeaderMap) -> bool {
-    session_cookie(headers).is_some_and(|id| st.dashboard.sessions.alive(id))
+pub async fn has_session(st: &ApiState, headers: &HeaderMap) -> bool {
+    let Some(id) = session_cookie(headers) else {
+        return false;
+    };
+    match st.dashboard.sessions.credential(id) {
+        Some(credential) => credential_current(st, id, credential.as_deref()).await,
+        None => false,
+    }
+}
+
+/// Whether a session's sign-in credential still holds: a `password` session whose hash is no
+/// longer the stored one (the operator set a new password with the CLI, another process) is
+/// ended here. The token is read once at start, so a token session needs no check.
+async fn credential_current(st: &ApiState, id: &str, signed_with: Option<&str>) -> bool {
+    let Some(signed_with) = signed_with else {
+        return true;
+    };
+    let stored = st.reader.run(store::operator_password_hash).await;
+    // An unreadable database ends nothing (the request fails on its own reads, if any).
+    if stored
+        .as_ref()
+        .is_ok_and(|h| h.as_deref() != Some(signed_with))
+    {
+        st.dashboard.sessions.remove(id);
+        info!("dashboard session ended: the operator password changed since its sign-in");
+        return false;
+    }
+    true
 }
 
 /// A parsed form body, for the handlers behind [`require_session`].
@@ -296,9 +326,14 @@ fn refuse(st: &ApiState, status: StatusCode, reason: &'static str, msg: &str) ->
 async fn require_session(State(st): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     tracing::debug!(method = %req.method(), path = %Untrusted(&path), "dashboard request");
-    let Some(signed) =
-        session_cookie(req.headers()).and_then(|id| st.dashboard.sessions.use_session(id))
-    else {
+    let mut signed =
+        session_cookie(req.headers()).and_then(|id| st.dashboard.sessions.use_session(id));
+    if let Some(s) = &signed {
+        if !credential_current(&st, &s.id, s.credential.as_deref()).await {
+            signed = None;
+        }
+    }
+    let Some(signed) = signed else {
         let data = path.starts_with("/dashboard/live") || path.starts_with("/dashboard/export/");
         if data || req.method() != Method::GET {
             return refuse(
@@ -424,7 +459,7 @@ async fn login(
         );
     }
     let ip = peer.ip();
-    if !st.dashboard.signin.allowed(ip) {
+    if !st.dashboard.signin.try_begin(ip) {
         st.metrics
             .inc("umeme_dashboard_signin_total", &[("outcome", "throttled")]);
         warn!(peer = %Untrusted(&ip.to_string()), "dashboard sign-in refused: too many failures from this address");
@@ -440,10 +475,10 @@ async fn login(
         .map(String::as_str)
         .unwrap_or("")
         .to_string();
-    let who = match verify(&st, &secret).await {
-        Some(who) => who,
+    let (who, credential) = match verify(&st, &secret).await {
+        Some(v) => v,
         None => {
-            st.dashboard.signin.failed(ip);
+            // Already counted by `try_begin`.
             st.metrics
                 .inc("umeme_dashboard_signin_total", &[("outcome", "failed")]);
             warn!(peer = %Untrusted(&ip.to_string()), "dashboard sign-in failed");
@@ -455,7 +490,7 @@ async fn login(
     st.dashboard.signin.succeeded(ip);
     st.metrics
         .inc("umeme_dashboard_signin_total", &[("outcome", "ok")]);
-    let s = st.dashboard.sessions.create(who);
+    let s = st.dashboard.sessions.create(who, credential);
     info!(peer = %Untrusted(&ip.to_string()), how = who, "dashboard sign-in");
     let mut r = Redirect::to("/dashboard").into_response();
     r.headers_mut().insert(
@@ -465,14 +500,15 @@ async fn login(
     r
 }
 
-/// `token` when `secret` is the admin token, `password` when it is the operator password.
-async fn verify(st: &ApiState, secret: &str) -> Option<&'static str> {
+/// `token` when `secret` is the admin token, `password` (with the stored hash it matched)
+/// when it is the operator password.
+async fn verify(st: &ApiState, secret: &str) -> Option<(&'static str, Option<String>)> {
     if secret.is_empty() || secret.len() > 256 {
         return None;
     }
     if let Some(token) = &st.token {
         if bool::from(secret.as_bytes().ct_eq(token.as_bytes())) {
-            return Some("token");
+            return Some(("token", None));
         }
     }
     let hash = st
@@ -483,10 +519,11 @@ async fn verify(st: &ApiState, secret: &str) -> Option<&'static str> {
         .flatten()?;
     let _permit = st.dashboard.checks.acquire().await.ok()?;
     let secret = secret.to_string();
-    let ok = tokio::task::spawn_blocking(move || crate::auth::verify_password(&hash, &secret))
+    let checked = hash.clone();
+    let ok = tokio::task::spawn_blocking(move || crate::auth::verify_password(&checked, &secret))
         .await
         .unwrap_or(false);
-    ok.then_some("password")
+    ok.then_some(("password", Some(hash)))
 }
 
 async fn logout(

@@ -1032,7 +1032,9 @@ pub async fn export_payments(State(st): St, Query(q): Query<RangeQuery>) -> Resp
         zone.midnight(LocalDate::from_days(d.days() + 1))
     });
     let r = st
-        .reader
+        .dashboard
+        .settings
+        .export_reader
         .run(move |c| store::payments_between(c, from_ms, to_ms, usize::MAX >> 1))
         .await;
     let mut rows = match r {
@@ -1075,7 +1077,9 @@ pub async fn export_month(State(st): St, Query(q): Query<RangeQuery>) -> Respons
     let next = next_month(first);
     let (from, to) = (zone.midnight(first), zone.midnight(next));
     let rows = match st
-        .reader
+        .dashboard
+        .settings
+        .export_reader
         .run(move |c| store::period_summary(c, from, to))
         .await
     {

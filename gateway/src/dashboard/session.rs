@@ -31,6 +31,7 @@ pub fn random_token() -> String {
 struct Session {
     csrf: String,
     who: &'static str,
+    credential: Option<String>,
     created: Instant,
     last: Instant,
     flash: Option<String>,
@@ -49,6 +50,9 @@ pub struct Signed {
     pub csrf: String,
     /// `token` or `password`: how the operator signed in.
     pub who: &'static str,
+    /// The operator password's stored hash at sign-in (`password` sessions): a session ends
+    /// once the stored one differs (a new password set with the CLI).
+    pub credential: Option<String>,
     /// A message from the previous action (shown once).
     pub flash: Option<String>,
 }
@@ -64,7 +68,7 @@ impl Sessions {
     }
 
     /// A new session; the least recently used one ends when the table is full.
-    pub fn create(&self, who: &'static str) -> Signed {
+    pub fn create(&self, who: &'static str, credential: Option<String>) -> Signed {
         let now = Instant::now();
         let mut map = self.map();
         map.retain(|_, s| !s.expired(now));
@@ -85,6 +89,7 @@ impl Sessions {
             Session {
                 csrf: csrf.clone(),
                 who,
+                credential: credential.clone(),
                 created: now,
                 last: now,
                 flash: None,
@@ -94,6 +99,7 @@ impl Sessions {
             id,
             csrf,
             who,
+            credential,
             flash: None,
         }
     }
@@ -115,8 +121,18 @@ impl Sessions {
             id: id.to_string(),
             csrf: s.csrf.clone(),
             who: s.who,
+            credential: s.credential.clone(),
             flash: s.flash.take(),
         })
+    }
+
+    /// The password hash a live session `id` signed in with (`Some(None)`: the token), without
+    /// counting as use.
+    pub fn credential(&self, id: &str) -> Option<Option<String>> {
+        let now = Instant::now();
+        let map = self.map();
+        let s = map.get(id).filter(|s| !s.expired(now))?;
+        Some(s.credential.clone())
     }
 
     /// Whether `id` is a live session, without counting as use (a live stream's check).
@@ -156,16 +172,10 @@ impl SignInLimit {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether `peer` may try to sign in now.
-    pub fn allowed(&self, peer: IpAddr) -> bool {
-        let key = umeme_http_guard::peer_key(peer);
-        match self.map().get(&key) {
-            Some((n, since)) => *n < SIGNIN_FAILURES || since.elapsed() > SIGNIN_WINDOW,
-            None => true,
-        }
-    }
-
-    pub fn failed(&self, peer: IpAddr) {
+    /// Whether `peer` may try to sign in now; if so the try counts as a failure at once, and
+    /// [`SignInLimit::succeeded`] forgets it. Checked and counted under one lock: guesses sent
+    /// in parallel (the password check is slow) cannot all pass before any is counted.
+    pub fn try_begin(&self, peer: IpAddr) -> bool {
         let key = umeme_http_guard::peer_key(peer);
         let now = Instant::now();
         let mut map = self.map();
@@ -181,7 +191,11 @@ impl SignInLimit {
         if now.duration_since(e.1) > SIGNIN_WINDOW {
             *e = (0, now);
         }
+        if e.0 >= SIGNIN_FAILURES {
+            return false;
+        }
         e.0 += 1;
+        true
     }
 
     pub fn succeeded(&self, peer: IpAddr) {
@@ -196,10 +210,10 @@ mod tests {
     #[test]
     fn a_full_session_table_ends_the_least_recently_used_session() {
         let s = Sessions::default();
-        let first = s.create("token");
-        let others: Vec<_> = (1..MAX_SESSIONS).map(|_| s.create("token")).collect();
+        let first = s.create("token", None);
+        let others: Vec<_> = (1..MAX_SESSIONS).map(|_| s.create("token", None)).collect();
         assert!(s.use_session(&first.id).is_some());
-        s.create("password");
+        s.create("password", None);
         assert_eq!(s.len(), MAX_SESSIONS);
         assert!(s.alive(&first.id), "recently used: kept");
         assert!(!s.alive(&others[0].id), "least recently used: ended");
@@ -208,7 +222,7 @@ mod tests {
     #[test]
     fn a_session_ends_after_its_idle_time_and_after_its_absolute_lifetime_however_used() {
         let s = Sessions::default();
-        let a = s.create("token");
+        let a = s.create("token", None);
         let t0 = Instant::now();
         assert!(s
             .use_at(&a.id, t0 + IDLE - Duration::from_secs(1))
@@ -220,7 +234,7 @@ mod tests {
         );
         assert!(s.use_at(&a.id, t0 + IDLE * 4).is_none(), "idle too long");
         assert!(!s.alive(&a.id), "and removed");
-        let b = s.create("password");
+        let b = s.create("password", None);
         let t0 = Instant::now();
         let mut t = t0;
         // Used every IDLE/2 right up to the absolute lifetime: never idle, still ended.
@@ -236,7 +250,7 @@ mod tests {
     #[test]
     fn a_flash_message_is_shown_once() {
         let s = Sessions::default();
-        let a = s.create("token");
+        let a = s.create("token", None);
         s.set_flash(&a.id, "done".into());
         assert_eq!(s.use_session(&a.id).unwrap().flash.as_deref(), Some("done"));
         assert_eq!(s.use_session(&a.id).unwrap().flash, None);
@@ -248,11 +262,12 @@ mod tests {
         let a: IpAddr = "2001:db8::1".parse().unwrap();
         let b: IpAddr = "2001:db8::2".parse().unwrap();
         for _ in 0..SIGNIN_FAILURES {
-            assert!(l.allowed(a));
-            l.failed(a);
+            assert!(l.try_begin(a));
         }
-        assert!(!l.allowed(a));
-        assert!(!l.allowed(b), "same /64");
-        assert!(l.allowed("10.0.0.1".parse().unwrap()));
+        assert!(!l.try_begin(a));
+        assert!(!l.try_begin(b), "same /64");
+        assert!(l.try_begin("10.0.0.1".parse().unwrap()));
+        l.succeeded(a);
+        assert!(l.try_begin(b), "a success forgets the address's tries");
     }
 }
