@@ -439,6 +439,9 @@ pub struct Ota<F: OtaFlash> {
     state: OtaState,
     /// The new image runs on trial: it confirms once the meter has reconnected and reported.
     trial: bool,
+    /// The largest chunk this meter asks for (its MQTT receive buffer), whatever the offer's
+    /// `chunkSize` allows.
+    max_chunk: u16,
 }
 
 impl<F: OtaFlash> Ota<F> {
@@ -455,6 +458,7 @@ impl<F: OtaFlash> Ota<F> {
             running: Version::try_from(running).unwrap_or_default(),
             state,
             trial: false,
+            max_chunk: MAX_CHUNK,
         };
         let mut out = Actions::new();
         let new_runs = ota
@@ -503,6 +507,13 @@ impl<F: OtaFlash> Ota<F> {
         self.flash
     }
 
+    /// Asks for chunks of at most `max` bytes (at least 1), for a board whose MQTT receive buffer
+    /// holds less than the largest `chunkSize` an offer may carry. Requests stay within the
+    /// protocol: `len` at most `chunkSize`.
+    pub fn set_max_chunk(&mut self, max: u16) {
+        self.max_chunk = max.max(1);
+    }
+
     /// Whether the running image is on trial (not yet confirmed).
     pub fn on_trial(&self) -> bool {
         self.trial
@@ -514,7 +525,8 @@ impl<F: OtaFlash> Ota<F> {
         if self.state.phase != Phase::Downloading || self.state.offset >= o.size {
             return None;
         }
-        let len = (o.size - self.state.offset).min(u32::from(o.chunk_size)) as u16;
+        let chunk = o.chunk_size.min(self.max_chunk);
+        let len = (o.size - self.state.offset).min(u32::from(chunk)) as u16;
         Some(Action::Request {
             offset: self.state.offset,
             len,

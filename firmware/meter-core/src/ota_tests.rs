@@ -610,3 +610,29 @@ mod arbitrary_input {
         }
     }
 }
+
+#[test]
+fn a_meter_with_a_smaller_receive_buffer_asks_for_chunks_that_fit_it_and_the_update_completes() {
+    let image = new_image();
+    let offer = offer_json(NEW, &image, &key(), NEW);
+    let (mut ota, _, _) = boot(factory());
+    ota.set_max_chunk(100);
+    let mut queue: Vec<Action> = ota.on_offer(&offer).into_iter().collect();
+    let (mut lens, mut reset) = (Vec::new(), false);
+    while !queue.is_empty() && !reset {
+        match queue.remove(0) {
+            Action::Request { offset, len } => {
+                lens.push(len);
+                queue.extend(ota.on_chunk(&chunk(&image, offset, len)));
+            }
+            Action::Reset => reset = true,
+            Action::Report(_) | Action::Backoff => {}
+        }
+    }
+    assert!(reset, "the image was verified and the slot switched");
+    assert!(lens.iter().all(|&l| l <= 100), "{lens:?}");
+    assert_eq!(lens.len(), image.len().div_ceil(100));
+    let (ota, _, v) = boot(ota.into_flash());
+    assert_eq!(v, NEW);
+    assert!(ota.on_trial());
+}
