@@ -1,0 +1,143 @@
+//! Drives meter-core's OTA state machine from the MQTT session (firmware/README.md,
+//! "Over-the-air updates"): `command/ota` and `command/ota/chunk` in, the machine's actions
+//! out, in order, as `ota/request` and `ota/status` publishes; a chunk that does not come
+//! within `CHUNK_TIMEOUT` is asked for again; a busy gateway is asked again after
+//! `BUSY_BACKOFF`. Actions wait in a queue while the meter is offline (a boot that resumes a
+//! download asks for its chunk in the first session).
+
+use embassy_time::{Duration, Instant};
+use esp_println::println;
+use meter_core::ota::{Action, Offer, Ota, OtaError, Phase, Status};
+
+use crate::config;
+use crate::ota_slots::Board;
+
+/// No chunk this long after a request: ask again (the gateway keeps no state per chunk and
+/// sends chunks at QoS 0).
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The gateway serves its maximum of meters: ask again after this.
+const BUSY_BACKOFF: Duration = Duration::from_secs(30);
+
+pub struct Updates {
+    ota: Ota<Board>,
+    queue: heapless::Deque<Action, 8>,
+    /// A request is out since then; a chunk is due.
+    asked: Option<Instant>,
+    /// Busy: ask again at this time.
+    retry_at: Option<Instant>,
+}
+
+impl Updates {
+    /// At boot: continues what the saved state says (resume a download, report a rollback, or
+    /// wait on trial for the first acknowledged report).
+    pub fn boot(max_chunk: u16) -> Updates {
+        let board = Board::new(config::OTA_STATE_OFFSET, config::OTA_STATE_SECTORS);
+        // Without a release key nothing verifies: offers are refused in `on_offer`.
+        let key = config::RELEASE_PUBLIC_KEY.unwrap_or([0; 32]);
+        let (mut ota, acts) = Ota::boot(board, config::FW_VERSION, key);
+        ota.set_max_chunk(max_chunk);
+        let s = ota.state();
+        println!(
+            "ota: running {}{}, state {}",
+            config::FW_VERSION,
+            if ota.on_trial() { " on trial" } else { "" },
+            s.phase.name()
+        );
+        let mut u = Updates {
+            ota,
+            queue: heapless::Deque::new(),
+            asked: None,
+            retry_at: None,
+        };
+        // A resumed download's request was sized before the chunk limit was set: ask again
+        // within it.
+        for a in acts {
+            let a = match a {
+                Action::Request { .. } => match u.ota.next_request() {
+                    Some(r) => r,
+                    None => continue,
+                },
+                other => other,
+            };
+            u.extend([a]);
+        }
+        u
+    }
+
+    fn extend(&mut self, acts: impl IntoIterator<Item = Action>) {
+        for a in acts {
+            if self.queue.push_back(a).is_err() {
+                // Bounded: only a storm of offers could fill it; a request is asked again by
+                // the timer and a status is sent again with the next offer.
+                println!("ota: action queue full, one dropped");
+            }
+        }
+    }
+
+    pub fn on_offer(&mut self, payload: &[u8]) {
+        if config::RELEASE_PUBLIC_KEY.is_none() {
+            // Built without a release key: no image can verify, so download nothing.
+            if let Ok(o) = Offer::parse(payload) {
+                if o.version.as_str() != config::FW_VERSION {
+                    self.extend([Action::Report(Status {
+                        phase: Phase::Failed,
+                        version: o.version,
+                        offset: 0,
+                        error: Some(OtaError::BadSignature),
+                    })]);
+                }
+            }
+            return;
+        }
+        let acts = self.ota.on_offer(payload);
+        self.extend(acts);
+    }
+
+    pub fn on_chunk(&mut self, payload: &[u8]) {
+        // The request timer keeps running: a chunk that was not the one asked for (repeated,
+        // out of order, corrupt) changes nothing, and the request goes again at the timeout.
+        let acts = self.ota.on_chunk(payload);
+        self.extend(acts);
+    }
+
+    /// A report was acknowledged: an image on trial has booted, connected and reported.
+    pub fn on_report_acked(&mut self) {
+        if self.ota.on_trial() {
+            let acts = self.ota.on_reported();
+            if !self.ota.on_trial() {
+                println!("ota: {} confirmed", config::FW_VERSION);
+            }
+            self.extend(acts);
+        }
+    }
+
+    /// The next action to carry out now, if any (timeouts included).
+    pub fn next(&mut self, now: Instant) -> Option<Action> {
+        let timed_out = self.asked.is_some_and(|t| now - t >= CHUNK_TIMEOUT);
+        let retry = self.retry_at.is_some_and(|t| now >= t);
+        if self.queue.is_empty() && (timed_out || retry) {
+            self.asked = None;
+            self.retry_at = None;
+            if let Some(a) = self.ota.next_request() {
+                return Some(a);
+            }
+        }
+        self.queue.pop_front()
+    }
+
+    /// The request went out at `now`.
+    pub fn asked(&mut self, now: Instant) {
+        self.asked = Some(now);
+        self.retry_at = None;
+    }
+
+    /// The gateway is busy: ask again later.
+    pub fn busy(&mut self, now: Instant) {
+        self.asked = None;
+        self.retry_at = Some(now + BUSY_BACKOFF);
+    }
+
+    pub fn request_json(&self, offset: u32, len: u16, buf: &mut [u8]) -> Option<usize> {
+        self.ota.request_json(offset, len, buf)
+    }
+}
