@@ -12,7 +12,7 @@ use core::cell::RefCell;
 use embassy_sync::blocking_mutex::raw::CriticalSectionRawMutex;
 use embassy_sync::blocking_mutex::Mutex;
 use embedded_storage::nor_flash::{
-    ErrorType, NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash,
+    ErrorType, MultiwriteNorFlash, NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash,
 };
 use esp_storage::{FlashStorage, FlashStorageError};
 
@@ -80,3 +80,6 @@ impl NorFlash for Shared {
         with(|f| NorFlash::erase(f, from, to))?.map_err(Error::Flash)
     }
 }
+
+/// As `FlashStorage` (a write only clears bits), which meter-core's `NorSlot` relies on.
+impl MultiwriteNorFlash for Shared {}

@@ -9,12 +9,11 @@
 //! image. Every write is checked against the inactive slot's bounds; the running image is
 //! never written.
 //!
-//! **Erasing is lazy**: `erase_inactive` only checks the size, and each write erases the
-//! sectors whose first byte it writes, just before writing them. Chunks arrive in order (the
-//! state machine writes only the chunk at its offset), so every sector of the image is erased
-//! once before its first byte, and a chunk written again after a power cut rewrites the same
-//! bytes. The slot is erased a sector (about 45 ms) at a time during the download instead of
-//! 2 MB (seconds, with the executor stopped) when the offer arrives.
+//! **Erasing is lazy** (meter-core's `NorSlot`, host-tested): `erase_inactive` only checks the
+//! size, and each write erases the sectors whose first byte it writes, just before writing
+//! them, so the slot is erased a sector (about 45 ms) at a time during the download instead of
+//! 2 MB (seconds, with the executor stopped) when the offer arrives. Chunks of any length and
+//! alignment are written in words padded with 0xFF.
 //!
 //! A trial boot is otadata's `New` state for the new slot: a second-stage bootloader with app
 //! rollback (`CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE`) turns it into `PendingVerify` at the next
@@ -30,14 +29,10 @@ use esp_bootloader_esp_idf::partitions::{
 };
 use esp_storage::FlashStorage;
 use meter_core::flashlog::{FlashLog, FlashLogError};
+use meter_core::nor_slot::{NorSlot, SlotError};
 use meter_core::ota::{OtaFlash, STATE_LEN};
 
 use crate::flash::{self, Shared};
-
-/// Flash erase unit.
-const SECTOR: u32 = 4096;
-/// Flash write unit: writes start and end on it (padded with 0xFF, which programs nothing).
-const WORD: u32 = 4;
 
 #[derive(Debug)]
 pub enum Error {
@@ -71,6 +66,15 @@ fn logged<T>(op: &str, r: Result<T, Error>) -> Result<T, Error> {
 impl From<flash::Error> for Error {
     fn from(e: flash::Error) -> Self {
         Error::Flash(e)
+    }
+}
+
+impl From<SlotError<flash::Error>> for Error {
+    fn from(e: SlotError<flash::Error>) -> Self {
+        match e {
+            SlotError::Flash(e) => Error::Flash(e),
+            SlotError::OutOfBounds => Error::OutOfBounds,
+        }
     }
 }
 
@@ -141,14 +145,12 @@ impl Board {
         Board { slot, state }
     }
 
-    /// The absolute flash address of `offset..offset+len` in the inactive slot.
-    fn at(&self, offset: u32, len: usize) -> Result<u32, Error> {
+    fn nor_slot(&self) -> Result<NorSlot, Error> {
         let slot = self.slot.ok_or(Error::NoInactiveSlot)?;
-        let end = offset.checked_add(len as u32).ok_or(Error::OutOfBounds)?;
-        if end > slot.len {
-            return Err(Error::OutOfBounds);
-        }
-        Ok(slot.offset + offset)
+        Ok(NorSlot {
+            offset: slot.offset,
+            len: slot.len,
+        })
     }
 }
 
@@ -156,22 +158,21 @@ impl OtaFlash for Board {
     type Error = Error;
 
     fn erase_inactive(&mut self, size: u32) -> Result<bool, Error> {
-        let slot = self.slot.ok_or(Error::NoInactiveSlot)?;
-        Ok(size <= slot.len)
+        Ok(self.nor_slot()?.fits(size))
     }
 
     fn write_inactive(&mut self, offset: u32, data: &[u8]) -> Result<(), Error> {
-        logged("write", self.write_at(offset, data))
+        let r = self
+            .nor_slot()
+            .and_then(|s| Ok(s.write(&mut Shared, offset, data)?));
+        logged("write", r)
     }
 
     fn read_inactive(&mut self, offset: u32, buf: &mut [u8]) -> Result<(), Error> {
-        let at = self.at(offset, buf.len());
-        logged(
-            "read",
-            at.and_then(|at| {
-                Ok(flash::with(|f| f.read_nor(at, buf))?.map_err(flash::Error::Flash)?)
-            }),
-        )
+        let r = self
+            .nor_slot()
+            .and_then(|s| Ok(s.read(&mut Shared, offset, buf)?));
+        logged("read", r)
     }
 
     fn set_boot_slot_trial(&mut self) -> Result<(), Error> {
@@ -219,34 +220,5 @@ impl OtaFlash for Board {
             }
             Err(FlashLogError::Flash(e)) => logged("loading the state", Err(Error::Flash(e))),
         }
-    }
-}
-
-impl Board {
-    fn write_at(&mut self, offset: u32, data: &[u8]) -> Result<(), Error> {
-        let start = self.at(offset, data.len())?;
-        let end = start + data.len() as u32;
-        // Erase each sector whose first byte this write is the first to write.
-        let mut sector = start.div_ceil(SECTOR) * SECTOR;
-        while sector < end {
-            flash::with(|f| f.erase(sector, sector + SECTOR))?.map_err(flash::Error::Flash)?;
-            sector += SECTOR;
-        }
-        // Word-aligned pieces: bytes before `start` and after `end` in the first and last word
-        // are written as 0xFF, which leaves what flash holds there.
-        let mut buf = [0xFFu8; 256];
-        let mut word = start - start % WORD;
-        let mut src = 0usize;
-        while word < end {
-            let lead = (start.max(word) - word) as usize;
-            let take = (buf.len() - lead).min(data.len() - src);
-            buf.fill(0xFF);
-            buf[lead..lead + take].copy_from_slice(&data[src..src + take]);
-            let n = (lead + take).div_ceil(WORD as usize) * WORD as usize;
-            flash::with(|f| f.write_nor(word, &buf[..n]))?.map_err(flash::Error::Flash)?;
-            src += take;
-            word += n as u32;
-        }
-        Ok(())
     }
 }

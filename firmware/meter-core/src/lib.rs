@@ -20,6 +20,8 @@
 //! - [`mqtt`]: the few MQTT 3.1.1 packets a meter needs, encoded and decoded without allocation.
 //! - [`ota`]: over-the-air updates: download into the inactive slot, SHA-256 and Ed25519 checks,
 //!   trial boot, confirm or roll back (the board implements [`ota::OtaFlash`]).
+//! - [`nor_slot`]: an OTA slot on NOR flash written chunk by chunk (lazy erase, any alignment),
+//!   for a board's `OtaFlash`.
 //!
 //! Architecture invariant: no floating point in the accounting path. Energy, balance and seq
 //! are integers; floats appear only at the JSON edge (`powerW`, `balance` in units).
@@ -35,6 +37,7 @@ pub mod flashlog;
 pub mod limits;
 pub mod meter;
 pub mod mqtt;
+pub mod nor_slot;
 pub mod ota;
 pub mod outbox;
 pub mod report;
