@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 fn main() {
     release_key();
+    fw_version();
     println!("cargo:rerun-if-env-changed=GATEWAY_CA_FILE");
     println!("cargo::rustc-check-cfg=cfg(gateway_tls)");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("gateway-ca.der");
@@ -52,6 +53,21 @@ fn release_key() {
         _ => Vec::new(),
     };
     std::fs::write(&out, key).expect("write release-key.bin");
+}
+
+/// `METER_FW_VERSION` must be a version the OTA protocol can carry (1 to 24 bytes of
+/// `[0-9A-Za-z.+_-]`, as `firmware add --version`), or the meter could not recognise itself.
+fn fw_version() {
+    println!("cargo:rerun-if-env-changed=METER_FW_VERSION");
+    if let Ok(v) = std::env::var("METER_FW_VERSION") {
+        let ok = (1..=24).contains(&v.len())
+            && v.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'+' | b'_' | b'-'));
+        assert!(
+            ok,
+            "METER_FW_VERSION {v:?}: 1 to 24 bytes of [0-9A-Za-z.+_-]"
+        );
+    }
 }
 
 /// The DER of the first `-----BEGIN CERTIFICATE-----` block.

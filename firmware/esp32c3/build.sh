@@ -75,7 +75,13 @@ if [ -z "${METER_RELEASE_PUBLIC_KEY:-}" ]; then
   echo "build.sh: no METER_RELEASE_PUBLIC_KEY: a throwaway release key (this image accepts no update)"
 fi
 export METER_RELEASE_PUBLIC_KEY
-echo "build.sh: firmware version ${METER_FW_VERSION:-of Cargo.toml}"
+# The image carries this meter's identity, so its version names the meter (`1.4.0+METER001`):
+# a meter takes over the air only versions that end in its own `+METER_ID`.
+if [ -z "${METER_FW_VERSION:-}" ]; then
+  METER_FW_VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/Cargo.toml" | head -1)+${METER_ID:-METER001}"
+fi
+export METER_FW_VERSION
+echo "build.sh: firmware version $METER_FW_VERSION"
 start=$(date +%s)
 /usr/bin/cargo build --release --locked --target-dir "$here/target"
 built=$(date +%s)

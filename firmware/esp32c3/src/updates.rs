@@ -3,11 +3,12 @@
 //! out, in order, as `ota/request` and `ota/status` publishes; a chunk that does not come
 //! within `CHUNK_TIMEOUT` is asked for again; a busy gateway is asked again after
 //! `BUSY_BACKOFF`. Actions wait in a queue while the meter is offline (a boot that resumes a
-//! download asks for its chunk in the first session).
+//! download asks for its chunk in the first session). Offers of another meter's image (its
+//! version does not end in `+<METER_ID>`) are refused with `other_meter`.
 
 use embassy_time::{Duration, Instant};
 use esp_println::println;
-use meter_core::ota::{Action, Offer, Ota, OtaError, Phase, Status};
+use meter_core::ota::{version_is_for_meter, Action, Offer, Ota, OtaError, Phase, Status};
 
 use crate::config;
 use crate::ota_slots::Board;
@@ -75,6 +76,26 @@ impl Updates {
     }
 
     pub fn on_offer(&mut self, payload: &[u8]) {
+        // The meter's identity (number, secret, WiFi) is built into its image, so an image is
+        // for one meter: its version must end in `+<meter number>`. Another meter's image
+        // would make this one report as that meter.
+        if let Ok(o) = Offer::parse(payload) {
+            let ours = o.version.as_str() == config::FW_VERSION
+                || version_is_for_meter(&o.version, config::METER_ID);
+            if !ours {
+                println!(
+                    "ota: offer of {} refused: not built for this meter",
+                    o.version
+                );
+                self.extend([Action::Report(Status {
+                    phase: Phase::Failed,
+                    version: o.version,
+                    offset: 0,
+                    error: Some(OtaError::OtherMeter),
+                })]);
+                return;
+            }
+        }
         if config::RELEASE_PUBLIC_KEY.is_none() {
             // Built without a release key: no image can verify, so download nothing.
             if let Ok(o) = Offer::parse(payload) {

@@ -51,6 +51,10 @@ pub enum OtaError {
     Flash,
     #[error("saved OTA state is unreadable")]
     BadState,
+    /// The board refused the offer: its version names another meter (a board whose identity
+    /// is built into the image takes only versions ending in `+<its meter number>`).
+    #[error("image built for another meter")]
+    OtherMeter,
 }
 
 impl OtaError {
@@ -64,6 +68,7 @@ impl OtaError {
             OtaError::BadSignature => "bad_signature",
             OtaError::Flash => "flash",
             OtaError::BadState => "bad_state",
+            OtaError::OtherMeter => "other_meter",
         }
     }
 
@@ -82,6 +87,7 @@ impl OtaError {
             5 => Some(BadSignature),
             6 => Some(Flash),
             7 => Some(BadState),
+            8 => Some(OtherMeter),
             _ => return None,
         })
     }
@@ -199,6 +205,14 @@ pub fn signed_message(version: &str, size: u32, sha256: &[u8; 32], out: &mut [u8
     put(&size.to_be_bytes());
     put(sha256);
     i
+}
+
+/// Whether `version` names the meter `meter_no` as its build metadata (`1.4.0+METER001`):
+/// the convention for images that carry one meter's identity (see [`OtaError::OtherMeter`]).
+pub fn version_is_for_meter(version: &str, meter_no: &str) -> bool {
+    version
+        .split_once('+')
+        .is_some_and(|(release, meter)| !release.is_empty() && meter == meter_no)
 }
 
 /// Checks `signature` over the signed message by the release key `public_key`.
