@@ -236,6 +236,9 @@ async fn main(spawner: Spawner) -> ! {
     spawner.spawn(net(runner).expect("net task"));
 
     let mut updates = updates::Updates::boot(session::MAX_OTA_CHUNK);
+    if updates.on_trial() {
+        spawner.spawn(updates::trial_watch().expect("trial watch task"));
+    }
     session::run_forever(stack, &mut updates).await
 }
 

@@ -122,6 +122,21 @@ fn with_otadata<R>(
     })?
 }
 
+/// Selects the other slot (the image this trial image replaced) for the next reset, as valid:
+/// the board's own rollback when a trial image never confirms (`updates::trial_watch`), for a
+/// bootloader without app rollback.
+pub fn boot_previous() -> Result<(), Error> {
+    let slot = inactive_slot()?;
+    logged(
+        "switching back",
+        with_otadata(|u| {
+            let mut otadata = u.ota_data()?;
+            otadata.set_current_app_partition(slot.subtype)?;
+            otadata.set_current_ota_state(OtaImageState::Valid)
+        }),
+    )
+}
+
 /// meter-core's [`OtaFlash`] on this board.
 pub struct Board {
     /// `None` when the partition table has no slot to update into (then every offer fails).

@@ -6,7 +6,9 @@
 //! download asks for its chunk in the first session). Offers of another meter's image (its
 //! version does not end in `+<METER_ID>`) are refused with `other_meter`.
 
-use embassy_time::{Duration, Instant};
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use embassy_time::{Duration, Instant, Timer};
 use esp_println::println;
 use meter_core::ota::{version_is_for_meter, Action, Offer, Ota, OtaError, Phase, Status};
 
@@ -18,6 +20,12 @@ use crate::ota_slots::Board;
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The gateway serves its maximum of meters: ask again after this.
 const BUSY_BACKOFF: Duration = Duration::from_secs(30);
+/// An image on trial that has not confirmed (reconnected and had a report acknowledged) this
+/// long after it booted switches back to the image it replaced.
+pub const TRIAL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// Set once the image on trial has confirmed.
+static CONFIRMED: AtomicBool = AtomicBool::new(false);
 
 pub struct Updates {
     ota: Ota<Board>,
@@ -126,10 +134,16 @@ impl Updates {
         if self.ota.on_trial() {
             let acts = self.ota.on_reported();
             if !self.ota.on_trial() {
+                CONFIRMED.store(true, Ordering::Relaxed);
                 println!("ota: {} confirmed", config::FW_VERSION);
             }
             self.extend(acts);
         }
+    }
+
+    /// Whether this image runs on trial (not yet confirmed).
+    pub fn on_trial(&self) -> bool {
+        self.ota.on_trial()
     }
 
     /// The next action to carry out now, if any (timeouts included).
@@ -160,5 +174,26 @@ impl Updates {
 
     pub fn request_json(&self, offset: u32, len: u16, buf: &mut [u8]) -> Option<usize> {
         self.ota.request_json(offset, len, buf)
+    }
+}
+
+/// The board's own rollback, for a bootloader without app rollback (espflash's, see
+/// firmware/README.md): an image on trial that has not confirmed within `TRIAL_TIMEOUT` of its
+/// boot (it cannot reach the gateway, its WiFi or TLS settings are wrong, its session is broken)
+/// selects the previous slot again and resets; the previous image then reports `rolled_back`.
+/// It does not help an image that crashes before the timeout (each crash restarts the clock).
+#[embassy_executor::task]
+pub async fn trial_watch() {
+    Timer::after(TRIAL_TIMEOUT).await;
+    if CONFIRMED.load(Ordering::Relaxed) {
+        return;
+    }
+    println!(
+        "ota: {} did not confirm; back to the previous image",
+        config::FW_VERSION
+    );
+    if crate::ota_slots::boot_previous().is_ok() {
+        crate::change_and_save(|_| ((), true)).await;
+        esp_hal::system::software_reset();
     }
 }
