@@ -5,21 +5,23 @@
 //! **The inactive slot is the app slot the board did not boot from** (found from the MMU's
 //! mapping of the running image, `booted_partition`), never "the slot after otadata's
 //! selection": with otadata blank (a meter fresh from USB flashing, running `ota_0`)
-//! esp-bootloader-esp-idf 0.6's `next_partition` arithmetic picks `ota_0` again, the running
-//! image. Every write is checked against the inactive slot's bounds; the running image is
-//! never written.
+//! esp-bootloader-esp-idf 0.6's `next_partition` computes `Factory.ota_app_number() + 2`,
+//! which underflows (`0 - 0x10` in `u8`) and, wrapped, picks `ota_0` again: the running
+//! image. Every write is checked against the inactive slot's bounds; the running image is never
+//! written.
 //!
 //! **Erasing is lazy** (meter-core's `NorSlot`, host-tested): `erase_inactive` only checks the
 //! size, and each write erases the sectors whose first byte it writes, just before writing
-//! them, so the slot is erased a sector (about 45 ms) at a time during the download instead of
-//! 2 MB (seconds, with the executor stopped) when the offer arrives. Chunks of any length and
-//! alignment are written in words padded with 0xFF.
+//! them, so the slot is erased a sector (tens of ms) at a time during the download instead of
+//! the whole image (seconds, with the executor stopped) when the offer arrives. Chunks of any
+//! length and alignment are written in words padded with 0xFF.
 //!
 //! A trial boot is otadata's `New` state for the new slot: a second-stage bootloader with app
 //! rollback (`CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE`) turns it into `PendingVerify` at the next
 //! boot and goes back to the other slot if the image resets before [`OtaFlash::confirm_running`]
 //! (state `Valid`). The bootloader espflash writes is built with ESP-IDF's defaults, which
-//! leave rollback off: see firmware/README.md, "OTA on the ESP32-C3".
+//! leave rollback off, so the board also rolls back itself ([`boot_previous`],
+//! `updates::trial_watch`): see firmware/README.md, "OTA on the ESP32-C3".
 
 use esp_bootloader_esp_idf::ota::OtaImageState;
 use esp_bootloader_esp_idf::ota_updater::OtaUpdater;

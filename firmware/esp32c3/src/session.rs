@@ -117,6 +117,11 @@ pub async fn run_forever(stack: Stack<'static>, updates: &mut Updates) -> ! {
                 SessionEnd::Tcp
             }
         };
+        if updates.reset_pending() {
+            // The boot slot is switched; the status could not wait for its PUBACK.
+            reboot_into_update().await;
+        }
+        updates.session_ended(Instant::now());
         if let SessionEnd::Refused(code) = end {
             // 4/5: wrong secret or unknown meter; provision it in the gateway.
             println!("gateway refused the meter (code {code})");
@@ -381,7 +386,10 @@ async fn session<L: Link>(
                     println!("ota: {} {}", status.phase.name(), status.version);
                 }
                 Action::Backoff => updates.busy(now),
-                Action::Reset => reset = Some((last_status, now + RESET_GRACE)),
+                Action::Reset => {
+                    updates.set_reset_pending();
+                    reset = Some((last_status, now + RESET_GRACE));
+                }
             }
         }
         if let Some((_, deadline)) = reset {

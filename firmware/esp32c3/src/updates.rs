@@ -34,6 +34,9 @@ pub struct Updates {
     asked: Option<Instant>,
     /// Busy: ask again at this time.
     retry_at: Option<Instant>,
+    /// The machine said reset (the boot slot is switched): a session that ends before it
+    /// could wait for the last status's PUBACK resets anyway.
+    reset_pending: bool,
 }
 
 impl Updates {
@@ -57,6 +60,7 @@ impl Updates {
             queue: heapless::Deque::new(),
             asked: None,
             retry_at: None,
+            reset_pending: false,
         };
         // A resumed download's request was sized before the chunk limit was set: ask again
         // within it.
@@ -158,6 +162,26 @@ impl Updates {
             }
         }
         self.queue.pop_front()
+    }
+
+    /// The machine said reset; the session waits a little for the last status's PUBACK.
+    pub fn set_reset_pending(&mut self) {
+        self.reset_pending = true;
+    }
+
+    pub fn reset_pending(&self) -> bool {
+        self.reset_pending
+    }
+
+    /// The session ended: an action it popped may not have gone out. A download asks again
+    /// for its chunk in the next session at once (the gateway may not offer again).
+    pub fn session_ended(&mut self, now: Instant) {
+        if self.retry_at.is_none() {
+            self.asked = Some(
+                now.checked_sub(CHUNK_TIMEOUT)
+                    .unwrap_or(Instant::from_ticks(0)),
+            );
+        }
     }
 
     /// The request went out at `now`.
