@@ -305,8 +305,6 @@ async fn metering(
         if report_due {
             last_report = now;
             first = false;
-        }
-        if report_due {
             REPORT_READY.signal(());
         }
         if alert {
