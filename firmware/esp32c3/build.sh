@@ -88,7 +88,8 @@ built=$(date +%s)
 
 pt="$here/target/partitions.bin"
 python3 "$here/partitions.py" "$here/partitions.csv" "$pt" 0x400000 \
-  "${METER_FLASH_OFFSET:-0x3f0000}" "${METER_OTA_STATE_OFFSET:-0x9000}" "${METER_OTA_STATE_SECTORS:-4}"
+  "${METER_FLASH_OFFSET:-0x3f0000}" "${METER_OTA_STATE_OFFSET:-0x9000}" "${METER_OTA_STATE_SECTORS:-2}" \
+  "${METER_IDENTITY_OFFSET:-0xb000}"
 elf="$here/target/riscv32imc-unknown-none-elf/release/meter-fw-esp32c3"
 img="$here/target/meter-fw-esp32c3.bin"
 python3 -m esptool --chip esp32c3 elf2image --flash-mode dio --flash-size 4MB -o "$img" "$elf" >/dev/null
@@ -106,6 +107,11 @@ fi
 echo "ELF:   $elf ($elf_bytes bytes)"
 echo "image: $img ($img_bytes bytes, $((img_bytes * 100 / slot))% of one $((slot / 1024)) KiB OTA slot; flash at 0x10000 (ota_0))"
 echo "partition table: $pt (flash at 0x8000)"
+if [ -n "${METER_ID:-}" ]; then
+  # This meter's identity record, for its identity partition (flash once over USB).
+  python3 "$here/identity.py" "$here/target/identity-$METER_ID.bin"
+  echo "identity record: $here/target/identity-$METER_ID.bin (flash at 0xb000)"
+fi
 if command -v llvm-size >/dev/null; then
   # Static RAM: what the linker placed in DRAM/IRAM (data, bss, the stack reserve, IRAM code).
   echo "sections in RAM (bytes):"

@@ -25,6 +25,7 @@ extern crate alloc;
 
 mod config;
 mod flash;
+mod identity;
 mod link;
 mod ota_slots;
 mod session;
@@ -171,6 +172,7 @@ async fn main(spawner: Spawner) -> ! {
         low_balance_wh: config::LOW_BALANCE_WH,
     };
     flash::init(FlashStorage::new(p.FLASH));
+    let id = identity::load();
     let mut log = FlashLog::new(flash::Shared, config::FLASH_OFFSET, config::FLASH_SECTORS);
     let mut buf = [0u8; state_len(OUTBOX)];
     let meter = match log.load(&mut buf) {
@@ -189,7 +191,7 @@ async fn main(spawner: Spawner) -> ! {
     };
     println!(
         "meter {}: register {} Wh, next seq {}, {} reports waiting",
-        config::METER_ID,
+        id.meter_id,
         meter.energy_wh(),
         meter.next_seq(),
         meter.outbox().len()
@@ -208,13 +210,9 @@ async fn main(spawner: Spawner) -> ! {
 
     let station = WifiConfig::Station(
         StationConfig::default()
-            .with_ssid(
-                config::WIFI_SSID
-                    .try_into()
-                    .expect("WIFI_SSID of 1..=32 bytes"),
-            )
+            .with_ssid(id.wifi_ssid.try_into().expect("WIFI_SSID of 1..=32 bytes"))
             .with_authentication(AuthenticationMethodConfig::Wpa2Personal(
-                config::WIFI_PASSWORD
+                id.wifi_password
                     .try_into()
                     .expect("WIFI_PASSWORD of 8..=64 bytes"),
             )),

@@ -23,12 +23,14 @@ use embassy_time::{with_timeout, Duration, Instant, Timer};
 use esp_println::println;
 use heapless::String;
 use meter_core::command::CommandError;
+use meter_core::identity::MAX_METER_ID;
 use meter_core::limits::{self, Trip};
 use meter_core::meter::{Applied, MeterCommandError};
 use meter_core::mqtt::{self, Connect, Incoming, QoS};
 use meter_core::ota::{Action, CHUNK_HEADER};
 use meter_core::report::max_v2_len;
 
+use crate::identity;
 use crate::link::Link;
 use crate::updates::Updates;
 use crate::{change_and_save, config, persisted_reports, with_meter, APPLY_RELAY, REPORT_READY};
@@ -87,8 +89,8 @@ fn topics() -> Topics {
         ota_request: String::new(),
         ota_status: String::new(),
     };
-    let (p, m) = (config::TOPIC_PREFIX, config::METER_ID);
-    // Meter numbers are short; 96 bytes cannot overflow for valid ids.
+    let (p, m) = (config::TOPIC_PREFIX, identity::get().meter_id);
+    // Meter numbers have at most 32 bytes (`identity`); 96 cannot overflow.
     let _ = write!(t.consumption, "{p}/{m}/consumption");
     let _ = write!(t.status, "{p}/{m}/status");
     let _ = write!(t.commands, "{p}/{m}/command/#");
@@ -100,7 +102,8 @@ fn topics() -> Topics {
 
 /// Reconnects forever: 1 s after a clean end, backing off to 60 s while the gateway is away.
 pub async fn run_forever(stack: Stack<'static>, updates: &mut Updates) -> ! {
-    let broker = Ipv4Addr::from_str(config::GATEWAY_HOST).unwrap_or(Ipv4Addr::new(192, 168, 4, 1));
+    let broker =
+        Ipv4Addr::from_str(identity::get().gateway_host).unwrap_or(Ipv4Addr::new(192, 168, 4, 1));
     let mut rx = [0u8; RX];
     let mut tx = [0u8; TX];
     let mut backoff = Duration::from_secs(1);
@@ -213,6 +216,7 @@ async fn session<L: Link>(
     trip: &mut Option<PendingTrip>,
 ) -> Result<core::convert::Infallible, SessionEnd> {
     let t = topics();
+    let id = identity::get();
     let mut out = [0u8; 512];
     let mut buf = [0u8; RX];
     let mut have = 0usize;
@@ -220,9 +224,9 @@ async fn session<L: Link>(
     let n = mqtt::connect(
         &mut out,
         &Connect {
-            client_id: config::METER_ID,
-            username: config::METER_ID,
-            password: config::METER_SECRET.as_bytes(),
+            client_id: id.meter_id,
+            username: id.meter_id,
+            password: id.secret.as_bytes(),
             keep_alive_s: KEEP_ALIVE_S,
             clean_session: true,
             will: Some((t.status.as_str(), b"offline")),
@@ -245,7 +249,7 @@ async fn session<L: Link>(
         .map_err(|_| SessionEnd::Protocol)?;
     send(socket, &out[..n]).await?;
     with_meter(|m| m.on_connected());
-    println!("mqtt: connected to the gateway as {}", config::METER_ID);
+    println!("mqtt: connected to the gateway as {}", id.meter_id);
 
     // (packet id, report seq) of QoS 1 reports awaiting PUBACK.
     let mut in_flight: heapless::Vec<(u16, u32), WINDOW> = heapless::Vec::new();
@@ -264,7 +268,7 @@ async fn session<L: Link>(
         let batch: heapless::Vec<_, WINDOW> = persisted_reports(WINDOW - in_flight.len()).await;
         for r in batch.iter() {
             let mut json = [0u8; max_v2_len(64)];
-            let Ok(len) = r.encode_v2(config::METER_ID, &mut json) else {
+            let Ok(len) = r.encode_v2(id.meter_id, &mut json) else {
                 return Err(SessionEnd::Protocol);
             };
             let pkid = bump(&mut next_pkid);
@@ -281,12 +285,12 @@ async fn session<L: Link>(
             last_sent = Instant::now();
         }
         if LOW_BALANCE.try_take().is_some() {
-            let mut json: String<160> = String::new();
+            let mut json: String<224> = String::new();
             let balance = with_meter(|m| m.balance_wh()).unwrap_or(0);
             let _ = write!(
                 json,
                 r#"{{"meterNo":"{}","status":"low_balance","message":"balance low","balance":{},"loadOn":true,"timestamp":{}}}"#,
-                config::METER_ID,
+                id.meter_id,
                 balance as f64 / 1000.0,
                 Instant::now().as_millis()
             );
@@ -317,10 +321,10 @@ async fn session<L: Link>(
             .await;
         }
         if let Some(p) = trip.as_mut().filter(|p| p.pkid.is_none()) {
-            let mut json = [0u8; limits::max_trip_status_len(config::METER_ID.len())];
+            let mut json = [0u8; limits::max_trip_status_len(MAX_METER_ID)];
             let n = p
                 .trip
-                .encode_status(config::METER_ID, p.timestamp_ms, &mut json)
+                .encode_status(id.meter_id, p.timestamp_ms, &mut json)
                 .map_err(|_| SessionEnd::Protocol)?;
             let pkid = bump(&mut next_pkid);
             publish(
@@ -476,9 +480,8 @@ async fn session<L: Link>(
                                 )) => {
                                     println!("command {leaf} refused: {e}");
                                     let mut json = [0u8; 256];
-                                    let n =
-                                        limits::encode_error_status(config::METER_ID, e, &mut json)
-                                            .map_err(|_| SessionEnd::Protocol)?;
+                                    let n = limits::encode_error_status(id.meter_id, e, &mut json)
+                                        .map_err(|_| SessionEnd::Protocol)?;
                                     let pkid = bump(&mut next_pkid);
                                     publish(
                                         socket,

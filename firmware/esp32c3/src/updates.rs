@@ -3,8 +3,9 @@
 //! out, in order, as `ota/request` and `ota/status` publishes; a chunk that does not come
 //! within `CHUNK_TIMEOUT` is asked for again; a busy gateway is asked again after
 //! `BUSY_BACKOFF`. Actions wait in a queue while the meter is offline (a boot that resumes a
-//! download asks for its chunk in the first session). Offers of another meter's image (its
-//! version does not end in `+<METER_ID>`) are refused with `other_meter`.
+//! download asks for its chunk in the first session). A meter without an identity record
+//! refuses offers of another meter's image (a version not ending in `+<METER_ID>`) with
+//! `other_meter`.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -88,12 +89,15 @@ impl Updates {
     }
 
     pub fn on_offer(&mut self, payload: &[u8]) {
-        // The meter's identity (number, secret, WiFi) is built into its image, so an image is
-        // for one meter: its version must end in `+<meter number>`. Another meter's image
-        // would make this one report as that meter.
+        // A meter provisioned with an identity record runs any image as itself. One that is
+        // not runs as whatever meter the image was built for, so it takes only its own
+        // build's versions (`…+<meter number>`): another meter's image would make it report as
+        // that meter.
         if let Ok(o) = Offer::parse(payload) {
-            let ours = o.version.as_str() == config::FW_VERSION
-                || version_is_for_meter(&o.version, config::METER_ID);
+            let id = crate::identity::get();
+            let ours = id.provisioned
+                || o.version.as_str() == config::FW_VERSION
+                || version_is_for_meter(&o.version, id.meter_id);
             if !ours {
                 println!(
                     "ota: offer of {} refused: not built for this meter",

@@ -16,6 +16,7 @@
 //!   settings `command/config` changes.
 //! - [`meter`]: the meter: all of the above behind one state machine.
 //! - [`snapshot`]: the meter's durable state as bytes.
+//! - [`identity`]: a meter's provisioned identity record (number, secret, WiFi) on flash.
 //! - [`flashlog`]: a wear-levelled, power-cut-safe record log on NOR flash.
 //! - [`mqtt`]: the few MQTT 3.1.1 packets a meter needs, encoded and decoded without allocation.
 //! - [`ota`]: over-the-air updates: download into the inactive slot, SHA-256 and Ed25519 checks,
@@ -34,6 +35,7 @@ pub mod balance;
 pub mod command;
 pub mod energy;
 pub mod flashlog;
+pub mod identity;
 pub mod limits;
 pub mod meter;
 pub mod mqtt;
