@@ -42,7 +42,8 @@ pub struct Identity<'a> {
 /// A meter number: 1 to 32 of `[0-9A-Za-z_-]` (a topic level and an OTA version suffix).
 pub fn valid_meter_id(s: &str) -> bool {
     (1..=MAX_METER_ID).contains(&s.len())
-        && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
 }
 
 fn valid_ipv4(s: &str) -> bool {
@@ -140,12 +141,18 @@ mod tests {
     fn a_bad_line_refuses_the_whole_record() {
         let bad: [(&[u8], IdentityError); 8] = [
             (b"umeme-identity 1\nmeter_id", IdentityError::Malformed(2)),
-            (b"umeme-identity 1\ncolour=red", IdentityError::UnknownKey(2)),
+            (
+                b"umeme-identity 1\ncolour=red",
+                IdentityError::UnknownKey(2),
+            ),
             (
                 b"umeme-identity 1\nmeter_id=A\nmeter_id=B",
                 IdentityError::Duplicate(3),
             ),
-            (b"umeme-identity 1\nmeter_id=a/b", IdentityError::BadValue(2)),
+            (
+                b"umeme-identity 1\nmeter_id=a/b",
+                IdentityError::BadValue(2),
+            ),
             (b"umeme-identity 1\nmeter_id=", IdentityError::BadValue(2)),
             (
                 b"umeme-identity 1\nwifi_password=short",
