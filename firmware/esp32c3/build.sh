@@ -75,10 +75,12 @@ if [ -z "${METER_RELEASE_PUBLIC_KEY:-}" ]; then
   echo "build.sh: no METER_RELEASE_PUBLIC_KEY: a throwaway release key (this image accepts no update)"
 fi
 export METER_RELEASE_PUBLIC_KEY
-# The image carries this meter's identity, so its version names the meter (`1.4.0+METER001`):
-# a meter takes over the air only versions that end in its own `+METER_ID`.
+# A build for one meter (METER_ID set) names the meter in its version (`0.1.0+METER001`): a
+# meter without an identity record takes over the air only versions ending in its `+METER_ID`.
+# A site image (no METER_ID: the meters' identity records say who they are) is plain `0.1.0`.
 if [ -z "${METER_FW_VERSION:-}" ]; then
-  METER_FW_VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/Cargo.toml" | head -1)+${METER_ID:-METER001}"
+  METER_FW_VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/Cargo.toml" | head -1)"
+  if [ -n "${METER_ID:-}" ]; then METER_FW_VERSION="$METER_FW_VERSION+$METER_ID"; fi
 fi
 export METER_FW_VERSION
 echo "build.sh: firmware version $METER_FW_VERSION"
