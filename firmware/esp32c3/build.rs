@@ -8,6 +8,8 @@
 use std::path::PathBuf;
 
 fn main() {
+    release_key();
+    fw_version();
     println!("cargo:rerun-if-env-changed=GATEWAY_CA_FILE");
     println!("cargo::rustc-check-cfg=cfg(gateway_tls)");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("gateway-ca.der");
@@ -25,6 +27,47 @@ fn main() {
         println!("cargo::rustc-cfg=gateway_tls");
     }
     std::fs::write(&out, der).expect("write gateway-ca.der");
+}
+
+/// `METER_RELEASE_PUBLIC_KEY` (64 hex digits, the public half from `umeme-gateway firmware
+/// keygen`) as 32 raw bytes in `$OUT_DIR/release-key.bin` (`config::RELEASE_PUBLIC_KEY`);
+/// an empty file without it. A malformed key fails the build rather than making a meter that
+/// refuses every update.
+fn release_key() {
+    println!("cargo:rerun-if-env-changed=METER_RELEASE_PUBLIC_KEY");
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("release-key.bin");
+    let key = match std::env::var("METER_RELEASE_PUBLIC_KEY") {
+        Ok(hex) if !hex.trim().is_empty() => {
+            let hex = hex.trim();
+            let bytes: Option<Vec<u8>> = (hex.len() == 64)
+                .then(|| {
+                    (0..32)
+                        .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+                        .collect()
+                })
+                .flatten();
+            bytes.unwrap_or_else(|| {
+                panic!("METER_RELEASE_PUBLIC_KEY: expected 64 hex digits (32 bytes), got {hex:?}")
+            })
+        }
+        _ => Vec::new(),
+    };
+    std::fs::write(&out, key).expect("write release-key.bin");
+}
+
+/// `METER_FW_VERSION` must be a version the OTA protocol can carry (1 to 24 bytes of
+/// `[0-9A-Za-z.+_-]`, as `firmware add --version`), or the meter could not recognise itself.
+fn fw_version() {
+    println!("cargo:rerun-if-env-changed=METER_FW_VERSION");
+    if let Ok(v) = std::env::var("METER_FW_VERSION") {
+        let ok = (1..=24).contains(&v.len())
+            && v.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'+' | b'_' | b'-'));
+        assert!(
+            ok,
+            "METER_FW_VERSION {v:?}: 1 to 24 bytes of [0-9A-Za-z.+_-]"
+        );
+    }
 }
 
 /// The DER of the first `-----BEGIN CERTIFICATE-----` block.

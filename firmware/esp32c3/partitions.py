@@ -3,8 +3,10 @@
 
 Checks what the bootloader and the firmware rely on: entries in order without overlap, app
 slots 64 KiB aligned, everything inside the flash, two OTA slots of the same size and an
-otadata of 0x2000, and the state log where `config::FLASH_OFFSET` puts it. Prints the slots.
-Usage: partitions.py partitions.csv out.bin [flash_bytes] [state_log_offset]
+otadata of 0x2000, the state log where `config::FLASH_OFFSET` puts it and the OTA state log
+where `config::OTA_STATE_OFFSET` puts it, at least two sectors, and the identity record where
+`config::IDENTITY_OFFSET` puts it. Prints the slots.
+Usage: partitions.py partitions.csv out.bin [flash_bytes] [state_log_offset] [ota_state_offset ota_state_sectors [identity_offset]]
 """
 import hashlib
 import struct
@@ -33,6 +35,9 @@ def main():
     src, out = sys.argv[1], sys.argv[2]
     flash = int(sys.argv[3], 0) if len(sys.argv) > 3 else 4 << 20
     state_log = int(sys.argv[4], 0) if len(sys.argv) > 4 else None
+    ota_state = int(sys.argv[5], 0) if len(sys.argv) > 5 else None
+    ota_sectors = int(sys.argv[6], 0) if len(sys.argv) > 6 else 2
+    identity = int(sys.argv[7], 0) if len(sys.argv) > 7 else None
     rows = parse(src)
     table = b""
     end = 0x9000  # bootloader below 0x8000, this table at 0x8000
@@ -59,6 +64,14 @@ def main():
     if state_log is not None:
         log = [r for r in rows if r[0] == "meterlog"]
         assert log and log[0][3] == state_log, "meterlog must sit at config::FLASH_OFFSET"
+    if ota_state is not None:
+        st = [r for r in rows if r[0] == "otastate"]
+        assert st and st[0][3] == ota_state, "otastate must sit at config::OTA_STATE_OFFSET"
+        assert ota_sectors >= 2, "the OTA state log needs two sectors to rotate"
+        assert ota_sectors * 0x1000 <= st[0][4], "OTA_STATE_SECTORS must fit otastate"
+    if identity is not None:
+        ident = [r for r in rows if r[0] == "identity"]
+        assert ident and ident[0][3] == identity, "identity must sit at config::IDENTITY_OFFSET"
     for name, _, _, off, size in slots:
         print(f"OTA slot {name}: {off:#x}, {size} bytes ({size // 1024} KiB)")
 

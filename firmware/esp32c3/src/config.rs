@@ -48,3 +48,28 @@ pub const LOW_BALANCE_WH: i64 = parse_u32(or(option_env!("METER_LOW_BALANCE_WH")
 /// The state log: the last 64 KiB of a 4 MiB flash (16 sectors), outside the app image.
 pub const FLASH_OFFSET: u32 = parse_u32(or(option_env!("METER_FLASH_OFFSET"), "4128768"));
 pub const FLASH_SECTORS: u32 = parse_u32(or(option_env!("METER_FLASH_SECTORS"), "16"));
+/// The version this image runs, as the gateway's rollout names it (`firmware add --version`):
+/// the OTA state machine compares offers with it, and a new image proves it booted by it.
+pub const FW_VERSION: &str = or(option_env!("METER_FW_VERSION"), env!("CARGO_PKG_VERSION"));
+/// The OTA state record's own log: the `otastate` partition (0x9000, 2 sectors).
+pub const OTA_STATE_OFFSET: u32 = parse_u32(or(option_env!("METER_OTA_STATE_OFFSET"), "36864"));
+pub const OTA_STATE_SECTORS: u32 = parse_u32(or(option_env!("METER_OTA_STATE_SECTORS"), "2"));
+/// The meter's identity record (the `identity` partition, 0xB000): see `identity`.
+pub const IDENTITY_OFFSET: u32 = parse_u32(or(option_env!("METER_IDENTITY_OFFSET"), "45056"));
+/// The site's release public key (Ed25519, `METER_RELEASE_PUBLIC_KEY` in hex at build time,
+/// from `umeme-gateway firmware keygen`); `None` when the build had none: then every offer is
+/// answered `failed`/`bad_signature` without downloading anything.
+pub const RELEASE_PUBLIC_KEY: Option<[u8; 32]> = {
+    const RAW: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/release-key.bin"));
+    if RAW.len() == 32 {
+        let mut k = [0u8; 32];
+        let mut i = 0;
+        while i < 32 {
+            k[i] = RAW[i];
+            i += 1;
+        }
+        Some(k)
+    } else {
+        None
+    }
+};

@@ -6,11 +6,15 @@
 //!
 //! Tasks:
 //! - `metering`: samples the ACS712 on GPIO3 (ADC1) once a second, drives the relay (GPIO5) and
-//!   the LED (GPIO8), takes a numbered report every `METER_REPORT_S` and persists the state.
+//!   the LED (GPIO8) (again at once after every command), takes a numbered report every
+//!   `publishIntervalMs` from `command/config` (else `METER_REPORT_S`) and persists the state.
 //! - `wifi`: keeps the station connected, with exponential backoff.
 //! - `net`: the embassy-net stack.
 //! - `main`: MQTT sessions to the gateway, reconnecting with backoff; publishes reports QoS 1
-//!   (replayed after every reconnect until PUBACKed), applies `command/#`.
+//!   (replayed after every reconnect until PUBACKed), power trips and refused configs as
+//!   statuses, applies `command/#`, and drives over-the-air updates (`updates`, `ota_slots`).
+//!
+//! The flash (`flash`) is shared: the state log, the OTA state log and the OTA slots.
 //!
 //! Settings come from the build environment (see `config`), so a meter is built per site.
 
@@ -20,13 +24,17 @@
 extern crate alloc;
 
 mod config;
+mod flash;
+mod identity;
 mod link;
 mod ota_slots;
 mod session;
+mod updates;
 
 use core::cell::RefCell;
 
 use embassy_executor::Spawner;
+use embassy_futures::select::{select, Either};
 use embassy_net::{Runner, StackResources};
 use embassy_sync::blocking_mutex::raw::CriticalSectionRawMutex;
 use embassy_sync::blocking_mutex::Mutex;
@@ -52,17 +60,28 @@ use meter_core::sensor::{Acs712, Calibration};
 use meter_core::snapshot::state_len;
 use meter_core::{BalanceState, Meter, MeterConfig, Relay};
 
-esp_bootloader_esp_idf::esp_app_desc!();
+// The app descriptor carries the version the OTA machine runs as (`METER_FW_VERSION`).
+esp_bootloader_esp_idf::esp_app_desc!(
+    config::FW_VERSION,
+    env!("CARGO_PKG_NAME"),
+    esp_bootloader_esp_idf::BUILD_TIME,
+    esp_bootloader_esp_idf::BUILD_DATE,
+    esp_bootloader_esp_idf::ESP_IDF_COMPATIBLE_VERSION,
+    esp_bootloader_esp_idf::MMU_PAGE_SIZE,
+    0,
+    u16::MAX,
+    esp_bootloader_esp_idf::SECURE_VERSION
+);
 
 /// Reports kept while the gateway is unreachable; the saved state must fit one flash sector.
 pub const OUTBOX: usize = 96;
-const _: () = assert!(state_len(OUTBOX) <= FlashLog::<FlashStorage<'static>>::max_record());
+const _: () = assert!(state_len(OUTBOX) <= FlashLog::<flash::Shared>::max_record());
 
 /// ADC samples per RMS window: at ~20 µs per oneshot read this spans several 50 Hz cycles.
 const WINDOW: usize = 200;
 
 type CurrentPin = AdcPin<GPIO3<'static>, ADC1<'static>, AdcCalCurve<ADC1<'static>>>;
-type Log = FlashLog<FlashStorage<'static>>;
+type Log = FlashLog<flash::Shared>;
 
 static METER: Mutex<CriticalSectionRawMutex, RefCell<Option<Meter<OUTBOX>>>> =
     Mutex::new(RefCell::new(None));
@@ -73,6 +92,10 @@ static LOG: AsyncMutex<CriticalSectionRawMutex, Option<Log>> = AsyncMutex::new(N
 
 /// Raised when a new report waits, so the session sends it without waiting for its tick.
 pub static REPORT_READY: Signal<CriticalSectionRawMutex, ()> = Signal::new();
+
+/// Raised after every command: the metering task sets the relay and LED from the meter at
+/// once (a balance, `mayCut`, relay or config command can change them).
+pub static APPLY_RELAY: Signal<CriticalSectionRawMutex, ()> = Signal::new();
 
 /// Runs `f` on the meter, in a short critical section (never across an await).
 pub fn with_meter<R>(f: impl FnOnce(&mut Meter<OUTBOX>) -> R) -> R {
@@ -148,11 +171,9 @@ async fn main(spawner: Spawner) -> ! {
         power_factor_permille: config::POWER_FACTOR_PERMILLE,
         low_balance_wh: config::LOW_BALANCE_WH,
     };
-    let mut log = FlashLog::new(
-        FlashStorage::new(p.FLASH),
-        config::FLASH_OFFSET,
-        config::FLASH_SECTORS,
-    );
+    flash::init(FlashStorage::new(p.FLASH));
+    let id = identity::load();
+    let mut log = FlashLog::new(flash::Shared, config::FLASH_OFFSET, config::FLASH_SECTORS);
     let mut buf = [0u8; state_len(OUTBOX)];
     let meter = match log.load(&mut buf) {
         Ok(Some(n)) => match Meter::restore(meter_config, &buf[..n]) {
@@ -170,7 +191,7 @@ async fn main(spawner: Spawner) -> ! {
     };
     println!(
         "meter {}: register {} Wh, next seq {}, {} reports waiting",
-        config::METER_ID,
+        id.meter_id,
         meter.energy_wh(),
         meter.next_seq(),
         meter.outbox().len()
@@ -189,13 +210,9 @@ async fn main(spawner: Spawner) -> ! {
 
     let station = WifiConfig::Station(
         StationConfig::default()
-            .with_ssid(
-                config::WIFI_SSID
-                    .try_into()
-                    .expect("WIFI_SSID of 1..=32 bytes"),
-            )
+            .with_ssid(id.wifi_ssid.try_into().expect("WIFI_SSID of 1..=32 bytes"))
             .with_authentication(AuthenticationMethodConfig::Wpa2Personal(
-                config::WIFI_PASSWORD
+                id.wifi_password
                     .try_into()
                     .expect("WIFI_PASSWORD of 8..=64 bytes"),
             )),
@@ -216,7 +233,11 @@ async fn main(spawner: Spawner) -> ! {
     spawner.spawn(wifi(controller).expect("wifi task"));
     spawner.spawn(net(runner).expect("net task"));
 
-    session::run_forever(stack).await
+    let mut updates = updates::Updates::boot(session::MAX_OTA_CHUNK);
+    if updates.on_trial() {
+        spawner.spawn(updates::trial_watch().expect("trial watch task"));
+    }
+    session::run_forever(stack, &mut updates).await
 }
 
 /// Samples, integrates, decides the relay, and takes the periodic report.
@@ -238,10 +259,18 @@ async fn metering(
 
     let mut ticker = Ticker::every(Duration::from_secs(1));
     let mut last = Instant::now();
-    let mut next_report = Instant::now() + Duration::from_secs(5);
+    // The first report 5 s after boot, then one per interval (read every window, so a new
+    // `publishIntervalMs` takes effect at once).
+    let mut last_report = Instant::now() + Duration::from_secs(5);
+    let mut first = true;
     let mut blink = false;
     loop {
-        ticker.next().await;
+        if let Either::Second(()) = select(ticker.next(), APPLY_RELAY.wait()).await {
+            // A command: set the relay and LED now, measure at the next tick.
+            let (relay_state, balance_state) = with_meter(|m| (m.relay(), m.state()));
+            set_outputs(&mut relay, &mut led, relay_state, balance_state, blink);
+            continue;
+        }
         for s in window.iter_mut() {
             *s = adc.read_oneshot(&mut pin).await;
         }
@@ -249,7 +278,17 @@ async fn metering(
         let dt_ms = (now - last).as_millis().min(u32::MAX as u64) as u32;
         last = now;
         let current_ma = cal.rms_milliamps(&window);
-        let report_due = now >= next_report;
+        let interval = with_meter(|m| m.publish_interval_ms())
+            .map_or(Duration::from_secs(config::REPORT_S), |ms| {
+                Duration::from_millis(u64::from(ms))
+            });
+        let report_due = if first {
+            now >= last_report
+        } else {
+            now >= last_report + interval
+        };
+        // A power trip stays in the meter until the session takes it (within its 1 s tick) and
+        // saves the state; the limiter's state is saved with every report, as the register.
         let (state, alert) = change_and_save(|m| {
             m.measure(current_ma, dt_ms);
             if report_due {
@@ -262,26 +301,38 @@ async fn metering(
         })
         .await;
         if report_due {
-            next_report = now + Duration::from_secs(config::REPORT_S);
+            last_report = now;
+            first = false;
             REPORT_READY.signal(());
         }
         if alert {
             session::LOW_BALANCE.signal(());
         }
         let (relay_state, balance_state) = state;
-        relay.set_level(match relay_state {
-            Relay::On => Level::High,
-            Relay::Off => Level::Low,
-        });
-        // LED (active low): steady with credit, blinking when low, dark when off.
         blink = !blink;
-        let lit = match balance_state {
-            BalanceState::Credit => true,
-            BalanceState::Low => blink,
-            BalanceState::Exhausted | BalanceState::Unknown => false,
-        };
-        led.set_level(if lit { Level::Low } else { Level::High });
+        set_outputs(&mut relay, &mut led, relay_state, balance_state, blink);
     }
+}
+
+/// Relay (active high) and LED (active low): steady with credit, blinking when low, dark when
+/// off.
+fn set_outputs(
+    relay: &mut Output<'static>,
+    led: &mut Output<'static>,
+    relay_state: Relay,
+    balance_state: BalanceState,
+    blink: bool,
+) {
+    relay.set_level(match relay_state {
+        Relay::On => Level::High,
+        Relay::Off => Level::Low,
+    });
+    let lit = match balance_state {
+        BalanceState::Credit => true,
+        BalanceState::Low => blink,
+        BalanceState::Exhausted | BalanceState::Unknown => false,
+    };
+    led.set_level(if lit { Level::Low } else { Level::High });
 }
 
 /// Keeps the WiFi station associated; backs off from 1 s to 60 s while the AP is missing.

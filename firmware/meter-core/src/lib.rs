@@ -16,10 +16,13 @@
 //!   settings `command/config` changes.
 //! - [`meter`]: the meter: all of the above behind one state machine.
 //! - [`snapshot`]: the meter's durable state as bytes.
+//! - [`identity`]: a meter's provisioned identity record (number, secret, WiFi) on flash.
 //! - [`flashlog`]: a wear-levelled, power-cut-safe record log on NOR flash.
 //! - [`mqtt`]: the few MQTT 3.1.1 packets a meter needs, encoded and decoded without allocation.
 //! - [`ota`]: over-the-air updates: download into the inactive slot, SHA-256 and Ed25519 checks,
 //!   trial boot, confirm or roll back (the board implements [`ota::OtaFlash`]).
+//! - [`nor_slot`]: an OTA slot on NOR flash written chunk by chunk (lazy erase, any alignment),
+//!   for a board's `OtaFlash`.
 //!
 //! Architecture invariant: no floating point in the accounting path. Energy, balance and seq
 //! are integers; floats appear only at the JSON edge (`powerW`, `balance` in units).
@@ -32,9 +35,11 @@ pub mod balance;
 pub mod command;
 pub mod energy;
 pub mod flashlog;
+pub mod identity;
 pub mod limits;
 pub mod meter;
 pub mod mqtt;
+pub mod nor_slot;
 pub mod ota;
 pub mod outbox;
 pub mod report;

@@ -51,6 +51,10 @@ pub enum OtaError {
     Flash,
     #[error("saved OTA state is unreadable")]
     BadState,
+    /// The board refused the offer: its version names another meter (a board whose identity
+    /// is built into the image takes only versions ending in `+<its meter number>`).
+    #[error("image built for another meter")]
+    OtherMeter,
 }
 
 impl OtaError {
@@ -64,6 +68,7 @@ impl OtaError {
             OtaError::BadSignature => "bad_signature",
             OtaError::Flash => "flash",
             OtaError::BadState => "bad_state",
+            OtaError::OtherMeter => "other_meter",
         }
     }
 
@@ -82,6 +87,7 @@ impl OtaError {
             5 => Some(BadSignature),
             6 => Some(Flash),
             7 => Some(BadState),
+            8 => Some(OtherMeter),
             _ => return None,
         })
     }
@@ -199,6 +205,14 @@ pub fn signed_message(version: &str, size: u32, sha256: &[u8; 32], out: &mut [u8
     put(&size.to_be_bytes());
     put(sha256);
     i
+}
+
+/// Whether `version` names the meter `meter_no` as its build metadata (`1.4.0+METER001`):
+/// the convention for images that carry one meter's identity (see [`OtaError::OtherMeter`]).
+pub fn version_is_for_meter(version: &str, meter_no: &str) -> bool {
+    version
+        .split_once('+')
+        .is_some_and(|(release, meter)| !release.is_empty() && meter == meter_no)
 }
 
 /// Checks `signature` over the signed message by the release key `public_key`.
@@ -439,6 +453,9 @@ pub struct Ota<F: OtaFlash> {
     state: OtaState,
     /// The new image runs on trial: it confirms once the meter has reconnected and reported.
     trial: bool,
+    /// The largest chunk this meter asks for (its MQTT receive buffer), whatever the offer's
+    /// `chunkSize` allows.
+    max_chunk: u16,
 }
 
 impl<F: OtaFlash> Ota<F> {
@@ -455,6 +472,7 @@ impl<F: OtaFlash> Ota<F> {
             running: Version::try_from(running).unwrap_or_default(),
             state,
             trial: false,
+            max_chunk: MAX_CHUNK,
         };
         let mut out = Actions::new();
         let new_runs = ota
@@ -503,6 +521,13 @@ impl<F: OtaFlash> Ota<F> {
         self.flash
     }
 
+    /// Asks for chunks of at most `max` bytes (at least 1), for a board whose MQTT receive buffer
+    /// holds less than the largest `chunkSize` an offer may carry. Requests stay within the
+    /// protocol: `len` at most `chunkSize`.
+    pub fn set_max_chunk(&mut self, max: u16) {
+        self.max_chunk = max.max(1);
+    }
+
     /// Whether the running image is on trial (not yet confirmed).
     pub fn on_trial(&self) -> bool {
         self.trial
@@ -514,7 +539,8 @@ impl<F: OtaFlash> Ota<F> {
         if self.state.phase != Phase::Downloading || self.state.offset >= o.size {
             return None;
         }
-        let len = (o.size - self.state.offset).min(u32::from(o.chunk_size)) as u16;
+        let chunk = o.chunk_size.min(self.max_chunk);
+        let len = (o.size - self.state.offset).min(u32::from(chunk)) as u16;
         Some(Action::Request {
             offset: self.state.offset,
             len,

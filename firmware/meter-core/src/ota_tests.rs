@@ -610,3 +610,64 @@ mod arbitrary_input {
         }
     }
 }
+
+#[test]
+fn a_meter_with_a_smaller_receive_buffer_asks_for_chunks_that_fit_it_and_the_update_completes() {
+    let image = new_image();
+    let offer = offer_json(NEW, &image, &key(), NEW);
+    let (mut ota, _, _) = boot(factory());
+    ota.set_max_chunk(100);
+    let mut queue: Vec<Action> = ota.on_offer(&offer).into_iter().collect();
+    let (mut lens, mut reset) = (Vec::new(), false);
+    while !queue.is_empty() && !reset {
+        match queue.remove(0) {
+            Action::Request { offset, len } => {
+                lens.push(len);
+                queue.extend(ota.on_chunk(&chunk(&image, offset, len)));
+            }
+            Action::Reset => reset = true,
+            Action::Report(_) | Action::Backoff => {}
+        }
+    }
+    assert!(reset, "the image was verified and the slot switched");
+    assert!(lens.iter().all(|&l| l <= 100), "{lens:?}");
+    assert_eq!(lens.len(), image.len().div_ceil(100));
+    let (ota, _, v) = boot(ota.into_flash());
+    assert_eq!(v, NEW);
+    assert!(ota.on_trial());
+}
+
+#[test]
+fn a_version_names_a_meter_only_by_its_whole_build_metadata() {
+    assert!(version_is_for_meter("1.4.0+METER001", "METER001"));
+    assert!(!version_is_for_meter("1.4.0+METER0011", "METER001"));
+    assert!(!version_is_for_meter("1.4.0+METER00", "METER001"));
+    assert!(!version_is_for_meter("1.4.0", "METER001"));
+    assert!(!version_is_for_meter("+METER001", "METER001"));
+    assert!(!version_is_for_meter("1.4.0+METER001+x", "METER001"));
+}
+
+#[test]
+fn an_other_meter_failure_reads_back_from_the_state_record_and_reports_its_code() {
+    let s = OtaState {
+        phase: Phase::Failed,
+        offer: None,
+        offset: 0,
+        error: Some(OtaError::OtherMeter),
+        attempts: 0,
+    };
+    let back = OtaState::from_bytes(&s.to_bytes()).unwrap();
+    assert_eq!(back, s);
+    let mut buf = [0u8; 160];
+    let st = Status {
+        phase: Phase::Failed,
+        version: Version::try_from("1.4.0+METER002").unwrap(),
+        offset: 0,
+        error: Some(OtaError::OtherMeter),
+    };
+    let n = st.to_json(&mut buf).unwrap();
+    assert_eq!(
+        core::str::from_utf8(&buf[..n]).unwrap(),
+        r#"{"state":"failed","version":"1.4.0+METER002","offset":0,"error":"other_meter"}"#
+    );
+}
