@@ -73,7 +73,7 @@ fn add_meter(api: SocketAddr) {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "POST /api/meters HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+        "POST /api/meters HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )

@@ -58,7 +58,8 @@ impl Api {
             let mut s = TcpStream::connect(self.addr).await.map_err(io)?;
             let body = body.map(Value::to_string).unwrap_or_default();
             let req = format!(
-                "{method} {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                self.addr,
                 body.len()
             );
             s.write_all(req.as_bytes()).await.map_err(io)?;
