@@ -191,6 +191,12 @@ pub enum Op {
     AccrueStanding {
         at: i64,
     },
+    /// The daemon's clock passed a local hour edge (`from` → `at`): meters whose `mayCut`
+    /// changed with their tariff's friendly hours or holidays get a fresh `command/balance`.
+    FriendlyEdge {
+        from: i64,
+        at: i64,
+    },
     /// A sink took delivery of every event through `through`, except the `dead` ones
     /// (`seq`, event JSON, reason), which go to the dead-letter table.
     SinkProgress {
@@ -265,6 +271,9 @@ pub enum Outcome {
     Rollout {
         id: i64,
     },
+    /// An op over many meters (the daemon's timers): what to tell each once committed. The
+    /// writer sends them and answers with the list emptied.
+    Swept(Vec<(MeterId, Notice)>),
     Done,
 }
 
@@ -343,6 +352,8 @@ pub enum Notice {
     Balance(BalanceCommand),
     /// The meter was removed or its secret changed: end its session.
     Revoked,
+    /// Send this `command/config` (the meter's limits changed with its tariff).
+    Config(crate::payload::ConfigCommand),
 }
 
 /// An op's result plus what to tell the meter once it is committed.
@@ -529,15 +540,24 @@ pub fn apply_with(
             }
             let data = json!({"action": "tariff_changed", "tariff": tariff});
             store::append_event(tx, "meter", Some(meter), *at, &data)?;
-            done()
+            // The new tariff's friendly hours and limits reach a connected meter at once.
+            let (account, _) = known_with_tariff(tx, meter, accounts)?;
+            let (balance, config) = meter_commands(&account, tariff.as_deref(), s, *at);
+            let mut notices = vec![(meter.clone(), Notice::Balance(balance))];
+            notices.extend(config.map(|c| (meter.clone(), Notice::Config(c))));
+            Ok(swept(notices))
         }
         Op::Emergency { meter, at } => apply_emergency(tx, meter, *at, s, accounts),
         Op::AccrueStanding { at } => {
+            let mut notices = Vec::new();
             for meter in store::meter_ids(tx)? {
-                accrue_standing(tx, &meter, *at, s, accounts)?;
+                if let Some(cmd) = accrue_standing(tx, &meter, *at, s, accounts)? {
+                    notices.push((meter, Notice::Balance(cmd)));
+                }
             }
-            done()
+            Ok(swept(notices))
         }
+        Op::FriendlyEdge { from, at } => friendly_edge(tx, *from, *at, s, accounts),
         Op::RemoveMeter { meter, at } => {
             if !store::delete_meter(tx, meter)? {
                 return Err(LedgerError::UnknownMeter(meter.clone()));
@@ -657,6 +677,81 @@ fn known_with_tariff(
             .map(|v| v.account),
     };
     Ok((newer.unwrap_or(row), tariff))
+}
+
+fn swept(notices: Vec<(MeterId, Notice)>) -> Applied {
+    Applied {
+        outcome: Outcome::Swept(notices),
+        notice: None,
+        state: None,
+        seen: None,
+    }
+}
+
+/// What a meter is sent for its account outside a report or payment (at subscription, after
+/// a tariff change): its balance priced by its tariff in force at `at`, and its limits as
+/// `command/config` (`None` when neither its tariff nor `[limits]` has any).
+pub fn meter_commands(
+    a: &Account,
+    tariff_name: Option<&str>,
+    s: &LedgerSettings,
+    at: i64,
+) -> (BalanceCommand, Option<crate::payload::ConfigCommand>) {
+    let pricing = &s.tariff;
+    let tariff = pricing.in_force(tariff_name, at);
+    let p = PriceAt {
+        tariff: &tariff,
+        zone: pricing.zone,
+        at_ms: at,
+    };
+    let config = pricing.limits_for(tariff_name, at).map(|l| {
+        l.config_command(s.rules.low_balance_wh, pricing.zone.offset_minutes() as i16)
+    });
+    (balance_command_priced(a, p), config)
+}
+
+/// Whether a meter on `name` may be cut at `at` for lack of credit (outside friendly hours).
+fn may_cut_at(s: &LedgerSettings, name: Option<&str>, at: i64) -> bool {
+    !crate::tariff::account::is_friendly(&s.tariff.in_force(name, at), s.tariff.zone, at)
+}
+
+/// [`Op::FriendlyEdge`]: a fresh balance for each meter with a money account whose `mayCut`
+/// differs between `from` and `at`.
+fn friendly_edge(
+    tx: &Connection,
+    from: i64,
+    at: i64,
+    s: &LedgerSettings,
+    accounts: Accounts<'_>,
+) -> Result<Applied, LedgerError> {
+    let zone = s.tariff.zone;
+    // Most hour edges change nothing for any tariff: then no meter is read.
+    let versions = s.tariff.versions();
+    let any = versions.iter().any(|v| {
+        let friendly = |t| crate::tariff::account::is_friendly(v, zone, t);
+        friendly(from) != friendly(at)
+            || v.effective_from
+                .is_some_and(|d| (from + 1..=at).contains(&zone.midnight(d)))
+    });
+    if !any {
+        return Ok(swept(Vec::new()));
+    }
+    let mut notices = Vec::new();
+    for meter in store::meter_ids(tx)? {
+        let (account, name) = known_with_tariff(tx, &meter, accounts)?;
+        let name = name.as_deref();
+        if account.money.is_none() || may_cut_at(s, name, from) == may_cut_at(s, name, at) {
+            continue;
+        }
+        let tariff = tariff_for(s, &meter, name, at);
+        let p = PriceAt {
+            tariff: &tariff,
+            zone,
+            at_ms: at,
+        };
+        notices.push((meter, Notice::Balance(balance_command_priced(&account, p))));
+    }
+    Ok(swept(notices))
 }
 
 fn revoked(meter: &MeterId) -> Result<Applied, LedgerError> {
@@ -914,18 +1009,19 @@ fn apply_emergency(
     })
 }
 
-/// Charges the standing-charge periods due by `at` (nothing is written when none is due).
+/// Charges the standing-charge periods due by `at` (nothing is written when none is due);
+/// the meter's new balance command when something was charged.
 fn accrue_standing(
     tx: &Connection,
     meter: &MeterId,
     at: i64,
     s: &LedgerSettings,
     accounts: Accounts<'_>,
-) -> Result<(), LedgerError> {
+) -> Result<Option<BalanceCommand>, LedgerError> {
     let (mut account, tariff_name) = known_with_tariff(tx, meter, accounts)?;
     let tariff = tariff_for(s, meter, tariff_name.as_deref(), at);
     if tariff.standing_charge.is_none() {
-        return Ok(());
+        return Ok(None);
     }
     let p = PriceAt {
         tariff: &tariff,
@@ -935,13 +1031,14 @@ fn accrue_standing(
     let m = account.ensure_money(p);
     let c = m.accrue_standing(p.tariff, at);
     if c.cents == 0 {
-        return Ok(());
+        return Ok(None);
     }
     account.balance_wh = ledger::units_shown(m, p);
     account.ledger_seq += 1;
     let data = json!({"action": "standing_charge", "tariff": tariff.name, "periods": c.periods,
         "cents": c.cents, "fromBalanceCents": c.from_balance, "toDebtCents": c.to_debt});
-    save_with_event(tx, meter, &account, at, data)
+    save_with_event(tx, meter, &account, at, data)?;
+    Ok(Some(balance_command_priced(&account, p)))
 }
 
 fn apply_unapplied(
@@ -1096,7 +1193,7 @@ impl Writer {
                         bell.ring();
                     }
                     if tick {
-                        watch.check(&conn, &notify, &metrics);
+                        watch.check(&conn, &settings, &notify, &metrics);
                         ticks += 1;
                         if ticks % FOLD_EVERY_TICKS == 0 {
                             // Even with no report since the last fold: `folded_seq` then
@@ -1322,11 +1419,16 @@ fn commit_batch(
             metrics.inc("umeme_ledger_commits_total", &[]);
             for (job, result) in batch.drain(..).zip(results) {
                 let reply = match result {
-                    Ok(applied) => {
+                    Ok(mut applied) => {
                         live.add(&applied);
                         metrics.inc("umeme_ledger_ops_total", &[]);
                         if let Some((meter, notice)) = applied.notice {
                             notify(&meter, notice);
+                        }
+                        if let Outcome::Swept(notices) = &mut applied.outcome {
+                            for (meter, notice) in notices.drain(..) {
+                                notify(&meter, notice);
+                            }
                         }
                         Ok(applied.outcome)
                     }
@@ -1386,7 +1488,7 @@ impl ExternalWatch {
         }
     }
 
-    fn check(&mut self, conn: &Connection, notify: &Notify, metrics: &Metrics) {
+    fn check(&mut self, conn: &Connection, s: &LedgerSettings, notify: &Notify, metrics: &Metrics) {
         // The newest seq first: the CLI may commit between the two reads, and what it adds
         // after `newest` is left for the next tick.
         let read = store::last_event_seq(conn)
@@ -1411,7 +1513,11 @@ impl ExternalWatch {
             let Ok(meter) = MeterId::parse(&meter) else {
                 continue;
             };
-            let account = store::account(conn, &meter).ok().flatten();
+            let account = store::account_and_tariff(conn, &meter).ok().flatten();
+            // Priced like the writer's own notices: the tariff's friendly hours and limits.
+            let commands = |(a, name): (Account, Option<String>)| {
+                meter_commands(&a, name.as_deref(), s, store::now_ms())
+            };
             match (kind.as_str(), account) {
                 ("payment", Some(a)) => {
                     metrics.inc(
@@ -1421,10 +1527,7 @@ impl ExternalWatch {
                             ("outcome", "credited"),
                         ],
                     );
-                    notify(
-                        &meter,
-                        Notice::Balance(balance_command_for(&a, store::now_ms())),
-                    )
+                    notify(&meter, Notice::Balance(commands(a).0))
                 }
                 // The account changed (`source` holds a meter event's action): a new balance.
                 ("meter", Some(a))
@@ -1433,10 +1536,15 @@ impl ExternalWatch {
                         Some("emergency_credit" | "standing_charge")
                     ) =>
                 {
-                    notify(
-                        &meter,
-                        Notice::Balance(balance_command_for(&a, store::now_ms())),
-                    )
+                    notify(&meter, Notice::Balance(commands(a).0))
+                }
+                // Another tariff: its friendly hours and limits.
+                ("meter", Some(a)) if source.as_deref() == Some("tariff_changed") => {
+                    let (balance, config) = commands(a);
+                    notify(&meter, Notice::Balance(balance));
+                    if let Some(c) = config {
+                        notify(&meter, Notice::Config(c));
+                    }
                 }
                 ("meter", _) => notify(&meter, Notice::Revoked),
                 _ => {}

@@ -499,6 +499,8 @@ fn build(p: &Params) -> Tariff {
             holidays: vec![date_plus(anchor, 1)],
         },
         debt_recovery_percent: p.recovery.map(Decimal),
+        emergency_auto: false,
+        limits: None,
     };
     t.validate()
         .unwrap_or_else(|e| panic!("generated tariff invalid: {e:?}"));
