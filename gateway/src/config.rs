@@ -1900,7 +1900,9 @@ impl Tariff {
     /// The limits a meter on `meter_tariff` enforces at `at_ms`: its tariff version's
     /// `limits`, else the site's `[limits]`, else none (no `command/config` is sent).
     pub fn limits_for(&self, meter_tariff: Option<&str>, at_ms: i64) -> Option<MeterLimits> {
-        self.in_force(meter_tariff, at_ms).limits.or(self.site_limits)
+        self.in_force(meter_tariff, at_ms)
+            .limits
+            .or(self.site_limits)
     }
 
     /// Every configured version (empty without `[[tariffs]]`: the implicit tariff has no

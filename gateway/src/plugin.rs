@@ -602,6 +602,9 @@ impl HostServices {
                 };
                 Ok(serde_json::to_string(&r).unwrap_or_default())
             }
+            // Kept as unapplied by the ledger; the source hears why (`below_minimum_topup: …`)
+            // and may keep it too (the same source and reference: one row).
+            Outcome::Unapplied { reason } => Err((abi::REJECTED, reason)),
             _ => Err((abi::BUSY, "unexpected ledger outcome".into())),
         }
     }

@@ -271,6 +271,11 @@ pub enum Outcome {
     Rollout {
         id: i64,
     },
+    /// A payment below its tariff's `minimum_topup` from a payment source: not credited, kept
+    /// as an unapplied payment with this reason (`payment apply` credits it).
+    Unapplied {
+        reason: String,
+    },
     /// An op over many meters (the daemon's timers): what to tell each once committed. The
     /// writer sends them and answers with the list emptied.
     Swept(Vec<(MeterId, Notice)>),
@@ -396,7 +401,7 @@ pub fn apply_with(
 ) -> Result<Applied, LedgerError> {
     match op {
         Op::Report { meter, report, at } => apply_report(tx, meter, report, *at, s, accounts),
-        Op::Credit(c) => apply_credit(tx, c, s, accounts),
+        Op::Credit(c) => apply_credit(tx, c, s, accounts, true),
         Op::Status { meter, status, at } => {
             if let Some(trip) = &status.trip {
                 // A power trip is an alert, not a state of the meter: its status stays.
@@ -478,27 +483,7 @@ pub fn apply_with(
             seen: None,
         }),
         Op::RecordUnapplied(u) => {
-            // Credited already (references are unique per site, whatever the source): nothing
-            // is left to apply.
-            let reference = ledger::payment_reference(&u.reference).unwrap_or(&u.reference);
-            if store::payment_by_reference(tx, reference)?.is_some() {
-                return done();
-            }
-            let retention = store::UNAPPLIED_RETENTION.as_millis() as i64;
-            store::prune_unapplied(tx, &u.source, u.received_at - retention)?;
-            let open = store::unapplied_open(tx, &u.source)?;
-            // A reference already kept is a retry: answered, and not counted against the cap.
-            let known = store::unapplied_by_reference(tx, &u.reference)?
-                .iter()
-                .any(|k| k.source == u.source);
-            if !known && open >= store::UNAPPLIED_MAX_OPEN_PER_SOURCE {
-                return Err(LedgerError::Full(format!(
-                    "{open} unapplied payments of {} wait for the operator (at most {}); apply or wait for them to age out",
-                    u.source,
-                    store::UNAPPLIED_MAX_OPEN_PER_SOURCE
-                )));
-            }
-            store::insert_unapplied(tx, u)?;
+            record_unapplied(tx, u)?;
             done()
         }
         Op::ApplyUnapplied {
@@ -704,9 +689,9 @@ pub fn meter_commands(
         zone: pricing.zone,
         at_ms: at,
     };
-    let config = pricing.limits_for(tariff_name, at).map(|l| {
-        l.config_command(s.rules.low_balance_wh, pricing.zone.offset_minutes() as i16)
-    });
+    let config = pricing
+        .limits_for(tariff_name, at)
+        .map(|l| l.config_command(s.rules.low_balance_wh, pricing.zone.offset_minutes() as i16));
     (balance_command_priced(a, p), config)
 }
 
@@ -862,11 +847,16 @@ fn apply_report(
     })
 }
 
+/// Sources that are the operator's own hand (the CLI's `credit`, the dashboard's cash top-up):
+/// the minimum top-up is for payers, not for them.
+const OPERATOR_SOURCES: [&str; 2] = ["manual", "cash"];
+
 fn apply_credit(
     tx: &Connection,
     c: &Credit,
     s: &LedgerSettings,
     accounts: Accounts<'_>,
+    enforce_minimum: bool,
 ) -> Result<Applied, LedgerError> {
     let reference = ledger::payment_reference(&c.reference).ok_or(LedgerError::BadReference)?;
     if let Some(first) = store::payment_by_reference(tx, reference)? {
@@ -904,6 +894,46 @@ fn apply_credit(
         zone: s.tariff.zone,
         at_ms: c.at,
     };
+    if enforce_minimum
+        && !OPERATOR_SOURCES.contains(&c.source.as_str())
+        && !tariff.accepts_topup(c.amount_cents)
+    {
+        // The money moved (M-Pesa validation could not refuse it): kept, not lost, and not
+        // credited below the tariff's minimum.
+        let reason = format!(
+            "below_minimum_topup: KES {} is below tariff {}'s minimum top-up of KES {}",
+            crate::consumption::cents_kes(c.amount_cents),
+            tariff.name,
+            tariff.minimum_topup
+        );
+        tracing::warn!(
+            source = %Untrusted(&c.source),
+            reference = %Untrusted(reference),
+            meter = %c.meter,
+            amount_cents = c.amount_cents,
+            tariff = %tariff.name,
+            "payment below the minimum top-up: not credited, kept as unapplied"
+        );
+        let u = store::UnappliedRow {
+            source: c.source.clone(),
+            reference: reference.to_string(),
+            amount_cents: c.amount_cents,
+            account: c.meter.to_string(),
+            phone: c.phone.clone(),
+            reason: reason.clone(),
+            raw: None,
+            received_at: c.at,
+            applied_meter: None,
+            applied_at: None,
+        };
+        record_unapplied(tx, &u)?;
+        return Ok(Applied {
+            outcome: Outcome::Unapplied { reason },
+            notice: None,
+            state: None,
+            seen: None,
+        });
+    }
     let before_wh = account.ensure_money(p).clone();
     let before_wh = ledger::units_shown(&before_wh, p);
     let (paid, standing) = account.credit_priced(c.amount_cents, p);
@@ -1041,6 +1071,33 @@ fn accrue_standing(
     Ok(Some(balance_command_priced(&account, p)))
 }
 
+/// Keeps a payment that credits no meter for the operator (a payment source's, or one below
+/// its tariff's minimum top-up); nothing when its reference was credited already.
+fn record_unapplied(tx: &Connection, u: &store::UnappliedRow) -> Result<(), LedgerError> {
+    // Credited already (references are unique per site, whatever the source): nothing is
+    // left to apply.
+    let reference = ledger::payment_reference(&u.reference).unwrap_or(&u.reference);
+    if store::payment_by_reference(tx, reference)?.is_some() {
+        return Ok(());
+    }
+    let retention = store::UNAPPLIED_RETENTION.as_millis() as i64;
+    store::prune_unapplied(tx, &u.source, u.received_at - retention)?;
+    let open = store::unapplied_open(tx, &u.source)?;
+    // A reference already kept is a retry: answered, and not counted against the cap.
+    let known = store::unapplied_by_reference(tx, &u.reference)?
+        .iter()
+        .any(|k| k.source == u.source);
+    if !known && open >= store::UNAPPLIED_MAX_OPEN_PER_SOURCE {
+        return Err(LedgerError::Full(format!(
+                "{open} unapplied payments of {} wait for the operator (at most {}); apply or wait for them to age out",
+                u.source,
+                store::UNAPPLIED_MAX_OPEN_PER_SOURCE
+            )));
+    }
+    store::insert_unapplied(tx, u)?;
+    Ok(())
+}
+
 fn apply_unapplied(
     tx: &Connection,
     reference: &str,
@@ -1082,7 +1139,8 @@ fn apply_unapplied(
         at,
         phone: None,
     };
-    let applied = apply_credit(tx, &credit, s, accounts)?;
+    // The operator's decision: a kept payment below the minimum top-up is credited.
+    let applied = apply_credit(tx, &credit, s, accounts, false)?;
     if let Outcome::Credited {
         payment,
         duplicate: true,
@@ -1422,6 +1480,14 @@ fn commit_batch(
                     Ok(mut applied) => {
                         live.add(&applied);
                         metrics.inc("umeme_ledger_ops_total", &[]);
+                        if let (Op::Credit(c), Outcome::Unapplied { .. }) =
+                            (&job.op, &applied.outcome)
+                        {
+                            metrics.inc(
+                                "umeme_payments_total",
+                                &[("source", &c.source), ("outcome", "below_minimum")],
+                            );
+                        }
                         if let Some((meter, notice)) = applied.notice {
                             notify(&meter, notice);
                         }

@@ -75,11 +75,15 @@ fn a_meter_is_told_when_friendly_hours_begin_and_end_and_when_the_timer_charges_
     gw.start();
     // The timer at start charges today's standing charge: the meter is in debt.
     let owed = |gw: &Gateway| gw.meter("METER001")["debt_kes"]["standing"].clone();
-    eventually("today's standing charge", || (owed(&gw) == "1.00").then_some(()));
+    eventually("today's standing charge", || {
+        (owed(&gw) == "1.00").then_some(())
+    });
     // 19:00 two days later: two more daily charges, by the hour-edge timer.
     let d0 = day0();
     set_clock(&gw, d0 + 19 * HOUR);
-    eventually("two more daily charges", || (owed(&gw) == "3.00").then_some(()));
+    eventually("two more daily charges", || {
+        (owed(&gw) == "3.00").then_some(())
+    });
 
     // Subscribing in friendly hours: the meter may not cut, and the relay stays on.
     let mut m = gw.connect("METER001", SECRET);
@@ -182,7 +186,12 @@ limits = { power_cap_w = 5, max_trips = 2 }
         .unwrap_or_default()
         .to_string();
     // The file's line of `limits = …`, then a column.
-    let pos: Vec<&str> = line.split("gateway.toml:").nth(1).unwrap().split(':').collect();
+    let pos: Vec<&str> = line
+        .split("gateway.toml:")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .collect();
     let config = std::fs::read_to_string(gw.dir.path().join("gateway.toml")).unwrap();
     let expected = config
         .lines()
@@ -191,4 +200,47 @@ limits = { power_cap_w = 5, max_trips = 2 }
         + 1;
     assert_eq!(pos[0].trim(), expected.to_string(), "{err}");
     assert!(pos[1].trim().parse::<usize>().is_ok(), "{err}");
+}
+
+/// KES 20 minimum top-up.
+const MINIMUM: &str = r#"
+[ledger]
+default_tariff = "domestic"
+
+[[tariffs]]
+name = "domestic"
+bands = [{ from_kwh = 0, price = "20" }]
+minimum_topup = "20.00"
+"#;
+
+#[test]
+fn a_payment_below_the_minimum_top_up_is_kept_as_unapplied_with_its_reason_not_credited() {
+    let mut gw = Gateway::new(MINIMUM);
+    gw.add_meter("METER001", SECRET);
+    gw.start();
+    let body = r#"{"meter_no":"METER001","amount":10,"reference":"SMALL1"}"#;
+    let (status, v) = gw.http("POST", "/daraja/simulate", Some(body));
+    assert_eq!(status, 422, "{v}");
+    let why = v.to_string();
+    assert!(why.contains("below_minimum_topup"), "{why}");
+    assert!(why.contains("minimum top-up of KES 20.00"), "{why}");
+    assert_eq!(gw.balance_wh("METER001"), 0);
+    assert_eq!(
+        gw.metric("umeme_payments_total{source=\"simulate\",outcome=\"below_minimum\"}"),
+        1.0
+    );
+    gw.assert_log("payment below the minimum top-up: not credited, kept as unapplied");
+    // Kept for the operator, with the reason; the same payment again is the same row.
+    let (status, _) = gw.http("POST", "/daraja/simulate", Some(body));
+    assert_eq!(status, 422);
+    let listed = ok(&gw.cli(&["payment", "list", "--unapplied"]));
+    assert!(listed.contains("SIM-SMALL1"), "{listed}");
+    assert!(listed.contains("below_minimum_topup"), "{listed}");
+    assert_eq!(listed.matches("SIM-SMALL1").count(), 1, "{listed}");
+    // The operator decides: applied, it credits (500 Wh at KES 20/kWh).
+    ok(&gw.cli(&["payment", "apply", "SIM-SMALL1", "METER001"]));
+    assert_eq!(gw.balance_wh("METER001"), 500);
+    // At the minimum it credits at once.
+    gw.simulate("METER001", 20.0);
+    assert_eq!(gw.balance_wh("METER001"), 1_500);
 }
