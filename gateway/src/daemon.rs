@@ -202,6 +202,7 @@ impl Gateway {
                         writer.clone(),
                         db_path.clone(),
                         hub.clone(),
+                        config.ledger.tariff.clone(),
                     );
                     Box::new(PluginSink::new(lib, &sink.config, services, sink.timeout))
                 }
@@ -236,6 +237,7 @@ impl Gateway {
                 writer.clone(),
                 db_path.clone(),
                 hub.clone(),
+                config.ledger.tariff.clone(),
             );
             sources.push(SourceSupervisor::spawn(
                 lib,
