@@ -828,6 +828,14 @@ fn apply_report(
         ),
     };
     let seq = store::append_consumption(tx, meter, at, &record)?;
+    if priced.as_ref().is_some_and(|c| c.auto_emergency) {
+        // Granted without a request (`emergency_auto`): said like a request, so sinks, the
+        // statement and the operator see it; the consumption event holds the account.
+        tracing::info!(meter = %meter, tariff = %tariff.name, "credit ran out: emergency credit granted automatically (once until the next payment)");
+        let data = json!({"action": "emergency_credit", "auto": true, "tariff": tariff.name,
+            "limitKes": tariff.emergency_credit.to_string(), "standingCents": 0});
+        store::append_event(tx, "meter", Some(meter), at, &data)?;
+    }
     for alert in &applied.alerts {
         let data = json!({"alert": alert.as_str(), "balanceWh": account.balance_wh,
                           "balance": wh_to_units(account.balance_wh), "relay": account.relay()});
@@ -1725,7 +1733,7 @@ mod tests {
         own_payment(&mut own, &mut watch, "OWN-1");
         apply_now(&mut cli, &credit(&meter, "CLI-2"), &s).unwrap();
         own_payment(&mut own, &mut watch, "OWN-2");
-        watch.check(&own, &notify, &metrics);
+        watch.check(&own, &s, &notify, &metrics);
         assert_eq!(heard.lock().unwrap().len(), 2);
         let counted = [("source", "manual"), ("outcome", "credited")];
         assert_eq!(metrics.get("umeme_payments_total", &counted), 2.0);
@@ -1735,7 +1743,7 @@ mod tests {
         );
         // Nothing new: nothing announced, nothing counted again.
         own_payment(&mut own, &mut watch, "OWN-3");
-        watch.check(&own, &notify, &metrics);
+        watch.check(&own, &s, &notify, &metrics);
         assert_eq!(heard.lock().unwrap().len(), 2);
         assert_eq!(metrics.get("umeme_payments_total", &counted), 2.0);
     }

@@ -244,3 +244,88 @@ fn a_payment_below_the_minimum_top_up_is_kept_as_unapplied_with_its_reason_not_c
     gw.simulate("METER001", 20.0);
     assert_eq!(gw.balance_wh("METER001"), 1_500);
 }
+
+/// KES 20/kWh; KES 10 of emergency credit, granted automatically.
+const AUTO: &str = r#"
+[ledger]
+default_tariff = "auto"
+
+[[tariffs]]
+name = "auto"
+bands = [{ from_kwh = 0, price = "20" }]
+emergency_credit = "10.00"
+emergency_auto = true
+"#;
+
+/// Publishes a v2 report and returns the `command/balance` it caused.
+fn report(m: &mut RawMeter, seq: u32, energy_wh: u64) -> Value {
+    let topic = command("METER001", "balance");
+    let payload = v2_payload("METER001", seq, energy_wh);
+    for p in m.publish_acked("smartmeter/METER001/consumption", &payload, seq as u16) {
+        if let rumqttc::mqttbytes::v4::Packet::Publish(p) = p {
+            if p.qos == rumqttc::mqttbytes::QoS::AtLeastOnce {
+                m.send(rumqttc::mqttbytes::v4::Packet::PubAck(
+                    rumqttc::mqttbytes::v4::PubAck::new(p.pkid),
+                ));
+            }
+            if p.topic == topic {
+                return balance_json(&p);
+            }
+        }
+    }
+    balance_json(&m.next_publish(&topic))
+}
+
+/// Emergency credit grants in this month's statement (the automatic ones are events like a
+/// request's).
+fn auto_grants(gw: &Gateway) -> u64 {
+    let (status, st) = gw.http("GET", "/api/meters/METER001/statement", None);
+    assert_eq!(status, 200, "{st}");
+    st["emergency_requests"].as_u64().unwrap()
+}
+
+#[test]
+fn emergency_auto_grants_emergency_credit_once_when_the_credit_runs_out_and_again_after_a_payment()
+{
+    let mut gw = Gateway::new(AUTO);
+    gw.add_meter("METER001", SECRET);
+    gw.start();
+    let mut m = gw.connect("METER001", SECRET);
+    let topic = command("METER001", "balance");
+    m.subscribe(&topic, 1);
+    let _ = m.next_publish(&topic);
+    gw.simulate("METER001", 10.0);
+    let paid = balance_json(&m.next_publish(&topic));
+    assert_eq!(paid["balanceWh"], 500, "{paid}");
+    m.publish_acked(
+        "smartmeter/METER001/consumption",
+        &v2_payload("METER001", 1, 0),
+        1,
+    );
+    // The KES 10 is used up: KES 10 of emergency credit without a request (500 Wh more).
+    let out = report(&mut m, 2, 500);
+    assert_eq!(out["balanceWh"], 500, "{out}");
+    assert_eq!(out["relay"], "on", "{out}");
+    assert_eq!(auto_grants(&gw), 1);
+    let meter = gw.meter("METER001");
+    assert_eq!(meter["emergency_in_use"], true, "{meter}");
+    // The emergency credit is used up too: no second grant before a payment.
+    let out = report(&mut m, 3, 1_000);
+    assert_eq!(out["balanceKes"], -10.0, "{out}");
+    assert_eq!(out["relay"], "off", "{out}");
+    let out = report(&mut m, 4, 1_100);
+    assert_eq!(out["balanceKes"], -12.0, "{out}");
+    assert_eq!(auto_grants(&gw), 1);
+    // KES 22 repays the KES 12 of debt first, KES 10 is balance; when that runs out, a
+    // second automatic grant.
+    gw.simulate("METER001", 22.0);
+    let paid = balance_json(&m.next_publish(&topic));
+    assert_eq!(paid["balanceKes"], 10.0, "{paid}");
+    let out = report(&mut m, 5, 1_600);
+    assert_eq!(out["balanceWh"], 500, "{out}");
+    assert_eq!(auto_grants(&gw), 2);
+    // The statement counts both and still adds up.
+    let (status, st) = gw.http("GET", "/api/meters/METER001/statement", None);
+    assert_eq!(status, 200, "{st}");
+    assert_eq!(st["addsUp"], true, "{st}");
+}
