@@ -8,6 +8,9 @@
 //! debited are always its floor. Its account is a plain reading of the rules: balance first,
 //! then emergency credit, then arrears; standing charges counted from the assignment day;
 //! payments repay emergency credit, standing charges, arrears, in that order.
+//!
+//! `tariff_month.rs` includes this file for its `Model` (a month at a mixed-tariff site through
+//! the real binary).
 
 use proptest::prelude::*;
 use std::collections::HashMap;
@@ -112,18 +115,18 @@ fn in_window(w: &HourWindow, f: HourFacts) -> bool {
     day_ok && hour_ok
 }
 
-struct Model {
+pub struct Model {
     t: Tariff,
     cal: Calendar,
     month: (i32, u8),
     month_wh: i64,
     /// Exact total consumed, in 10⁻¹⁴ KES (= 10⁻¹² cent).
     consumed_exact: i128,
-    debited_cents: i64,
-    balance: i64,
-    emergency: i64,
-    standing_debt: i64,
-    arrears: i64,
+    pub debited_cents: i64,
+    pub balance: i64,
+    pub emergency: i64,
+    pub standing_debt: i64,
+    pub arrears: i64,
     armed: bool,
     assigned_day: i64,
     standing_periods_charged: i64,
@@ -184,7 +187,7 @@ fn with_taxes(t: &Tariff, energy: i128, charges: &[i128]) -> i128 {
 }
 
 impl Model {
-    fn new(t: Tariff, offset_minutes: i32, assigned_ms: i64) -> Model {
+    pub fn new(t: Tariff, offset_minutes: i32, assigned_ms: i64) -> Model {
         let mut cal = Calendar {
             offset_ms: i64::from(offset_minutes) * 60_000,
             cache: HashMap::new(),
@@ -208,7 +211,7 @@ impl Model {
         }
     }
 
-    fn report(&mut self, start: i64, end: i64, wh: i64) -> i128 {
+    pub fn report(&mut self, start: i64, end: i64, wh: i64) -> i128 {
         let (mut energy, mut charges) = (0i128, vec![0i128; self.t.charges.len()]);
         let span = i128::from(end - start);
         for j in 1..=i128::from(wh) {
@@ -259,7 +262,7 @@ impl Model {
         self.standing_debt += cents - from_balance;
     }
 
-    fn pay(&mut self, cents: i64) {
+    pub fn pay(&mut self, cents: i64) {
         let mut budget = match self.t.debt_recovery_percent {
             None => cents,
             Some(p) => cents * p.0 / 10_000,
