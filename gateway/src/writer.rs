@@ -1747,4 +1747,83 @@ mod tests {
         assert_eq!(heard.lock().unwrap().len(), 2);
         assert_eq!(metrics.get("umeme_payments_total", &counted), 2.0);
     }
+
+    #[test]
+    fn a_friendly_edge_tells_only_the_meters_whose_may_cut_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("gateway.toml");
+        std::fs::write(
+            &cfg,
+            r#"
+[site]
+timezone = "UTC"
+[ledger]
+default_tariff = "nights"
+[[tariffs]]
+name = "nights"
+bands = [{ from_kwh = 0, price = "20" }]
+friendly = { windows = [{ days = "all", from_hour = 18, to_hour = 8 }] }
+[[tariffs]]
+name = "plain"
+bands = [{ from_kwh = 0, price = "20" }]
+"#,
+        )
+        .unwrap();
+        let config = crate::config::Config::load(Some(&cfg)).unwrap();
+        let s = LedgerSettings {
+            rules: Rules { low_balance_wh: 0 },
+            tariff: config.ledger.tariff.clone(),
+        };
+        let mut conn = store::open(&dir.path().join("gateway.db"), "site").unwrap();
+        let day = 1_800_000_000_000 - 1_800_000_000_000 % 86_400_000;
+        let at = |h: i64, m: i64| day + h * 3_600_000 + m * 60_000;
+        let ids = ["NIGHT1", "PLAIN1", "UNPAID"].map(|m| MeterId::parse(m).unwrap());
+        for m in &ids {
+            let add = Op::AddMeter {
+                meter: m.clone(),
+                name: None,
+                phone: None,
+                secret_hash: "x".into(),
+                at: at(17, 0),
+            };
+            apply_now(&mut conn, &add, &s).unwrap();
+        }
+        let plain = Op::SetTariff {
+            meter: ids[1].clone(),
+            tariff: Some("plain".into()),
+            at: at(17, 0),
+        };
+        apply_now(&mut conn, &plain, &s).unwrap();
+        for (i, m) in ids[..2].iter().enumerate() {
+            let mut c = credit(m, &format!("PAY-{i}"));
+            if let Op::Credit(c) = &mut c {
+                c.at = at(17, 0);
+            }
+            apply_now(&mut conn, &c, &s).unwrap();
+        }
+        let edge = |conn: &mut Connection, from, to| {
+            let op = Op::FriendlyEdge { from, at: to };
+            match apply_now(conn, &op, &s).unwrap().outcome {
+                Outcome::Swept(n) => n,
+                other => panic!("{other:?}"),
+            }
+        };
+        // 18:00: only the meter on the tariff with friendly hours, and with an account.
+        let told = edge(&mut conn, at(17, 30), at(18, 30));
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(told[0].0, ids[0]);
+        let Notice::Balance(b) = &told[0].1 else {
+            panic!("{told:?}")
+        };
+        assert!(!b.may_cut);
+        // 19:00: nothing changed for anyone.
+        assert!(edge(&mut conn, at(18, 30), at(19, 30)).is_empty());
+        // 08:00 the next day: it may cut again.
+        let told = edge(&mut conn, at(31, 30), at(32, 30));
+        assert_eq!(told.len(), 1, "{told:?}");
+        let Notice::Balance(b) = &told[0].1 else {
+            panic!("{told:?}")
+        };
+        assert!(b.may_cut);
+    }
 }
