@@ -7,7 +7,9 @@
 //! calendar, keeps the exact running total of everything consumed and checks that the cents
 //! debited are always its floor. Its account is a plain reading of the rules: balance first,
 //! then emergency credit, then arrears; standing charges counted from the assignment day;
-//! payments repay emergency credit, standing charges, arrears, in that order.
+//! payments repay emergency credit, standing charges, arrears, in that order; with
+//! `emergency_auto`, the report that uses up the credit arms the emergency credit, once until
+//! the next payment.
 //!
 //! `tariff_month.rs` includes this file for its `Model` (a month at a mixed-tariff site through
 //! the real binary).
@@ -128,6 +130,8 @@ pub struct Model {
     pub standing_debt: i64,
     pub arrears: i64,
     armed: bool,
+    /// `emergency_auto` granted the credit since the last payment.
+    auto_used: bool,
     assigned_day: i64,
     standing_periods_charged: i64,
 }
@@ -206,6 +210,7 @@ impl Model {
             standing_debt: 0,
             arrears: 0,
             armed: false,
+            auto_used: false,
             assigned_day,
             standing_periods_charged: 0,
         }
@@ -239,6 +244,17 @@ impl Model {
         let from_balance = debit.min(self.balance);
         self.balance -= from_balance;
         let mut short = debit - from_balance;
+        // "Automatically once": the report that uses up the credit, until the next payment.
+        if debit > 0
+            && self.balance == 0
+            && self.t.emergency_auto
+            && !self.auto_used
+            && self.t.emergency_credit.0 > 0
+            && !self.armed
+        {
+            self.armed = true;
+            self.auto_used = true;
+        }
         if self.armed {
             let room = (self.t.emergency_credit.0 - self.emergency).max(0);
             let e = short.min(room);
@@ -282,6 +298,7 @@ impl Model {
         if self.emergency == 0 {
             self.armed = false;
         }
+        self.auto_used = false;
     }
 
     fn request_emergency(&mut self) {
@@ -382,6 +399,7 @@ struct Params {
     recovery: Option<i64>,
     friendly: Option<(u8, u8)>,
     start_offset_ms: i64,
+    emergency_auto: bool,
 }
 
 fn params() -> impl Strategy<Value = Params> {
@@ -402,6 +420,7 @@ fn params() -> impl Strategy<Value = Params> {
             prop::option::of(1i64..=10_000),
             prop::option::of((0u8..24, 0u8..24)),
             0i64..2 * DAY,
+            any::<bool>(),
         ),
     )
         .prop_map(|(a, b)| Params {
@@ -418,6 +437,7 @@ fn params() -> impl Strategy<Value = Params> {
             recovery: b.4,
             friendly: b.5,
             start_offset_ms: b.6,
+            emergency_auto: b.7,
         })
 }
 
@@ -502,7 +522,7 @@ fn build(p: &Params) -> Tariff {
             holidays: vec![date_plus(anchor, 1)],
         },
         debt_recovery_percent: p.recovery.map(Decimal),
-        emergency_auto: false,
+        emergency_auto: p.emergency_auto,
         limits: None,
     };
     t.validate()
@@ -588,6 +608,7 @@ proptest! {
                 (model.emergency, model.standing_debt, model.arrears)
             );
             prop_assert_eq!(acct.emergency_armed, model.armed);
+            prop_assert_eq!(acct.emergency_auto_used, model.auto_used);
             // No cent created or lost: debited cents + the carry are the exact total.
             prop_assert_eq!(i128::from(model.debited_cents) * FINE_PER_CENT + acct.carry_fine, exact_total);
             prop_assert_eq!(acct.may_cut(&t, zone, now), model.may_cut(now));
