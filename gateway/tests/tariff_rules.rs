@@ -166,6 +166,21 @@ fn a_meter_gets_its_tariffs_limits_else_the_sites_and_new_ones_when_its_tariff_c
 }
 
 #[test]
+fn check_config_prints_each_tariffs_own_limits_after_the_sites() {
+    let gw = Gateway::new(LIMITED);
+    let out = gw.cli(&["check-config"]);
+    let stdout = ok(&out);
+    assert!(
+        stdout.contains("limits the v2 meters enforce (command/config): power cap 3000 W"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  on tariff lifeline: power cap 500 W (trip after 10 s above it, reclose after 60 s, off after 2 trips in 30 minutes, also in friendly hours), daily allowance 2.500 kWh"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn check_config_refuses_a_tariffs_bad_limits_at_the_value_with_file_line_and_column() {
     let gw = Gateway::new(
         r#"
