@@ -3,8 +3,9 @@
 //! end, and each meter's ledger must equal the independent model of `tariff_model.rs`, fed
 //! with the arrival times the gateway stamped on each report.
 //!
-//! Raw MQTT meters, not meter-sim's virtual meters: meter-sim runs its own accelerated clock,
-//! which the gateway (pricing by its own clock) does not follow.
+//! The first test uses raw MQTT meters at fixed times; the second meter-sim's virtual meters,
+//! with meter-sim moving the gateway's debug clock along with its own
+//! (`SimConfig::gateway_clock_from_ms`).
 
 mod common;
 #[path = "tariff_model.rs"]
@@ -162,4 +163,132 @@ fn a_month_at_a_site_with_flat_and_banded_tou_meters_leaves_each_ledger_equal_to
             cents_text(model.balance)
         );
     }
+}
+
+/// meter-sim's virtual meters (v2 firmware logic, their own compressed clock) for a month at a
+/// site with both tariffs; meter-sim moves the gateway's debug clock with its own, so the
+/// gateway prices each report by simulated time. Every meter's ledger must then equal the
+/// model fed with the gateway's events (payments and consumption records, in order).
+#[test]
+fn meter_sim_runs_a_month_at_a_mixed_tariff_site_and_every_ledger_equals_the_model() {
+    use meter_sim::profile::Profile;
+    use std::time::Duration;
+    let config = format!(
+        "[site]\ntimezone = \"Africa/Nairobi\"\n\n[outbox]\nretention = \"90d\"\n\n[ledger]\ndefault_tariff = \"flat\"\n\n[[tariffs]]{FLAT}\n[[tariffs]]{BANDED_TOU}"
+    );
+    let mut gw = Gateway::new(&config);
+    let ids: Vec<String> = (1..=6).map(|n| format!("SIM{n:04}")).collect();
+    for (n, id) in ids.iter().enumerate() {
+        gw.add_meter(id, SECRET);
+        if n % 2 == 1 {
+            let out = gw.cli(&["meter", "set", id, "--tariff", "banded"]);
+            assert!(out.status.success(), "{out:?}");
+        }
+    }
+    gw.start();
+    let t0 = day0();
+    set_clock(&gw, t0);
+    let cfg = meter_sim::SimConfig {
+        broker: gw.broker,
+        api: gw.api,
+        meters: ids.len(),
+        id_prefix: "SIM".into(),
+        secret: SECRET.into(),
+        mode: meter_sim::Mode::V2,
+        profile: Profile::Daily {
+            base_ma: 100,
+            peak_ma: 2_000,
+        },
+        duration: Duration::from_secs(31 * 24 * 3600),
+        step: Duration::from_secs(6 * 3600),
+        report_every: 1,
+        // Six simulated hours in 200 ms: the month in about 25 s, and the gateway's clock
+        // (one request and fold a step) keeps up.
+        speed: 6.0 * 3600.0 * 5.0,
+        outage_fraction: 0.0,
+        reboot_fraction: 0.0,
+        initial_kes: 5_000.0,
+        topups: 6,
+        provision: false,
+        seed: 16,
+        settle_timeout: Duration::from_secs(10),
+        gateway_clock_from_ms: Some(t0),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let summary = rt.block_on(meter_sim::run(cfg)).unwrap();
+    // Not asserted: meter-sim's own check that each meter's last balance equals the gateway's
+    // `balance_wh` fails for about one banded-TOU meter in six (docs/tariffs.md, "Done and
+    // remaining"); what this test checks is the ledger against the model.
+    eprintln!("{summary}\n{:?}", summary.disagreements);
+    assert_eq!(summary.dropped, 0, "{summary}");
+    set_clock(&gw, t0 + 32 * DAY);
+
+    let db = rusqlite::Connection::open(gw.db_path()).unwrap();
+    let mut st = db
+        .prepare(
+            "SELECT kind, at, data FROM events
+             WHERE meter = ?1 AND kind IN ('payment', 'consumption') ORDER BY seq",
+        )
+        .unwrap();
+    let mut kwh_by_tariff = [0i64; 2];
+    for (n, id) in ids.iter().enumerate() {
+        let tariff: Tariff = toml::from_str(if n % 2 == 1 { BANDED_TOU } else { FLAT }).unwrap();
+        let events: Vec<(String, i64, rusqlite::types::Value)> = st
+            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mut model: Option<Model> = None;
+        let mut prev = 0;
+        let (mut reports, mut payments) = (0, 0);
+        for (kind, at, data) in events {
+            match (kind.as_str(), data) {
+                ("payment", rusqlite::types::Value::Text(t)) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    let m = model.get_or_insert_with(|| {
+                        prev = at;
+                        Model::new(tariff.clone(), 180, at)
+                    });
+                    m.pay(v["amountCents"].as_i64().unwrap());
+                    payments += 1;
+                }
+                ("consumption", rusqlite::types::Value::Blob(b)) => {
+                    let c = umeme_gateway::consumption::Consumption::decode(&b).unwrap();
+                    let m = model.as_mut().expect("credited before the first report");
+                    m.report(prev, at, c.debit_wh);
+                    kwh_by_tariff[n % 2] += c.debit_wh;
+                    prev = at;
+                    reports += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let model = model.unwrap();
+        assert!(reports >= 31 * 4, "{id}: {reports} reports");
+        let shown = gw.meter(id);
+        let net = model.balance - model.arrears - model.emergency;
+        assert_eq!(
+            shown["balance_kes"],
+            cents_text(model.balance),
+            "{id}: {shown}"
+        );
+        assert_eq!(
+            shown["debt_kes"]["arrears"],
+            cents_text(model.arrears),
+            "{id}: {shown}"
+        );
+        eprintln!(
+            "{id}: {reports} reports, {payments} payments, KES {} debited, net KES {}",
+            cents_text(model.debited_cents),
+            net as f64 / 100.0
+        );
+    }
+    eprintln!(
+        "Wh used: flat {}, banded + TOU {}",
+        kwh_by_tariff[0], kwh_by_tariff[1]
+    );
 }
