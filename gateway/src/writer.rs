@@ -809,6 +809,7 @@ fn apply_report(
         zone: s.tariff.zone,
         at_ms: at,
     };
+    let shown_before = account.balance_wh;
     let (applied, priced, standing) = account.apply_report_priced(report, &s.rules, p)?;
     if matches!(applied.kind, ReportKind::Stale | ReportKind::Repeat) {
         // A retry of something already applied: no event, no command.
@@ -841,7 +842,9 @@ fn apply_report(
                           "balance": wh_to_units(account.balance_wh), "relay": account.relay()});
         store::append_event(tx, "alert", Some(meter), at, &data)?;
     }
-    let notice = (applied.debit_wh != 0).then(|| {
+    // Also when only the price moved (a report without energy in another band or TOU period
+    // re-prices the credit): the meter must show what the ledger shows.
+    let notice = (applied.debit_wh != 0 || account.balance_wh != shown_before).then(|| {
         (
             meter.clone(),
             Notice::Balance(balance_command_priced(&account, p)),
