@@ -1119,6 +1119,7 @@ async fn simulate(State(st): St, body: Bytes) -> Response {
             }))
             .into_response()
         }
+        Ok(Outcome::Unapplied { reason }) => error(StatusCode::UNPROCESSABLE_ENTITY, reason),
         Ok(_) => internal("unexpected ledger outcome"),
         Err(LedgerError::UnknownMeter(m)) => {
             st.metrics.inc(

@@ -70,9 +70,10 @@ pub struct Broker {
     pub guards: MeterGuards,
     /// Per-IP and per-meter limits before CONNACK, and the refusal log's rate limit.
     pub admission: Admission,
-    /// `[limits]` as the `command/config` every meter gets with its balance; `None` without
-    /// the section (then nothing is sent, as before).
-    pub meter_config: Option<payload::ConfigCommand>,
+    /// The tariffs and rules: a subscribing meter's balance is priced by its tariff (friendly
+    /// hours: `mayCut`, relay), and it gets its tariff's `limits` (else `[limits]`) as
+    /// `command/config` (nothing without either, as before).
+    pub ledger: writer::LedgerSettings,
     /// Firmware offers and chunks (`crate::ota`).
     pub ota: Arc<OtaServer>,
     /// `max_connections` places shared by the plain and the TLS listener.
@@ -863,17 +864,18 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Connection<'a, S> {
         let account = self
             .broker
             .reader
-            .run(move |c| store::account(c, &meter))
+            .run(move |c| store::account_and_tariff(c, &meter))
             .await;
         match account {
-            Ok(Some(a)) => {
-                let cmd = writer::balance_command_for(&a, now_ms());
+            Ok(Some((a, tariff))) => {
+                let (cmd, config) =
+                    writer::meter_commands(&a, tariff.as_deref(), &self.broker.ledger, now_ms());
                 let payload = Bytes::from(serde_json::to_vec(&cmd).unwrap_or_default());
                 let _ = self.publish_command(s, "balance", payload, true).await;
                 // The limits follow, at every subscription: a restart with a changed
                 // `[limits]` reaches every meter as it reconnects. A meter keeps a lockout
                 // when the same limits come again.
-                if let Some(cfg) = &self.broker.meter_config {
+                if let Some(cfg) = &config {
                     let payload = Bytes::from(serde_json::to_vec(cfg).unwrap_or_default());
                     let _ = self.publish_command(s, "config", payload, true).await;
                 }

@@ -450,7 +450,25 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             );
             match &config.limits {
                 Some(l) => println!("limits the v2 meters enforce (command/config): {l}"),
+                None if config
+                    .ledger
+                    .tariff
+                    .versions()
+                    .iter()
+                    .any(|t| t.limits.is_some()) =>
+                {
+                    println!("limits the v2 meters enforce: none on tariffs without their own (no [limits] section)")
+                }
                 None => println!("limits the v2 meters enforce: none sent (no [limits] section)"),
+            }
+            // A tariff's own limits replace the site's for its meters.
+            for t in config.ledger.tariff.versions() {
+                if let Some(l) = &t.limits {
+                    let from = t
+                        .effective_from
+                        .map_or(String::new(), |d| format!(" from {d}"));
+                    println!("  on tariff {}{from}: {l}", t.name);
+                }
             }
             Ok(())
         }

@@ -549,17 +549,7 @@ impl Config {
         let l = p.ledger.unwrap_or_default();
         let a = p.api.unwrap_or_default();
         let o = p.outbox.unwrap_or_default();
-        let limits = p.limits.map(|x| {
-            let d = MeterLimits::default();
-            MeterLimits {
-                power_cap_w: x.power_cap_w.map_or(d.power_cap_w, |n| n.0),
-                trip_after_s: x.trip_after_s.map_or(d.trip_after_s, |n| n.0 as u32),
-                reclose_after_s: x.reclose_after_s.map_or(d.reclose_after_s, |n| n.0 as u32),
-                max_trips: x.max_trips.map_or(d.max_trips, |n| n.0 as u8),
-                daily_allowance_wh: x.daily_allowance_kwh.map_or(d.daily_allowance_wh, |n| n.0),
-                cap_in_friendly_hours: x.cap_in_friendly_hours.unwrap_or(d.cap_in_friendly_hours),
-            }
-        });
+        let limits = p.limits.map(MeterLimits::from);
         let site_zone = p
             .site
             .as_ref()
@@ -640,6 +630,7 @@ impl Config {
                         .units_per_kes
                         .unwrap_or(Tariff::from_units_per_kes_unchecked(0.05));
                     t.zone = site_zone;
+                    t.site_limits = limits;
                     t.versions = p
                         .tariffs
                         .into_iter()
@@ -1162,6 +1153,28 @@ struct PartialLimits {
     max_trips: Option<Bounded<1, 10>>,
     daily_allowance_kwh: Option<AllowanceKwh>,
     cap_in_friendly_hours: Option<bool>,
+}
+
+impl From<PartialLimits> for MeterLimits {
+    fn from(x: PartialLimits) -> MeterLimits {
+        let d = MeterLimits::default();
+        MeterLimits {
+            power_cap_w: x.power_cap_w.map_or(d.power_cap_w, |n| n.0),
+            trip_after_s: x.trip_after_s.map_or(d.trip_after_s, |n| n.0 as u32),
+            reclose_after_s: x.reclose_after_s.map_or(d.reclose_after_s, |n| n.0 as u32),
+            max_trips: x.max_trips.map_or(d.max_trips, |n| n.0 as u8),
+            daily_allowance_wh: x.daily_allowance_kwh.map_or(d.daily_allowance_wh, |n| n.0),
+            cap_in_friendly_hours: x.cap_in_friendly_hours.unwrap_or(d.cap_in_friendly_hours),
+        }
+    }
+}
+
+/// A `[[tariffs]]` entry's `limits = { … }`: the keys, ranges and errors of `[limits]`
+/// (the error's span is the value's, so it is reported at file:line:col like any other).
+pub(crate) fn tariff_limits<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<MeterLimits>, D::Error> {
+    Ok(Some(PartialLimits::deserialize(d)?.into()))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1805,6 +1818,8 @@ pub struct Tariff {
     default: String,
     /// The implicit flat tariff, built once (the report path must not allocate it).
     implicit: Arc<crate::tariff::Tariff>,
+    /// `[limits]`: what a meter whose tariff has no `limits` enforces.
+    pub site_limits: Option<MeterLimits>,
 }
 
 /// The name of the flat tariff a site without `[[tariffs]]` has.
@@ -1822,6 +1837,7 @@ impl Tariff {
             versions: Vec::new(),
             default: IMPLICIT_TARIFF.into(),
             implicit: Arc::new(Tariff::implicit(nano_units_per_kes)),
+            site_limits: None,
         }
     }
 
@@ -1879,6 +1895,20 @@ impl Tariff {
             .or_else(|| self.versions.first())
             .cloned()
             .expect("versions is not empty")
+    }
+
+    /// The limits a meter on `meter_tariff` enforces at `at_ms`: its tariff version's
+    /// `limits`, else the site's `[limits]`, else none (no `command/config` is sent).
+    pub fn limits_for(&self, meter_tariff: Option<&str>, at_ms: i64) -> Option<MeterLimits> {
+        self.in_force(meter_tariff, at_ms)
+            .limits
+            .or(self.site_limits)
+    }
+
+    /// Every configured version (empty without `[[tariffs]]`: the implicit tariff has no
+    /// friendly hours).
+    pub fn versions(&self) -> &[Arc<crate::tariff::Tariff>] {
+        &self.versions
     }
 
     pub fn units_per_kes(&self) -> f64 {

@@ -30,6 +30,8 @@ const FORMAT_MONEY: u8 = 2;
 const HAS_MONEY: u8 = 1;
 const ARMED: u8 = 2;
 const HAS_ITEMS: u8 = 4;
+/// `MoneyAccount::emergency_auto_used` (the money column's first byte: 2).
+const AUTO_USED: u8 = 8;
 
 // flags, byte 1
 const KIND_MASK: u8 = 0b0000_0111;
@@ -189,22 +191,26 @@ pub fn encode_money(m: &MoneyAccount, out: &mut Vec<u8>) {
 /// [`encode_money`]'s bytes (the `meters.money` column) back; the armed flag is its own byte
 /// there.
 pub fn money_column(m: &MoneyAccount) -> Vec<u8> {
-    let mut out = vec![u8::from(m.emergency_armed)];
+    let mut out = vec![u8::from(m.emergency_armed) | (u8::from(m.emergency_auto_used) << 1)];
     encode_money(m, &mut out);
     out
 }
 
 pub fn money_from_column(bytes: &[u8]) -> Result<MoneyAccount, DecodeError> {
     let mut r = Cursor { bytes, at: 0 };
-    let armed = r.byte()? != 0;
-    let m = decode_money(&mut r, armed)?;
+    let flags = r.byte()?;
+    let m = decode_money(&mut r, flags & 1 != 0, flags & 2 != 0)?;
     if r.at != bytes.len() {
         return Err(DecodeError::BadField);
     }
     Ok(m)
 }
 
-fn decode_money(r: &mut Cursor<'_>, armed: bool) -> Result<MoneyAccount, DecodeError> {
+fn decode_money(
+    r: &mut Cursor<'_>,
+    armed: bool,
+    auto_used: bool,
+) -> Result<MoneyAccount, DecodeError> {
     Ok(MoneyAccount {
         balance_cents: r.signed()?,
         carry_fine: i128::from(r.signed()?),
@@ -218,6 +224,7 @@ fn decode_money(r: &mut Cursor<'_>, armed: bool) -> Result<MoneyAccount, DecodeE
             wh: r.signed()?,
         },
         emergency_armed: armed,
+        emergency_auto_used: auto_used,
         standing_due_ms: r.signed()?,
         last_report_ms: r.signed()?,
     })
@@ -355,6 +362,9 @@ impl Consumption {
                 if m.emergency_armed {
                     mf |= ARMED;
                 }
+                if m.emergency_auto_used {
+                    mf |= AUTO_USED;
+                }
             }
             if self.itemised.is_some() {
                 mf |= HAS_ITEMS;
@@ -466,7 +476,7 @@ impl Consumption {
         if format == FORMAT_MONEY {
             let mf = r.byte()?;
             if mf & HAS_MONEY != 0 {
-                account.money = Some(decode_money(&mut r, mf & ARMED != 0)?);
+                account.money = Some(decode_money(&mut r, mf & ARMED != 0, mf & AUTO_USED != 0)?);
             }
             if mf & HAS_ITEMS != 0 {
                 let len = usize::try_from(r.varint()?).map_err(|_| DecodeError::BadField)?;
@@ -797,6 +807,7 @@ mod tests {
                 wh: 35_000,
             },
             emergency_armed: true,
+            emergency_auto_used: true,
             standing_due_ms: 1_772_398_800_000,
             last_report_ms: 1_772_470_000_123,
         }

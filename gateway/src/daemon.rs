@@ -138,6 +138,16 @@ impl Gateway {
             Notice::Revoked => {
                 notify_hub.send(meter, Outgoing::TakenOver);
             }
+            Notice::Config(cmd) => {
+                let payload = Bytes::from(serde_json::to_vec(&cmd).unwrap_or_default());
+                notify_hub.send(
+                    meter,
+                    Outgoing::Command {
+                        leaf: "config",
+                        payload,
+                    },
+                );
+            }
         });
         let settings = LedgerSettings {
             rules: Rules {
@@ -155,7 +165,7 @@ impl Gateway {
         let bell = Arc::new(Bell::default());
         let (writer, _writer_thread) = Writer::start(
             conn,
-            settings,
+            settings.clone(),
             options,
             notify,
             bell.clone(),
@@ -192,6 +202,7 @@ impl Gateway {
                         writer.clone(),
                         db_path.clone(),
                         hub.clone(),
+                        config.ledger.tariff.clone(),
                     );
                     Box::new(PluginSink::new(lib, &sink.config, services, sink.timeout))
                 }
@@ -226,6 +237,7 @@ impl Gateway {
                 writer.clone(),
                 db_path.clone(),
                 hub.clone(),
+                config.ledger.tariff.clone(),
             );
             sources.push(SourceSupervisor::spawn(
                 lib,
@@ -310,13 +322,7 @@ impl Gateway {
             reader: reader.clone(),
             metrics: metrics.clone(),
             guards: Default::default(),
-            // The meters count their daily allowance from local midnight of the site zone.
-            meter_config: config.limits.map(|l| {
-                l.config_command(
-                    config.ledger.low_balance_wh,
-                    config.ledger.tariff.zone.offset_minutes() as i16,
-                )
-            }),
+            ledger: settings.clone(),
             ota: ota_server.clone(),
         });
         let mut tasks = Vec::new();
@@ -413,6 +419,40 @@ impl Gateway {
                         let op = crate::writer::Op::AccrueStanding { at: ledger_clock_ms() };
                         if let Err(e) = charger.submit(op).await {
                             warn!(error = %e, "standing charges could not be applied; retried at the next run");
+                        }
+                    }
+                    _ = &mut done => return,
+                }
+            }
+        }));
+        // Friendly hours and holidays begin and end at local hour edges (and standing charges
+        // fall due at local midnight): at each edge of the ledger clock, connected meters whose
+        // `mayCut` changed, or that were charged, get a fresh balance. Checked every second, so
+        // a jump of the debug clock counts as an edge too.
+        let edges = writer.clone();
+        let zone_ms = i64::from(config.ledger.tariff.zone.offset_minutes()) * 60_000;
+        let done = stopped();
+        tasks.push(tokio::spawn(async move {
+            let hour = |t: i64| (t + zone_ms).div_euclid(3_600_000);
+            let mut last = ledger_clock_ms();
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            tokio::pin!(done);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {
+                        let now = ledger_clock_ms();
+                        if hour(now) == hour(last) {
+                            continue;
+                        }
+                        let from = std::mem::replace(&mut last, now);
+                        let ops = [
+                            crate::writer::Op::FriendlyEdge { from, at: now },
+                            crate::writer::Op::AccrueStanding { at: now },
+                        ];
+                        for op in ops {
+                            if let Err(e) = edges.submit(op).await {
+                                warn!(error = %e, "an hour edge's balances could not be sent; meters get them with their next balance change");
+                            }
                         }
                     }
                     _ = &mut done => return,

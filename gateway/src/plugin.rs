@@ -518,6 +518,8 @@ pub struct HostServices {
     pub writer: LedgerWriter,
     pub db_path: PathBuf,
     pub hub: Arc<Hub>,
+    /// The tariffs, for the minimum top-up at validation (`validate_payment`).
+    pricing: crate::config::Tariff,
     reader: Mutex<Option<rusqlite::Connection>>,
 }
 
@@ -528,6 +530,7 @@ impl HostServices {
         writer: LedgerWriter,
         db_path: PathBuf,
         hub: Arc<Hub>,
+        pricing: crate::config::Tariff,
     ) -> Arc<Self> {
         Arc::new(HostServices {
             plugin,
@@ -535,6 +538,7 @@ impl HostServices {
             writer,
             db_path,
             hub,
+            pricing,
             reader: Mutex::new(None),
         })
     }
@@ -602,6 +606,9 @@ impl HostServices {
                 };
                 Ok(serde_json::to_string(&r).unwrap_or_default())
             }
+            // Kept as unapplied by the ledger; the source hears why (`below_minimum_topup: …`)
+            // and may keep it too (the same source and reference: one row).
+            Outcome::Unapplied { reason } => Err((abi::REJECTED, reason)),
             _ => Err((abi::BUSY, "unexpected ledger outcome".into())),
         }
     }
@@ -618,6 +625,39 @@ impl HostServices {
             Ok(None) => Err((abi::REJECTED, format!("unknown meter {meter}"))),
             Err(e) => Err((abi::BUSY, e)),
         }
+    }
+
+    /// [`HostApi::validate_payment`]: the meter exists and the amount is at least its tariff's
+    /// minimum top-up now (the ledger keeps a smaller payment that arrives anyway as unapplied).
+    fn validate_payment(
+        &self,
+        meter: &[u8],
+        amount_cents: i64,
+    ) -> Result<String, (Status, String)> {
+        let meter = std::str::from_utf8(meter)
+            .ok()
+            .and_then(|m| MeterId::parse(m).ok());
+        let Some(meter) = meter else {
+            return Err((abi::REJECTED, "unknown_meter: not a meter number".into()));
+        };
+        let row = match self.read(|c| store::meter(c, &meter)) {
+            Ok(Some(row)) => row,
+            Ok(None) => return Err((abi::REJECTED, format!("unknown_meter: {meter}"))),
+            Err(e) => return Err((abi::BUSY, e)),
+        };
+        let tariff = self
+            .pricing
+            .in_force(row.tariff.as_deref(), store::now_ms());
+        if !tariff.accepts_topup(amount_cents) {
+            return Err((
+                abi::REJECTED,
+                format!(
+                    "below_minimum_topup: the minimum top-up for meter {meter} is KES {}",
+                    tariff.minimum_topup
+                ),
+            ));
+        }
+        Ok(String::new())
     }
 
     fn submit_command(&self, json: &[u8]) -> Result<String, (Status, String)> {
@@ -787,6 +827,17 @@ unsafe extern "C" fn host_validate_account(
     })
 }
 
+unsafe extern "C" fn host_validate_payment(
+    ctx: *mut c_void,
+    meter: Str,
+    amount_cents: i64,
+    out: *mut Writer,
+) -> Status {
+    answer(out, || {
+        unsafe { services(ctx) }.validate_payment(unsafe { meter.as_bytes() }, amount_cents)
+    })
+}
+
 unsafe extern "C" fn host_submit_command(
     ctx: *mut c_void,
     command: Str,
@@ -846,6 +897,7 @@ impl Table {
             kv_get: host_kv_get,
             kv_put: host_kv_put,
             record_unapplied: host_record_unapplied,
+            validate_payment: host_validate_payment,
         }));
         Table { api }
     }

@@ -692,6 +692,24 @@ pub fn account(conn: &Connection, id: &MeterId) -> Result<Option<Account>, Store
     })
 }
 
+/// [`account`] and the meter's tariff (`None`: the default), read together, for the balance
+/// and limits a meter is sent outside the writer (at subscription, after a CLI change).
+pub fn account_and_tariff(
+    conn: &Connection,
+    id: &MeterId,
+) -> Result<Option<(Account, Option<String>)>, StoreError> {
+    snapshot(conn, |tx| {
+        let Some((row, state_seq, tariff)) = account_row_with_tariff(tx, id)? else {
+            return Ok(None);
+        };
+        let account = match latest_unfolded(tx, id, state_seq)? {
+            Some(newer) => newer.record.account,
+            None => row,
+        };
+        Ok(Some((account, tariff)))
+    })
+}
+
 /// Writes an account to the meter's row as of event `state_seq` (a payment's, or a folded
 /// report's), unless the row is already as new; `Ok(false)` then.
 pub fn save_account(
@@ -1677,7 +1695,8 @@ pub fn meter_changes_after(conn: &Connection, after: i64) -> Result<Vec<MeterCha
          WHERE seq > ?1 AND meter IS NOT NULL
            AND (kind = 'payment' OR (kind = 'meter' AND typeof(data) = 'text'
                 AND json_extract(data, '$.action') IN ('removed', 'secret_changed', 'legacy_changed',
-                                                       'emergency_credit', 'standing_charge')))
+                                                       'emergency_credit', 'standing_charge',
+                                                       'tariff_changed')))
          ORDER BY seq",
     )?;
     let rows = st

@@ -191,6 +191,12 @@ pub enum Op {
     AccrueStanding {
         at: i64,
     },
+    /// The daemon's clock passed a local hour edge (`from` → `at`): meters whose `mayCut`
+    /// changed with their tariff's friendly hours or holidays get a fresh `command/balance`.
+    FriendlyEdge {
+        from: i64,
+        at: i64,
+    },
     /// A sink took delivery of every event through `through`, except the `dead` ones
     /// (`seq`, event JSON, reason), which go to the dead-letter table.
     SinkProgress {
@@ -265,6 +271,14 @@ pub enum Outcome {
     Rollout {
         id: i64,
     },
+    /// A payment below its tariff's `minimum_topup` from a payment source: not credited, kept
+    /// as an unapplied payment with this reason (`payment apply` credits it).
+    Unapplied {
+        reason: String,
+    },
+    /// An op over many meters (the daemon's timers): what to tell each once committed. The
+    /// writer sends them and answers with the list emptied.
+    Swept(Vec<(MeterId, Notice)>),
     Done,
 }
 
@@ -343,6 +357,8 @@ pub enum Notice {
     Balance(BalanceCommand),
     /// The meter was removed or its secret changed: end its session.
     Revoked,
+    /// Send this `command/config` (the meter's limits changed with its tariff).
+    Config(crate::payload::ConfigCommand),
 }
 
 /// An op's result plus what to tell the meter once it is committed.
@@ -385,7 +401,7 @@ pub fn apply_with(
 ) -> Result<Applied, LedgerError> {
     match op {
         Op::Report { meter, report, at } => apply_report(tx, meter, report, *at, s, accounts),
-        Op::Credit(c) => apply_credit(tx, c, s, accounts),
+        Op::Credit(c) => apply_credit(tx, c, s, accounts, true),
         Op::Status { meter, status, at } => {
             if let Some(trip) = &status.trip {
                 // A power trip is an alert, not a state of the meter: its status stays.
@@ -467,27 +483,7 @@ pub fn apply_with(
             seen: None,
         }),
         Op::RecordUnapplied(u) => {
-            // Credited already (references are unique per site, whatever the source): nothing
-            // is left to apply.
-            let reference = ledger::payment_reference(&u.reference).unwrap_or(&u.reference);
-            if store::payment_by_reference(tx, reference)?.is_some() {
-                return done();
-            }
-            let retention = store::UNAPPLIED_RETENTION.as_millis() as i64;
-            store::prune_unapplied(tx, &u.source, u.received_at - retention)?;
-            let open = store::unapplied_open(tx, &u.source)?;
-            // A reference already kept is a retry: answered, and not counted against the cap.
-            let known = store::unapplied_by_reference(tx, &u.reference)?
-                .iter()
-                .any(|k| k.source == u.source);
-            if !known && open >= store::UNAPPLIED_MAX_OPEN_PER_SOURCE {
-                return Err(LedgerError::Full(format!(
-                    "{open} unapplied payments of {} wait for the operator (at most {}); apply or wait for them to age out",
-                    u.source,
-                    store::UNAPPLIED_MAX_OPEN_PER_SOURCE
-                )));
-            }
-            store::insert_unapplied(tx, u)?;
+            record_unapplied(tx, u)?;
             done()
         }
         Op::ApplyUnapplied {
@@ -529,15 +525,24 @@ pub fn apply_with(
             }
             let data = json!({"action": "tariff_changed", "tariff": tariff});
             store::append_event(tx, "meter", Some(meter), *at, &data)?;
-            done()
+            // The new tariff's friendly hours and limits reach a connected meter at once.
+            let (account, _) = known_with_tariff(tx, meter, accounts)?;
+            let (balance, config) = meter_commands(&account, tariff.as_deref(), s, *at);
+            let mut notices = vec![(meter.clone(), Notice::Balance(balance))];
+            notices.extend(config.map(|c| (meter.clone(), Notice::Config(c))));
+            Ok(swept(notices))
         }
         Op::Emergency { meter, at } => apply_emergency(tx, meter, *at, s, accounts),
         Op::AccrueStanding { at } => {
+            let mut notices = Vec::new();
             for meter in store::meter_ids(tx)? {
-                accrue_standing(tx, &meter, *at, s, accounts)?;
+                if let Some(cmd) = accrue_standing(tx, &meter, *at, s, accounts)? {
+                    notices.push((meter, Notice::Balance(cmd)));
+                }
             }
-            done()
+            Ok(swept(notices))
         }
+        Op::FriendlyEdge { from, at } => friendly_edge(tx, *from, *at, s, accounts),
         Op::RemoveMeter { meter, at } => {
             if !store::delete_meter(tx, meter)? {
                 return Err(LedgerError::UnknownMeter(meter.clone()));
@@ -659,6 +664,81 @@ fn known_with_tariff(
     Ok((newer.unwrap_or(row), tariff))
 }
 
+fn swept(notices: Vec<(MeterId, Notice)>) -> Applied {
+    Applied {
+        outcome: Outcome::Swept(notices),
+        notice: None,
+        state: None,
+        seen: None,
+    }
+}
+
+/// What a meter is sent for its account outside a report or payment (at subscription, after
+/// a tariff change): its balance priced by its tariff in force at `at`, and its limits as
+/// `command/config` (`None` when neither its tariff nor `[limits]` has any).
+pub fn meter_commands(
+    a: &Account,
+    tariff_name: Option<&str>,
+    s: &LedgerSettings,
+    at: i64,
+) -> (BalanceCommand, Option<crate::payload::ConfigCommand>) {
+    let pricing = &s.tariff;
+    let tariff = pricing.in_force(tariff_name, at);
+    let p = PriceAt {
+        tariff: &tariff,
+        zone: pricing.zone,
+        at_ms: at,
+    };
+    let config = pricing
+        .limits_for(tariff_name, at)
+        .map(|l| l.config_command(s.rules.low_balance_wh, pricing.zone.offset_minutes() as i16));
+    (balance_command_priced(a, p), config)
+}
+
+/// Whether a meter on `name` may be cut at `at` for lack of credit (outside friendly hours).
+fn may_cut_at(s: &LedgerSettings, name: Option<&str>, at: i64) -> bool {
+    !crate::tariff::account::is_friendly(&s.tariff.in_force(name, at), s.tariff.zone, at)
+}
+
+/// [`Op::FriendlyEdge`]: a fresh balance for each meter with a money account whose `mayCut`
+/// differs between `from` and `at`.
+fn friendly_edge(
+    tx: &Connection,
+    from: i64,
+    at: i64,
+    s: &LedgerSettings,
+    accounts: Accounts<'_>,
+) -> Result<Applied, LedgerError> {
+    let zone = s.tariff.zone;
+    // Most hour edges change nothing for any tariff: then no meter is read.
+    let versions = s.tariff.versions();
+    let any = versions.iter().any(|v| {
+        let friendly = |t| crate::tariff::account::is_friendly(v, zone, t);
+        friendly(from) != friendly(at)
+            || v.effective_from
+                .is_some_and(|d| (from + 1..=at).contains(&zone.midnight(d)))
+    });
+    if !any {
+        return Ok(swept(Vec::new()));
+    }
+    let mut notices = Vec::new();
+    for meter in store::meter_ids(tx)? {
+        let (account, name) = known_with_tariff(tx, &meter, accounts)?;
+        let name = name.as_deref();
+        if account.money.is_none() || may_cut_at(s, name, from) == may_cut_at(s, name, at) {
+            continue;
+        }
+        let tariff = tariff_for(s, &meter, name, at);
+        let p = PriceAt {
+            tariff: &tariff,
+            zone,
+            at_ms: at,
+        };
+        notices.push((meter, Notice::Balance(balance_command_priced(&account, p))));
+    }
+    Ok(swept(notices))
+}
+
 fn revoked(meter: &MeterId) -> Result<Applied, LedgerError> {
     Ok(Applied {
         outcome: Outcome::Done,
@@ -729,6 +809,7 @@ fn apply_report(
         zone: s.tariff.zone,
         at_ms: at,
     };
+    let shown_before = account.balance_wh;
     let (applied, priced, standing) = account.apply_report_priced(report, &s.rules, p)?;
     if matches!(applied.kind, ReportKind::Stale | ReportKind::Repeat) {
         // A retry of something already applied: no event, no command.
@@ -748,12 +829,22 @@ fn apply_report(
         ),
     };
     let seq = store::append_consumption(tx, meter, at, &record)?;
+    if priced.as_ref().is_some_and(|c| c.auto_emergency) {
+        // Granted without a request (`emergency_auto`): said like a request, so sinks, the
+        // statement and the operator see it; the consumption event holds the account.
+        tracing::info!(meter = %meter, tariff = %tariff.name, "credit ran out: emergency credit granted automatically (once until the next payment)");
+        let data = json!({"action": "emergency_credit", "auto": true, "tariff": tariff.name,
+            "limitKes": tariff.emergency_credit.to_string(), "standingCents": 0});
+        store::append_event(tx, "meter", Some(meter), at, &data)?;
+    }
     for alert in &applied.alerts {
         let data = json!({"alert": alert.as_str(), "balanceWh": account.balance_wh,
                           "balance": wh_to_units(account.balance_wh), "relay": account.relay()});
         store::append_event(tx, "alert", Some(meter), at, &data)?;
     }
-    let notice = (applied.debit_wh != 0).then(|| {
+    // Also when only the price moved (a report without energy in another band or TOU period
+    // re-prices the credit): the meter must show what the ledger shows.
+    let notice = (applied.debit_wh != 0 || account.balance_wh != shown_before).then(|| {
         (
             meter.clone(),
             Notice::Balance(balance_command_priced(&account, p)),
@@ -767,11 +858,16 @@ fn apply_report(
     })
 }
 
+/// Sources that are the operator's own hand (the CLI's `credit`, the dashboard's cash top-up):
+/// the minimum top-up is for payers, not for them.
+const OPERATOR_SOURCES: [&str; 2] = ["manual", "cash"];
+
 fn apply_credit(
     tx: &Connection,
     c: &Credit,
     s: &LedgerSettings,
     accounts: Accounts<'_>,
+    enforce_minimum: bool,
 ) -> Result<Applied, LedgerError> {
     let reference = ledger::payment_reference(&c.reference).ok_or(LedgerError::BadReference)?;
     if let Some(first) = store::payment_by_reference(tx, reference)? {
@@ -809,6 +905,46 @@ fn apply_credit(
         zone: s.tariff.zone,
         at_ms: c.at,
     };
+    if enforce_minimum
+        && !OPERATOR_SOURCES.contains(&c.source.as_str())
+        && !tariff.accepts_topup(c.amount_cents)
+    {
+        // The money moved (M-Pesa validation could not refuse it): kept, not lost, and not
+        // credited below the tariff's minimum.
+        let reason = format!(
+            "below_minimum_topup: KES {} is below tariff {}'s minimum top-up of KES {}",
+            crate::consumption::cents_kes(c.amount_cents),
+            tariff.name,
+            tariff.minimum_topup
+        );
+        tracing::warn!(
+            source = %Untrusted(&c.source),
+            reference = %Untrusted(reference),
+            meter = %c.meter,
+            amount_cents = c.amount_cents,
+            tariff = %tariff.name,
+            "payment below the minimum top-up: not credited, kept as unapplied"
+        );
+        let u = store::UnappliedRow {
+            source: c.source.clone(),
+            reference: reference.to_string(),
+            amount_cents: c.amount_cents,
+            account: c.meter.to_string(),
+            phone: c.phone.clone(),
+            reason: reason.clone(),
+            raw: None,
+            received_at: c.at,
+            applied_meter: None,
+            applied_at: None,
+        };
+        record_unapplied(tx, &u)?;
+        return Ok(Applied {
+            outcome: Outcome::Unapplied { reason },
+            notice: None,
+            state: None,
+            seen: None,
+        });
+    }
     let before_wh = account.ensure_money(p).clone();
     let before_wh = ledger::units_shown(&before_wh, p);
     let (paid, standing) = account.credit_priced(c.amount_cents, p);
@@ -914,18 +1050,19 @@ fn apply_emergency(
     })
 }
 
-/// Charges the standing-charge periods due by `at` (nothing is written when none is due).
+/// Charges the standing-charge periods due by `at` (nothing is written when none is due);
+/// the meter's new balance command when something was charged.
 fn accrue_standing(
     tx: &Connection,
     meter: &MeterId,
     at: i64,
     s: &LedgerSettings,
     accounts: Accounts<'_>,
-) -> Result<(), LedgerError> {
+) -> Result<Option<BalanceCommand>, LedgerError> {
     let (mut account, tariff_name) = known_with_tariff(tx, meter, accounts)?;
     let tariff = tariff_for(s, meter, tariff_name.as_deref(), at);
     if tariff.standing_charge.is_none() {
-        return Ok(());
+        return Ok(None);
     }
     let p = PriceAt {
         tariff: &tariff,
@@ -935,13 +1072,41 @@ fn accrue_standing(
     let m = account.ensure_money(p);
     let c = m.accrue_standing(p.tariff, at);
     if c.cents == 0 {
-        return Ok(());
+        return Ok(None);
     }
     account.balance_wh = ledger::units_shown(m, p);
     account.ledger_seq += 1;
     let data = json!({"action": "standing_charge", "tariff": tariff.name, "periods": c.periods,
         "cents": c.cents, "fromBalanceCents": c.from_balance, "toDebtCents": c.to_debt});
-    save_with_event(tx, meter, &account, at, data)
+    save_with_event(tx, meter, &account, at, data)?;
+    Ok(Some(balance_command_priced(&account, p)))
+}
+
+/// Keeps a payment that credits no meter for the operator (a payment source's, or one below
+/// its tariff's minimum top-up); nothing when its reference was credited already.
+fn record_unapplied(tx: &Connection, u: &store::UnappliedRow) -> Result<(), LedgerError> {
+    // Credited already (references are unique per site, whatever the source): nothing is
+    // left to apply.
+    let reference = ledger::payment_reference(&u.reference).unwrap_or(&u.reference);
+    if store::payment_by_reference(tx, reference)?.is_some() {
+        return Ok(());
+    }
+    let retention = store::UNAPPLIED_RETENTION.as_millis() as i64;
+    store::prune_unapplied(tx, &u.source, u.received_at - retention)?;
+    let open = store::unapplied_open(tx, &u.source)?;
+    // A reference already kept is a retry: answered, and not counted against the cap.
+    let known = store::unapplied_by_reference(tx, &u.reference)?
+        .iter()
+        .any(|k| k.source == u.source);
+    if !known && open >= store::UNAPPLIED_MAX_OPEN_PER_SOURCE {
+        return Err(LedgerError::Full(format!(
+                "{open} unapplied payments of {} wait for the operator (at most {}); apply or wait for them to age out",
+                u.source,
+                store::UNAPPLIED_MAX_OPEN_PER_SOURCE
+            )));
+    }
+    store::insert_unapplied(tx, u)?;
+    Ok(())
 }
 
 fn apply_unapplied(
@@ -985,7 +1150,8 @@ fn apply_unapplied(
         at,
         phone: None,
     };
-    let applied = apply_credit(tx, &credit, s, accounts)?;
+    // The operator's decision: a kept payment below the minimum top-up is credited.
+    let applied = apply_credit(tx, &credit, s, accounts, false)?;
     if let Outcome::Credited {
         payment,
         duplicate: true,
@@ -1096,7 +1262,7 @@ impl Writer {
                         bell.ring();
                     }
                     if tick {
-                        watch.check(&conn, &notify, &metrics);
+                        watch.check(&conn, &settings, &notify, &metrics);
                         ticks += 1;
                         if ticks % FOLD_EVERY_TICKS == 0 {
                             // Even with no report since the last fold: `folded_seq` then
@@ -1322,11 +1488,24 @@ fn commit_batch(
             metrics.inc("umeme_ledger_commits_total", &[]);
             for (job, result) in batch.drain(..).zip(results) {
                 let reply = match result {
-                    Ok(applied) => {
+                    Ok(mut applied) => {
                         live.add(&applied);
                         metrics.inc("umeme_ledger_ops_total", &[]);
+                        if let (Op::Credit(c), Outcome::Unapplied { .. }) =
+                            (&job.op, &applied.outcome)
+                        {
+                            metrics.inc(
+                                "umeme_payments_total",
+                                &[("source", &c.source), ("outcome", "below_minimum")],
+                            );
+                        }
                         if let Some((meter, notice)) = applied.notice {
                             notify(&meter, notice);
+                        }
+                        if let Outcome::Swept(notices) = &mut applied.outcome {
+                            for (meter, notice) in notices.drain(..) {
+                                notify(&meter, notice);
+                            }
                         }
                         Ok(applied.outcome)
                     }
@@ -1386,7 +1565,7 @@ impl ExternalWatch {
         }
     }
 
-    fn check(&mut self, conn: &Connection, notify: &Notify, metrics: &Metrics) {
+    fn check(&mut self, conn: &Connection, s: &LedgerSettings, notify: &Notify, metrics: &Metrics) {
         // The newest seq first: the CLI may commit between the two reads, and what it adds
         // after `newest` is left for the next tick.
         let read = store::last_event_seq(conn)
@@ -1411,7 +1590,11 @@ impl ExternalWatch {
             let Ok(meter) = MeterId::parse(&meter) else {
                 continue;
             };
-            let account = store::account(conn, &meter).ok().flatten();
+            let account = store::account_and_tariff(conn, &meter).ok().flatten();
+            // Priced like the writer's own notices: the tariff's friendly hours and limits.
+            let commands = |(a, name): (Account, Option<String>)| {
+                meter_commands(&a, name.as_deref(), s, store::now_ms())
+            };
             match (kind.as_str(), account) {
                 ("payment", Some(a)) => {
                     metrics.inc(
@@ -1421,10 +1604,7 @@ impl ExternalWatch {
                             ("outcome", "credited"),
                         ],
                     );
-                    notify(
-                        &meter,
-                        Notice::Balance(balance_command_for(&a, store::now_ms())),
-                    )
+                    notify(&meter, Notice::Balance(commands(a).0))
                 }
                 // The account changed (`source` holds a meter event's action): a new balance.
                 ("meter", Some(a))
@@ -1433,10 +1613,15 @@ impl ExternalWatch {
                         Some("emergency_credit" | "standing_charge")
                     ) =>
                 {
-                    notify(
-                        &meter,
-                        Notice::Balance(balance_command_for(&a, store::now_ms())),
-                    )
+                    notify(&meter, Notice::Balance(commands(a).0))
+                }
+                // Another tariff: its friendly hours and limits.
+                ("meter", Some(a)) if source.as_deref() == Some("tariff_changed") => {
+                    let (balance, config) = commands(a);
+                    notify(&meter, Notice::Balance(balance));
+                    if let Some(c) = config {
+                        notify(&meter, Notice::Config(c));
+                    }
                 }
                 ("meter", _) => notify(&meter, Notice::Revoked),
                 _ => {}
@@ -1551,7 +1736,7 @@ mod tests {
         own_payment(&mut own, &mut watch, "OWN-1");
         apply_now(&mut cli, &credit(&meter, "CLI-2"), &s).unwrap();
         own_payment(&mut own, &mut watch, "OWN-2");
-        watch.check(&own, &notify, &metrics);
+        watch.check(&own, &s, &notify, &metrics);
         assert_eq!(heard.lock().unwrap().len(), 2);
         let counted = [("source", "manual"), ("outcome", "credited")];
         assert_eq!(metrics.get("umeme_payments_total", &counted), 2.0);
@@ -1561,8 +1746,87 @@ mod tests {
         );
         // Nothing new: nothing announced, nothing counted again.
         own_payment(&mut own, &mut watch, "OWN-3");
-        watch.check(&own, &notify, &metrics);
+        watch.check(&own, &s, &notify, &metrics);
         assert_eq!(heard.lock().unwrap().len(), 2);
         assert_eq!(metrics.get("umeme_payments_total", &counted), 2.0);
+    }
+
+    #[test]
+    fn a_friendly_edge_tells_only_the_meters_whose_may_cut_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("gateway.toml");
+        std::fs::write(
+            &cfg,
+            r#"
+[site]
+timezone = "UTC"
+[ledger]
+default_tariff = "nights"
+[[tariffs]]
+name = "nights"
+bands = [{ from_kwh = 0, price = "20" }]
+friendly = { windows = [{ days = "all", from_hour = 18, to_hour = 8 }] }
+[[tariffs]]
+name = "plain"
+bands = [{ from_kwh = 0, price = "20" }]
+"#,
+        )
+        .unwrap();
+        let config = crate::config::Config::load(Some(&cfg)).unwrap();
+        let s = LedgerSettings {
+            rules: Rules { low_balance_wh: 0 },
+            tariff: config.ledger.tariff.clone(),
+        };
+        let mut conn = store::open(&dir.path().join("gateway.db"), "site").unwrap();
+        let day = 1_800_000_000_000 - 1_800_000_000_000 % 86_400_000;
+        let at = |h: i64, m: i64| day + h * 3_600_000 + m * 60_000;
+        let ids = ["NIGHT1", "PLAIN1", "UNPAID"].map(|m| MeterId::parse(m).unwrap());
+        for m in &ids {
+            let add = Op::AddMeter {
+                meter: m.clone(),
+                name: None,
+                phone: None,
+                secret_hash: "x".into(),
+                at: at(17, 0),
+            };
+            apply_now(&mut conn, &add, &s).unwrap();
+        }
+        let plain = Op::SetTariff {
+            meter: ids[1].clone(),
+            tariff: Some("plain".into()),
+            at: at(17, 0),
+        };
+        apply_now(&mut conn, &plain, &s).unwrap();
+        for (i, m) in ids[..2].iter().enumerate() {
+            let mut c = credit(m, &format!("PAY-{i}"));
+            if let Op::Credit(c) = &mut c {
+                c.at = at(17, 0);
+            }
+            apply_now(&mut conn, &c, &s).unwrap();
+        }
+        let edge = |conn: &mut Connection, from, to| {
+            let op = Op::FriendlyEdge { from, at: to };
+            match apply_now(conn, &op, &s).unwrap().outcome {
+                Outcome::Swept(n) => n,
+                other => panic!("{other:?}"),
+            }
+        };
+        // 18:00: only the meter on the tariff with friendly hours, and with an account.
+        let told = edge(&mut conn, at(17, 30), at(18, 30));
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(told[0].0, ids[0]);
+        let Notice::Balance(b) = &told[0].1 else {
+            panic!("{told:?}")
+        };
+        assert!(!b.may_cut);
+        // 19:00: nothing changed for anyone.
+        assert!(edge(&mut conn, at(18, 30), at(19, 30)).is_empty());
+        // 08:00 the next day: it may cut again.
+        let told = edge(&mut conn, at(31, 30), at(32, 30));
+        assert_eq!(told.len(), 1, "{told:?}");
+        let Notice::Balance(b) = &told[0].1 else {
+            panic!("{told:?}")
+        };
+        assert!(b.may_cut);
     }
 }

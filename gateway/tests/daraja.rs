@@ -48,6 +48,11 @@ impl Site {
 
     /// [`Site::start`] with the plugin's `[source.config]` edited first.
     fn start_with(edit: impl FnOnce(&mut Value)) -> Site {
+        Site::start_on("", edit)
+    }
+
+    /// [`Site::start_with`] with `extra` (e.g. `[[tariffs]]`) in the gateway's config.
+    fn start_on(extra: &str, edit: impl FnOnce(&mut Value)) -> Site {
         let scratch = tempfile::tempdir().unwrap();
         let plugins = install_plugins(scratch.path(), &[built()]);
         let daraja = FakeDaraja::start();
@@ -58,7 +63,7 @@ impl Site {
             "[[source]]\nname = \"mpesa\"\nplugin = \"{PLUGIN}\"\n[source.config]\n{}",
             toml_lines(&config)
         );
-        let gw = Gateway::with_plugins(&plugins, &source);
+        let gw = Gateway::with_plugins(&plugins, &format!("{extra}\n{source}"));
         gw.add_meter(METER, "daraja-test-secret");
         let mut site = Site {
             gw,
@@ -579,4 +584,41 @@ fn with_an_stkpush_token_the_loaded_plugin_refuses_a_push_that_carries_only_the_
     assert_eq!(status, 200, "{v}");
     assert_eq!(site.daraja.recorded().pushes.len(), 1);
     assert!(!site.gw.log_text().contains("no stkpush_token_file"));
+}
+
+#[test]
+fn c2b_validation_refuses_an_amount_below_the_tariffs_minimum_top_up_and_one_that_arrives_is_kept_not_credited(
+) {
+    let site = Site::start_on(
+        "[[tariffs]]\nname = \"domestic\"\nbands = [{ from_kwh = 0, price = \"20\" }]\nminimum_topup = \"20.00\"\n",
+        |_| {},
+    );
+    let validate = |amount: &str| {
+        post(
+            site.plugin,
+            &path("c2b/validation"),
+            &c2b_body("RKTQDM7W7A", amount, METER, false),
+        )
+    };
+    let (status, v) = validate("10.00");
+    assert_eq!(status, 200);
+    // Daraja's "invalid amount", with the reason for the payer.
+    assert_eq!(v["ResultCode"], "C2B00013", "{v}");
+    assert_eq!(
+        v["ResultDesc"], "Rejected: the minimum top-up for meter METER001 is KES 20.00",
+        "{v}"
+    );
+    assert_eq!(validate("20.00").1["ResultCode"], "0");
+    // Paid anyway (validation is optional for Safaricom): acknowledged, not credited, kept.
+    let body = c2b_body("RKTQDM7W7A", "10.00", METER, true);
+    assert_eq!(
+        post(site.plugin, &path("c2b/confirmation"), &body),
+        (200, json!({"ResultCode": 0, "ResultDesc": "Success"}))
+    );
+    assert!(site.payments().is_empty());
+    assert_eq!(site.gw.balance_wh(METER), 0);
+    let (ok, listed, err) = site.cli(&["payment", "list", "--unapplied"]);
+    assert!(ok, "{err}");
+    assert_eq!(listed.matches("RKTQDM7W7A").count(), 1, "{listed}");
+    assert!(listed.contains("below_minimum_topup"), "{listed}");
 }

@@ -614,7 +614,7 @@ fn plugin_inspect_shows_versions_and_glibc_and_a_plugin_exports_one_symbol() {
     for want in [
         "name:            testkit-sink",
         "kind:            sink",
-        "abi:             1.1",
+        "abi:             1.2",
         "built with:      rustc ",
         "glibc required:  GLIBC_2.",
     ] {

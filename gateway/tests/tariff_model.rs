@@ -7,7 +7,12 @@
 //! calendar, keeps the exact running total of everything consumed and checks that the cents
 //! debited are always its floor. Its account is a plain reading of the rules: balance first,
 //! then emergency credit, then arrears; standing charges counted from the assignment day;
-//! payments repay emergency credit, standing charges, arrears, in that order.
+//! payments repay emergency credit, standing charges, arrears, in that order; with
+//! `emergency_auto`, the report that uses up the credit arms the emergency credit, once until
+//! the next payment.
+//!
+//! `tariff_month.rs` includes this file for its `Model` (a month at a mixed-tariff site through
+//! the real binary).
 
 use proptest::prelude::*;
 use std::collections::HashMap;
@@ -112,19 +117,21 @@ fn in_window(w: &HourWindow, f: HourFacts) -> bool {
     day_ok && hour_ok
 }
 
-struct Model {
+pub struct Model {
     t: Tariff,
     cal: Calendar,
     month: (i32, u8),
     month_wh: i64,
     /// Exact total consumed, in 10⁻¹⁴ KES (= 10⁻¹² cent).
     consumed_exact: i128,
-    debited_cents: i64,
-    balance: i64,
-    emergency: i64,
-    standing_debt: i64,
-    arrears: i64,
+    pub debited_cents: i64,
+    pub balance: i64,
+    pub emergency: i64,
+    pub standing_debt: i64,
+    pub arrears: i64,
     armed: bool,
+    /// `emergency_auto` granted the credit since the last payment.
+    auto_used: bool,
     assigned_day: i64,
     standing_periods_charged: i64,
 }
@@ -184,7 +191,7 @@ fn with_taxes(t: &Tariff, energy: i128, charges: &[i128]) -> i128 {
 }
 
 impl Model {
-    fn new(t: Tariff, offset_minutes: i32, assigned_ms: i64) -> Model {
+    pub fn new(t: Tariff, offset_minutes: i32, assigned_ms: i64) -> Model {
         let mut cal = Calendar {
             offset_ms: i64::from(offset_minutes) * 60_000,
             cache: HashMap::new(),
@@ -203,12 +210,13 @@ impl Model {
             standing_debt: 0,
             arrears: 0,
             armed: false,
+            auto_used: false,
             assigned_day,
             standing_periods_charged: 0,
         }
     }
 
-    fn report(&mut self, start: i64, end: i64, wh: i64) -> i128 {
+    pub fn report(&mut self, start: i64, end: i64, wh: i64) -> i128 {
         let (mut energy, mut charges) = (0i128, vec![0i128; self.t.charges.len()]);
         let span = i128::from(end - start);
         for j in 1..=i128::from(wh) {
@@ -236,6 +244,17 @@ impl Model {
         let from_balance = debit.min(self.balance);
         self.balance -= from_balance;
         let mut short = debit - from_balance;
+        // "Automatically once": the report that uses up the credit, until the next payment.
+        if debit > 0
+            && self.balance == 0
+            && self.t.emergency_auto
+            && !self.auto_used
+            && self.t.emergency_credit.0 > 0
+            && !self.armed
+        {
+            self.armed = true;
+            self.auto_used = true;
+        }
         if self.armed {
             let room = (self.t.emergency_credit.0 - self.emergency).max(0);
             let e = short.min(room);
@@ -259,7 +278,7 @@ impl Model {
         self.standing_debt += cents - from_balance;
     }
 
-    fn pay(&mut self, cents: i64) {
+    pub fn pay(&mut self, cents: i64) {
         let mut budget = match self.t.debt_recovery_percent {
             None => cents,
             Some(p) => cents * p.0 / 10_000,
@@ -279,6 +298,7 @@ impl Model {
         if self.emergency == 0 {
             self.armed = false;
         }
+        self.auto_used = false;
     }
 
     fn request_emergency(&mut self) {
@@ -379,6 +399,7 @@ struct Params {
     recovery: Option<i64>,
     friendly: Option<(u8, u8)>,
     start_offset_ms: i64,
+    emergency_auto: bool,
 }
 
 fn params() -> impl Strategy<Value = Params> {
@@ -399,6 +420,7 @@ fn params() -> impl Strategy<Value = Params> {
             prop::option::of(1i64..=10_000),
             prop::option::of((0u8..24, 0u8..24)),
             0i64..2 * DAY,
+            any::<bool>(),
         ),
     )
         .prop_map(|(a, b)| Params {
@@ -415,6 +437,7 @@ fn params() -> impl Strategy<Value = Params> {
             recovery: b.4,
             friendly: b.5,
             start_offset_ms: b.6,
+            emergency_auto: b.7,
         })
 }
 
@@ -499,6 +522,8 @@ fn build(p: &Params) -> Tariff {
             holidays: vec![date_plus(anchor, 1)],
         },
         debt_recovery_percent: p.recovery.map(Decimal),
+        emergency_auto: p.emergency_auto,
+        limits: None,
     };
     t.validate()
         .unwrap_or_else(|e| panic!("generated tariff invalid: {e:?}"));
@@ -583,6 +608,7 @@ proptest! {
                 (model.emergency, model.standing_debt, model.arrears)
             );
             prop_assert_eq!(acct.emergency_armed, model.armed);
+            prop_assert_eq!(acct.emergency_auto_used, model.auto_used);
             // No cent created or lost: debited cents + the carry are the exact total.
             prop_assert_eq!(i128::from(model.debited_cents) * FINE_PER_CENT + acct.carry_fine, exact_total);
             prop_assert_eq!(acct.may_cut(&t, zone, now), model.may_cut(now));

@@ -85,7 +85,8 @@ fn a_schema_3_database_upgrades_in_place_and_a_flat_rate_meter_keeps_its_4_960_w
     // Back to schema 3 as the previous release left it: a unit ledger, 4 960 Wh.
     let db = rusqlite::Connection::open(gw.db_path()).unwrap();
     db.execute_batch(
-        "ALTER TABLE meters DROP COLUMN tariff;
+        "ALTER TABLE meters DROP COLUMN main;
+         ALTER TABLE meters DROP COLUMN tariff;
          ALTER TABLE meters DROP COLUMN money;
          ALTER TABLE meters DROP COLUMN main;
          UPDATE meters SET balance_wh = 4960, ledger_seq = 7;

@@ -48,6 +48,10 @@ pub struct SimConfig {
     pub seed: u64,
     /// How long to wait, at the end, for reports and balances to settle.
     pub settle_timeout: Duration,
+    /// Moves a debug-build gateway's clock (`POST /api/debug/clock`) with the simulated one,
+    /// from this Unix time at the first step: the gateway then prices the reports by
+    /// simulated time (tariff bands, time of use, month ends). `None`: its clock is left alone.
+    pub gateway_clock_from_ms: Option<i64>,
 }
 
 impl Default for SimConfig {
@@ -74,6 +78,7 @@ impl Default for SimConfig {
             provision: true,
             seed: 1,
             settle_timeout: Duration::from_secs(30),
+            gateway_clock_from_ms: None,
         }
     }
 }
@@ -309,6 +314,17 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
     info!(ready, meters = ids.len(), "meters connected; clock starts");
     let connected_at = started.elapsed();
     let _ = start_tx.send(true);
+    // The gateway's clock follows the simulated one, a step at a time.
+    let clock_driver = cfg.gateway_clock_from_ms.map(|from| {
+        let api = api.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(clock.step_real);
+            for step in 0..=i64::from(steps) {
+                tick.tick().await;
+                let _ = api.set_clock(from + step * i64::from(clock.step_ms)).await;
+            }
+        })
+    });
 
     // Top-ups while the meters run, spread over the run.
     let run_real = clock.step_real * steps;
@@ -337,6 +353,9 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         }
     }
     info!(drained, meters = ids.len(), "meters settled");
+    if let Some(driver) = clock_driver {
+        let _ = driver.await;
+    }
 
     // Balance commands may trail the PUBACKs a little: poll until all agree (bounded).
     let settle_deadline = Instant::now() + cfg.settle_timeout;

@@ -38,6 +38,8 @@ pub struct MoneyAccount {
     pub month: MonthUsage,
     /// Set by a tenant's request, cleared when the emergency debt is repaid.
     pub emergency_armed: bool,
+    /// `emergency_auto` granted emergency credit since the last payment (it does so once).
+    pub emergency_auto_used: bool,
     /// When the next standing charge falls due (a local midnight).
     pub standing_due_ms: i64,
     /// When the last report was priced: the start of the next report's interval (the writer
@@ -53,6 +55,8 @@ pub struct ConsumptionApplied {
     pub from_balance: i64,
     pub to_emergency: i64,
     pub to_arrears: i64,
+    /// This report used up the credit and `emergency_auto` granted emergency credit.
+    pub auto_emergency: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -90,6 +94,7 @@ impl MoneyAccount {
                 wh: 0,
             },
             emergency_armed: false,
+            emergency_auto_used: false,
             standing_due_ms: zone.midnight(zone.date(assigned_ms)),
             last_report_ms: assigned_ms,
         }
@@ -123,6 +128,15 @@ impl MoneyAccount {
         let from_balance = debit_cents.min(self.balance_cents);
         self.balance_cents -= from_balance;
         let short = debit_cents - from_balance;
+        // The credit ran out with this report: an automatic grant, once until the next payment.
+        let auto_emergency = debit_cents > 0
+            && self.balance_cents == 0
+            && tariff.emergency_auto
+            && !self.emergency_auto_used
+            && self.request_emergency(tariff).is_ok();
+        if auto_emergency {
+            self.emergency_auto_used = true;
+        }
         let to_emergency = short.min(self.emergency_headroom(tariff));
         self.debt.emergency += to_emergency;
         self.debt.arrears += short - to_emergency;
@@ -132,6 +146,7 @@ impl MoneyAccount {
             from_balance,
             to_emergency,
             to_arrears: short - to_emergency,
+            auto_emergency,
         })
     }
 
@@ -188,6 +203,8 @@ impl MoneyAccount {
         if self.debt.emergency == 0 {
             self.emergency_armed = false;
         }
+        // Automatic emergency credit may be granted again after this payment.
+        self.emergency_auto_used = false;
         let to_balance = cents - recovered.total();
         self.balance_cents += to_balance;
         PaymentApplied {

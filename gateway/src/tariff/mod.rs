@@ -138,6 +138,14 @@ pub struct Tariff {
     /// Share of each payment that repays debt; absent means all debt is repaid first.
     #[serde(default)]
     pub debt_recovery_percent: Option<Percent>,
+    /// Emergency credit granted without a request the first time the credit runs out, once
+    /// until the next payment.
+    #[serde(default)]
+    pub emergency_auto: bool,
+    /// What the meters on this tariff enforce (`command/config`); absent: the site's `[limits]`.
+    /// Same keys and ranges as `[limits]` (parsed by `config.rs`, which owns them).
+    #[serde(default, deserialize_with = "crate::config::tariff_limits")]
+    pub limits: Option<crate::config::MeterLimits>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
@@ -343,6 +351,8 @@ impl Tariff {
             emergency_credit: Decimal(0),
             friendly: FriendlyHours::default(),
             debt_recovery_percent: None,
+            emergency_auto: false,
+            limits: None,
         }
     }
 

@@ -18,8 +18,8 @@ use std::ffi::{c_char, c_void};
 /// `u64::from_le_bytes(*b"UMEMEPLG")`.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"UMEMEPLG");
 pub const ABI_MAJOR: u16 = 1;
-/// 1: `HostApi::record_unapplied`.
-pub const ABI_MINOR: u16 = 1;
+/// 1: `HostApi::record_unapplied`. 2: `HostApi::validate_payment`.
+pub const ABI_MINOR: u16 = 2;
 /// The one symbol a plugin exports: `extern "C" fn() -> *const Declaration`.
 pub const DECLARE_SYMBOL: &str = "umeme_plugin_declare";
 
@@ -126,13 +126,34 @@ pub struct HostApi {
     /// a host of minor 0: read `struct_size` first ([`HostApi::has_record_unapplied`]).
     pub record_unapplied:
         unsafe extern "C" fn(ctx: *mut c_void, unapplied: Str, out: *mut Writer) -> Status,
+    /// Minor 2. Whether a payer may pay `amount_cents` to `meter` now, before the money moves
+    /// (M-Pesa C2B validation): `OK` when the meter exists and the amount is at least its
+    /// tariff's minimum top-up; `REJECTED` with `unknown_meter: …` or
+    /// `below_minimum_topup: …` (a sentence for the payer after the colon). Absent in a host
+    /// older than minor 2: read `struct_size` first ([`HostApi::has_validate_payment`]).
+    pub validate_payment: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        meter: Str,
+        amount_cents: i64,
+        out: *mut Writer,
+    ) -> Status,
 }
 
 /// The size of a minor-0 host table: the least a plugin accepts. Fields past it are read only
 /// after checking `struct_size` (so a plugin built on a newer SDK loads into an older gateway).
 pub const HOST_API_MINOR_0_SIZE: usize = std::mem::offset_of!(HostApi, record_unapplied);
 
+/// The size of a minor-1 host table (it ends with `record_unapplied`).
+pub const HOST_API_MINOR_1_SIZE: usize = std::mem::offset_of!(HostApi, validate_payment);
+
 impl HostApi {
+    /// Whether the host's table reaches `validate_payment` (minor 2 or later).
+    pub fn has_validate_payment(&self) -> bool {
+        self.struct_size as usize
+            >= std::mem::offset_of!(HostApi, validate_payment)
+                + std::mem::size_of::<*const c_void>()
+    }
+
     /// Whether the host's table reaches `record_unapplied` (minor 1 or later).
     pub fn has_record_unapplied(&self) -> bool {
         self.struct_size as usize

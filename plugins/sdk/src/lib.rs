@@ -336,6 +336,21 @@ impl Host {
         }
     }
 
+    /// Whether a payer may pay `amount_cents` to `meter` now (before money moves: M-Pesa C2B
+    /// validation). `Err(HostError::Rejected(why))` names why (`unknown_meter: …`,
+    /// `below_minimum_topup: …`); [`HostError::Unsupported`] from a gateway older than ABI
+    /// minor 2 (then only [`Host::validate_account`] can be asked).
+    pub fn validate_payment(&self, meter: &str, amount_cents: i64) -> Result<(), HostError> {
+        // SAFETY: `api` is valid for the instance's lifetime (ABI rule).
+        if !unsafe { &*self.api }.has_validate_payment() {
+            return Err(HostError::Unsupported);
+        }
+        let (status, text) = self.call(|api, w| unsafe {
+            (api.validate_payment)(api.ctx, abi::Str::new(meter), amount_cents, w)
+        });
+        Self::result(status, text).map(drop)
+    }
+
     /// Queues a command for a meter.
     pub fn submit_command(&self, command: &Command) -> Result<(), HostError> {
         let json = serde_json::to_string(command).map_err(|e| HostError::Failed(e.to_string()))?;

@@ -51,6 +51,10 @@ pub struct FakeHost {
     pub refuse_unapplied: Mutex<Option<String>>,
     /// A gateway of ABI minor 0: its table ends before `record_unapplied`.
     pub minor_0: bool,
+    /// A gateway of ABI minor 1: its table ends before `validate_payment`.
+    pub minor_1: bool,
+    /// Every meter's minimum top-up for `validate_payment`, in cents (0: none).
+    pub minimum_topup_cents: i64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -202,6 +206,28 @@ unsafe extern "C" fn fake_record_unapplied(
     }
 }
 
+unsafe extern "C" fn fake_validate_payment(
+    ctx: *mut c_void,
+    meter: Str,
+    amount_cents: i64,
+    out: *mut Writer,
+) -> Status {
+    let h = unsafe { host(ctx) };
+    let meter = unsafe { text(meter) };
+    if !lock(&h.meters).contains(&meter) {
+        return unsafe { reply(out, abi::REJECTED, &format!("unknown_meter: {meter}")) };
+    }
+    if amount_cents < h.minimum_topup_cents {
+        let msg = format!(
+            "below_minimum_topup: the minimum top-up is KES {}.{:02}",
+            h.minimum_topup_cents / 100,
+            h.minimum_topup_cents % 100
+        );
+        return unsafe { reply(out, abi::REJECTED, &msg) };
+    }
+    abi::OK
+}
+
 /// The fake host's function table and the host it points to. Both are leaked, as the gateway
 /// does: the plugin's global logger may still hold the table after its instance is destroyed
 /// (another test's harness, a thread of the plugin), so freeing it could be a use after free.
@@ -215,6 +241,8 @@ impl FakeTable {
         std::mem::forget(Arc::clone(&host));
         let (struct_size, abi_minor) = if host.minor_0 {
             (abi::HOST_API_MINOR_0_SIZE, 0)
+        } else if host.minor_1 {
+            (abi::HOST_API_MINOR_1_SIZE, 1)
         } else {
             (std::mem::size_of::<HostApi>(), abi::ABI_MINOR)
         };
@@ -232,6 +260,7 @@ impl FakeTable {
             kv_get: fake_kv_get,
             kv_put: fake_kv_put,
             record_unapplied: fake_record_unapplied,
+            validate_payment: fake_validate_payment,
         }));
         FakeTable { api, host }
     }
@@ -381,7 +410,8 @@ impl<T: PaymentSource> SourceHarness<T> {
         Self::with_host(host, config, meters)
     }
 
-    fn with_host(
+    /// Against a fake host set up by the test (a minimum top-up, an older ABI minor).
+    pub fn with_host(
         host: FakeHost,
         config: serde_json::Value,
         meters: &[&str],

@@ -114,6 +114,39 @@ fn validation_answer(code: &str) -> Response {
     )
 }
 
+/// A validation refusal that says why (the payer's amount is below the minimum top-up).
+fn validation_refusal(code: &str, why: &str) -> Response {
+    reply(
+        StatusCode::OK,
+        json!({"ResultCode": code, "ResultDesc": format!("Rejected: {why}")}),
+    )
+}
+
+/// What validation learned from the gateway.
+enum Check {
+    Accepted(String),
+    UnknownAccount,
+    /// The gateway refuses this amount for this meter (its tariff's minimum top-up).
+    Amount(String),
+}
+
+/// The account resolved to a meter, then the amount checked against its tariff (a gateway
+/// older than ABI minor 2 cannot: the amount is then accepted, and a smaller payment that
+/// arrives is kept as unapplied by the ledger).
+fn check_payment(shared: &Shared, account: &str, amount_cents: i64) -> Result<Check, HostError> {
+    let Some(meter) = resolve_meter(shared, account)? else {
+        return Ok(Check::UnknownAccount);
+    };
+    match shared.host.validate_payment(&meter, amount_cents) {
+        Ok(()) | Err(HostError::Unsupported) => Ok(Check::Accepted(meter)),
+        Err(HostError::Rejected(why)) => match why.strip_prefix("below_minimum_topup: ") {
+            Some(sentence) => Ok(Check::Amount(sentence.to_string())),
+            None => Ok(Check::UnknownAccount),
+        },
+        Err(e) => Err(e),
+    }
+}
+
 /// Logs and counts a refused request.
 fn refuse(
     shared: &Shared,
@@ -339,11 +372,11 @@ async fn validation(shared: Arc<Shared>, peer: SocketAddr, body: Value) -> Respo
         return validation_answer(code);
     }
     let s = shared.clone();
-    let account = notice.bill_ref.clone();
-    let check = blocking(move || resolve_meter(&s, &account));
+    let (account, amount) = (notice.bill_ref.clone(), notice.amount_cents);
+    let check = blocking(move || check_payment(&s, &account, amount));
     // Answer within Daraja's limit even when the gateway is slow.
     match tokio::time::timeout(shared.settings.validation_timeout, check).await {
-        Ok(Some(Ok(Some(meter)))) => {
+        Ok(Some(Ok(Check::Accepted(meter)))) => {
             log::info!(
                 "C2B validation {}: meter {meter}, {} cents: accepted",
                 notice.trans_id,
@@ -351,13 +384,23 @@ async fn validation(shared: Arc<Shared>, peer: SocketAddr, body: Value) -> Respo
             );
             validation_answer("0")
         }
-        Ok(Some(Ok(None))) => {
+        Ok(Some(Ok(Check::UnknownAccount))) => {
             log::info!(
                 "C2B validation {}: unknown account \"{}\": rejected",
                 notice.trans_id,
                 Untrusted(&notice.bill_ref)
             );
             validation_answer("C2B00012")
+        }
+        Ok(Some(Ok(Check::Amount(why)))) => {
+            // C2B00013 is Daraja's "invalid amount".
+            log::info!(
+                "C2B validation {}: {} cents: rejected, {}",
+                notice.trans_id,
+                notice.amount_cents,
+                Untrusted(&why)
+            );
+            validation_refusal("C2B00013", &why)
         }
         Ok(Some(Err(e))) => {
             log::error!(

@@ -932,3 +932,64 @@ fn an_stkpush_token_that_is_the_callback_token_or_too_short_is_refused() {
         );
     }
 }
+
+/// The plugin on a fake host with a KES 20 minimum top-up, of ABI minor 2 or minor 1.
+fn start_on_host(
+    host: umeme_plugin_sdk::testing::FakeHost,
+) -> (
+    SourceHarness<DarajaSource>,
+    SocketAddr,
+    tempfile::TempDir,
+    FakeDaraja,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let daraja = FakeDaraja::start();
+    let config = plugin_config(dir.path(), &daraja, "127.0.0.1:0".parse().unwrap());
+    let mut plugin = SourceHarness::<DarajaSource>::with_host(host, config, &[METER]).unwrap();
+    plugin.start().unwrap();
+    let addr = plugin.health().detail["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (plugin, addr, dir, daraja)
+}
+
+#[test]
+fn c2b_validation_refuses_an_amount_below_the_minimum_top_up_with_c2b00013_and_a_minor_1_gateway_accepts_it(
+) {
+    let host = || umeme_plugin_sdk::testing::FakeHost {
+        minimum_topup_cents: 2_000,
+        ..Default::default()
+    };
+    let (_p, addr, _d, _f) = start_on_host(host());
+    let validate = |amount: &str| {
+        post(
+            addr,
+            &path("c2b/validation"),
+            &c2b_body("RKTQDM7W8A", amount, METER, false),
+        )
+        .1
+    };
+    let v = validate("19.99");
+    assert_eq!(v["ResultCode"], "C2B00013", "{v}");
+    assert_eq!(
+        v["ResultDesc"], "Rejected: the minimum top-up is KES 20.00",
+        "{v}"
+    );
+    assert_eq!(validate("20.00")["ResultCode"], "0");
+
+    // A gateway of minor 1 cannot check amounts: accepted (its ledger keeps a small payment
+    // as unapplied when it arrives).
+    let old = umeme_plugin_sdk::testing::FakeHost {
+        minor_1: true,
+        ..host()
+    };
+    let (_p, addr, _d, _f) = start_on_host(old);
+    let (_, v) = post(
+        addr,
+        &path("c2b/validation"),
+        &c2b_body("RKTQDM7W8B", "19.99", METER, false),
+    );
+    assert_eq!(v["ResultCode"], "0", "{v}");
+}
