@@ -857,3 +857,140 @@ fn an_open_live_stream_does_not_hold_up_the_daemons_stop() {
     );
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 }
+
+/// A bearer-token call of the admin API.
+fn api(gw: &Gateway, method: &str, path: &str, body: Option<&str>) -> serde_json::Value {
+    let (status, v) = common::http(
+        gw.api,
+        method,
+        path,
+        body,
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+    );
+    assert!(
+        (200..300).contains(&status),
+        "{method} {path}: {status} {v}"
+    );
+    v
+}
+
+/// The region of a page with this id, up to the next region (enough for `contains`).
+fn region<'a>(page: &'a str, id: &str) -> &'a str {
+    let start = page
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in {page}"));
+    let rest = &page[start..];
+    let end = rest.find("</section>").unwrap_or(rest.len());
+    &rest[..end]
+}
+
+#[test]
+fn an_alert_shows_open_with_since_when_in_plain_words_then_resolved_on_the_overview_and_meter_page()
+{
+    let gw = gateway("");
+    gw.add_meter("BYPASS1", "secret-001");
+    let (cookie, _) = sign_in(&gw, TOKEN);
+    let get = |path: &str| request(gw.api, "GET", path, &[("Cookie", &cookie)], "").body;
+    let overview = get("/dashboard");
+    assert!(region(&overview, "alerts").contains("Nothing open."));
+    let mut meter = gw.connect("BYPASS1", "secret-001");
+    let report = |meter: &mut common::RawMeter, seq: u32, power: f64| {
+        let body = format!(
+            r#"{{"v":2,"meterNo":"BYPASS1","seq":{seq},"energyWh":{},"powerW":{power},"relay":"off"}}"#,
+            seq * 10
+        );
+        meter.publish_acked("smartmeter/BYPASS1/consumption", &body, seq as u16);
+    };
+    report(&mut meter, 1, 800.0);
+    let now = api(&gw, "POST", "/api/debug/clock", Some("{}"))["nowMs"]
+        .as_i64()
+        .unwrap();
+    let words = "Power drawn while the relay is off (tamper or bypass)";
+    for path in ["/dashboard", "/dashboard/meters/BYPASS1"] {
+        let page = get(path);
+        let id = if path == "/dashboard" {
+            "alerts"
+        } else {
+            "meter-alerts"
+        };
+        let panel = region(&page, id);
+        let open = panel
+            .split("class=\"list open-alerts\"")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{path}: no open episode in {panel}"));
+        assert!(
+            open.contains(words) && open.contains("since "),
+            "{path}: {panel}"
+        );
+        assert!(panel.contains(&format!("{words}: raised — 800 W with the relay off")));
+    }
+    assert!(region(&get("/dashboard"), "alerts").contains("href=\"/dashboard/meters/BYPASS1\""));
+    // The bypass is removed: the episode ends, and says since when it was open.
+    report(&mut meter, 2, 0.0);
+    api(
+        &gw,
+        "POST",
+        "/api/debug/clock",
+        Some(&format!(r#"{{"nowMs":{}}}"#, now + 60_000)),
+    );
+    let page = get("/dashboard");
+    let panel = region(&page, "alerts");
+    assert!(panel.contains("Nothing open."), "{panel}");
+    assert!(
+        panel.contains(&format!("{words}: resolved (raised ")),
+        "{panel}"
+    );
+    let meter_page = get("/dashboard/meters/BYPASS1");
+    assert!(region(&meter_page, "events").contains(&format!("{words}: resolved")));
+}
+
+#[test]
+fn the_overview_charts_the_site_loss_per_day_from_the_main_supply() {
+    let gw = gateway("");
+    gw.add_meter("METER001", "secret-001");
+    let (cookie, _) = sign_in(&gw, TOKEN);
+    let get = |path: &str| request(gw.api, "GET", path, &[("Cookie", &cookie)], "").body;
+    assert!(region(&get("/dashboard"), "loss").contains("No main supply yet"));
+    let mut meter = gw.connect("METER001", "secret-001");
+    meter.publish_acked(
+        "smartmeter/METER001/consumption",
+        &v2_payload("METER001", 1, 1_000),
+        1,
+    );
+    meter.publish_acked(
+        "smartmeter/METER001/consumption",
+        &v2_payload("METER001", 2, 9_500),
+        2,
+    );
+    // Today's bulk supply read by hand: 10 kWh, of which the meter used 8.5.
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let today = umeme_plugin_sdk::iso8601_utc(ms + 3 * 3600 * 1000)[..10].to_string();
+    api(
+        &gw,
+        "POST",
+        "/api/site/readings",
+        Some(&format!(r#"{{"day":"{today}","kwh":10}}"#)),
+    );
+    let page = get("/dashboard");
+    let loss = region(&page, "loss");
+    assert!(loss.contains("<svg"), "{loss}");
+    assert!(
+        loss.contains("1.50 kWh lost") || loss.contains("1.5 kWh lost"),
+        "{loss}"
+    );
+    assert!(
+        loss.contains(&format!(
+            "{today}: supply 10.00 kWh (reading by hand), meters 8.50 kWh, loss 1.50 kWh (15.0 %)"
+        )),
+        "{loss}"
+    );
+    // Energy today comes from the hourly usage store, reports not folded yet included.
+    assert!(
+        page.contains("Energy today</span><span class=\"v\">8.50 kWh"),
+        "{}",
+        region(&page, "stats")
+    );
+}
