@@ -280,7 +280,14 @@ pub async fn emergency(
                 format!("Emergency credit granted to {meter}."),
             )
         }
-        Err(e @ (LedgerError::Emergency(_) | LedgerError::UnknownMeter(_))) => refused(
+        Err(LedgerError::Emergency(why)) => refused(
+            &st,
+            &s,
+            &to,
+            "emergency_refused",
+            format!("Emergency credit refused: {why}."),
+        ),
+        Err(e @ LedgerError::UnknownMeter(_)) => refused(
             &st,
             &s,
             &to,
