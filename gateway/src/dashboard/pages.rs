@@ -471,16 +471,15 @@ pub async fn meter(
         .reader
         .run(move |c| {
             let m = store::meter(c, &lookup)?;
-            let statement = match m {
-                Some(_) => Some(crate::statement::build(c, &pricing, &lookup, &month)),
-                None => None,
-            };
+            let statement = m
+                .as_ref()
+                .map(|_| crate::statement::build(c, &pricing, &lookup, &month));
             let mut open: Vec<super::alerts::Open> = store::open_alerts(c)?
                 .into_iter()
                 .filter(|((m, _), _)| m == lookup.as_str())
                 .map(|((m, a), at)| (m, a, at))
                 .collect();
-            open.sort_by(|x, y| y.2.cmp(&x.2));
+            open.sort_by_key(|o| std::cmp::Reverse(o.2));
             Ok(MeterView {
                 m,
                 payments: store::payments_of(c, &lookup)?,
