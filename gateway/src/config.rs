@@ -1874,6 +1874,11 @@ impl Tariff {
         &self.default
     }
 
+    /// Whether the site configured `[[tariffs]]` (else it has the implicit flat one).
+    pub fn configured(&self) -> bool {
+        !self.versions.is_empty()
+    }
+
     /// The version of a meter's tariff (`None`: the default) in force at `at_ms`: the newest
     /// whose `effective_from` has begun (local midnight), else the oldest. A name no longer
     /// configured falls back to the default (the caller warns).

@@ -2378,75 +2378,6 @@ pub fn set_meter_details(
     Ok(n == 1)
 }
 
-/// One consumption event, reduced to what the dashboard sums.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConsumptionPoint {
-    pub seq: i64,
-    pub meter: String,
-    pub at: i64,
-    pub debit_wh: i64,
-    pub balance_wh: i64,
-}
-
-/// Consumption events with `seq > after`, oldest first (by the primary key, so a cache can
-/// catch up cheaply).
-pub fn consumption_after(
-    conn: &Connection,
-    after: i64,
-    limit: usize,
-) -> Result<Vec<ConsumptionPoint>, StoreError> {
-    let mut st = conn.prepare_cached(
-        "SELECT seq, meter, at, data FROM events
-         WHERE seq > ?1 AND kind = 'consumption' AND typeof(data) = 'blob' AND meter IS NOT NULL
-         ORDER BY seq LIMIT ?2",
-    )?;
-    let mut rows = st.query(params![after, limit as i64])?;
-    let mut out = Vec::new();
-    while let Some(r) = rows.next()? {
-        let rusqlite::types::ValueRef::Blob(data) = r.get_ref(3)? else {
-            continue;
-        };
-        let Ok(c) = Consumption::decode(data) else {
-            continue;
-        };
-        out.push(ConsumptionPoint {
-            seq: r.get(0)?,
-            meter: r.get(1)?,
-            at: r.get(2)?,
-            debit_wh: c.debit_wh,
-            balance_wh: c.account.balance_wh,
-        });
-    }
-    Ok(out)
-}
-
-/// The first event `seq` at or after time `at` (one past the newest when none), found by
-/// bisecting on `seq`: events are appended in time order, so `at` grows with `seq` (within the
-/// few milliseconds a group commit spans), and no index on `at` is needed.
-pub fn first_seq_at_or_after(conn: &Connection, at: i64) -> Result<i64, StoreError> {
-    let (mut lo, mut hi): (i64, i64) = conn.query_row(
-        "SELECT COALESCE(MIN(seq), 1), COALESCE(MAX(seq), 0) + 1 FROM events",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
-    let mut st =
-        conn.prepare_cached("SELECT seq, at FROM events WHERE seq >= ?1 ORDER BY seq LIMIT 1")?;
-    // Invariant: every event before `lo` is older than `at`; none from `hi` on is needed.
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        match st
-            .query_row([mid], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
-            .optional()?
-        {
-            Some((seq, _)) if seq >= hi => hi = mid,
-            Some((seq, t)) if t < at => lo = seq + 1,
-            Some((seq, _)) => hi = seq,
-            None => hi = mid,
-        }
-    }
-    Ok(lo)
-}
-
 /// Payments with `from <= at < to`, newest first, at most `limit`.
 pub fn payments_between(
     conn: &Connection,
@@ -2666,39 +2597,5 @@ mod tests {
                 .any(|step| step.contains("USING INDEX payments_by_reference")),
             "{plan:?}"
         );
-    }
-
-    #[test]
-    fn the_first_event_of_a_time_is_found_by_bisection_across_gaps() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = open(&dir.path().join("gateway.db"), "test-site").unwrap();
-        assert_eq!(first_seq_at_or_after(&conn, 0).unwrap(), 1, "empty table");
-        for at in [10, 20, 20, 30, 40, 50, 60, 70] {
-            append_event(&conn, "status", None, at, &serde_json::json!({})).unwrap();
-        }
-        // Gaps, as housekeeping leaves them.
-        conn.execute("DELETE FROM events WHERE seq IN (1, 4, 5)", [])
-            .unwrap();
-        for (at, want) in [
-            (0, 2),
-            (10, 2),
-            (11, 2),
-            (20, 2),
-            (21, 6),
-            (31, 6),
-            (50, 6),
-            (55, 7),
-            (70, 8),
-            (71, 9),
-        ] {
-            let got = first_seq_at_or_after(&conn, at).unwrap();
-            // `got` may be a gap before the event wanted; the events from it on are the same.
-            let first: Option<i64> = conn
-                .query_row("SELECT MIN(seq) FROM events WHERE seq >= ?1", [got], |r| {
-                    r.get(0)
-                })
-                .unwrap();
-            assert_eq!(first.unwrap_or(9), want, "at {at}: got {got}");
-        }
     }
 }

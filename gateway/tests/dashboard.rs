@@ -857,3 +857,347 @@ fn an_open_live_stream_does_not_hold_up_the_daemons_stop() {
     );
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 }
+
+/// A bearer-token call of the admin API.
+fn api(gw: &Gateway, method: &str, path: &str, body: Option<&str>) -> serde_json::Value {
+    let (status, v) = common::http(
+        gw.api,
+        method,
+        path,
+        body,
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+    );
+    assert!(
+        (200..300).contains(&status),
+        "{method} {path}: {status} {v}"
+    );
+    v
+}
+
+/// The region of a page with this id, up to the next region (enough for `contains`).
+fn region<'a>(page: &'a str, id: &str) -> &'a str {
+    let start = page
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in {page}"));
+    let rest = &page[start..];
+    let end = rest.find("</section>").unwrap_or(rest.len());
+    &rest[..end]
+}
+
+#[test]
+fn an_alert_shows_open_with_since_when_in_plain_words_then_resolved_on_the_overview_and_meter_page()
+{
+    let gw = gateway("");
+    gw.add_meter("BYPASS1", "secret-001");
+    let (cookie, _) = sign_in(&gw, TOKEN);
+    let get = |path: &str| request(gw.api, "GET", path, &[("Cookie", &cookie)], "").body;
+    let overview = get("/dashboard");
+    assert!(region(&overview, "alerts").contains("Nothing open."));
+    let mut meter = gw.connect("BYPASS1", "secret-001");
+    let report = |meter: &mut common::RawMeter, seq: u32, power: f64| {
+        let body = format!(
+            r#"{{"v":2,"meterNo":"BYPASS1","seq":{seq},"energyWh":{},"powerW":{power},"relay":"off"}}"#,
+            seq * 10
+        );
+        meter.publish_acked("smartmeter/BYPASS1/consumption", &body, seq as u16);
+    };
+    report(&mut meter, 1, 800.0);
+    let now = api(&gw, "POST", "/api/debug/clock", Some("{}"))["nowMs"]
+        .as_i64()
+        .unwrap();
+    let words = "Power drawn while the relay is off (tamper or bypass)";
+    for path in ["/dashboard", "/dashboard/meters/BYPASS1"] {
+        let page = get(path);
+        let id = if path == "/dashboard" {
+            "alerts"
+        } else {
+            "meter-alerts"
+        };
+        let panel = region(&page, id);
+        let open = panel
+            .split("class=\"list open-alerts\"")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{path}: no open episode in {panel}"));
+        assert!(
+            open.contains(words) && open.contains("since "),
+            "{path}: {panel}"
+        );
+        assert!(panel.contains(&format!("{words}: raised — 800 W with the relay off")));
+    }
+    assert!(region(&get("/dashboard"), "alerts").contains("href=\"/dashboard/meters/BYPASS1\""));
+    // The bypass is removed: the episode ends, and says since when it was open.
+    report(&mut meter, 2, 0.0);
+    api(
+        &gw,
+        "POST",
+        "/api/debug/clock",
+        Some(&format!(r#"{{"nowMs":{}}}"#, now + 60_000)),
+    );
+    let page = get("/dashboard");
+    let panel = region(&page, "alerts");
+    assert!(panel.contains("Nothing open."), "{panel}");
+    assert!(
+        panel.contains(&format!("{words}: resolved (raised ")),
+        "{panel}"
+    );
+    let meter_page = get("/dashboard/meters/BYPASS1");
+    assert!(region(&meter_page, "events").contains(&format!("{words}: resolved")));
+}
+
+#[test]
+fn the_overview_charts_the_site_loss_per_day_from_the_main_supply() {
+    let gw = gateway("");
+    gw.add_meter("METER001", "secret-001");
+    let (cookie, _) = sign_in(&gw, TOKEN);
+    let get = |path: &str| request(gw.api, "GET", path, &[("Cookie", &cookie)], "").body;
+    assert!(region(&get("/dashboard"), "loss").contains("No main supply yet"));
+    let mut meter = gw.connect("METER001", "secret-001");
+    meter.publish_acked(
+        "smartmeter/METER001/consumption",
+        &v2_payload("METER001", 1, 1_000),
+        1,
+    );
+    meter.publish_acked(
+        "smartmeter/METER001/consumption",
+        &v2_payload("METER001", 2, 9_500),
+        2,
+    );
+    // Today's bulk supply read by hand: 10 kWh, of which the meter used 8.5.
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let today = umeme_plugin_sdk::iso8601_utc(ms + 3 * 3600 * 1000)[..10].to_string();
+    api(
+        &gw,
+        "POST",
+        "/api/site/readings",
+        Some(&format!(r#"{{"day":"{today}","kwh":10}}"#)),
+    );
+    let page = get("/dashboard");
+    let loss = region(&page, "loss");
+    assert!(loss.contains("<svg"), "{loss}");
+    assert!(
+        loss.contains("1.50 kWh lost") || loss.contains("1.5 kWh lost"),
+        "{loss}"
+    );
+    assert!(
+        loss.contains(&format!(
+            "{today}: supply 10.00 kWh (reading by hand), meters 8.50 kWh, loss 1.50 kWh (15.0 %)"
+        )),
+        "{loss}"
+    );
+    // Energy today comes from the hourly usage store, reports not folded yet included.
+    assert!(
+        page.contains("Energy today</span><span class=\"v\">8.50 kWh"),
+        "{}",
+        region(&page, "stats")
+    );
+}
+
+const TARIFFS: &str = r#"
+[ledger]
+default_tariff = "domestic"
+
+[[tariffs]]
+name = "domestic"
+bands = [{ from_kwh = 0, price = "20" }]
+emergency_credit = "100.00"
+
+[[tariffs]]
+name = "plain"
+bands = [{ from_kwh = 0, price = "25" }]
+"#;
+
+#[test]
+fn money_shows_in_kes_and_the_tariff_and_emergency_credit_are_set_from_the_meter_page() {
+    let gw = gateway(TARIFFS);
+    gw.add_meter("METER001", "secret-001");
+    let (cookie, csrf) = sign_in(&gw, TOKEN);
+    let o = origin(gw.api);
+    let get = |path: &str| request(gw.api, "GET", path, &[("Cookie", &cookie)], "").body;
+    let post = |path: &str, body: &str| {
+        let a = request(
+            gw.api,
+            "POST",
+            path,
+            &[FORM, ("Origin", &o), ("Cookie", &cookie)],
+            body,
+        );
+        assert_eq!(a.status, 303, "{path}: {}", a.body);
+    };
+    post(
+        "/dashboard/meters/METER001/topup",
+        &format!("csrf={csrf}&amount=500&reference=CASH-1"),
+    );
+    let mut meter = gw.connect("METER001", "secret-001");
+    meter.publish_acked(
+        "smartmeter/METER001/consumption",
+        &v2_payload("METER001", 1, 1_000),
+        1,
+    );
+    meter.publish_acked(
+        "smartmeter/METER001/consumption",
+        &v2_payload("METER001", 2, 3_000),
+        2,
+    );
+    // 2 kWh at KES 20: KES 460 left.
+    let table = get("/dashboard/meters");
+    assert!(table.contains("KES 460.00"), "{table}");
+    assert!(table.contains("domestic (site default)"), "{table}");
+    let page = get("/dashboard/meters/METER001");
+    assert!(
+        page.contains("id=\"balance\">KES 460.00<"),
+        "{}",
+        region(&page, "summary")
+    );
+    assert!(region(&page, "summary").contains("domestic (site default)"));
+    let statement = region(&page, "statement");
+    for part in [
+        "Payments (1)",
+        "KES 500.00",
+        "Energy (2.00 kWh)",
+        "KES 40.00",
+        "Closing balance",
+    ] {
+        assert!(statement.contains(part), "{part}: {statement}");
+    }
+    assert!(!statement.contains("does not add up"), "{statement}");
+
+    // The tariff: the same op as `meter set --tariff`; an unknown name is refused.
+    post(
+        "/dashboard/meters/METER001/tariff",
+        &format!("csrf={csrf}&tariff=plain"),
+    );
+    assert_eq!(
+        api(&gw, "GET", "/api/meters/METER001", None)["tariff"],
+        "plain"
+    );
+    let page = get("/dashboard/meters/METER001");
+    assert!(page.contains("METER001: tariff plain."), "flash");
+    assert!(page.contains("<option value=\"plain\" selected>"));
+    post(
+        "/dashboard/meters/METER001/tariff",
+        &format!("csrf={csrf}&tariff=%3Cb%3Enope"),
+    );
+    let page = get("/dashboard/meters/METER001");
+    assert!(page.contains("Tariff refused: unknown tariff"), "{page}");
+    assert!(!page.contains("<b>nope"), "escaped");
+    assert_eq!(
+        gw.metric("umeme_dashboard_refused_total{reason=\"tariff_refused\"}"),
+        1.0
+    );
+    // Emergency credit: refused on a tariff without it, granted once on one with it.
+    post(
+        "/dashboard/meters/METER001/emergency",
+        &format!("csrf={csrf}"),
+    );
+    assert!(get("/dashboard/meters/METER001")
+        .contains("Emergency credit refused: this tariff offers no emergency credit."));
+    post(
+        "/dashboard/meters/METER001/tariff",
+        &format!("csrf={csrf}&tariff=default"),
+    );
+    assert!(api(&gw, "GET", "/api/meters/METER001", None)["tariff"].is_null());
+    post(
+        "/dashboard/meters/METER001/emergency",
+        &format!("csrf={csrf}"),
+    );
+    let page = get("/dashboard/meters/METER001");
+    assert!(page.contains("Emergency credit granted to METER001."));
+    assert!(page.contains("emergency credit in use"));
+    assert_eq!(
+        api(&gw, "GET", "/api/meters/METER001", None)["emergency_in_use"],
+        true
+    );
+    post(
+        "/dashboard/meters/METER001/emergency",
+        &format!("csrf={csrf}"),
+    );
+    assert!(get("/dashboard/meters/METER001").contains("emergency credit is already in use"));
+    // Without the CSRF token nothing changes.
+    let forged = request(
+        gw.api,
+        "POST",
+        "/dashboard/meters/METER001/tariff",
+        &[FORM, ("Origin", &o), ("Cookie", &cookie)],
+        "tariff=plain",
+    );
+    assert_eq!(forged.status, 403);
+    assert!(api(&gw, "GET", "/api/meters/METER001", None)["tariff"].is_null());
+}
+
+#[test]
+fn with_tariffs_the_monthly_export_is_each_meters_statement_and_adds_up() {
+    let gw = gateway(TARIFFS);
+    gw.add_meter("METER001", "secret-001");
+    gw.add_meter("METER002", "secret-002");
+    let (cookie, csrf) = sign_in(&gw, TOKEN);
+    let o = origin(gw.api);
+    let a = request(
+        gw.api,
+        "POST",
+        "/dashboard/meters/METER001/topup",
+        &[FORM, ("Origin", &o), ("Cookie", &cookie)],
+        &format!("csrf={csrf}&amount=300&reference=CASH-2"),
+    );
+    assert_eq!(a.status, 303);
+    let mut meter = gw.connect("METER001", "secret-001");
+    meter.publish_acked(
+        "smartmeter/METER001/consumption",
+        &v2_payload("METER001", 1, 0),
+        1,
+    );
+    meter.publish_acked(
+        "smartmeter/METER001/consumption",
+        &v2_payload("METER001", 2, 1_234),
+        2,
+    );
+    let month = api(&gw, "GET", "/api/meters/METER001/statement", None)["month"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let csv = request(
+        gw.api,
+        "GET",
+        &format!("/dashboard/export/month.csv?month={month}"),
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert_eq!(csv.status, 200, "{}", csv.body);
+    assert!(csv
+        .header("Content-Disposition")
+        .unwrap()
+        .contains(&format!("statements-{month}.csv")));
+    let lines: Vec<&str> = csv.body.lines().collect();
+    assert_eq!(
+        lines[0],
+        "month,meter,name,tariffs,opening_balance_kes,opening_debt_kes,payments,paid_kes,energy_wh,consumption_kes,standing_kes,emergency_requests,closing_balance_kes,closing_debt_kes,adds_up"
+    );
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let row: Vec<&str> = lines
+        .iter()
+        .find(|l| l.contains(",METER001,"))
+        .unwrap()
+        .split(',')
+        .collect();
+    // 1.234 kWh at KES 20 = KES 24.68; 300 − 24.68 = 275.32.
+    assert_eq!(row[3], "domestic");
+    assert_eq!(row[7], "300.00");
+    assert_eq!(row[8], "1234");
+    assert_eq!(row[9], "24.68");
+    assert_eq!(row[12], "275.32");
+    assert_eq!(row[14], "yes");
+    assert_eq!(
+        api(&gw, "GET", "/api/meters/METER001", None)["balance_kes"],
+        "275.32"
+    );
+    let bad = request(
+        gw.api,
+        "GET",
+        "/dashboard/export/month.csv?month=2026-1",
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert_eq!(bad.status, 400);
+}

@@ -213,6 +213,8 @@ fn meter_sim_runs_a_month_at_a_mixed_tariff_site_and_every_ledger_equals_the_mod
         seed: 16,
         settle_timeout: Duration::from_secs(10),
         gateway_clock_from_ms: Some(t0),
+        scenarios: Vec::new(),
+        gateway_clock_from: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

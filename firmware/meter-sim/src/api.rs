@@ -129,6 +129,16 @@ impl Api {
             .ok_or_else(|| ApiError::Malformed(v.to_string()))
     }
 
+    /// Sets the gateway's clock (a debug build's `POST /api/debug/clock`), which also folds and
+    /// so runs its alert rules at that time.
+    pub async fn debug_clock(&self, now_ms: i64) -> Result<(), ApiError> {
+        let path = "/api/debug/clock";
+        let r = self
+            .call("POST", path, Some(&json!({ "nowMs": now_ms })))
+            .await?;
+        Self::expect("POST", path, r, &[200]).map(drop)
+    }
+
     /// Every meter's ledger state.
     pub async fn meters(&self) -> Result<HashMap<String, GatewayMeter>, ApiError> {
         let path = "/api/meters";

@@ -19,4 +19,4 @@ pub mod profile;
 pub mod sim;
 pub mod virtual_meter;
 
-pub use sim::{run, Mode, SimConfig, Summary};
+pub use sim::{run, Mode, Scenario, SimConfig, Summary};

@@ -86,6 +86,15 @@ struct Args {
     /// OTA mode: give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     ota_timeout_s: u64,
+    /// An alert scenario (repeatable): spike:METER:FROM_STEP:STEPS:FACTOR,
+    /// bypass:METER:FROM:STEPS, site-loss:MAIN:FROM:STEPS:SHARE
+    /// (METER counts from 0; mark the site-loss MAIN meter with `meter set ID --main`).
+    #[arg(long = "scenario")]
+    scenarios: Vec<String>,
+    /// Drive a debug-build gateway's clock (`POST /api/debug/clock`) with the simulated one,
+    /// from the next UTC midnight, so hourly and daily alert rules see the simulated days.
+    #[arg(long)]
+    gateway_clock: bool,
 }
 
 /// OTA mode: one thread per meter (`meter_sim::ota`), a summary at the end. Exit 0 when every
@@ -206,6 +215,23 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut scenarios = Vec::new();
+    for s in &a.scenarios {
+        match meter_sim::Scenario::parse(s) {
+            Ok(sc) => scenarios.push(sc),
+            Err(e) => {
+                eprintln!("meter-sim: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let gateway_clock_from = a.gateway_clock.then(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        now - now.rem_euclid(86_400_000) + 86_400_000
+    });
     let cfg = SimConfig {
         broker: a.broker,
         api: a.api,
@@ -227,6 +253,8 @@ async fn main() -> ExitCode {
         topups: a.topups,
         provision: !a.no_provision,
         seed: a.seed,
+        scenarios,
+        gateway_clock_from,
         ..SimConfig::default()
     };
     match meter_sim::run(cfg).await {

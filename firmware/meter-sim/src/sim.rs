@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -52,6 +53,72 @@ pub struct SimConfig {
     /// from this Unix time at the first step: the gateway then prices the reports by
     /// simulated time (tariff bands, time of use, month ends). `None`: its clock is left alone.
     pub gateway_clock_from_ms: Option<i64>,
+    /// Alert scenarios (issue 17), each on one meter (an index into the meters, from 0).
+    pub scenarios: Vec<Scenario>,
+    /// Drive the gateway's clock (a debug build's `POST /api/debug/clock`) with the simulated
+    /// one, step 0 at this UTC ms: the gateway stamps reports with its own clock, so without
+    /// this a simulated week reaches it as a few real seconds and no hourly or daily rule
+    /// (spike, site loss) could ever see it.
+    pub gateway_clock_from: Option<i64>,
+}
+
+/// A load or fault that should raise one alert episode and then end it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Scenario {
+    /// The meter draws `factor` × its load during `steps`.
+    Spike {
+        meter: usize,
+        steps: Range<u32>,
+        factor: f64,
+    },
+    /// The meter gets no credit (its relay is off) and is wired around its relay during `steps`.
+    Bypass { meter: usize, steps: Range<u32> },
+    /// The meter is the site's main (bulk) meter (mark it `--main` on the gateway): it supplies
+    /// every other meter's load (all on the same profile), and `share` more of its supply is
+    /// lost during `steps` (drawn by nobody metered: theft, a leak).
+    SiteLoss {
+        main: usize,
+        steps: Range<u32>,
+        share: f64,
+    },
+}
+
+impl Scenario {
+    /// Parses `spike:METER:FROM_STEP:STEPS:FACTOR`, `bypass:METER:FROM:STEPS` or
+    /// `site-loss:MAIN:FROM:STEPS:SHARE` (the command line's `--scenario`).
+    pub fn parse(s: &str) -> Result<Scenario, String> {
+        let p: Vec<&str> = s.split(':').collect();
+        let int = |i: usize| -> Result<u32, String> {
+            p.get(i)
+                .ok_or_else(|| format!("scenario {s:?} needs more numbers"))?
+                .parse()
+                .map_err(|e| format!("scenario {s:?}: {e}"))
+        };
+        let float = |i: usize| -> Result<f64, String> {
+            p.get(i)
+                .ok_or_else(|| format!("scenario {s:?} needs more numbers"))?
+                .parse()
+                .map_err(|e| format!("scenario {s:?}: {e}"))
+        };
+        let meter = int(1)? as usize;
+        let steps = int(2)?..int(2)?.saturating_add(int(3)?);
+        match p[0] {
+            "spike" => Ok(Scenario::Spike {
+                meter,
+                steps,
+                factor: float(4)?,
+            }),
+            "bypass" => Ok(Scenario::Bypass { meter, steps }),
+            "site-loss" => Ok(Scenario::SiteLoss {
+                main: meter,
+                steps,
+                share: float(4)?,
+            }),
+            other => Err(format!(
+                "unknown scenario {other:?} (spike, bypass, site-loss)"
+            )),
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -79,6 +146,8 @@ impl Default for SimConfig {
             seed: 1,
             settle_timeout: Duration::from_secs(30),
             gateway_clock_from_ms: None,
+            scenarios: Vec::new(),
+            gateway_clock_from: None,
         }
     }
 }
@@ -231,9 +300,23 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         info!(meters = ids.len(), "meters provisioned");
     }
     let mut credits = 0u64;
+    // A bypass needs its relay off: that meter gets no credit.
+    let unpaid: Vec<String> = cfg
+        .scenarios
+        .iter()
+        .filter_map(|s| match s {
+            Scenario::Bypass { meter, .. } => ids.get(*meter).cloned(),
+            _ => None,
+        })
+        .collect();
+    let paid: Vec<String> = ids
+        .iter()
+        .filter(|id| !unpaid.contains(id))
+        .cloned()
+        .collect();
     if cfg.initial_kes > 0.0 {
         let (api, kes) = (api.clone(), cfg.initial_kes);
-        for_each_meter(&ids, 8, move |id| {
+        for_each_meter(&paid, 8, move |id| {
             let api = api.clone();
             async move {
                 api.credit(&id, kes)
@@ -243,7 +326,12 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
             }
         })
         .await?;
-        credits += ids.len() as u64;
+        credits += paid.len() as u64;
+    }
+    if let Some(t0) = cfg.gateway_clock_from {
+        api.debug_clock(t0)
+            .await
+            .context("setting the gateway's debug clock (a debug build of the gateway?)")?;
     }
 
     let steps = (cfg.duration.as_millis() / cfg.step.as_millis()).max(1) as u32;
@@ -264,12 +352,20 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
     let (start_tx, start_rx) = watch::channel(false);
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let (drained_tx, mut drained_rx) = mpsc::unbounded_channel();
+    let (gate_tx, gate_rx) = watch::channel(if cfg.gateway_clock_from.is_some() {
+        0
+    } else {
+        u32::MAX
+    });
     let control = Arc::new(Control {
         start: start_rx,
         ready: ready_tx,
         stop: stop_rx,
         drained: drained_tx,
         views: Mutex::new(HashMap::new()),
+        progress: Mutex::new(HashMap::new()),
+        stepped: tokio::sync::Notify::new(),
+        gate: gate_rx,
     });
     let mut meters = JoinSet::new();
     for id in &ids {
@@ -288,7 +384,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
             };
             reboots.push(at);
         }
-        let plan = MeterPlan {
+        let mut plan = MeterPlan {
             id: id.clone(),
             secret: cfg.secret.clone(),
             mode: cfg.mode,
@@ -296,7 +392,30 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
             offline,
             reboots,
             seed: rng.gen(),
+            demand_factor: 1.0,
+            demand_windows: Vec::new(),
+            bypass: Vec::new(),
         };
+        for s in &cfg.scenarios {
+            match s {
+                Scenario::Spike {
+                    meter,
+                    steps,
+                    factor,
+                } if ids.get(*meter) == Some(id) => {
+                    plan.demand_windows.push((steps.clone(), *factor));
+                }
+                Scenario::Bypass { meter, steps } if ids.get(*meter) == Some(id) => {
+                    plan.bypass.push(steps.clone());
+                }
+                Scenario::SiteLoss { main, steps, share } if ids.get(*main) == Some(id) => {
+                    plan.demand_factor = (ids.len() - 1) as f64;
+                    plan.demand_windows
+                        .push((steps.clone(), 1.0 / (1.0 - share.clamp(0.0, 0.9))));
+                }
+                _ => {}
+            }
+        }
         let vm = VirtualMeter::new(plan, clock, endpoint);
         meters.spawn(vm.run(control.clone()));
     }
@@ -325,6 +444,16 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
             }
         })
     });
+    let driver = cfg.gateway_clock_from.map(|t0| {
+        tokio::spawn(drive_gateway_clock(
+            api.clone(),
+            control.clone(),
+            ids.clone(),
+            t0,
+            clock,
+            gate_tx,
+        ))
+    });
 
     // Top-ups while the meters run, spread over the run.
     let run_real = clock.step_real * steps;
@@ -341,6 +470,14 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         }
     }
 
+    // In lockstep with the gateway's clock the run takes as long as the gateway's folds do,
+    // not `run_real`: wait for the driver (bounded: 100 ms of real time per step at most).
+    if let Some(driver) = driver {
+        let bound = cfg.settle_timeout + Duration::from_millis(100) * steps;
+        if tokio::time::timeout(bound, driver).await.is_err() {
+            bail!("the meters did not finish their steps within {bound:?} of the gateway's clock");
+        }
+    }
     // Every meter settled: final report acknowledged (v2) or retained balance fetched (v1).
     let deadline = Instant::now() + run_real + cfg.settle_timeout;
     let mut drained = 0;
@@ -355,6 +492,13 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
     info!(drained, meters = ids.len(), "meters settled");
     if let Some(driver) = clock_driver {
         let _ = driver.await;
+    }
+    if let Some(t0) = cfg.gateway_clock_from {
+        // The end of the run, one report interval on: the rules judge the last reports.
+        let end = t0 + i64::from(clock.step_ms) * i64::from(steps + clock.report_every);
+        api.debug_clock(end)
+            .await
+            .context("the gateway's debug clock")?;
     }
 
     // Balance commands may trail the PUBACKs a little: poll until all agree (bounded).
@@ -426,4 +570,45 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         }
     }
     Ok(s)
+}
+
+/// Runs the meters in lockstep with the gateway's clock: the clock is set to step `g`'s
+/// time (which folds, so the alert rules judge it), then the meters may run one report
+/// interval, and the driver waits until every one of them has. A report is stamped with the
+/// time of its own interval (or the next, if it arrives after the clock moved on), so no
+/// meter looks silent or early for being scheduled later than another.
+async fn drive_gateway_clock(
+    api: Api,
+    control: Arc<Control>,
+    ids: Vec<String>,
+    t0: i64,
+    clock: Clock,
+    gate: watch::Sender<u32>,
+) {
+    let mut g = 0u32;
+    loop {
+        let at = t0 + i64::from(clock.step_ms) * i64::from(g);
+        if let Err(e) = api.debug_clock(at).await {
+            tracing::warn!(error = %e, "cannot move the gateway's debug clock");
+        }
+        if g >= clock.steps {
+            gate.send_replace(u32::MAX);
+            return;
+        }
+        g = g.saturating_add(clock.report_every).min(clock.steps);
+        gate.send_replace(g);
+        loop {
+            let slowest = {
+                let p = control.progress.lock().unwrap_or_else(|e| e.into_inner());
+                ids.iter()
+                    .map(|id| p.get(id).copied().unwrap_or(0))
+                    .min()
+                    .unwrap_or(g)
+            };
+            if slowest >= g {
+                break;
+            }
+            control.stepped.notified().await;
+        }
+    }
 }

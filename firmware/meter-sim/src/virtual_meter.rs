@@ -53,6 +53,12 @@ pub struct MeterPlan {
     /// Steps at which the meter loses power and reboots.
     pub reboots: Vec<u32>,
     pub seed: u64,
+    /// The load: the profile's current times `demand_factor`, and times each window's factor
+    /// while a step is in it (a spike; a main meter's supply).
+    pub demand_factor: f64,
+    pub demand_windows: Vec<(Range<u32>, f64)>,
+    /// Steps during which current flows whatever the relay says: wired around it (a bypass).
+    pub bypass: Vec<Range<u32>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -115,6 +121,13 @@ pub struct Control {
     pub stop: watch::Receiver<bool>,
     pub drained: mpsc::UnboundedSender<String>,
     pub views: Mutex<HashMap<String, Option<i64>>>,
+    /// Each meter's next step, for the driver of the gateway's debug clock, and a wake-up
+    /// after every step.
+    pub progress: Mutex<HashMap<String, u32>>,
+    pub stepped: tokio::sync::Notify,
+    /// Meters run steps below this only (`u32::MAX`: free running); the driver of the
+    /// gateway's debug clock opens it one report interval at a time.
+    pub gate: watch::Receiver<u32>,
 }
 
 enum Brain {
@@ -336,8 +349,19 @@ impl VirtualMeter {
 
     fn measure(&mut self, step: u32) {
         let sim_s = self.clock.start_of_day_s + step as u64 * self.clock.step_ms as u64 / 1000;
-        let demand = self.plan.profile.current_ma(sim_s, &mut self.rng);
-        let current = if self.relay() == Relay::On { demand } else { 0 };
+        let mut factor = self.plan.demand_factor;
+        for (steps, f) in &self.plan.demand_windows {
+            if steps.contains(&step) {
+                factor *= f;
+            }
+        }
+        let demand = (self.plan.profile.current_ma(sim_s, &mut self.rng) as f64 * factor) as u32;
+        let bypassed = self.plan.bypass.iter().any(|r| r.contains(&step));
+        let current = if self.relay() == Relay::On || bypassed {
+            demand
+        } else {
+            0
+        };
         let dt = self.clock.step_ms;
         match &mut self.brain {
             Brain::V2 { meter, .. } => {
@@ -617,10 +641,22 @@ impl VirtualMeter {
         let mut tick = tokio::time::interval(self.clock.step_real);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut step = 0u32;
+        let mut gate = control.gate.clone();
+        let mut reached = 0u32;
         while step < self.clock.steps {
+            let open = step < *gate.borrow();
             tokio::select! {
                 ev = Self::next_event(&mut self.conn) => self.handle(ev),
-                _ = tick.tick() => {
+                // A dropped sender leaves the gate as it is, open or not: the run is ending.
+                r = gate.changed(), if !open => if r.is_err() { break },
+                // A lost connection comes back while the gate is shut too (the driver waits
+                // for this meter's reports).
+                _ = tokio::time::sleep_until(self.reconnect_at), if !open && self.conn.is_none() && self.online_at(step) => {
+                    if self.may_connect() {
+                        self.connect();
+                    }
+                }
+                _ = tick.tick(), if open => {
                     if self.plan.reboots.contains(&step) {
                         self.reboot();
                     }
@@ -638,7 +674,26 @@ impl VirtualMeter {
                 }
             }
             self.pump();
+            // Caught up for the driver of the gateway's clock once every report so far is
+            // acknowledged (committed, so stamped by the gateway), or the meter is offline.
+            if step > reached && (self.drained() || !self.online_at(step - 1)) {
+                reached = step;
+                control
+                    .progress
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(self.plan.id.clone(), step);
+                control.stepped.notify_one();
+            }
         }
+        // The last steps' reports are settled below, with the others'; the driver need not
+        // wait for them (nothing here would tell it once this loop is left).
+        control
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.plan.id.clone(), step);
+        control.stepped.notify_one();
 
         if self.plan.mode == Mode::V1 {
             self.v1 = V1Settle::SendFinal;

@@ -77,15 +77,17 @@
     return el;
   }
 
+  // Today and this month run from the site's midnight (data-day, data-month, data-month-end:
+  // UTC ms from the server, on the daemon's clock), not the browser's, and labels are the
+  // site's hours and dates (data-offset, minutes east of UTC): a phone in another zone, or
+  // with a wrong clock, shows the same chart.
   function drawChart() {
     var box = document.getElementById("chart");
     if (!box) return;
-    var now = new Date();
-    var from = step === "hour"
-      ? new Date(now.getFullYear(), now.getMonth(), now.getDate())
-      : new Date(now.getFullYear(), now.getMonth(), 1);
+    var from = Number(box.getAttribute(step === "hour" ? "data-day" : "data-month"));
+    var to = step === "hour" ? from + 86400000 : Number(box.getAttribute("data-month-end"));
     var url = "/api/meters/" + encodeURIComponent(box.getAttribute("data-meter")) +
-      "/usage?from=" + from.getTime() + "&to=" + now.getTime() + "&step=" + step;
+      "/usage?from=" + from + "&to=" + to + "&step=" + step;
     fetch(url, { credentials: "same-origin" })
       .then(function (r) { return r.ok ? r.json() : null; })
       .then(function (data) { render(box, data && Array.isArray(data.points) ? data.points : []); })
@@ -115,8 +117,9 @@
     xl.className = "xl";
     var every = Math.max(1, Math.ceil(points.length / 8));
     points.forEach(function (p, i) {
-      var h = (Number(p.wh) || 0) / max * 100, d = new Date(p.at);
-      var label = step === "hour" ? d.getHours() + ":00" : String(d.getDate());
+      var offset = Number(box.getAttribute("data-offset")) || 0;
+      var h = (Number(p.wh) || 0) / max * 100, d = new Date(p.at + offset * 60000);
+      var label = step === "hour" ? d.getUTCHours() + ":00" : String(d.getUTCDate());
       var r = svg("rect", { x: i + 0.15, y: (100 - h).toFixed(2), width: 0.7, height: h.toFixed(2) });
       var t = svg("title", {});
       t.textContent = label + ": " + (p.wh / 1000).toFixed(3) + " kWh";

@@ -13,16 +13,18 @@
 // Helpers return a ready error `Response` as their `Err`, which is axum's idiom.
 #![allow(clippy::result_large_err)]
 
+mod alerts;
 pub mod csv;
 pub mod html;
+mod money;
 mod pages;
 pub mod session;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
@@ -79,7 +81,6 @@ pub struct Dashboard {
     started: Instant,
     changes: watch::Sender<u64>,
     streams: AtomicUsize,
-    energy: Mutex<EnergyCache>,
     /// Set when the daemon stops: live streams end (else each would hold the shutdown for
     /// the HTTP guard's whole grace period).
     stopping: std::sync::atomic::AtomicBool,
@@ -98,7 +99,6 @@ impl Dashboard {
             started: Instant::now(),
             changes,
             streams: AtomicUsize::new(0),
-            energy: Mutex::new(EnergyCache::default()),
             stopping: Default::default(),
         });
         let weak: Weak<Dashboard> = Arc::downgrade(&d);
@@ -131,65 +131,6 @@ impl Dashboard {
     }
 }
 
-/// Consumption per local day, kept up to date from the events after `through` (by the primary
-/// key), so the overview never scans a month of events per view.
-#[derive(Default)]
-pub struct EnergyCache {
-    through: i64,
-    by_day: BTreeMap<i64, i64>,
-}
-
-/// Consumption events folded into the per-day cache per reader call: the reader's one
-/// connection is shared (meter sign-ins read secrets through it), so a long catch-up lets
-/// others in between batches.
-const ENERGY_BATCH: usize = 5_000;
-
-impl Dashboard {
-    /// Brings the per-day energy cache up to the newest consumption event, one batch per reader
-    /// call; a fresh cache starts at the first event of the month (`month_start_ms`).
-    pub async fn catch_up_energy(
-        self: &Arc<Self>,
-        reader: &store::Reader,
-        month_from: i64,
-        month_start_ms: i64,
-    ) -> Result<(), store::StoreError> {
-        loop {
-            let d = self.clone();
-            let more = reader
-                .run(move |c| {
-                    let mut cache = d.energy.lock().unwrap_or_else(|e| e.into_inner());
-                    if cache.through == 0 {
-                        cache.through = store::first_seq_at_or_after(c, month_start_ms)? - 1;
-                    }
-                    let batch = store::consumption_after(c, cache.through, ENERGY_BATCH)?;
-                    for p in &batch {
-                        *cache.by_day.entry(d.settings.zone.day(p.at)).or_default() += p.debit_wh;
-                    }
-                    if let Some(last) = batch.last() {
-                        cache.through = last.seq;
-                    }
-                    // Days before this month are not needed again.
-                    cache.by_day.retain(|day, _| *day >= month_from);
-                    Ok(batch.len() == ENERGY_BATCH)
-                })
-                .await?;
-            if !more {
-                return Ok(());
-            }
-        }
-    }
-}
-
-impl Dashboard {
-    /// `(local day, Wh)` for each day `from..=to` (after [`Dashboard::energy`] caught up).
-    pub fn energy_days(&self, from: i64, to: i64) -> Vec<(i64, i64)> {
-        let cache = self.energy.lock().unwrap_or_else(|e| e.into_inner());
-        (from..=to)
-            .map(|d| (d, cache.by_day.get(&d).copied().unwrap_or(0)))
-            .collect()
-    }
-}
-
 pub fn router(state: Arc<ApiState>) -> Router<Arc<ApiState>> {
     let signed_in = Router::new()
         .route("/dashboard", get(pages::overview))
@@ -199,6 +140,8 @@ pub fn router(state: Arc<ApiState>) -> Router<Arc<ApiState>> {
         .route("/dashboard/meters/{id}/relay", post(pages::relay))
         .route("/dashboard/meters/{id}/secret", post(pages::rotate_secret))
         .route("/dashboard/meters/{id}/details", post(pages::details))
+        .route("/dashboard/meters/{id}/tariff", post(money::set_tariff))
+        .route("/dashboard/meters/{id}/emergency", post(money::emergency))
         .route("/dashboard/payments", get(pages::payments))
         .route("/dashboard/payments/apply", post(pages::apply))
         .route(

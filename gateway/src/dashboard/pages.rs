@@ -29,7 +29,7 @@ use crate::writer::{Credit, LedgerError, Op, Outcome};
 
 type St = State<Arc<ApiState>>;
 
-fn internal(e: impl std::fmt::Display) -> Response {
+pub(super) fn internal(e: impl std::fmt::Display) -> Response {
     warn!(error = %e, "dashboard request failed");
     error(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -69,7 +69,7 @@ fn badges(h: &mut Html, m: &MeterRow, b: Badges) {
     } else {
         h.raw("<span class=\"b ok\">relay on</span>");
     }
-    if m.balance_wh < 0 {
+    if m.balance_wh < 0 || super::money::debt_cents(m) > 0 {
         h.raw("<span class=\"b bad\">debt</span>");
     } else if b.low && m.balance_wh > 0 {
         h.raw("<span class=\"b warn\">low</span>");
@@ -130,47 +130,49 @@ struct Overview {
     meters: Vec<MeterRow>,
     outbox: store::OutboxStatus,
     alerts: Vec<store::Event>,
+    open: Vec<super::alerts::Open>,
     paid_today: Vec<PaymentRow>,
-    energy_today: i64,
-    energy_month: i64,
-    days: Vec<(i64, i64)>,
+    /// This month by local day, from the hourly usage store (every meter but the main one).
+    days: Vec<crate::usage::SitePoint>,
+    loss: Vec<crate::alerts::SiteDay>,
 }
 
 pub async fn overview(State(st): St, Extension(s): Extension<Signed>) -> Response {
+    use crate::tariff::calendar::LocalDate;
     let now = super::now();
     let zone = st.dashboard.settings.zone;
-    let (day, month_day, day_start, _) = today(zone, now);
-    let month_end = next_month(zone.date(now)).days() - 1;
-    let (_, _, _, month_start) = today(zone, now);
-    if let Err(e) = st
-        .dashboard
-        .catch_up_energy(&st.reader, month_day, month_start)
-        .await
-    {
-        return internal(e);
-    }
-    let days = st.dashboard.energy_days(month_day, month_end);
-    let energy_today = days
-        .iter()
-        .find(|(d, _)| *d == day)
-        .map_or(0, |(_, wh)| *wh);
-    let energy_month = days
-        .iter()
-        .filter(|(d, _)| *d <= day)
-        .map(|(_, wh)| wh)
-        .sum();
+    let (day, _, day_start, month_start) = today(zone, now);
+    let month_end = zone.midnight(next_month(zone.date(now)));
     let st2 = st.clone();
     let r = st
         .reader
         .run(move |c| {
+            let days = crate::usage::site_points(
+                c,
+                zone,
+                month_start,
+                month_end,
+                crate::usage::Step::Day,
+            )?
+            .unwrap_or_default();
+            let mut open: Vec<super::alerts::Open> = store::open_alerts(c)?
+                .into_iter()
+                .map(|((m, a), at)| (m, a, at))
+                .collect();
+            open.sort_by(|x, y| y.2.cmp(&x.2).then_with(|| x.0.cmp(&y.0)));
             Ok(Overview {
                 meters: store::meters(c)?,
                 outbox: store::outbox_status(c, &st2.sinks, st2.max_bytes, now)?,
-                alerts: store::recent_events(c, &st2.gateway_id, Some("alert"), None, 8)?,
+                alerts: store::recent_events(c, &st2.gateway_id, Some("alert"), None, 10)?,
+                open,
                 paid_today: store::payments_between(c, day_start, i64::MAX, 10_000)?,
-                energy_today,
-                energy_month,
                 days,
+                loss: crate::alerts::site_days(
+                    c,
+                    zone,
+                    LocalDate::from_days(day - 29),
+                    LocalDate::from_days(day),
+                )?,
             })
         })
         .await;
@@ -178,6 +180,17 @@ pub async fn overview(State(st): St, Extension(s): Extension<Signed>) -> Respons
         Ok(o) => o,
         Err(e) => return internal(e),
     };
+    let energy_today = o
+        .days
+        .iter()
+        .find(|p| p.at == day_start)
+        .map_or(0, |p| p.wh);
+    let energy_month: i64 = o
+        .days
+        .iter()
+        .filter(|p| p.at <= day_start)
+        .map(|p| p.wh)
+        .sum();
     let low = st.dashboard.settings.low_balance_wh;
     let connected = o
         .meters
@@ -204,14 +217,14 @@ pub async fn overview(State(st): St, Extension(s): Extension<Signed>) -> Respons
         &mut h,
         "today",
         "Energy today",
-        &format!("{} kWh", kwh(o.energy_today)),
+        &format!("{} kWh", kwh(energy_today)),
         "since midnight",
     );
     stat(
         &mut h,
         "month",
         "Energy this month",
-        &format!("{} kWh", kwh(o.energy_month)),
+        &format!("{} kWh", kwh(energy_month)),
         "since the 1st",
     );
     stat(
@@ -256,34 +269,16 @@ pub async fn overview(State(st): St, Extension(s): Extension<Signed>) -> Respons
     let points: Vec<(String, f64)> = o
         .days
         .iter()
-        .map(|(d, wh)| {
-            let date = crate::tariff::calendar::LocalDate::from_days(*d);
-            (format!("{}", date.day), *wh as f64 / 1000.0)
-        })
+        .map(|p| (zone.date(p.at).day.to_string(), p.wh as f64 / 1000.0))
         .collect();
     h.raw("<section class=\"card\" id=\"energy\" data-live><h2>Energy by day, this month</h2>")
         .raw(&bar_chart(&points, "kWh"))
         .raw("</section>");
-    h.raw("<div class=\"cols\"><section class=\"card\" id=\"alerts\" data-live><h2>Recent alerts</h2>");
-    if o.alerts.is_empty() {
-        h.raw("<p class=\"muted\">No alerts.</p>");
-    } else {
-        h.raw("<ul class=\"list\">");
-        for a in &o.alerts {
-            h.raw("<li><span class=\"t\">")
-                .text(&local_time(zone, a.at))
-                .raw("</span> ");
-            if let Some(m) = &a.meter {
-                h.raw("<a href=\"/dashboard/meters/")
-                    .text(m)
-                    .raw("\">")
-                    .text(m)
-                    .raw("</a> ");
-            }
-            h.text(&describe(&a.data)).raw("</li>");
-        }
-        h.raw("</ul>");
-    }
+    h.raw("<section class=\"card\" id=\"loss\" data-live>");
+    super::alerts::loss_chart(&mut h, &o.loss);
+    h.raw("</section>");
+    h.raw("<div class=\"cols\"><section class=\"card\" id=\"alerts\" data-live><h2>Alerts</h2>");
+    super::alerts::panel(&mut h, zone, now, &o.open, &o.alerts, true);
     h.raw("</section><section class=\"card\" id=\"outbox\" data-live><h2>Outbox</h2>");
     if o.outbox.sinks.is_empty() {
         h.raw("<p class=\"muted\">No sinks configured.</p>");
@@ -365,7 +360,7 @@ pub async fn meters(
     }
     match q.sort.as_str() {
         "name" => rows.sort_by(|a, b| a.name.cmp(&b.name)),
-        "balance" => rows.sort_by_key(|m| m.balance_wh),
+        "balance" => rows.sort_by_key(super::money::balance_key),
         "seen" => rows.sort_by_key(|m| std::cmp::Reverse(m.last_seen)),
         _ => {}
     }
@@ -398,7 +393,7 @@ pub async fn meters(
             })
             .raw("</a></th>");
     }
-    h.raw("<th>Status</th></tr></thead><tbody>");
+    h.raw("<th class=\"num\">Debt</th><th>Tariff</th><th>Status</th></tr></thead><tbody>");
     for m in &rows {
         h.raw("<tr><td><a href=\"/dashboard/meters/")
             .text(m.id.as_str())
@@ -407,12 +402,16 @@ pub async fn meters(
             .raw("</a></td><td>");
         h.text(m.name.as_deref().unwrap_or(""))
             .raw("</td><td class=\"num\">");
-        h.text(&format!("{} kWh", kwh(m.balance_wh)))
-            .raw("</td><td>");
+        h.text(&super::money::balance_text(m)).raw("</td><td>");
         h.text(&m.last_seen.map_or("never".into(), |t| ago(now, t)));
         h.raw("<span class=\"sub\">")
             .text(&m.last_seen.map_or(String::new(), |t| local_time(zone, t)))
-            .raw("</span></td><td>");
+            .raw("</span></td><td class=\"num\">");
+        let debt = super::money::debt_cents(m);
+        h.text(&if debt > 0 { kes(debt) } else { "–".into() })
+            .raw("</td><td>")
+            .text(&super::money::tariff_text(m, &st.pricing))
+            .raw("</td><td>");
         badges(
             &mut h,
             m,
@@ -424,7 +423,7 @@ pub async fn meters(
         h.raw("</td></tr>");
     }
     if rows.is_empty() {
-        h.raw("<tr><td colspan=\"5\" class=\"muted\">No meters match.</td></tr>");
+        h.raw("<tr><td colspan=\"7\" class=\"muted\">No meters match.</td></tr>");
     }
     h.raw("</tbody></table></div>");
     html_page(page(
@@ -442,7 +441,7 @@ fn urlenc(s: &str) -> String {
         .unwrap_or_default()
 }
 
-fn parse_meter(id: &str) -> Result<MeterId, Response> {
+pub(super) fn parse_meter(id: &str) -> Result<MeterId, Response> {
     MeterId::parse(id).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
@@ -451,26 +450,43 @@ struct MeterView {
     payments: Vec<PaymentRow>,
     events: Vec<store::Event>,
     alerts: Vec<store::Event>,
+    open: Vec<super::alerts::Open>,
+    statement: Option<Result<crate::statement::Statement, crate::statement::StatementError>>,
 }
 
 pub async fn meter(
     State(st): St,
     Extension(s): Extension<Signed>,
     Path(id): Path<String>,
+    Query(q): Query<RangeQuery>,
 ) -> Response {
     let id = match parse_meter(&id) {
         Ok(id) => id,
         Err(r) => return r,
     };
     let (lookup, gw) = (id.clone(), st.gateway_id.clone());
+    let month = super::money::month_of(&q, st.dashboard.settings.zone, super::now());
+    let pricing = st.pricing.clone();
     let r = st
         .reader
         .run(move |c| {
+            let m = store::meter(c, &lookup)?;
+            let statement = m
+                .as_ref()
+                .map(|_| crate::statement::build(c, &pricing, &lookup, &month));
+            let mut open: Vec<super::alerts::Open> = store::open_alerts(c)?
+                .into_iter()
+                .filter(|((m, _), _)| m == lookup.as_str())
+                .map(|((m, a), at)| (m, a, at))
+                .collect();
+            open.sort_by_key(|o| std::cmp::Reverse(o.2));
             Ok(MeterView {
-                m: store::meter(c, &lookup)?,
+                m,
                 payments: store::payments_of(c, &lookup)?,
                 events: store::recent_events(c, &gw, None, Some(&lookup), 15)?,
                 alerts: store::recent_events(c, &gw, Some("alert"), Some(&lookup), 10)?,
+                open,
+                statement,
             })
         })
         .await;
@@ -483,6 +499,7 @@ pub async fn meter(
     };
     let zone = st.dashboard.settings.zone;
     let now = super::now();
+    let (_, _, day_start, month_start) = today(zone, now);
     let csrf = csrf_field(&s.csrf);
     let base = format!("/dashboard/meters/{}", esc(m.id.as_str()));
     let mut h = Html::default();
@@ -495,7 +512,7 @@ pub async fn meter(
     h.raw(
         "<div class=\"stat big\"><span class=\"k\">Balance</span><span class=\"v\" id=\"balance\">",
     )
-    .text(&format!("{} kWh", kwh(m.balance_wh)))
+    .text(&super::money::balance_text(&m))
     .raw("</span><span class=\"n\">");
     badges(
         &mut h,
@@ -527,14 +544,34 @@ pub async fn meter(
         m.phone.as_deref().unwrap_or("–"),
         "",
     );
+    stat(
+        &mut h,
+        "debt",
+        "Debt",
+        &format!("KES {}", kes(super::money::debt_cents(&m))),
+        &format!("{} kWh of energy left", kwh(m.balance_wh)),
+    );
+    stat(
+        &mut h,
+        "tariff",
+        "Tariff",
+        &super::money::tariff_text(&m, &st.pricing),
+        "",
+    );
     h.raw("</div>");
-    // TODO(lead, after the tariff merge): show the meter's tariff and balanceKes here, and a
-    // tariff selector in the details form (the tariff branch adds the column and the op).
     h.raw("<section class=\"card\"><h2>Consumption</h2><div class=\"seg\" id=\"range\">")
         .raw("<button type=\"button\" data-step=\"hour\" class=\"on\">Today, by hour</button>")
         .raw("<button type=\"button\" data-step=\"day\">This month, by day</button></div>")
         .raw("<div id=\"chart\" data-meter=\"")
         .text(m.id.as_str())
+        .raw("\" data-day=\"")
+        .text(&day_start.to_string())
+        .raw("\" data-month=\"")
+        .text(&month_start.to_string())
+        .raw("\" data-month-end=\"")
+        .text(&zone.midnight(next_month(zone.date(now))).to_string())
+        .raw("\" data-offset=\"")
+        .text(&zone.offset_minutes().to_string())
         .raw("\"><p class=\"nodata\">no data</p></div></section>");
     h.raw("<div class=\"cols\">");
     // Actions.
@@ -553,6 +590,11 @@ pub async fn meter(
         .raw("<button>Save</button></form>")
         .raw("<form method=\"post\" class=\"secret\" action=\"").raw(&base).raw("/secret\">").raw(&csrf)
         .raw("<button class=\"danger\" id=\"rotate\" data-confirm=\"Replace this meter's secret? The meter must be given the new one.\">Rotate secret</button></form></section>");
+    h.raw("</div><div class=\"cols\">");
+    super::money::card(&mut h, &m, &st.pricing, &s.csrf, &base);
+    if let Some(statement) = &v.statement {
+        super::money::statement(&mut h, zone, statement);
+    }
     h.raw("</div><div class=\"cols\"><section class=\"card\" id=\"payments\" data-live><h2>Payments</h2>");
     payments_table(&mut h, zone, v.payments.iter().rev().take(20), false);
     h.raw("</section><section class=\"card\" id=\"events\" data-live><h2>Events</h2><ul class=\"list\">");
@@ -562,22 +604,10 @@ pub async fn meter(
             .raw("</span> <b>")
             .text(&e.kind)
             .raw("</b> ");
-        h.text(&event_line(e)).raw("</li>");
+        h.text(&event_line(zone, e)).raw("</li>");
     }
     h.raw("</ul></section></div><section class=\"card\" id=\"meter-alerts\" data-live><h2>Alerts</h2>");
-    if v.alerts.is_empty() {
-        h.raw("<p class=\"muted\">No alerts for this meter.</p>");
-    } else {
-        h.raw("<ul class=\"list\">");
-        for a in &v.alerts {
-            h.raw("<li><span class=\"t\">")
-                .text(&local_time(zone, a.at))
-                .raw("</span> ")
-                .text(&describe(&a.data))
-                .raw("</li>");
-        }
-        h.raw("</ul>");
-    }
+    super::alerts::panel(&mut h, zone, now, &v.open, &v.alerts, false);
     h.raw("</section>");
     html_page(page(
         m.id.as_str(),
@@ -602,7 +632,7 @@ fn next_month(date: crate::tariff::calendar::LocalDate) -> crate::tariff::calend
     }
 }
 
-fn event_line(e: &store::Event) -> String {
+fn event_line(zone: crate::tariff::calendar::SiteZone, e: &store::Event) -> String {
     let d = &e.data;
     let field = |k: &str| d.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
     match e.kind.as_str() {
@@ -612,6 +642,7 @@ fn event_line(e: &store::Event) -> String {
             _ => describe(d),
         },
         "meter" => field("action").replace('_', " "),
+        "alert" => super::alerts::line(zone, d),
         "consumption" => format!(
             "{} Wh used, balance {} kWh",
             d.get("debitWh").and_then(|v| v.as_i64()).unwrap_or(0),
@@ -664,20 +695,26 @@ fn payments_table<'a>(
     h.raw("</tbody></table></div>");
 }
 
-fn back(st: &ApiState, s: &Signed, to: &str, message: String) -> Response {
+pub(super) fn back(st: &ApiState, s: &Signed, to: &str, message: String) -> Response {
     st.dashboard.sessions.set_flash(&s.id, message);
     Redirect::to(to).into_response()
 }
 
 /// An action refused for its input: a warn line, a counter, and the reason shown on the page.
-fn refused(st: &ApiState, s: &Signed, to: &str, reason: &'static str, message: String) -> Response {
+pub(super) fn refused(
+    st: &ApiState,
+    s: &Signed,
+    to: &str,
+    reason: &'static str,
+    message: String,
+) -> Response {
     st.metrics
         .inc("umeme_dashboard_refused_total", &[("reason", reason)]);
     warn!(reason, to = %Untrusted(to), message = %Untrusted(&message), "dashboard action refused");
     back(st, s, to, message)
 }
 
-fn meter_url(id: &MeterId) -> String {
+pub(super) fn meter_url(id: &MeterId) -> String {
     format!("/dashboard/meters/{}", urlenc(id.as_str()))
 }
 
@@ -989,7 +1026,7 @@ pub struct RangeQuery {
     #[serde(default)]
     to: String,
     #[serde(default)]
-    month: String,
+    pub(super) month: String,
 }
 
 fn csv_response(name: &str, body: String) -> Response {
@@ -1006,7 +1043,7 @@ fn csv_response(name: &str, body: String) -> Response {
         .into_response()
 }
 
-fn bad_range(st: &ApiState, msg: &str) -> Response {
+pub(super) fn bad_range(st: &ApiState, msg: &str) -> Response {
     st.metrics
         .inc("umeme_dashboard_refused_total", &[("reason", "bad_range")]);
     error(StatusCode::BAD_REQUEST, msg)
@@ -1066,14 +1103,23 @@ pub async fn export_payments(State(st): St, Query(q): Query<RangeQuery>) -> Resp
     csv_response("payments.csv", csv.into_string())
 }
 
-/// `GET /dashboard/export/month.csv?month=YYYY-MM`: per meter, energy, payments and the
-/// balance at both ends of the month (in Wh: the ledger's unit until the money ledger lands).
+/// `GET /dashboard/export/month.csv?month=YYYY-MM`: per meter, the month's statement in KES
+/// when the site configured `[[tariffs]]` ([`super::money::export_statements`]); else energy,
+/// payments and the balance at both ends of the month in Wh.
 pub async fn export_month(State(st): St, Query(q): Query<RangeQuery>) -> Response {
     use crate::tariff::calendar::LocalDate;
     let zone = st.dashboard.settings.zone;
-    let Some(first) = LocalDate::parse(&format!("{}-01", q.month)) else {
+    let Some(first) = LocalDate::parse(&format!("{}-01", q.month)).filter(|_| q.month.len() == 7)
+    else {
         return bad_range(&st, "month must be YYYY-MM");
     };
+    if st.pricing.configured() {
+        return match super::money::export_statements(&st, q.month.clone()).await {
+            // `month` is a checked YYYY-MM here.
+            Ok(csv) => csv_response(&format!("statements-{}.csv", q.month), csv.into_string()),
+            Err(r) => r,
+        };
+    }
     let next = next_month(first);
     let (from, to) = (zone.midnight(first), zone.midnight(next));
     let rows = match st

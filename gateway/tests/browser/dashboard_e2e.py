@@ -1,7 +1,9 @@
 """End-to-end: the dashboard in headless Chromium against a real gateway started by
 gateway/tests/dashboard.rs. Exits 0 when every step held; prints each step."""
 import argparse
+import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -52,6 +54,9 @@ def publish(seq, energy):
                    check=True, timeout=10)
 
 
+# The browser runs in another zone than the site (Nairobi): charts must still show the site's
+# day and hours.
+os.environ["TZ"] = "America/Los_Angeles"
 d = browser.start()
 try:
     step("refused without sign-in: /dashboard goes to the sign-in page")
@@ -89,12 +94,29 @@ try:
     publish(1, 10_000)
     wait(d, lambda: "consumption" in text(d, "#events"), "first report shown live")
     shown = text(d, "#balance")
+    published_at = datetime.datetime.now(datetime.timezone.utc)
     publish(2, 12_500)
     t0 = time.monotonic()
     wait(d, lambda: text(d, "#balance") != shown, "balance after the second report", timeout=5)
     took = time.monotonic() - t0
     step(f"balance {shown} -> {text(d, '#balance')} {took:.2f} s after the publish")
     assert took < 2.0, f"live update took {took:.2f} s"
+
+    step("the meter chart draws bars from /api/meters/{id}/usage after the reports")
+    bars = "return Array.from(document.querySelectorAll('#chart svg rect'))" \
+           ".filter(function (r) { return Number(r.getAttribute('height')) > 0; }).length"
+    wait(d, lambda: d.execute_script(bars) > 0, "bars in today's hourly chart")
+    # The bar's label is the site's hour (UTC+3), whatever the browser's zone.
+    site_hours = {f"{(published_at + datetime.timedelta(hours=3, seconds=s)).hour}:00: 2.500 kWh"
+                  for s in (0, 5)}
+    titles = d.execute_script("return Array.from(document.querySelectorAll('#chart svg rect title'))"
+                              ".map(function (t) { return t.textContent; })")
+    assert site_hours & set(titles), (site_hours, [t for t in titles if not t.endswith(" 0.000 kWh")])
+    d.find_element(By.CSS_SELECTOR, "#range button[data-step=day]").click()
+    wait(d, lambda: d.execute_script(bars) > 0, "bars in this month's daily chart")
+    label = text(d, "#chart .ymax")
+    assert label.endswith("kWh"), label
+    step(f"chart: {d.execute_script(bars)} bar(s), top {label}")
 
     step("cut the relay: the connected meter receives command/relay")
     sub = subprocess.Popen(["mosquitto_sub", "-h", host, "-p", port, "-V", "mqttv311", "-i", a.meter, "-u", a.meter,
