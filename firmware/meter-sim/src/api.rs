@@ -108,15 +108,6 @@ impl Api {
         Self::expect("POST", path, r, &[201, 409]).map(drop)
     }
 
-    /// Sets a debug-build gateway's clock (`POST /api/debug/clock`).
-    pub async fn set_clock(&self, now_ms: i64) -> Result<(), ApiError> {
-        let path = "/api/debug/clock";
-        let r = self
-            .call("POST", path, Some(&json!({ "nowMs": now_ms })))
-            .await?;
-        Self::expect("POST", path, r, &[200]).map(drop)
-    }
-
     /// Credits `kes` through the simulate endpoint; returns the new balance in Wh.
     pub async fn credit(&self, id: &str, kes: f64) -> Result<i64, ApiError> {
         let path = "/daraja/simulate";

@@ -440,7 +440,9 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
             let mut tick = tokio::time::interval(clock.step_real);
             for step in 0..=i64::from(steps) {
                 tick.tick().await;
-                let _ = api.set_clock(from + step * i64::from(clock.step_ms)).await;
+                let _ = api
+                    .debug_clock(from + step * i64::from(clock.step_ms))
+                    .await;
             }
         })
     });
