@@ -70,9 +70,13 @@ pub async fn gateway_for_alerts(
 ) -> Gateway {
     let path = dir.path().join("gateway.toml");
     let text = format!(
-        "[gateway]\nid = \"sim-site\"\ndata_dir = {:?}\n\n[broker]\nlisten = \"127.0.0.1:0\"\nreports_per_minute = 6000000\nreport_burst = 1000000\n\n[api]\nlisten = \"127.0.0.1:0\"\nallow_simulate = true\n",
+        "[gateway]\nid = \"sim-site\"\ndata_dir = {:?}\n\n[broker]\nlisten = \"127.0.0.1:0\"\nreports_per_minute = 6000000\nreport_burst = 1000000\n\n[api]\nlisten = \"127.0.0.1:0\"\nallow_simulate = true\n\n[alerts]\nsilent_intervals = 10000\n",
         dir.path().join("data").display().to_string()
     );
+    // These scenarios judge spikes, bypasses and site loss. The lockstep clock may pass ten
+    // report intervals while a loaded machine delays one meter's report, which would raise
+    // `silent` episodes nobody staged; the silent rule has its own test in the gateway
+    // (`gateway/tests/alerts.rs`).
     std::fs::write(&path, text).expect("write config");
     let config = Config::load(Some(&path)).expect("valid config");
     std::fs::create_dir_all(&config.gateway.data_dir).expect("data dir");
