@@ -88,7 +88,6 @@ fn a_schema_3_database_upgrades_in_place_and_a_flat_rate_meter_keeps_its_4_960_w
         "ALTER TABLE meters DROP COLUMN main;
          ALTER TABLE meters DROP COLUMN tariff;
          ALTER TABLE meters DROP COLUMN money;
-         ALTER TABLE meters DROP COLUMN main;
          UPDATE meters SET balance_wh = 4960, ledger_seq = 7;
          UPDATE meta SET value = '3' WHERE key = 'schema_version';",
     )
