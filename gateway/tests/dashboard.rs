@@ -849,7 +849,13 @@ fn an_open_live_stream_does_not_hold_up_the_daemons_stop() {
     let t0 = Instant::now();
     // SAFETY: signals our own child process.
     unsafe { libc::kill(gw.pid().unwrap() as i32, libc::SIGTERM) };
-    assert_eq!(live.next_event(), None, "the stream ends");
+    // A commit at stop (the last fold, a timer's op) may still ring the stream first.
+    let mut before_end = 0;
+    while let Some(event) = live.next_event() {
+        assert_eq!(event, "change", "only changes before the end");
+        before_end += 1;
+        assert!(before_end <= 5, "the stream ends");
+    }
     common::eventually("the daemon to exit", || (!gw.is_running()).then_some(()));
     println!(
         "stopped {:?} after SIGTERM with a live stream open",

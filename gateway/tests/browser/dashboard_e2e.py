@@ -43,8 +43,15 @@ def wait(d, cond, what, timeout=10):
 
 
 def text(d, css):
-    els = d.find_elements(By.CSS_SELECTOR, css)
-    return els[0].text if els else ""
+    # A live update swaps the page's regions at any moment (every commit rings the stream, the
+    # daemon's timers included): read again from a fresh lookup when the node went stale.
+    for _ in range(20):
+        els = d.find_elements(By.CSS_SELECTOR, css)
+        try:
+            return els[0].text if els else ""
+        except StaleElementReferenceException:
+            time.sleep(0.05)
+    raise SystemExit(f"{css}: stale on every read")
 
 
 def publish(seq, energy):
